@@ -1,0 +1,227 @@
+"""The study's two claims, as this toolkit measures them — a markdown summary computed from rows.
+
+1. Memory: how much LoRA/DoRA lower the peak memory of one update vs full fine-tuning, on a
+   depthwise-separable net (MobileNet) vs a standard one (ResNet).
+2. FLOPs: how much the adapters lower the FLOPs of one update vs full fine-tuning, counted
+   correctly (``flops_forward + flops_backward``, grouped/depthwise convs right) and as torch's
+   ``FlopCounterMode`` counts it (``flops_torch``). Optimizer arithmetic is left out of both so
+   the two counters cover the same work.
+
+    python -m benchmarks.findings results/rank_sweep/results.jsonl
+
+Every number comes from the rows (means over seeds); nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+
+from benchmarks.plot import MIB, _num
+from benchmarks.results import load_results
+
+ADAPTERS = ("lora", "dora")
+NAMES = {"lora": "LoRA", "dora": "DoRA", "galore": "GaLore", "full": "full FT"}
+
+
+def _rank(r: dict) -> int | None:
+    v = r.get("rank")
+    return None if v in (None, "") else int(v)
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _means(rows: Sequence[dict], fn) -> dict[tuple, float]:
+    """Mean of ``fn(row)`` per (model, dataset, task, method, rank) over seeds."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        v = fn(r)
+        if v is not None:
+            acc[(r["model"], r.get("dataset"), r["task"], r["method"], _rank(r))].append(v)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _sort_key(kv: tuple) -> tuple:
+    model, ds, task, method, rank = kv[0]
+    return (str(model), str(ds), str(task), str(method), -1 if rank is None else rank)
+
+
+def _pivot(recs: list[dict], cell) -> list[str]:
+    """Markdown table: a row per (model, task, method), a column per rank, ``cell(rec)`` text."""
+    ranks = sorted({r["rank"] for r in recs})
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in recs:
+        groups.setdefault((r["model"], r["task"], r["method"]), {})[r["rank"]] = r
+    lines = ["| model | task | method | " + " | ".join(f"r={k}" for k in ranks) + " |",
+             "|---|---|---|" + "---:|" * len(ranks)]
+    for (model, task, method), by_rank in groups.items():
+        cells = [cell(by_rank[k]) if k in by_rank else "" for k in ranks]
+        lines.append(f"| {model} | {task} | {NAMES.get(method, method)} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def net_kind(rows: Sequence[dict], model: str) -> str:
+    """"depthwise-separable" if the sweep recorded depthwise convs in the model, else
+    "standard" (from the ``n_depthwise_convs`` column; "?" when it is absent)."""
+    vals = [_num(r.get("n_depthwise_convs")) for r in rows if r.get("model") == model]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "?"
+    return "depthwise-separable" if max(vals) > 0 else "standard"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _fwd_bwd(r: dict) -> float | None:
+    f, b = _num(r.get("flops_forward")), _num(r.get("flops_backward"))
+    return None if f is None or b is None else f + b
+
+
+def memory_savings(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, adapter method, rank): peak vs full FT's peak."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    peak = _means(ok, lambda r: _num(r.get("memory_peak")))
+    act = _means(ok, lambda r: _num(r.get("memory_by_category_activations")))
+    out = []
+    for (model, ds, task, method, rank), p in sorted(peak.items(), key=_sort_key):
+        full = peak.get((model, ds, task, "full", None))
+        if method not in ADAPTERS or full is None or rank is None:
+            continue
+        out.append(dict(
+            model=model, dataset=ds, task=task, method=method, rank=rank,
+            full_peak=full, peak=p, saving=1 - p / full,
+            full_activation_share=(act.get((model, ds, task, "full", None)) or 0) / full,
+        ))
+    return out
+
+
+def flop_reductions(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, adapter method, rank): FLOP reduction vs full FT,
+    by our count and by torch's counter."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    ours = _means(ok, _fwd_bwd)
+    torch_ = _means(ok, lambda r: _num(r.get("flops_torch")))
+    out = []
+    for (model, ds, task, method, rank), o in sorted(ours.items(), key=_sort_key):
+        full_o = ours.get((model, ds, task, "full", None))
+        if method not in ADAPTERS or rank is None or not full_o:
+            continue
+        t = torch_.get((model, ds, task, method, rank))
+        full_t = torch_.get((model, ds, task, "full", None))
+        out.append(dict(
+            model=model, dataset=ds, task=task, method=method, rank=rank,
+            ours_full=full_o, ours=o, ours_reduction=1 - o / full_o,
+            torch_full=full_t, torch=t,
+            torch_reduction=(1 - t / full_t) if (t is not None and full_t) else None,
+            torch_overcount_full=(full_t / full_o) if full_t else None,
+        ))
+    return out
+
+
+def _per_model_summary(recs: list[dict], field: str) -> dict[str, tuple[float, float, float]]:
+    """(min, mean, max) of ``field`` per model over tasks, adapters and ranks."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        if r.get(field) is not None:
+            by[r["model"]].append(r[field])
+    return {m: (min(v), sum(v) / len(v), max(v)) for m, v in by.items() if v}
+
+
+def findings_markdown(rows: Sequence[dict]) -> str:
+    """The markdown summary (both claims), or a note saying what the rows lack."""
+    lines = ["# Rank sweep findings", ""]
+    n_ok = sum(r.get("status") == "ok" for r in rows)
+    n_fail = sum(r.get("status") == "failed" for r in rows)
+    lines.append(f"{n_ok} configurations measured, {n_fail} failed. Means over seeds; "
+                 "peak = true simultaneous peak of one update (params + buffers + grads + "
+                 "optimizer state + activations + temporaries).")
+    lines.append("")
+
+    # --- claim 1 -------------------------------------------------------------------------
+    mem = memory_savings(rows)
+    lines += ["## 1. Peak-memory saving of LoRA/DoRA vs full fine-tuning", ""]
+    if not mem:
+        lines += ["No LoRA/DoRA rows with a full-FT reference of the same model and task.", ""]
+    else:
+        models = list(dict.fromkeys(r["model"] for r in mem))
+        summ = _per_model_summary(mem, "saving")
+        for m in models:
+            lo, mean, hi = summ[m]
+            share = _mean([r["full_activation_share"] for r in mem if r["model"] == m])
+            lines.append(
+                f"- **{m}** ({net_kind(rows, m)}): LoRA/DoRA peak is {_pct(lo)} to {_pct(hi)} "
+                f"below full FT (mean {_pct(mean)}); activations are {_pct(share)} of "
+                "full FT's peak."
+            )
+        lines += ["", "Full-FT peak per model and task:", ""]
+        seen = {}
+        for r in mem:
+            seen[(r["model"], r["task"])] = r["full_peak"]
+        lines += ["| model | task | full FT peak [MiB] |", "|---|---|---:|"]
+        lines += [f"| {m} | {t} | {v / MIB:.1f} |" for (m, t), v in seen.items()]
+        lines += ["", "Adapter peak [MiB] (saving vs full FT):", ""]
+        lines += _pivot(mem, lambda r: f"{r['peak'] / MIB:.1f} ({_pct(r['saving'])})")
+        lines.append("")
+
+    # --- claim 2 -------------------------------------------------------------------------
+    fl = flop_reductions(rows)
+    lines += ["## 2. FLOP reduction of LoRA/DoRA vs full fine-tuning (forward + backward)", ""]
+    if not fl:
+        lines += ["No LoRA/DoRA rows with a full-FT reference of the same model and task.", ""]
+    else:
+        models = list(dict.fromkeys(r["model"] for r in fl))
+        ours = _per_model_summary(fl, "ours_reduction")
+        theirs = _per_model_summary(fl, "torch_reduction")
+        over = _per_model_summary(fl, "torch_overcount_full")
+        for m in models:
+            lo, mean, hi = ours[m]
+            t = theirs.get(m)
+            o = over.get(m)
+            tt = (f"torch's counter says {_pct(t[0])} to {_pct(t[2])} (mean {_pct(t[1])})"
+                  if t else "torch's count not recorded")
+            oo = f"; torch counts full FT at {o[1]:.2f}x our figure" if o else ""
+            lines.append(
+                f"- **{m}** ({net_kind(rows, m)}): counted correctly, the adapters cut an "
+                f"update's FLOPs by {_pct(lo)} to {_pct(hi)} (mean {_pct(mean)}); {tt}{oo}."
+            )
+        lines += ["", "Full FT, forward + backward [MFLOP], ours vs torch's counter:", ""]
+        seen = {}
+        for r in fl:
+            seen[(r["model"], r["task"])] = (r["ours_full"], r["torch_full"])
+        lines += ["| model | task | ours | torch | torch / ours |", "|---|---|---:|---:|---:|"]
+        for (m, t), (o, tt) in seen.items():
+            ts = "n/a" if tt is None else f"{tt / 1e6:.1f}"
+            ratio = "n/a" if tt is None else f"{tt / o:.2f}x"
+            lines.append(f"| {m} | {t} | {o / 1e6:.1f} | {ts} | {ratio} |")
+        lines += ["", "FLOP reduction vs full FT: ours / torch's counter:", ""]
+        lines += _pivot(fl, lambda r: f"{_pct(r['ours_reduction'])} / "
+                        f"{_pct(r['torch_reduction'])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.findings",
+        description="Print the markdown findings (memory and FLOP claims) of a results file.",
+    )
+    p.add_argument("results", help="results.jsonl / results.csv, or the folder holding them")
+    a = p.parse_args(argv)
+    try:
+        rows = load_results(a.results)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(findings_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Plots of a rank sweep, from its results file alone.
+
+    python -m benchmarks.plot results/rank_sweep/results.jsonl [--plots plots/] [--formats png,svg]
+
+Per (model, dataset, task):
+  ``flops_<model>_<task>``     rank vs FLOPs per update (one line per ranked method; full FT,
+                               head and BitFit as horizontal reference lines)
+  ``memory_<model>_<task>``    rank vs peak memory, stacked by what is live at the peak
+  ``accuracy_<model>_<task>``  rank vs target accuracy (zero-shot and full FT reference lines)
+  ``pareto_<model>_<task>``    accuracy vs peak memory over all configurations, Pareto front
+Across models:
+  ``flop_counters``            our FLOP count vs torch's FlopCounterMode for the same updates,
+                               per model (depthwise vs standard nets)
+
+Only rows with ``status == "ok"`` are drawn; accuracy plots are skipped for profile-only runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+
+from benchmarks.results import load_results  # noqa: E402
+from benchmarks.sweep_grid import RANKED_METHODS  # noqa: E402
+
+MIB = 2**20
+MEMORY_CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
+CATEGORY_COLORS = {
+    "params": "#4c72b0",
+    "buffers": "#8c8c8c",
+    "grads": "#dd8452",
+    "optimizer": "#c44e52",
+    "activations": "#55a868",
+    "temporaries": "#b3de69",
+}
+METHOD_STYLE = {
+    "full": dict(color="black", ls="--"),
+    "head": dict(color="#8172b3", ls=":"),
+    "bitfit": dict(color="#937860", ls="-."),
+    "lora": dict(color="#4c72b0", marker="o"),
+    "dora": dict(color="#dd8452", marker="s"),
+    "galore": dict(color="#55a868", marker="^"),
+}
+METHOD_NAMES = {
+    "full": "full FT",
+    "head": "head only",
+    "bitfit": "BitFit",
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "galore": "GaLore",
+}
+
+
+def _ok(rows: Sequence[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _num(v) -> float | None:
+    """A finite float, or None (missing, empty CSV cell, NaN)."""
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(s)).strip("-")
+
+
+def _style(method: str) -> dict:
+    return dict(METHOD_STYLE.get(method, dict(marker="x")))
+
+
+def _name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def _flops_scale(values: Sequence[float]) -> tuple[float, str]:
+    """Divisor and unit so the largest value reads as a small number."""
+    top = max((v for v in values if v), default=1.0)
+    for div, unit in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
+        if top >= div:
+            return div, unit
+    return 1.0, "FLOP"
+
+
+def _group(rows: Sequence[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(str(r.get("model")), str(r.get("dataset")), str(r.get("task")))].append(r)
+    return dict(groups)
+
+
+def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], float]:
+    """Mean of ``field`` per (method, rank) over seeds (missing values skipped)."""
+    acc: dict[tuple[str, int | None], list[float]] = defaultdict(list)
+    for r in rows:
+        v = _num(r.get(field))
+        if v is None:
+            continue
+        rank = r.get("rank")
+        rank = None if rank in (None, "") else int(rank)
+        acc[(str(r["method"]), rank)].append(v)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _ranks(rows: Sequence[dict]) -> list[int]:
+    return sorted({int(r["rank"]) for r in rows if r.get("rank") not in (None, "")})
+
+
+def _rank_axis(ax, ranks: Sequence[int]) -> None:
+    """log2 rank axis with a tick at every swept rank."""
+    if ranks:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(list(ranks)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(r) for r in ranks])
+        lo, hi = min(ranks), max(ranks)
+        ax.set_xlim(lo / 1.5, hi * 1.5)
+    ax.set_xlabel("rank")
+
+
+def _methods_in(means: dict[tuple[str, int | None], float]) -> tuple[list[str], list[str]]:
+    """(ranked methods, unranked reference methods) present, in the canonical order."""
+    order = list(METHOD_STYLE)
+    present = {m for m, _ in means}
+    ranked = [m for m in order if m in present and m in RANKED_METHODS]
+    ranked += sorted(m for m in present - set(order) if any(k[1] is not None for k in means
+                                                             if k[0] == m))
+    refs = [m for m in order if m in present and m not in RANKED_METHODS]
+    return ranked, refs
+
+
+def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for fmt in formats:
+        p = out_dir / f"{stem}.{fmt}"
+        fig.savefig(p, dpi=130, bbox_inches="tight")
+        out.append(p)
+    plt.close(fig)
+    return out
+
+
+def _title(model: str, dataset: str, task: str) -> str:
+    return f"{model} — {dataset}, task: {task}"
+
+
+def plot_flops(rows, model, dataset, task) -> plt.Figure | None:
+    """Rank vs FLOPs of one update (fwd + bwd + optimizer, our count)."""
+    means = _mean_by(rows, "flops_total")
+    if not means:
+        return None
+    ranks = _ranks(rows)
+    ranked, refs = _methods_in(means)
+    div, unit = _flops_scale(list(means.values()))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in ranked:
+        pts = sorted((r, v) for (mm, r), v in means.items() if mm == m and r is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] / div for p in pts], label=_name(m), **_style(m))
+    for m in refs:
+        v = means.get((m, None))
+        if v is not None:
+            ax.axhline(v / div, label=f"{_name(m)} (no rank)", lw=1.5, **_style(m))
+    _rank_axis(ax, ranks)
+    ax.set_ylabel(f"FLOPs per update [{unit}]")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"FLOPs per training update\n{_title(model, dataset, task)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
+    """Stacked bars of what is live at the peak, one panel per method (ranked ones over rank)."""
+    cats = [c for c in MEMORY_CATEGORIES if any(f"memory_by_category_{c}" in r for r in rows)]
+    means = {c: _mean_by(rows, f"memory_by_category_{c}") for c in cats}
+    peak = _mean_by(rows, "memory_peak")
+    if not peak:
+        return None
+    ranked, refs = _methods_in(peak)
+    ranks = _ranks(rows)
+    panels = ([("baselines", refs)] if refs else []) + [(m, [m]) for m in ranked]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(2.2 + 2.3 * len(panels), 4.2), sharey=True, squeeze=False
+    )
+    full_peak = peak.get(("full", None))
+    for ax, (title, methods) in zip(axes[0], panels, strict=True):
+        if title == "baselines":
+            keys = [(m, None) for m in methods if (m, None) in peak]
+            labels = [_name(m) for m, _ in keys]
+        else:
+            keys = [(title, r) for r in ranks if (title, r) in peak]
+            labels = [f"r={r}" for _, r in keys]
+        x = list(range(len(keys)))
+        bottom = [0.0] * len(keys)
+        for c in cats:
+            h = [means[c].get(k, 0.0) / MIB for k in keys]
+            ax.bar(x, h, bottom=bottom, color=CATEGORY_COLORS.get(c), label=c, width=0.7)
+            bottom = [b + hh for b, hh in zip(bottom, h, strict=True)]
+        if not cats:  # profile without a breakdown: the peak alone
+            ax.bar(x, [peak[k] / MIB for k in keys], color="#999999", label="peak")
+        if full_peak is not None:
+            ax.axhline(full_peak / MIB, color="black", ls="--", lw=1, label="full FT peak")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=0 if title != "baselines" else 20, fontsize=8)
+        ax.set_title(_name(title) if title != "baselines" else "no-rank methods", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("memory live at the peak [MiB]")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 7), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(f"Peak memory of one update, by category\n{_title(model, dataset, task)}",
+                 fontsize=10, y=1.1)
+    return fig
+
+
+def plot_accuracy(rows, model, dataset, task) -> plt.Figure | None:
+    """Rank vs target accuracy; zero-shot (no update) and full FT as reference lines."""
+    acc = _mean_by(rows, "target_acc")
+    if not acc:
+        return None
+    ranks = _ranks(rows)
+    ranked, refs = _methods_in(acc)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in ranked:
+        pts = sorted((r, v) for (mm, r), v in acc.items() if mm == m and r is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=_name(m), **_style(m))
+    for m in refs:
+        v = acc.get((m, None))
+        if v is not None:
+            ax.axhline(100 * v, label=_name(m), lw=1.5, **_style(m))
+    zs = [v for v in (_num(r.get("zero_shot_acc")) for r in rows) if v is not None]
+    if zs:
+        ax.axhline(100 * sum(zs) / len(zs), color="gray", ls=(0, (1, 3)), lw=2,
+                   label="zero-shot (no update)")
+    _rank_axis(ax, ranks)
+    ax.set_ylabel("target test accuracy [%]")
+    ax.set_title(f"Accuracy after adaptation\n{_title(model, dataset, task)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated under (lower memory, higher accuracy), sorted by
+    memory. A point is dominated if another has memory <= and accuracy >=, one strictly."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front: list[int] = []
+    best = -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
+    """Target accuracy vs peak memory, every configuration; the Pareto front marked."""
+    pts, labels, methods = [], [], []
+    for r in rows:
+        a, m = _num(r.get("target_acc")), _num(r.get("memory_peak"))
+        if a is None or m is None:
+            continue
+        pts.append((m / MIB, 100 * a))
+        rank = r.get("rank")
+        labels.append(_name(r["method"]) + ("" if rank in (None, "") else f" r{int(rank)}"))
+        methods.append(r["method"])
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in dict.fromkeys(methods):
+        idx = [i for i, mm in enumerate(methods) if mm == m]
+        st = _style(m)
+        ax.scatter([pts[i][0] for i in idx], [pts[i][1] for i in idx], label=_name(m),
+                   color=st.get("color"), marker=st.get("marker") or "D", s=36, zorder=3)
+    front = pareto_front(pts)
+    ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="red",
+            lw=1.2, zorder=2, label="Pareto front")
+    for i in front:
+        ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(4, -10), fontsize=7,
+                    color="red")
+    ax.set_xlabel("peak memory of one update [MiB]")
+    ax.set_ylabel("target test accuracy [%]")
+    ax.set_title(f"Accuracy vs memory (up-left is better)\n{_title(model, dataset, task)}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _ours_fwd_bwd(r: dict) -> float | None:
+    """Our forward + backward FLOPs (what torch's counter also covers: no optimizer math)."""
+    f, b = _num(r.get("flops_forward")), _num(r.get("flops_backward"))
+    if f is None or b is None:
+        return None
+    return f + b
+
+
+def plot_flop_counters(rows) -> plt.Figure | None:
+    """Per model: ratio torch FlopCounterMode / our count for the same update, per method and
+    rank, so the over-count of depthwise weight gradients is visible next to a standard net."""
+    data = [(r, _ours_fwd_bwd(r), _num(r.get("flops_torch"))) for r in rows]
+    data = [(r, o, t) for r, o, t in data if o and t]
+    if not data:
+        return None
+    models = list(dict.fromkeys(str(r["model"]) for r, _, _ in data))
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    # left: absolute per-update FLOPs of full FT vs LoRA (smallest rank), ours vs torch's
+    ax = axes[0]
+    bars: list[tuple[str, float, float]] = []
+    for model in models:
+        mr = [(r, o, t) for r, o, t in data if r["model"] == model]
+        for m in ("full", "lora"):
+            cand = [(r, o, t) for r, o, t in mr if r["method"] == m]
+            if not cand:
+                continue
+            cand.sort(key=lambda x: (x[0].get("rank") or 0))
+            r, o, t = cand[0]
+            rank = r.get("rank")
+            lab = f"{model}\n{_name(m)}" + ("" if rank in (None, "") else f" r{int(rank)}")
+            bars.append((lab, o, t))
+    div, unit = _flops_scale([max(o, t) for _, o, t in bars] or [1.0])
+    x = list(range(len(bars)))
+    ax.bar([i - 0.2 for i in x], [o / div for _, o, _ in bars], width=0.4,
+           label="convpeft (correct grouped/depthwise)", color="#4c72b0")
+    ax.bar([i + 0.2 for i in x], [t / div for _, _, t in bars], width=0.4,
+           label="torch FlopCounterMode", color="#c44e52")
+    ax.set_xticks(x)
+    ax.set_xticklabels([b[0] for b in bars], fontsize=7)
+    ax.set_ylabel(f"forward + backward FLOPs per update [{unit}]")
+    ax.set_title("FLOPs of one update, two counters", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    # right: torch / ours per model and method (mean over ranks and tasks), one bar each
+    ax = axes[1]
+    methods = [m for m in METHOD_STYLE if any(r["method"] == m for r, _, _ in data)]
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        xs, ys = [], []
+        for mi, model in enumerate(models):
+            ratios = [t / o for r, o, t in data if r["model"] == model and r["method"] == m]
+            if ratios:
+                xs.append(mi - 0.4 + width * (j + 0.5))
+                ys.append(sum(ratios) / len(ratios))
+        ax.bar(xs, ys, width=width * 0.95, color=_style(m).get("color"), label=_name(m))
+        for x_, y_ in zip(xs, ys, strict=True):
+            ax.annotate(f"{y_:.2g}x", (x_, y_), ha="center", va="bottom", fontsize=6,
+                        textcoords="offset points", xytext=(0, 1))
+    ax.axhline(1.0, color="black", lw=1, ls="--", label="counters agree")
+    ax.set_xticks(list(range(len(models))))
+    ax.set_xticklabels(models, fontsize=8)
+    ax.set_ylabel("torch count / our count (mean over ranks)")
+    ax.set_title("How much torch's counter over-counts, per method", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def make_plots(
+    rows: Sequence[dict], plots_dir: str | os.PathLike, formats: Sequence[str] = ("png", "svg")
+) -> list[Path]:
+    """Draw every plot the rows support into ``plots_dir``; returns the files written."""
+    out_dir = Path(plots_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ok = _ok(rows)
+    written: list[Path] = []
+    for (model, dataset, task), grp in sorted(_group(ok).items()):
+        stem = f"{_slug(model)}_{_slug(dataset)}_{_slug(task)}"
+        for kind, fn in (
+            ("flops", plot_flops),
+            ("memory", plot_memory),
+            ("accuracy", plot_accuracy),
+            ("pareto", plot_pareto),
+        ):
+            fig = fn(grp, model, dataset, task)
+            if fig is not None:
+                written += _save(fig, out_dir, f"{kind}_{stem}", formats)
+    fig = plot_flop_counters(ok)
+    if fig is not None:
+        written += _save(fig, out_dir, "flop_counters", formats)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.plot",
+        description="Regenerate all rank-sweep plots from a results file (.jsonl or .csv) or "
+        "a results folder.",
+    )
+    p.add_argument("results", help="results.jsonl / results.csv, or the folder holding them")
+    p.add_argument("--plots", default="plots", help="output folder for the figures "
+                   "(default: plots/)")
+    p.add_argument("--formats", default="png,svg",
+                   help="comma-separated figure formats (default: png,svg)")
+    a = p.parse_args(argv)
+    try:
+        rows = load_results(a.results)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    files = make_plots(rows, a.plots, formats)
+    n_ok = len(_ok(rows))
+    print(f"{len(files)} files from {n_ok} ok rows (of {len(rows)}) -> {a.plots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""The rank sweep: backbones x tasks x methods x ranks, each run measured for cost and accuracy.
+
+    python -m benchmarks.rank_sweep                 # offline default grid (digits), ~10 min CPU
+    python -m benchmarks.rank_sweep --profile-only  # cost of every update, no training, ~1-2 min
+    python -m benchmarks.rank_sweep --preset paper --data-root ~/data   # the study's grid
+
+For every configuration (model, task, method, rank, seed) the sweep
+
+1. builds the task and the *source* model once per (model, task, seed): pretrained on the source
+   split and cached by :func:`convpeft.train.pretrain` (random init under ``--profile-only``);
+2. prepares a copy with the method (adapters, frozen parameters, optimizer) and fine-tunes it on
+   the target split, measuring zero-shot / target / source accuracy;
+3. profiles ONE update at ``--batch-size`` with :func:`convpeft.profiler.profile_update`
+   (FLOPs split by pass, true peak memory by category, time; torch's FlopCounterMode figure);
+4. saves the trainable tensors with safetensors to measure the adapter's size on disk;
+
+and appends one row to ``--out``/results.{jsonl,csv}. A configuration that raises (including
+out-of-memory) is recorded with ``status="failed"`` and its error, and the sweep goes on.
+Ctrl-C stops after writing what is finished; rerunning the same command resumes (finished keys
+are skipped). At the end the plots (``--plots``) and the findings (``findings.md``) are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.results import ResultsStore, environment_metadata, flatten
+from benchmarks.sweep_grid import (
+    ALL_METHODS,
+    ALL_TASKS,
+    BN_POLICIES,
+    PRESETS,
+    Config,
+    SweepSettings,
+    expand_grid,
+    parse_dataset,
+)
+
+DEFAULT_OUT = "results/rank_sweep"
+DEFAULT_PLOTS = "plots"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _csv_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv_list(s)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.rank_sweep",
+        description="Rank sweep: fine-tune and profile every (model, task, method, rank, seed) "
+        "of a grid; write results (CSV + JSONL), plots and a findings summary. Flags override "
+        "the chosen --preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("grid")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="base grid: 'default' = offline digits grid for a laptop CPU; 'paper' = "
+                   "the study's grid (MobileNetV2/V3, ResNet18/34/50; CIFAR-10 -> CIFAR-10-C "
+                   "shift and CIFAR-100 new classes; ranks 1..64; needs --data-root)")
+    g.add_argument("--models", type=_csv_list, default=None,
+                   help="comma-separated torchvision model names, e.g. mobilenet_v2,resnet18 "
+                   "(preset's list if omitted)")
+    g.add_argument("--methods", type=_csv_list, default=None,
+                   help=f"comma-separated methods from {','.join(ALL_METHODS)}")
+    g.add_argument("--ranks", type=_int_list, default=None,
+                   help="comma-separated ranks for the low-rank methods (lora, dora, galore); "
+                   "full/head/bitfit run once per model/task/seed")
+    g.add_argument("--tasks", type=_csv_list, default=None,
+                   help=f"comma-separated tasks from {','.join(ALL_TASKS)}: shift = clean -> "
+                   "corrupted images; new_classes = learn held-out classes")
+    g.add_argument("--seeds", type=_int_list, default=None,
+                   help="comma-separated seeds (data split, init, training order)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default=None,
+                   help="dataset for every task (digits, cifar10, cifar100, ...), or per task "
+                   "as 'shift=cifar10,new_classes=cifar100'")
+    d.add_argument("--data-root", default=None,
+                   help="folder with the CIFAR / CIFAR-10-C files (never downloaded here)")
+    d.add_argument("--corruption", default=None,
+                   help="corruption of the shift task (see convpeft.data.list_corruptions()); "
+                   "default: the task's documented default")
+    d.add_argument("--severity", type=int, default=None,
+                   help="corruption severity 1..5 (default: the task's default)")
+    d.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels the data is resized to")
+    d.add_argument("--few-shot", type=int, default=None,
+                   help="keep N target-training images per class (smaller = faster)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per configuration")
+    t.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="epochs of source pretraining (cached; default: convpeft.train's)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="batch size of fine-tuning AND of the profiled update")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate for every method (default: each method's own default)")
+    t.add_argument("--bn", choices=BN_POLICIES, default=None,
+                   help="batch-norm policy: train = update stats + affine; freeze = eval-mode BN; "
+                   "stats = adapt running stats only (default: convpeft.methods' default)")
+    t.add_argument("--no-small-input", action="store_true",
+                   help="keep the ImageNet stem (by default the stem is adapted to small images)")
+    t.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=DEFAULT_OUT,
+                   help="results folder (results.jsonl, results.csv, findings.md); reruns resume")
+    o.add_argument("--plots", default=DEFAULT_PLOTS, help="folder for the figures")
+    o.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
+    o.add_argument("--formats", default="png,svg", help="figure formats")
+    o.add_argument("--profile-only", action="store_true",
+                   help="measure the cost of one update per configuration without pretraining "
+                   "or fine-tuning (no accuracies)")
+    o.add_argument("--profile-repeat", type=int, default=3,
+                   help="timed updates per profile (median time reported)")
+    o.add_argument("--dry-run", action="store_true",
+                   help="print the configurations that would run and exit")
+    return p
+
+
+@dataclass
+class SweepPlan:
+    configs: list[Config]
+    settings: SweepSettings
+    out: Path
+    plots: Path | None
+    formats: list[str]
+
+
+def plan_from_args(a: argparse.Namespace) -> SweepPlan:
+    """Merge the preset with the flags; validate what can be validated before running."""
+    pre = PRESETS[a.preset]
+    models = a.models if a.models is not None else pre.models
+    methods = a.methods if a.methods is not None else pre.methods
+    ranks = a.ranks if a.ranks is not None else pre.ranks
+    tasks = a.tasks if a.tasks is not None else pre.tasks
+    seeds = a.seeds if a.seeds is not None else pre.seeds
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+    bad = [t for t in tasks if t not in ALL_TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; choose from {', '.join(ALL_TASKS)}")
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if not models or not methods or not tasks or not seeds:
+        raise ValueError("--models, --methods, --tasks and --seeds must each name at least one")
+    if a.severity is not None and not 1 <= a.severity <= 5:
+        raise ValueError(f"--severity must be in 1..5, got {a.severity}")
+    dataset = parse_dataset(a.dataset, tasks) if a.dataset else {t: pre.dataset[t] for t in tasks}
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = SweepSettings(
+        dataset=dataset,
+        corruption=a.corruption,
+        severity=a.severity,
+        epochs=a.epochs if a.epochs is not None else pre.epochs,
+        pretrain_epochs=a.pretrain_epochs if a.pretrain_epochs is not None
+        else pre.extra.get("pretrain_epochs"),
+        batch_size=a.batch_size if a.batch_size is not None else pre.batch_size,
+        resolution=a.resolution if a.resolution is not None else pre.resolution,
+        bn=a.bn,
+        lr=a.lr,
+        small_input=not a.no_small_input,
+        data_root=a.data_root,
+        few_shot=a.few_shot if a.few_shot is not None else pre.extra.get("few_shot"),
+        profile_only=a.profile_only,
+        profile_repeat=a.profile_repeat,
+        device=device,
+    )
+    if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
+        raise ValueError("--epochs must be >= 0, --batch-size >= 1, --resolution >= 8")
+    plots = None if a.no_plots else Path(a.plots)
+    formats = _csv_list(a.formats)
+    return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
+                     plots, formats)
+
+
+# ----------------------------------------------------------------------------- one config
+
+
+class SourceCache:
+    """Per (model, dataset, task, seed): the task data, the source model and its zero-shot
+    accuracy — built once and shared by all methods/ranks of that group. A group whose
+    construction failed remembers the error, so its configurations fail fast with it."""
+
+    def __init__(self, settings: SweepSettings):
+        self.s = settings
+        self._tasks: dict[tuple, object] = {}
+        self._sources: dict[tuple, object] = {}
+
+    def task(self, cfg: Config):
+        from convpeft.data import build_task
+
+        key = (self.s.dataset_for(cfg.task), cfg.task, cfg.seed)
+        if key not in self._tasks:
+            try:
+                self._tasks[key] = build_task(
+                    cfg.task,
+                    self.s.dataset_for(cfg.task),
+                    corruption=self.s.corruption if cfg.task == "shift" else None,
+                    severity=self.s.severity if cfg.task == "shift" else None,
+                    data_root=self.s.data_root,
+                    seed=cfg.seed,
+                    resolution=self.s.resolution,
+                    few_shot=self.s.few_shot,
+                )
+            except Exception as e:  # remembered: every config of the group fails with it
+                self._tasks[key] = e
+        t = self._tasks[key]
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+    def source(self, cfg: Config):
+        """(source model on the device, extra row fields) for ``cfg``'s group."""
+        key = (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.seed)
+        if key not in self._sources:
+            try:
+                self._sources[key] = self._build_source(cfg)
+            except Exception as e:
+                self._sources[key] = e
+        src = self._sources[key]
+        if isinstance(src, Exception):
+            raise src
+        return src
+
+    def _build_source(self, cfg: Config):
+        from convpeft.layer_kinds import layer_kind
+        from convpeft.models import build_model
+
+        task = self.task(cfg)
+        t0 = time.perf_counter()
+        if self.s.profile_only:
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, task.source_num_classes, small_input=self.s.small_input)
+        else:
+            from convpeft.train import pretrain
+
+            kw = {} if self.s.pretrain_epochs is None else {"epochs": self.s.pretrain_epochs}
+            model = pretrain(cfg.model, task, seed=cfg.seed, small_input=self.s.small_input,
+                             device=self.s.device, **kw)
+        kinds = [layer_kind(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        info = {
+            "source_time_s": time.perf_counter() - t0,
+            "n_convs": len(kinds),
+            "n_depthwise_convs": sum(k == "depthwise" for k in kinds),
+        }
+        return model.cpu(), info
+
+
+def _trainable_bytes(model: torch.nn.Module, bn_policy: str | None) -> tuple[int, int]:
+    """(bytes of a safetensors file of the trainable tensors, bytes of the BN running stats file
+    when the BN policy changes them). The first is what a device must receive to apply the
+    update besides the unchanged base model."""
+    from safetensors.torch import save_file
+
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                 if p.requires_grad}
+    stats = {}
+    if bn_policy in ("train", "stats"):
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for bn in ("running_mean", "running_var"):
+                    t = getattr(m, bn)
+                    if t is not None:
+                        stats[f"{n}.{bn}"] = t.detach().cpu().contiguous()
+    sizes = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, tensors in (("adapter", trainable), ("bn", stats)):
+            if not tensors:
+                sizes.append(0)
+                continue
+            path = Path(d) / f"{name}.safetensors"
+            save_file(tensors, str(path))
+            sizes.append(path.stat().st_size)
+    return sizes[0], sizes[1]
+
+
+def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> dict:
+    """Run one configuration; returns its result fields (raises on failure)."""
+    from convpeft.methods import MethodConfig, prepare
+    from convpeft.models import expand_head
+    from convpeft.profiler import profile_update
+
+    dev = torch.device(settings.device)
+    task = sources.task(cfg)
+    source, info = sources.source(cfg)
+    row: dict = dict(info)
+    model = copy.deepcopy(source)
+    if task.num_new_classes:
+        expand_head(model, task.num_new_classes)
+    model.to(dev)
+
+    mkw: dict = {"rank": cfg.rank} if cfg.rank is not None else {}
+    if settings.bn is not None:
+        mkw["bn"] = settings.bn
+    if settings.lr is not None:
+        mkw["lr"] = settings.lr
+    mcfg = MethodConfig(cfg.method, **mkw)
+    prepared = prepare(model, mcfg)
+    row["bn"] = getattr(prepared.config, "bn", settings.bn)
+    row["lr"] = getattr(prepared.config, "lr", settings.lr)
+
+    if not settings.profile_only:
+        from convpeft.train import finetune
+
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        res = finetune(prepared, task, epochs=settings.epochs, batch_size=settings.batch_size,
+                       seed=cfg.seed, device=dev, progress=False)
+        row["train_time_s"] = time.perf_counter() - t0
+        rd = res.to_dict()
+        for k in ("zero_shot_acc", "target_acc", "source_acc"):
+            row[k] = rd.get(k)
+        hist = rd.get("history") or []
+        if hist and isinstance(hist[-1], dict) and "loss" in hist[-1]:
+            row["final_train_loss"] = hist[-1]["loss"]
+
+    # One update at the training batch size, on real target images. Done after fine-tuning so
+    # the extra optimizer steps it takes cannot touch the accuracies above.
+    x, y = next(task.target_train.batches(settings.batch_size, shuffle=False, device=dev))
+    t0 = time.perf_counter()
+    prof = profile_update(prepared.model, prepared.optimizer, x, y,
+                          warmup=1, repeat=settings.profile_repeat)
+    row["profile_time_s"] = time.perf_counter() - t0
+    row.update(flatten(prof.to_dict()))
+    row["adapter_bytes"], row["bn_stats_bytes"] = _trainable_bytes(prepared.model, row["bn"])
+    row["trainable_params"] = int(
+        sum(p.numel() for p in prepared.model.parameters() if p.requires_grad))
+    row["total_params"] = int(sum(p.numel() for p in prepared.model.parameters()))
+    del model, prepared
+    return row
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
+    return {
+        "key": cfg.key(s),
+        "model": cfg.model,
+        "dataset": s.dataset_for(cfg.task),
+        "task": cfg.task,
+        "method": cfg.method,
+        "rank": cfg.rank,
+        "seed": cfg.seed,
+        "corruption": s.corruption if cfg.task == "shift" else None,
+        "severity": s.severity if cfg.task == "shift" else None,
+        "epochs": 0 if s.profile_only else s.epochs,
+        "batch_size": s.batch_size,
+        "resolution": s.resolution,
+        "few_shot": s.few_shot,
+        "small_input": s.small_input,
+        "mode": "profile-only" if s.profile_only else "train",
+        "settings_signature": s.signature(),
+        **env,
+    }
+
+
+def _fmt_flops(v) -> str:
+    if v is None:
+        return "?"
+    for div, unit in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if v >= div:
+            return f"{v / div:.3g} {unit}"
+    return f"{v:.3g} FLOP"
+
+
+def summary_line(row: dict) -> str:
+    """One concise line per finished configuration."""
+    rank = "" if row.get("rank") is None else f"-r{row['rank']}"
+    head = f"{row['model']} {row['task']} {row['method']}{rank} s{row['seed']}"
+    if row.get("status") != "ok":
+        return f"FAILED {head}: {row.get('error', '')[:160]}"
+    parts = [head]
+    if row.get("target_acc") is not None:
+        zs = row.get("zero_shot_acc")
+        zs = f" (zero-shot {100 * zs:.1f}%)" if zs is not None else ""
+        parts.append(f"acc {100 * row['target_acc']:.1f}%{zs}")
+    parts.append(f"{_fmt_flops(row.get('flops_total'))}/update")
+    if row.get("memory_peak") is not None:
+        parts.append(f"peak {row['memory_peak'] / 2**20:.1f} MiB")
+    parts.append(f"{row.get('trainable_params', 0):,} trainable")
+    parts.append(f"{row.get('wall_time_s', 0):.1f} s")
+    return " | ".join(parts)
+
+
+def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
+    """Run (or resume) the planned sweep. Returns (the rows of this grid, interrupted?)."""
+    s = plan.settings
+    store = ResultsStore(plan.out)
+    done = store.done_keys()
+    todo = [c for c in plan.configs if c.key(s) not in done]
+    skipped = len(plan.configs) - len(todo)
+    log(f"rank sweep: {len(plan.configs)} configurations ({skipped} already done, "
+        f"{len(todo)} to run) -> {plan.out}")
+    env = environment_metadata(s.device)
+    sources = SourceCache(s)
+    errlog = plan.out / "errors.log"
+    interrupted = False
+    bar = tqdm(total=len(todo), desc="configs", unit="cfg", dynamic_ncols=True,
+               disable=not todo)
+    try:
+        for cfg in todo:
+            row = _base_row(cfg, s, env)
+            bar.set_postfix_str(f"{cfg.model} {cfg.task} {cfg.label}")
+            t0 = time.perf_counter()
+            try:
+                row.update(run_config(cfg, s, sources))
+                row["status"], row["error"] = "ok", None
+            except Exception as e:  # isolate: record and go on (OOM included)
+                row["status"] = "failed"
+                row["error"] = f"{type(e).__name__}: {e}"[:1000]
+                with errlog.open("a") as f:
+                    f.write(f"== {row['key']}\n{traceback.format_exc()}\n")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            row["wall_time_s"] = time.perf_counter() - t0
+            row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            store.add(row)
+            bar.write(summary_line(row))
+            bar.update(1)
+            gc.collect()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    keys = {c.key(s) for c in plan.configs}
+    rows = [r for r in store.rows if r.get("key") in keys]
+    if interrupted:
+        log(f"interrupted: {len(rows)} of {len(plan.configs)} configurations are in "
+            f"{store.csv_path} (valid); rerun the same command to resume")
+    return rows, interrupted
+
+
+def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
+    """Plots + findings for the rows; returns the findings markdown."""
+    from benchmarks.findings import findings_markdown
+
+    if plan.plots is not None:
+        from benchmarks.plot import make_plots
+
+        files = make_plots(rows, plan.plots, plan.formats)
+        log(f"{len(files)} plot files -> {plan.plots}")
+    md = findings_markdown(rows)
+    (plan.out / "findings.md").write_text(md + "\n")
+    if plan.plots is not None:
+        (plan.plots / "findings.md").write_text(md + "\n")
+    return md
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        plan = plan_from_args(a)
+    except ValueError as e:
+        parser.error(str(e))
+    if a.dry_run:
+        for c in plan.configs:
+            print(c.key(plan.settings))
+        print(f"{len(plan.configs)} configurations")
+        return 0
+    t0 = time.perf_counter()
+    rows, interrupted = run_sweep(plan)
+    if interrupted:
+        return 130
+    md = finish(plan, rows)
+    print()
+    print(md)
+    n_fail = sum(r.get("status") != "ok" for r in rows)
+    print(f"done in {time.perf_counter() - t0:.1f} s: {len(rows)} rows ({n_fail} failed) -> "
+          f"{plan.out / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

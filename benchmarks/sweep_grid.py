@@ -1,0 +1,192 @@
+"""The rank sweep's grid: presets, one configuration per run, and the grid expansion.
+
+A *configuration* is one (model, task, method, rank, seed) run. Ranks only mean something for
+the low-rank methods (LoRA, DoRA, GaLore); the other methods (full fine-tuning, head-only,
+BitFit) run once per (model, task, seed) with ``rank=None``.
+
+The *settings* (dataset, corruption, epochs, batch size, ...) are shared by every configuration
+of a sweep. They are part of each result row's resume key, so rerunning into the same output
+folder with different settings does not silently reuse rows computed under the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+RANKED_METHODS: tuple[str, ...] = ("lora", "dora", "galore")
+"""Methods whose cost and accuracy depend on a rank; all others ignore ``--ranks``."""
+
+ALL_METHODS: tuple[str, ...] = ("full", "head", "bitfit", "lora", "dora", "galore")
+ALL_TASKS: tuple[str, ...] = ("shift", "new_classes")
+BN_POLICIES: tuple[str, ...] = ("train", "freeze", "stats")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything shared by all configurations of one sweep (recorded in every row).
+
+    ``dataset`` maps each task to its dataset: the paper grid adapts CIFAR-10 to CIFAR-10-C
+    (shift) and CIFAR-100 to held-out classes (new_classes).
+    """
+
+    dataset: dict[str, str]
+    corruption: str | None = None  # None: the task's documented default corruption
+    severity: int | None = None  # None: the task's default severity
+    epochs: int = 1
+    pretrain_epochs: int | None = None  # None: the pretraining default for the dataset
+    batch_size: int = 32
+    resolution: int = 32
+    bn: str = "train"
+    lr: float | None = None  # None: each method's default learning rate
+    small_input: bool = True
+    data_root: str | None = None
+    few_shot: int | None = None  # target-train images per class (None: all)
+    profile_only: bool = False
+    profile_repeat: int = 3
+    device: str = "cpu"
+
+    def dataset_for(self, task: str) -> str:
+        return self.dataset[task]
+
+    def signature(self) -> str:
+        """Short hash of the settings that change a row's numbers (not data_root/device)."""
+        d = asdict(self)
+        for k in ("data_root", "device"):
+            d.pop(k)
+        blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    """One run of the sweep. ``rank`` is None for methods without a rank."""
+
+    model: str
+    task: str
+    method: str
+    rank: int | None
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """Readable one-word label, e.g. ``lora-r4`` or ``full``."""
+        return f"{self.method}-r{self.rank}" if self.rank is not None else self.method
+
+    def key(self, settings: SweepSettings) -> str:
+        """Resume key: identifies a row across reruns (same settings => same key)."""
+        rank = "-" if self.rank is None else str(self.rank)
+        ds = settings.dataset_for(self.task)
+        return "|".join(
+            [self.model, ds, self.task, self.method, rank, str(self.seed), settings.signature()]
+        )
+
+
+def expand_grid(
+    models: list[str],
+    tasks: list[str],
+    methods: list[str],
+    ranks: list[int],
+    seeds: list[int],
+) -> list[Config]:
+    """All configurations, grouped by (model, task, seed) so each source model is built once.
+
+    Within a group the order is the methods' order, ranked methods expanded over ``ranks``.
+    Duplicates in any list are dropped (first occurrence wins).
+    """
+    models, tasks, methods = _unique(models), _unique(tasks), _unique(methods)
+    ranks, seeds = _unique(ranks), _unique(seeds)
+    if not ranks and any(m in RANKED_METHODS for m in methods):
+        raise ValueError("--ranks is empty but a ranked method (lora/dora/galore) was requested")
+    out: list[Config] = []
+    for model in models:
+        for task in tasks:
+            for seed in seeds:
+                for method in methods:
+                    if method in RANKED_METHODS:
+                        out.extend(Config(model, task, method, r, seed) for r in ranks)
+                    else:
+                        out.append(Config(model, task, method, None, seed))
+    return out
+
+
+def _unique(xs: list) -> list:
+    seen: set = set()
+    return [x for x in xs if not (x in seen or seen.add(x))]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named grid + settings; CLI flags override single fields."""
+
+    models: list[str]
+    tasks: list[str]
+    methods: list[str]
+    ranks: list[int]
+    seeds: list[int]
+    dataset: dict[str, str]
+    epochs: int
+    batch_size: int
+    resolution: int
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # The offline default: must finish (pretraining included) within ~10 min on 2 CPU cores.
+    # Digits at 16x16 keeps ResNet18 (small_input stem, no downsampling) affordable on CPU while
+    # 8x8 source images lose nothing; one capped epoch per adaptation run.
+    "default": Preset(
+        models=["mobilenet_v2", "resnet18"],
+        tasks=["shift", "new_classes"],
+        methods=list(ALL_METHODS),
+        ranks=[1, 4, 16],
+        seeds=[0],
+        dataset={"shift": "digits", "new_classes": "digits"},
+        epochs=2,
+        batch_size=32,
+        resolution=16,
+        extra={"few_shot": 50},
+    ),
+    # The study's grid (needs CIFAR-10, CIFAR-10-C and CIFAR-100 under --data-root).
+    "paper": Preset(
+        models=[
+            "mobilenet_v2",
+            "mobilenet_v3_small",
+            "mobilenet_v3_large",
+            "resnet18",
+            "resnet34",
+            "resnet50",
+        ],
+        tasks=["shift", "new_classes"],
+        methods=list(ALL_METHODS),
+        ranks=[1, 2, 4, 8, 16, 32, 64],
+        seeds=[0, 1, 2],
+        dataset={"shift": "cifar10", "new_classes": "cifar100"},
+        epochs=10,
+        batch_size=64,
+        resolution=32,
+    ),
+}
+
+
+def parse_dataset(spec: str, tasks: list[str]) -> dict[str, str]:
+    """``"digits"`` -> every task on digits; ``"shift=cifar10,new_classes=cifar100"`` -> per task.
+
+    Raises ValueError when a requested task has no dataset.
+    """
+    spec = spec.strip()
+    if "=" not in spec:
+        return {t: spec for t in tasks}
+    mapping: dict[str, str] = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"--dataset: expected TASK=NAME pairs, got {part!r} in {spec!r}")
+        task, name = (s.strip() for s in part.split("=", 1))
+        mapping[task] = name
+    missing = [t for t in tasks if t not in mapping]
+    if missing:
+        raise ValueError(f"--dataset {spec!r} names no dataset for task(s) {missing}")
+    return mapping
