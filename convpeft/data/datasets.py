@@ -1,0 +1,342 @@
+"""In-memory image datasets: digits (offline default), CIFAR-10/100, CIFAR-10-C, image folders.
+
+Every loader returns an :class:`ImageDataset`: images held as one ``uint8`` tensor
+``(N, 3, H, W)`` (a quarter of the memory of float32; CIFAR and CIFAR-10-C are stored as uint8
+anyway) and labels ``(N,)`` int64. Indexing and :meth:`ImageDataset.batches` give float32 images
+in ``[0, 1]``. Keeping everything as tensors (no per-item PIL decode, no DataLoader workers)
+makes small-image training on a CPU several times faster.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DATASETS", "ImageDataset", "list_datasets", "load_dataset", "stratified_indices"]
+
+DATASETS = ("digits", "cifar10", "cifar100", "cifar10c", "imagefolder")
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ImageDataset(torch.utils.data.Dataset):
+    """Images ``(N, 3, H, W)`` uint8 and labels ``(N,)`` int64, with class names.
+
+    ``ds[i]`` -> ``(image float32 (3, H, W) in [0, 1], label int)``, so it also works with a
+    ``torch.utils.data.DataLoader``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(
+                f"images must be uint8 (N, 3, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must be (N,) matching images")
+        self.labels = self.labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float().div_(255.0), int(self.labels[i])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def float_images(self) -> torch.Tensor:
+        """All images as float32 ``(N, 3, H, W)`` in ``[0, 1]``."""
+        return self.images.float().div_(255.0)
+
+    def subset(
+        self, indices: Sequence[int] | torch.Tensor, name: str | None = None
+    ) -> ImageDataset:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return ImageDataset(
+            self.images[idx], self.labels[idx], list(self.classes), name or self.name,
+            dict(self.info),
+        )
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x float32 (B, 3, H, W) in [0, 1], y int64 (B,))`` on ``device``."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for s in range(0, stop, batch_size):
+            idx = order[s : s + batch_size]
+            x = self.images[idx].to(device, non_blocking=True).float().div_(255.0)
+            yield x, self.labels[idx].to(device, non_blocking=True)
+
+
+def list_datasets() -> list[str]:
+    return list(DATASETS)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float ``[0, 1]`` -> uint8 ``[0, 255]`` (rounded)."""
+    return images.clamp(0, 1).mul(255.0).round_().to(torch.uint8)
+
+
+def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, r, r); antialiased bilinear, batched to bound memory."""
+    if images.shape[-2:] == (resolution, resolution):
+        return images
+    out = []
+    for s in range(0, images.shape[0], 2048):
+        x = images[s : s + 2048].float().div_(255.0)
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear",
+                          align_corners=False, antialias=True)
+        out.append(to_uint8(x))
+    return torch.cat(out)
+
+
+def stratified_indices(
+    labels: torch.Tensor, fraction: float | None = None, per_class: int | None = None, *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices per class: ``(picked, rest)`` with ``fraction`` or ``per_class`` picked.
+
+    Deterministic for ``seed``; picked indices are sorted.
+    """
+    g = torch.Generator().manual_seed(seed)
+    picked, rest = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = per_class if per_class is not None else int(round(len(idx) * float(fraction)))
+        if per_class is not None and k > len(idx):
+            raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {k} asked for")
+        picked.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(picked).sort().values, torch.cat(rest).sort().values
+
+
+# ----------------------------------------------------------------------------- digits
+DIGITS_TEST_FRACTION = 0.25
+
+
+def _load_digits(split: str, resolution: int, seed: int) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16), bilinear-upsampled to
+    ``resolution`` and repeated to RGB; stratified 75/25 train/test split by ``seed``."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # (N,1,8,8)
+    if resolution != 8:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    images = to_uint8(x.repeat(1, 3, 1, 1))
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    test_idx, train_idx = stratified_indices(labels, DIGITS_TEST_FRACTION, seed=seed)
+    idx = train_idx if split == "train" else test_idx
+    return ImageDataset(images[idx], labels[idx], [str(i) for i in range(10)], "digits",
+                        {"split": split, "seed": seed})
+
+
+# ----------------------------------------------------------------------------- CIFAR
+_CIFAR = {
+    # name: (folder, train files, test files, meta file, meta key, label key, torchvision class)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels", "CIFAR10"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names",
+                 "fine_labels", "CIFAR100"),
+}
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    # keys are bytes in the official (Python 2) pickles; accept str keys too
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _cifar_dir(name: str, data_root: str | os.PathLike | None, download: bool) -> Path:
+    folder, train_files, test_files, meta, *_, tv_cls = _CIFAR[name]
+    if data_root is None:
+        raise ValueError(
+            f"{name} needs data_root=<folder holding {folder}/> (download=True to fetch it)"
+        )
+    root = Path(data_root).expanduser()
+    base = root if root.name == folder else root / folder
+    needed = [*train_files, *test_files, meta]
+    if download and not all((base / f).is_file() for f in needed):
+        import torchvision
+
+        getattr(torchvision.datasets, tv_cls)(str(base.parent), train=True, download=True)
+        base = base.parent / folder
+    missing = [f for f in needed if not (base / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{name}: expected the python-pickle release in {base} ({', '.join(needed)}); "
+            f"missing {', '.join(missing)}. Pass data_root=<folder containing {folder}/> "
+            "or download=True"
+        )
+    return base
+
+
+def _load_cifar(name: str, split: str, data_root, resolution: int, download: bool) -> ImageDataset:
+    folder, train_files, test_files, meta, meta_key, label_key, _ = _CIFAR[name]
+    base = _cifar_dir(name, data_root, download)
+    xs, ys = [], []
+    for f in train_files if split == "train" else test_files:
+        d = _unpickle(base / f)
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    names = _unpickle(base / meta)[meta_key]
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+    images = _resize(torch.from_numpy(np.concatenate(xs)), resolution)
+    return ImageDataset(images, torch.from_numpy(np.concatenate(ys)), classes, name,
+                        {"split": split, "root": str(base)})
+
+
+# ----------------------------------------------------------------------------- CIFAR-10-C
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+
+
+def _find_cifar10c(data_root) -> Path | None:
+    if data_root is None:
+        return None
+    root = Path(data_root).expanduser()
+    for cand in (root, root / "CIFAR-10-C"):
+        if (cand / "labels.npy").is_file():
+            return cand
+    return None
+
+
+def _load_cifar10c(
+    split: str, data_root, resolution: int, seed: int, corruption: str | None, severity: int | None,
+    download: bool,
+) -> ImageDataset:
+    """CIFAR-10-C ``corruption`` at ``severity``: the official ``<corruption>.npy`` (5 severities
+    stacked, each the 10,000 test images, uint8 NHWC) + ``labels.npy`` when present under
+    ``data_root`` (or ``data_root/CIFAR-10-C``); otherwise CIFAR-10's test split corrupted here
+    with :func:`convpeft.data.corruptions.corrupt` (seeded). ``split`` must be ``"test"``."""
+    from .corruptions import check_severity, corrupt, get_corruption
+
+    if split != "test":
+        raise ValueError("cifar10c only has a 'test' split (it corrupts CIFAR-10's test set)")
+    if corruption is None or severity is None:
+        raise ValueError("cifar10c needs corruption=<name> and severity=<1..5>")
+    check_severity(severity)
+    folder = _find_cifar10c(data_root)
+    if folder is not None and (folder / f"{corruption}.npy").is_file():
+        arr = np.load(folder / f"{corruption}.npy", mmap_mode="r")
+        labels = np.load(folder / "labels.npy")
+        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] % 5 or len(labels) != len(arr):
+            raise ValueError(
+                f"{folder / (corruption + '.npy')}: expected uint8 (5*n, H, W, 3) with "
+                f"labels.npy of the same length, got {arr.shape} and {labels.shape}"
+            )
+        n = arr.shape[0] // 5
+        sl = slice((severity - 1) * n, severity * n)
+        images = torch.from_numpy(np.ascontiguousarray(arr[sl])).permute(0, 3, 1, 2).contiguous()
+        ys = torch.from_numpy(labels[sl].astype(np.int64))
+        ds = ImageDataset(_resize(images, resolution), ys, list(CIFAR10_CLASSES), "cifar10c",
+                          {"corruption": corruption, "severity": severity, "source": str(folder)})
+        return ds
+    get_corruption(corruption)  # clear error for unknown names before touching CIFAR-10
+    try:
+        clean = _load_cifar("cifar10", "test", data_root, resolution, download)
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(
+            f"cifar10c: no {corruption}.npy + labels.npy (official CIFAR-10-C folder) under "
+            f"data_root={data_root!r}, and CIFAR-10 to generate it from is missing either: {e}"
+        ) from None
+    images = corrupt(clean.images, corruption, severity, seed=seed)
+    return ImageDataset(images, clean.labels, clean.classes, "cifar10c",
+                        {"corruption": corruption, "severity": severity, "source": "generated",
+                         "seed": seed})
+
+
+# ----------------------------------------------------------------------------- image folder
+IMAGEFOLDER_TEST_FRACTION = 0.2
+
+
+def _load_imagefolder(split: str, data_root, resolution: int, seed: int) -> ImageDataset:
+    """``data_root/<split>/<class>/*.png|jpg`` if ``data_root/train`` exists, else
+    ``data_root/<class>/*`` split 80/20 per class by ``seed``. Images resized to ``resolution``."""
+    import torchvision
+
+    if data_root is None or not Path(data_root).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"imagefolder needs data_root=<folder of class sub-folders> (got {data_root!r})"
+        )
+    root = Path(data_root).expanduser()
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    folder = root / split if has_splits else root
+    try:
+        tv = torchvision.datasets.ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FileNotFoundError(
+            f"imagefolder: expected {folder}/<class>/<image files>: {e}"
+        ) from None
+    t = torchvision.transforms.v2
+    tf = t.Compose([t.ToImage(), t.RGB(), t.Resize((resolution, resolution), antialias=True)])
+    imgs = torch.stack([tf(tv.loader(p)) for p, _ in tv.samples])
+    labels = torch.as_tensor(tv.targets, dtype=torch.int64)
+    ds = ImageDataset(imgs, labels, list(tv.classes), "imagefolder", {"root": str(folder)})
+    if not has_splits:
+        test_idx, train_idx = stratified_indices(labels, IMAGEFOLDER_TEST_FRACTION, seed=seed)
+        ds = ds.subset(train_idx if split == "train" else test_idx)
+    ds.info["split"] = split
+    return ds
+
+
+# ----------------------------------------------------------------------------- entry point
+def load_dataset(
+    name: str,
+    *,
+    split: str,
+    data_root: str | os.PathLike | None = None,
+    resolution: int = 32,
+    seed: int = 0,
+    download: bool = False,
+    corruption: str | None = None,
+    severity: int | None = None,
+) -> ImageDataset:
+    """Load ``name`` (one of :data:`DATASETS`) ``split`` ("train"/"test") as an ImageDataset.
+
+    ``resolution``: square side of the returned images. ``seed``: the train/test split of digits
+    and imagefolder-without-splits, and the corruption noise when cifar10c is generated.
+    ``download`` is only used for cifar10/cifar100 (torchvision's downloader); nothing is fetched
+    otherwise. ``corruption``/``severity`` are for cifar10c only.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
+    if not isinstance(resolution, int) or resolution < 8:
+        raise ValueError(f"resolution must be an int >= 8 (got {resolution!r})")
+    if name == "digits":
+        return _load_digits(split, resolution, seed)
+    if name in _CIFAR:
+        return _load_cifar(name, split, data_root, resolution, download)
+    if name == "cifar10c":
+        return _load_cifar10c(split, data_root, resolution, seed, corruption, severity, download)
+    return _load_imagefolder(split, data_root, resolution, seed)
