@@ -1,3 +1,23 @@
 """convpeft: parameter-efficient fine-tuning for edge CNNs, and what each update really costs."""
 
+from .adapters import (
+    AdapterReport,
+    adapter_state_dict,
+    apply_adapters,
+    load_adapter_state_dict,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdapterReport",
+    "adapter_state_dict",
+    "apply_adapters",
+    "load_adapter_state_dict",
+    "load_adapters",
+    "merge_adapters",
+    "save_adapters",
+]

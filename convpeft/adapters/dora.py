@@ -1,0 +1,168 @@
+"""DoRA wrappers: a learned per-output-channel magnitude on top of the LoRA direction.
+
+    W' = m / ||W0 + s dW||_c * (W0 + s dW)
+
+``||.||_c`` is the L2 norm over every dim but the output one, i.e. over a row of the
+``(C_out, C_in/g, k_h, k_w)`` weight, which is right for grouped and depthwise convs too (each
+output channel only ever sees its own group's inputs). As in DoRA §4.3 the norm is *detached*:
+it follows dW in the forward pass but gets no gradient, so gradients reach ``A``, ``B`` and
+``m`` only. ``m`` starts at ``||W0||_c``, so the layer equals the base at init.
+
+Two exact computations, chosen like LoRA's (see :mod:`convpeft.adapters.lora`):
+
+* weight space: ``y = conv(x, W')``: one conv, nothing saved beyond the input that the conv
+  saves anyway; its backward computes the weight gradient of the full layer.
+* activation space: ``z = conv(x, W0) + s conv_B(conv_A(x))``, ``y = c * z + b`` with
+  ``c = m / ||W0 + s dW||_c``. A custom autograd Function (:class:`DoRAConvFunction`) runs the
+  base conv once, adds the LoRA branch into its output in place and saves only ``x`` (shared with
+  the layer before), the ``(N, g r, H, W)`` LoRA intermediate and ``z``, which ``m``'s gradient
+  ``sum(grad_y * z) / ||.||`` needs. peft keeps the base output, the LoRA output and their scaled
+  copies instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .lora import _NORM_EPS, AdapterLayer, LoRAConv2d, LoRALinear
+
+_conv_backward = torch.ops.aten.convolution_backward.default
+
+
+def _row_norm(w: torch.Tensor) -> torch.Tensor:
+    """``||w||_c``: L2 norm of each output row of ``w`` (any dims), shape ``(C_out,)``."""
+    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+
+
+class DoRAConvFunction(torch.autograd.Function):
+    """``y = c * (conv(x, W0) + s * conv_B(conv_A(x_lora))) + bias`` with hand-written backward.
+
+    Inputs: ``x`` (N, C_in, H, W) already padded; ``x_lora`` the LoRA branch input (dropout
+    applied) or ``None`` when it is ``x``; ``weight`` (C_out, C_in/g, kh, kw); ``bias`` (C_out,)
+    or ``None``; ``a_w`` (g r, C_in/g, kh, kw); ``b_w`` (C_out, r, 1, 1); ``c`` (C_out,).
+    Returns ``y`` (N, C_out, H_out, W_out). Gradients are computed only for inputs that need them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups):
+        xl = x if x_lora is None else x_lora
+        h = F.conv2d(xl, a_w, None, stride, padding, dilation, groups)
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        z.add_(F.conv2d(h, b_w, None, 1, 0, 1, groups), alpha=s)
+        cv = c.reshape(1, -1, 1, 1)
+        y = torch.addcmul(bias.reshape(1, -1, 1, 1), z, cv) if bias is not None else z * cv
+        ctx.save_for_backward(x, x_lora, weight, a_w, b_w, c, h, z)
+        ctx.s = s
+        ctx.geom = (list(stride), list(padding), list(dilation), groups)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, x_lora, weight, a_w, b_w, c, h, z = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        stride, padding, dilation, groups = ctx.geom
+        s = ctx.s
+        g_c = (gy * z).sum((0, 2, 3)) if need[6] else None
+        g_bias = gy.sum((0, 2, 3)) if need[3] else None
+        del z
+        gz = gy * c.reshape(1, -1, 1, 1)
+        need_x = need[0]
+        need_xl = need[1] if x_lora is not None else need[0]
+        need_h = need[4] or need_xl
+        g_h, g_bw, _ = _conv_backward(gz, h, b_w, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                                      groups, [need_h, need[5], False])
+        g_aw = g_xl = None
+        if need_h:
+            g_h.mul_(s)
+            xl = x if x_lora is None else x_lora
+            g_xl, g_aw, _ = _conv_backward(g_h, xl, a_w, None, stride, padding, dilation, False,
+                                           [0, 0], groups, [need_xl, need[4], False])
+        if g_bw is not None:
+            g_bw.mul_(s)
+        g_x = g_w = None
+        if need_x or need[2]:
+            g_x, g_w, _ = _conv_backward(gz, x, weight, None, stride, padding, dilation, False,
+                                         [0, 0], groups, [need_x, need[2], False])
+        if x_lora is None and g_xl is not None:
+            g_x = g_xl if g_x is None else g_x.add_(g_xl)
+            g_xl = None
+        return g_x, g_xl, g_w, g_bias, g_aw, g_bw, g_c, None, None, None, None, None
+
+
+class _DoRAMixin:
+    """Magnitude parameter, merged weight and the shared bits of DoRA conv/linear."""
+
+    method = "dora"
+
+    def _init_magnitude(self) -> None:
+        w = self.base_layer.weight
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(_row_norm(w.detach()).to(w.dtype))
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.magnitude]
+
+    def channel_scale(self, direction: torch.Tensor | None = None) -> torch.Tensor:
+        """``c = m / ||W0 + s dW||_c`` (C_out,), the norm detached (DoRA §4.3)."""
+        if direction is None:
+            with torch.no_grad():
+                direction = AdapterLayer.merged_weight(self)
+        norm = _row_norm(direction.detach()).clamp_min(_NORM_EPS)
+        return self.magnitude / norm
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W' = c * (W0 + s dW)``, the weight of the equivalent plain layer."""
+        direction = AdapterLayer.merged_weight(self)
+        c = self.channel_scale(direction)
+        return direction * c.reshape(-1, *([1] * (direction.dim() - 1)))
+
+
+class DoRAConv2d(_DoRAMixin, LoRAConv2d):
+    """DoRA around an ``nn.Conv2d`` of any geometry (groups included)."""
+
+    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float | None = None, **kw) -> None:
+        super().__init__(base_layer, rank, alpha, **kw)
+        self._init_magnitude()
+
+    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(self._pad(x), self.merged_weight(), self.base_layer.bias)
+
+    def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched input
+            return self._forward_activation(x.unsqueeze(0)).squeeze(0)
+        base = self.base_layer
+        xp = self._pad(x)
+        x_lora = None if isinstance(self.dropout, nn.Identity) else self._pad(self.dropout(x))
+        c = self.channel_scale()
+        return DoRAConvFunction.apply(
+            xp, x_lora, base.weight, base.bias, self.a_conv_weight(), self.b_conv_weight(), c,
+            self.scaling, _pair2(base.stride), self._conv_pad, _pair2(base.dilation), self.groups,
+        )
+
+
+class DoRALinear(_DoRAMixin, LoRALinear):
+    """DoRA around an ``nn.Linear``."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float | None = None, **kw) -> None:
+        super().__init__(base_layer, rank, alpha, **kw)
+        self._init_magnitude()
+
+    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.merged_weight(), self.base_layer.bias)
+
+    def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        c = self.channel_scale()
+        z = F.linear(x, base.weight)
+        # In place on the frozen product (its backward needs no output); z is saved once, for m.
+        z = z.add_(self.lora_branch(self.dropout(x)), alpha=self.scaling)
+        y = z * c
+        return y if base.bias is None else y.add_(base.bias)
+
+
+def _pair2(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))

@@ -1,0 +1,390 @@
+"""LoRA wrappers for ``nn.Conv2d`` (every geometry) and ``nn.Linear``.
+
+A wrapper keeps the original layer as ``base_layer`` (frozen) and adds two factors, stored as
+plain parameters so that no extra conv modules show up in ``model.named_modules()``:
+
+* ``lora_A``: ``(r, C_in/g, k_h, k_w)`` for a conv, ``(r, in)`` for a linear layer;
+* ``lora_B``: ``(C_out, r)``, zero-initialised, so the adapted layer equals the base at init.
+
+The update has the base weight's shape ``(C_out, C_in/g, k_h, k_w)``:
+
+    dW.reshape(C_out, -1) = B @ A.reshape(r, -1),    W = W0 + s * dW,   s = alpha / r
+
+This single factorisation covers every kind, with no divisibility rule between ``r`` and ``g``:
+
+* ``groups == 1`` (standard, pointwise): ordinary LoRA, ``r * (C_out + C_in k_h k_w)`` params,
+  identical to peft's (``lora_A`` = peft's ``lora_A.weight``, ``lora_B`` = peft's
+  ``lora_B.weight`` viewed as ``(C_out, r)``).
+* depthwise (``g = C_in``, ``C_out = m * C_in``): every output channel's ``k_h x k_w`` kernel is
+  row ``c`` of the ``(C_out, k_h k_w)`` low-rank matrix ``B @ A``; ``r * (C_out + k_h k_w)``
+  params.
+* grouped (``1 < g < C_in``): all groups share the ``r`` input-side kernels ``A`` and each output
+  channel mixes them with its own row of ``B``; ``r * (C_out + C_in/g k_h k_w)`` params. We chose
+  this *shared* factorisation over one LoRA per group (``g`` times as many ``A`` params) because
+  it keeps the grouped and depthwise cases one formula and never costs more than per-group LoRA.
+
+The update stays inside the group structure by construction (dW has the base weight's shape), so
+merging is always possible. The adapter has ``r * (C_out + K)`` params with
+``K = C_in/g * k_h * k_w`` against ``C_out * K`` for the layer itself: it **outgrows the layer
+once** ``r > C_out * K / (C_out + K)``, e.g. a 3x3 depthwise layer with 32 channels at ``r >= 8``
+(``32*9/41 = 7.0``). Ranks above ``min(C_out, K)`` add parameters but no expressiveness.
+:class:`convpeft.AdapterReport` flags such layers.
+
+Two equivalent computations (``mode``), both exact:
+
+* ``"activation"``: ``y = conv(x, W0) + s * conv_B(conv_A(x))`` where ``conv_A`` has the base's
+  kernel, stride, padding, dilation, padding mode and groups (``A`` repeated per group,
+  ``g * r`` output channels) and ``conv_B`` is a 1x1 conv with ``groups = g``. Extra cost per
+  step ~ ``3 P r (g K + C_out)`` MACs for ``P = N H_out W_out`` output positions; it saves the
+  ``(N, g r, H_out, W_out)`` intermediate for the backward pass.
+* ``"weight"``: ``y = conv(x, W0 + s dW)``: one conv, the ``C_out r K`` MAC product forming dW,
+  and the backward pass computes the full weight gradient ``P C_out K`` MACs (which the frozen
+  base layer would skip) before projecting it onto ``A`` and ``B``. It saves no extra activation.
+
+Activation space wins for dense convs on large feature maps, weight space for depthwise and thin
+layers (its extra cost does not grow with ``g * r``). ``"auto"`` evaluates both with
+:mod:`convpeft.flops` for each input shape seen (forward + backward while training, forward only
+under ``no_grad``) and takes the cheaper; ties go to weight space (fewer saved activations).
+Dropout on the adapter input only exists in activation space, so a training layer with
+``dropout > 0`` always uses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops
+from ..layer_kinds import layer_kind
+from .config import check_alpha, check_mode, check_rank, scaling
+
+_NORM_EPS = 1e-12
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_padding(base: nn.Conv2d) -> tuple[list[int] | None, str, tuple[int, int]]:
+    """How to reproduce ``base``'s padding with explicit ops: ``(pre_pad, pad_mode, conv_pad)``.
+
+    ``pre_pad`` (``[left, right, top, bottom]`` for ``F.pad``) is ``None`` when the conv can pad
+    by itself (zeros, symmetric). Non-zero padding modes and asymmetric ``'same'`` padding (even
+    kernels) need an explicit ``F.pad`` first; then the conv gets ``conv_pad = (0, 0)``.
+    """
+    kh, kw = _pair(base.kernel_size)
+    dh, dw = _pair(base.dilation)
+    if isinstance(base.padding, str):
+        if base.padding == "valid":
+            pads = [0, 0, 0, 0]
+        else:  # 'same': total d*(k-1), the extra pixel (even kernels) goes right/bottom as torch
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+    else:
+        ph, pw = _pair(base.padding)
+        pads = [pw, pw, ph, ph]
+    symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+    if base.padding_mode == "zeros" and symmetric:
+        return None, "constant", (pads[2], pads[0])
+    mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
+    return pads, mode, (0, 0)
+
+
+class AdapterLayer(nn.Module):
+    """Common part of every adapter wrapper (LoRA and DoRA, conv and linear).
+
+    Subclasses implement ``_forward_activation``, ``_forward_weight``, ``_mode_costs`` and
+    ``merged_weight``.
+    """
+
+    method = "lora"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        rslora: bool = False,
+        mode: str = "auto",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_rank(rank)
+        check_alpha(alpha)
+        check_mode(mode)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        if mode == "weight" and dropout > 0:
+            raise ValueError(
+                "dropout on the adapter input cannot be expressed in weight space; use "
+                "mode='activation' or mode='auto' (which uses activation space while training)"
+            )
+        self.kind = layer_kind(base_layer)
+        if self.kind is None:
+            raise TypeError(
+                f"cannot wrap {type(base_layer).__name__}: adapters support nn.Conv2d and nn.Linear"
+            )
+        self.base_layer = base_layer
+        # Remember the base's trainability so that merging can give it back unchanged.
+        self._base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
+        base_layer.requires_grad_(False)
+        self.rank = int(rank)
+        self.alpha = float(rank if alpha is None else alpha)
+        self.rslora = bool(rslora)
+        self.scaling = scaling(self.rank, alpha, self.rslora)
+        self.mode = mode
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        like = {"dtype": w.dtype, "device": w.device}
+        self.lora_A = nn.Parameter(torch.empty((rank, *w.shape[1:]), **like))
+        self.lora_B = nn.Parameter(torch.zeros((w.shape[0], rank), **like))
+        # Same distribution as nn.Linear/Conv2d's default init (uniform, bound 1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(w[0].numel())
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound)
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None
+        self._mode_cache: dict[tuple, str] = {}
+        self.last_mode: str | None = None
+
+    # -- shapes --------------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return int(self.base_layer.weight.shape[0])
+
+    @property
+    def fan_in(self) -> int:
+        """``K``: length of one output channel's weight row (``C_in/g * k_h * k_w`` or ``in``)."""
+        return int(self.base_layer.weight[0].numel())
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def num_adapter_params(self) -> int:
+        return sum(p.numel() for p in self.adapter_parameters())
+
+    def delta_weight(self) -> torch.Tensor:
+        """``dW = (B @ A.flatten(1))`` reshaped to the base weight's shape (differentiable)."""
+        w0 = self.base_layer.weight
+        return (self.lora_B @ self.lora_A.reshape(self.rank, -1)).reshape(w0.shape)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight of the equivalent plain layer: ``W0 + s * dW``."""
+        return torch.add(self.base_layer.weight, self.delta_weight(), alpha=self.scaling)
+
+    # -- mode choice ---------------------------------------------------------------------------
+    def _mode_costs(self, x_shape: tuple[int, ...], input_grad: bool) -> dict[str, tuple[int, int]]:
+        """``{mode: (forward FLOPs, backward FLOPs)}`` the adapter adds to the frozen layer."""
+        raise NotImplementedError
+
+    def resolve_mode(
+        self, x_shape: tuple[int, ...], *, training: bool | None = None, input_grad: bool = True
+    ) -> str:
+        """The computation used for an input of shape ``x_shape`` (see the module docstring).
+
+        ``training`` (default: grad mode on and adapter params trainable) decides whether the
+        backward pass counts.
+        """
+        if self.mode != "auto":
+            return self.mode
+        if training is None:
+            training = torch.is_grad_enabled() and self.lora_B.requires_grad
+        if training and self.dropout_p > 0 and self.training:
+            return "activation"
+        key = (tuple(x_shape), bool(training), bool(input_grad))
+        mode = self._mode_cache.get(key)
+        if mode is None:
+            costs = self._mode_costs(tuple(x_shape), input_grad)
+            total = {m: f + (b if training else 0) for m, (f, b) in costs.items()}
+            mode = "activation" if total["activation"] < total["weight"] else "weight"
+            self._mode_cache[key] = mode
+        return mode
+
+    def adapter_flops(self, x_shape: tuple[int, ...], mode: str | None = None) -> int:
+        """Forward FLOPs of the adapter branch for input ``x_shape`` (2 FLOPs per MAC).
+
+        Activation space: ``conv_A + conv_B`` (or the two linears). Weight space: forming
+        ``B @ A`` (the conv with the merged weight replaces the base conv and costs the same).
+        Elementwise work (adds, DoRA's per-channel scaling and norm) is not counted.
+        """
+        mode = mode or self.resolve_mode(x_shape, training=self.training)
+        return self._mode_costs(tuple(x_shape), True)[mode][0]
+
+    def adapter_backward_flops(
+        self, x_shape: tuple[int, ...], mode: str | None = None, input_grad: bool = True
+    ) -> int:
+        """Backward FLOPs the adapter adds to the frozen layer's (its input gradient excluded).
+
+        Weight space includes the full weight gradient of the layer, which a frozen layer skips.
+        """
+        mode = mode or self.resolve_mode(x_shape, training=True, input_grad=input_grad)
+        return self._mode_costs(tuple(x_shape), input_grad)[mode][1]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        mode = self.resolve_mode(tuple(x.shape), input_grad=x.requires_grad)
+        self.last_mode = mode
+        if mode == "weight":
+            return self._forward_weight(x)
+        return self._forward_activation(x)
+
+    def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- merging -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``base_layer.weight`` in place (keeps W0 for :meth:`unmerge`)."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        new = self.merged_weight().to(w.dtype)
+        self._unmerged_weight = w.detach().clone()
+        w.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` exactly (restores the stored original weight)."""
+        if not self.merged:
+            return
+        assert self._unmerged_weight is not None
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        """Merge and return the plain base layer (trainability as before wrapping)."""
+        self.merge()
+        self._unmerged_weight = None
+        base = self.base_layer
+        for n, p in base.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(n, False))
+        return base
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method}, kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, "
+            f"scaling={self.scaling:g}, mode={self.mode}, merged={self.merged}"
+        )
+
+
+class LoRAConv2d(AdapterLayer):
+    """LoRA around an ``nn.Conv2d`` of any geometry (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float | None = None, **kw) -> None:
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
+        super().__init__(base_layer, rank, alpha, **kw)
+        self._pre_pad, self._pad_mode, self._conv_pad = conv_padding(base_layer)
+
+    @property
+    def groups(self) -> int:
+        return int(self.base_layer.groups)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pre_pad is None:
+            return x
+        return F.pad(x, self._pre_pad, mode=self._pad_mode)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's convolution with weight ``w`` on the already padded ``x``."""
+        base = self.base_layer
+        return F.conv2d(x, w, b, base.stride, self._conv_pad, base.dilation, base.groups)
+
+    def a_conv_weight(self) -> torch.Tensor:
+        """``conv_A``'s weight ``(g r, C_in/g, k_h, k_w)``: ``A`` shared by every group."""
+        g = self.groups
+        return self.lora_A if g == 1 else self.lora_A.repeat(g, 1, 1, 1)
+
+    def b_conv_weight(self) -> torch.Tensor:
+        """``conv_B``'s weight ``(C_out, r, 1, 1)`` (a 1x1 conv with ``groups = g``)."""
+        return self.lora_B.reshape(self.out_features, self.rank, 1, 1)
+
+    def lora_branch(self, xp: torch.Tensor) -> torch.Tensor:
+        """``conv_B(conv_A(xp))`` for a padded input ``xp`` (unscaled)."""
+        h = self._conv(xp, self.a_conv_weight(), None)
+        return F.conv2d(h, self.b_conv_weight(), None, 1, 0, 1, self.groups)
+
+    def _lora_input(self, x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+        return xp if isinstance(self.dropout, nn.Identity) else self._pad(self.dropout(x))
+
+    def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        xp = self._pad(x)
+        y = self._conv(xp, base.weight, base.bias)
+        # In place: the frozen conv's backward does not need its output, so this saves a copy.
+        return y.add_(self.lora_branch(self._lora_input(x, xp)), alpha=self.scaling)
+
+    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(self._pad(x), self.merged_weight(), self.base_layer.bias)
+
+    def _geometry(self, x_shape: tuple[int, ...]) -> tuple[int, tuple[int, int]]:
+        n = x_shape[0] if len(x_shape) == 4 else 1
+        base = self.base_layer
+        h, w = x_shape[-2:]
+        if self._pre_pad is not None:
+            h += self._pre_pad[2] + self._pre_pad[3]
+            w += self._pre_pad[0] + self._pre_pad[1]
+        hw = conv2d_output_hw((h, w), base.kernel_size, stride=base.stride,
+                              padding=self._conv_pad, dilation=base.dilation)
+        return n, hw
+
+    def _mode_costs(self, x_shape: tuple[int, ...], input_grad: bool) -> dict[str, tuple[int, int]]:
+        base = self.base_layer
+        n, hw = self._geometry(x_shape)
+        g, r = self.groups, self.rank
+        fa = conv2d_flops(batch=n, in_channels=base.in_channels, out_channels=g * r,
+                          kernel_size=base.kernel_size, out_hw=hw, groups=g, input_grad=input_grad)
+        fb = conv2d_flops(batch=n, in_channels=g * r, out_channels=base.out_channels,
+                          kernel_size=1, out_hw=hw, groups=g)
+        full = conv2d_flops(batch=n, in_channels=base.in_channels, out_channels=base.out_channels,
+                            kernel_size=base.kernel_size, out_hw=hw, groups=g)
+        prod = matmul_flops(self.out_features, r, self.fan_in)
+        return {
+            "activation": (fa.forward + fb.forward, fa.backward + fb.backward),
+            "weight": (prod, full.backward_weight + 2 * prod),
+        }
+
+
+class LoRALinear(AdapterLayer):
+    """LoRA around an ``nn.Linear``: ``y = x W0^T + b + s * (x A^T) B^T``."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float | None = None, **kw) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer, rank, alpha, **kw)
+
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        y = F.linear(x, base.weight, base.bias)
+        return y.add_(self.lora_branch(self.dropout(x)), alpha=self.scaling)
+
+    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.merged_weight(), self.base_layer.bias)
+
+    def _mode_costs(self, x_shape: tuple[int, ...], input_grad: bool) -> dict[str, tuple[int, int]]:
+        fin, fout, r = self.base_layer.in_features, self.out_features, self.rank
+        tokens = math.prod(x_shape[:-1]) if len(x_shape) > 1 else 1
+        fa = linear_flops(tokens=tokens, in_features=fin, out_features=r)
+        fb = linear_flops(tokens=tokens, in_features=r, out_features=fout)
+        prod = matmul_flops(fout, r, fin)
+        full = linear_flops(tokens=tokens, in_features=fin, out_features=fout)
+        return {
+            "activation": (fa + fb, fa * (2 if input_grad else 1) + 2 * fb),
+            "weight": (prod, full + 2 * prod),
+        }

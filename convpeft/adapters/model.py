@@ -1,0 +1,282 @@
+"""Model-level API: put adapters on a model, report them, merge them away."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..layer_kinds import Target, check_target, layer_kind, select_layers
+from .config import AdapterConfig, check_method
+from .dora import DoRAConv2d, DoRALinear
+from .lora import AdapterLayer, LoRAConv2d, LoRALinear
+
+_CLASSES = {
+    ("lora", "conv"): LoRAConv2d,
+    ("lora", "linear"): LoRALinear,
+    ("dora", "conv"): DoRAConv2d,
+    ("dora", "linear"): DoRALinear,
+}
+
+
+def is_adapter(module: nn.Module) -> bool:
+    """Whether ``module`` is a convpeft adapter wrapper (it then has ``.base_layer``)."""
+    return isinstance(module, AdapterLayer)
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """``(name, wrapper)`` of every adapter in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None = None,
+                 **kw: Any) -> AdapterLayer:
+    """Wrap one ``nn.Conv2d``/``nn.Linear`` with the ``method`` adapter."""
+    check_method(method)
+    kind = layer_kind(layer)
+    if kind is None:
+        raise TypeError(f"cannot adapt {type(layer).__name__}; only nn.Conv2d and nn.Linear")
+    cls = _CLASSES[(method, "linear" if kind == "linear" else "conv")]
+    return cls(layer, rank, alpha, **kw)
+
+
+@dataclass
+class AdapterRow:
+    """One adapted layer: ``shape`` is the base weight's, ``layer_params`` its element count."""
+
+    name: str
+    kind: str
+    method: str
+    shape: tuple[int, ...]
+    rank: int
+    scaling: float
+    mode: str
+    adapter_params: int
+    layer_params: int
+
+    @property
+    def outgrows_layer(self) -> bool:
+        """The adapter has more parameters than the weight it adapts (rank too large)."""
+        return self.adapter_params > self.layer_params
+
+
+@dataclass
+class AdapterReport:
+    """What :func:`apply_adapters` did; ``str(report)`` is a table."""
+
+    layers: list[AdapterRow] = field(default_factory=list)
+    adapter_params: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for r in self.layers:
+            d = asdict(r)
+            d["shape"] = list(r.shape)
+            d["outgrows_layer"] = r.outgrows_layer
+            rows.append(d)
+        return {
+            "layers": rows,
+            "adapter_params": self.adapter_params,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+        }
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "method", "weight shape", "rank", "mode", "adapter", "layer")
+        body = [
+            (r.name, r.kind, r.method, "x".join(map(str, r.shape)), str(r.rank), r.mode,
+             f"{r.adapter_params:,}" + (" *" if r.outgrows_layer else ""), f"{r.layer_params:,}")
+            for r in self.layers
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+                  for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:{'<' if i < 6 else '>'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        lines.append(
+            f"{len(self.layers)} adapted layers, {self.adapter_params:,} adapter params; "
+            f"trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.2f}%)"
+        )
+        if any(r.outgrows_layer for r in self.layers):
+            lines.append("* adapter larger than the layer it adapts: lower the rank there")
+        return "\n".join(lines)
+
+
+def _row(name: str, m: AdapterLayer) -> AdapterRow:
+    w = m.base_layer.weight
+    return AdapterRow(name=name, kind=m.kind, method=m.method, shape=tuple(w.shape), rank=m.rank,
+                      scaling=m.scaling, mode=m.mode, adapter_params=m.num_adapter_params(),
+                      layer_params=w.numel())
+
+
+def adapter_report(model: nn.Module, names: Iterable[str] | None = None) -> AdapterReport:
+    """Report on the adapters of ``model`` (only those in ``names`` if given) and its totals."""
+    wanted = None if names is None else set(names)
+    rows = [_row(n, m) for n, m in adapter_layers(model) if wanted is None or n in wanted]
+    params = list(model.parameters())
+    return AdapterReport(
+        layers=rows,
+        adapter_params=sum(m.num_adapter_params() for _, m in adapter_layers(model)),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_params=sum(p.numel() for p in params),
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _kind_counts(model: nn.Module) -> str:
+    counts: dict[str, int] = {}
+    for _, m in model.named_modules():
+        k = layer_kind(m)
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
+
+
+def _rank_for(name: str, rank: int, rank_pattern: dict[str, int] | None) -> int:
+    for pattern, r in (rank_pattern or {}).items():
+        if re.search(pattern, name):
+            return int(r)
+    return rank
+
+
+def wrap_layers(model: nn.Module, specs: dict[str, dict[str, Any]]) -> list[str]:
+    """Replace each named layer by an adapter built from ``specs[name]`` (method, rank, alpha,
+    rslora, mode, dropout). Refuses layers that already are, or sit inside, an adapter."""
+    modules = dict(model.named_modules())
+    for name in specs:
+        if name not in modules:
+            raise KeyError(f"the model has no layer {name!r}; is it the same architecture?")
+        parent_name, _, attr = name.rpartition(".")
+        if is_adapter(modules[name]) or (attr == "base_layer" and is_adapter(
+                modules.get(parent_name, None) or nn.Identity())):
+            where = parent_name if attr == "base_layer" else name
+            raise ValueError(
+                f"layer {where!r} already has an adapter; call merge_adapters(model) first, or "
+                f"exclude it (exclude=[{where!r}])"
+            )
+        if name == "":
+            raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
+    for name, spec in specs.items():
+        s = dict(spec)
+        method = s.pop("method")
+        rank = s.pop("rank")
+        alpha = s.pop("alpha", None)
+        _set_submodule(model, name, make_adapter(method, modules[name], rank, alpha, **s))
+    return list(specs)
+
+
+def set_trainable(model: nn.Module, trainable: Iterable[str] | None) -> list[str]:
+    """Freeze every parameter except adapter ones and those matching a ``trainable`` regex.
+
+    Returns the names of the non-adapter parameters left trainable.
+    """
+    patterns = [re.compile(p) for p in (trainable or [])]
+    adapter_ids = {id(p) for _, m in adapter_layers(model) for p in m.adapter_parameters()}
+    kept = []
+    for n, p in model.named_parameters():
+        if id(p) in adapter_ids:
+            p.requires_grad_(True)
+        elif any(pat.search(n) for pat in patterns):
+            p.requires_grad_(True)
+            kept.append(n)
+        else:
+            p.requires_grad_(False)
+    if patterns and not kept:
+        raise ValueError(
+            f"trainable={list(trainable or [])!r} matched no parameter name; names look like "
+            f"{[n for n, _ in list(model.named_parameters())[-2:]]!r}"
+        )
+    return kept
+
+
+def apply_adapters(
+    model: nn.Module,
+    method: str = "lora",
+    rank: int = 8,
+    *,
+    alpha: float | None = None,
+    target: Target = "conv",
+    exclude: list[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    mode: str = "auto",
+    trainable: list[str] | None = None,
+    rslora: bool = False,
+    dropout: float = 0.0,
+) -> AdapterReport:
+    """Wrap the selected layers of ``model`` with LoRA/DoRA adapters, in place.
+
+    ``target``: a layer kind (``conv``, ``standard``, ``pointwise``, ``depthwise``, ``grouped``,
+    ``linear``, ``all``), a list of them or a callable ``(name, module) -> bool``; ``exclude``:
+    name regexes to skip; ``rank_pattern``: ``{regex: rank}`` overrides (first match wins);
+    ``alpha``: ``None`` means ``alpha = rank`` per layer. ``mode``: ``"activation"``,
+    ``"weight"`` or ``"auto"`` (see :mod:`convpeft.adapters.lora`). Every parameter that is not
+    an adapter's is frozen unless its name matches a ``trainable`` regex (e.g. ``["^fc\\."]``).
+    Returns an :class:`AdapterReport` of the layers adapted by this call.
+    """
+    cfg = AdapterConfig(method=method, rank=rank, alpha=alpha, target=target, exclude=exclude,
+                        rank_pattern=rank_pattern, mode=mode, trainable=trainable, rslora=rslora,
+                        dropout=dropout)
+    cfg.validate()
+    check_target(target)
+    for pattern in list(exclude or []) + list(rank_pattern or {}) + list(trainable or []):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"bad regex {pattern!r}: {e}") from None
+    chosen = select_layers(model, target, exclude)
+    if not chosen:
+        raise ValueError(
+            f"target={target!r} (exclude={exclude!r}) matched no layer; this model has: "
+            f"{_kind_counts(model)}. Pick one of those kinds or loosen exclude."
+        )
+    specs = {
+        name: {"method": method, "rank": _rank_for(name, rank, rank_pattern), "alpha": alpha,
+               "rslora": rslora, "mode": mode, "dropout": dropout}
+        for name, _ in chosen
+    }
+    names = wrap_layers(model, specs)
+    set_trainable(model, trainable)
+    return adapter_report(model, names)
+
+
+def merge_adapters(model: nn.Module, *, unload: bool = True) -> nn.Module:
+    """Fold every adapter into its layer, in place, and return ``model``.
+
+    With ``unload=True`` (default) each wrapper is replaced by its plain ``nn.Conv2d`` /
+    ``nn.Linear`` (weight ``W0 + s dW``, or DoRA's ``c (W0 + s dW)``; trainability as before
+    the adapter was applied) and no adapter module is left. With ``unload=False`` the wrappers
+    stay, merged, and :func:`unmerge_adapters` restores them exactly.
+    """
+    for name, m in adapter_layers(model):
+        if unload:
+            if name == "":
+                raise ValueError("the model itself is an adapter; use model.unload() instead")
+            _set_submodule(model, name, m.unload())
+        else:
+            m.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo ``merge_adapters(model, unload=False)`` exactly."""
+    for _, m in adapter_layers(model):
+        m.unmerge()
+    return model
+
+
+__all__ = [
+    "AdapterReport", "AdapterRow", "adapter_layers", "adapter_report", "apply_adapters",
+    "is_adapter", "make_adapter", "merge_adapters", "set_trainable", "unmerge_adapters",
+    "wrap_layers",
+]
