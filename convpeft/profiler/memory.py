@@ -1,0 +1,214 @@
+"""Simultaneous peak memory of a training update, tracked per storage and split by category.
+
+Every tensor's bytes live in an untyped storage. :class:`MemoryTracker` registers the storages
+that exist before the update (parameters, buffers, gradients, optimizer state, the batch) and
+every storage an aten op returns during it; a ``weakref.finalize`` on the storage's Python object
+(torch keeps that object alive exactly as long as the C++ storage) tells us when it is freed. The
+running sum of live bytes gives the *true simultaneous* peak, and the set of storages live at that
+moment gives the breakdown. Nothing is hooked on parameters, so frozen parameters are fine
+(torch's ``MemTracker`` registers gradient hooks and raises on them).
+
+Categories, decided at the end of the update by identity, first match wins:
+
+==============  ===========================================================================
+``params``      storages of ``model.parameters()``
+``buffers``     storages of ``model.buffers()`` (BN running stats)
+``grads``       storages that are (or were, before ``zero_grad``) some ``p.grad``
+``optimizer``   tensors in ``optimizer.state`` (moments, GaLore projections, step counters)
+``activations`` storages saved for backward (``saved_tensors_hooks``), the input batch included
+``temporaries`` everything else: outputs of ops that die within the step, upstream gradients
+==============  ===========================================================================
+
+Storage ids are ``untyped_storage()._cdata`` (the C++ StorageImpl address), which also works for
+meta tensors, so the analytic mode runs the very same tracker without any data.
+Only storages returned by aten ops are seen: scratch space a kernel allocates and frees inside
+itself (e.g. oneDNN reorders) is not, which is why a CPU allocator trace can peak a little higher.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of ``t``'s storage, valid while it lives (also for meta/fake tensors)."""
+    return t.untyped_storage()._cdata
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor held in ``optimizer.state`` (nested lists/dicts included)."""
+    leaves = tree_flatten([dict(s) for s in optimizer.state.values()])[0]
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class MemoryReport:
+    """Result of one tracked update; all figures in bytes."""
+
+    peak: int
+    by_category: dict[str, int]  # live at the peak
+    category_max: dict[str, int]  # each category's own maximum over the update (not simultaneous)
+    baseline: int  # live when tracking started (params, buffers, state, batch, ...)
+    num_storages: int  # storages seen
+
+
+class MemoryTracker:
+    """Per-storage live-byte tracker; feed it op outputs with :meth:`on_output`.
+
+    Records are ``[nbytes, alloc_index, free_index]``; every allocation or free advances a
+    counter, so the peak is an index and the storages live at it are those allocated at or before
+    it and freed after it. That keeps the per-op cost O(outputs) with no snapshot copying.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[int, int] = {}  # storage key -> record id
+        self._records: list[list[int]] = []  # [nbytes, alloc_idx, free_idx (-1 while live)]
+        self._keys: list[int] = []  # record id -> storage key
+        self._cat: dict[int, str] = {}  # record id -> category known at registration
+        self._saved: set[int] = set()  # record ids saved for backward
+        self._finalizers: list[weakref.finalize] = []
+        self._t = 0
+        self.current = 0
+        self.peak = 0
+        self.peak_t = 0
+        self.active = True
+
+    # -- registration ---------------------------------------------------------------------------
+    def _register(self, t: torch.Tensor, category: str | None, preexisting: bool) -> int | None:
+        s = t.untyped_storage()
+        key = s._cdata
+        rid = self._live.get(key)
+        if rid is not None:
+            if category is not None:
+                self._cat.setdefault(rid, category)
+            return rid
+        nbytes = s.nbytes()
+        if nbytes == 0:
+            return None
+        rid = len(self._records)
+        self._records.append([nbytes, -1 if preexisting else self._t, -1])
+        self._keys.append(key)
+        self._live[key] = rid
+        if category is not None:
+            self._cat[rid] = category
+        self._finalizers.append(weakref.finalize(s, self._on_free, key, rid))
+        if not preexisting:
+            self._t += 1
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_t = self._t
+        return rid
+
+    def add_existing(self, tensors: Iterable[torch.Tensor], category: str | None) -> None:
+        """Register storages alive before tracking starts (``category`` may be None: decided
+        at the end, e.g. the batch becomes an activation if saved for backward)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._register(t, category, preexisting=True)
+
+    def on_output(self, out: object, func: object = None) -> None:
+        """Register the storages of an op's outputs that are new (views and in-place results
+        share a storage already tracked and are skipped)."""
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage()._cdata
+                if key in self._live:
+                    continue
+                # a view/alias of something we never registered existed before the update
+                pre = func is not None and (getattr(func, "is_view", False) or any(
+                    r.alias_info is not None for r in func._schema.returns))
+                self._register(t, None, preexisting=pre)
+
+    def mark_saved(self, t: torch.Tensor) -> None:
+        """Called from the ``saved_tensors_hooks`` pack hook: ``t`` is kept for backward."""
+        rid = self._register(t, None, preexisting=True)
+        if rid is not None:
+            self._saved.add(rid)
+
+    def _on_free(self, key: int, rid: int) -> None:
+        if not self.active:
+            return
+        rec = self._records[rid]
+        if rec[2] != -1:
+            return
+        if self._live.get(key) == rid:
+            del self._live[key]
+        rec[2] = self._t
+        self._t += 1
+        self.current -= rec[0]
+
+    def stop(self) -> None:
+        """Detach all finalizers (records stay for :meth:`report`)."""
+        self.active = False
+        for f in self._finalizers:
+            f.detach()
+        self._finalizers.clear()
+
+    # -- results --------------------------------------------------------------------------------
+    def classify(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 extra_grads: Iterable[int] = ()) -> dict[int, str]:
+        """Category of every record (see the module docstring for the rules)."""
+        by_key: dict[str, set[int]] = {c: set() for c in CATEGORIES}
+        by_key["params"] = {storage_key(p) for p in model.parameters()}
+        by_key["buffers"] = {storage_key(b) for b in model.buffers()}
+        by_key["grads"] = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+        if optimizer is not None:
+            by_key["optimizer"] = {storage_key(t) for t in state_tensors(optimizer)}
+        out: dict[int, str] = {}
+        for rid in range(len(self._records)):
+            cat = self._cat.get(rid)
+            if cat is None and self._records[rid][2] == -1:
+                key = self._keys[rid]  # still live: its storage key is still its identity
+                for c in ("params", "buffers", "grads", "optimizer"):
+                    if key in by_key[c]:
+                        cat = c
+                        break
+            if cat is None and rid in extra_grads:
+                cat = "grads"
+            if cat is None:
+                cat = "activations" if rid in self._saved else "temporaries"
+            out[rid] = cat
+        return out
+
+    def live_grad_records(self, model: torch.nn.Module) -> set[int]:
+        """Record ids of the current ``p.grad`` storages (call right after backward, before the
+        optimizer may free/replace them)."""
+        keys = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+        return {self._live[k] for k in keys if k in self._live}
+
+    def report(self, categories: dict[int, str]) -> MemoryReport:
+        """Peak, live-at-peak breakdown and per-category maxima from the recorded timeline."""
+        by_cat = dict.fromkeys(CATEGORIES, 0)
+        events: list[tuple[int, int, str, int]] = []  # (time, order, category, delta)
+        baseline = 0
+        for rid, (nbytes, t0, t1) in enumerate(self._records):
+            cat = categories[rid]
+            # the peak lies between clock ticks peak_t - 1 and peak_t: live there means
+            # allocated before it (or pre-existing, t0 == -1) and not freed before it
+            if t0 < self.peak_t and (t1 == -1 or t1 >= self.peak_t):
+                by_cat[cat] += nbytes
+            if t0 == -1:
+                baseline += nbytes
+            else:
+                events.append((t0, 1, cat, nbytes))
+            if t1 != -1:
+                events.append((t1, 0, cat, -nbytes))
+        events.sort()
+        cur = dict.fromkeys(CATEGORIES, 0)
+        for rid, (nbytes, t0, _) in enumerate(self._records):
+            if t0 == -1:
+                cur[categories[rid]] += nbytes
+        cmax = dict(cur)
+        for _, _, cat, d in events:
+            cur[cat] += d
+            cmax[cat] = max(cmax[cat], cur[cat])
+        return MemoryReport(peak=self.peak, by_category=by_cat, category_max=cmax,
+                            baseline=baseline, num_storages=len(self._records))
