@@ -255,7 +255,7 @@ def _load_cifar10c(
             )
         n = arr.shape[0] // 5
         sl = slice((severity - 1) * n, severity * n)
-        images = torch.from_numpy(np.ascontiguousarray(arr[sl])).permute(0, 3, 1, 2).contiguous()
+        images = torch.from_numpy(np.array(arr[sl])).permute(0, 3, 1, 2).contiguous()
         ys = torch.from_numpy(labels[sl].astype(np.int64))
         ds = ImageDataset(_resize(images, resolution), ys, list(CIFAR10_CLASSES), "cifar10c",
                           {"corruption": corruption, "severity": severity, "source": str(folder)})
@@ -296,9 +296,10 @@ def _load_imagefolder(split: str, data_root, resolution: int, seed: int) -> Imag
         raise FileNotFoundError(
             f"imagefolder: expected {folder}/<class>/<image files>: {e}"
         ) from None
-    t = torchvision.transforms.v2
-    tf = t.Compose([t.ToImage(), t.RGB(), t.Resize((resolution, resolution), antialias=True)])
-    imgs = torch.stack([tf(tv.loader(p)) for p, _ in tv.samples])
+    from torchvision.transforms.functional import pil_to_tensor
+
+    imgs = torch.cat([_resize(pil_to_tensor(tv.loader(p).convert("RGB"))[None], resolution)
+                      for p, _ in tv.samples])
     labels = torch.as_tensor(tv.targets, dtype=torch.int64)
     ds = ImageDataset(imgs, labels, list(tv.classes), "imagefolder", {"root": str(folder)})
     if not has_splits:
