@@ -1,0 +1,296 @@
+"""Fine-tuning methods: which parameters train, how, and what batch norm does meanwhile.
+
+=========  ==================================================================================
+method     trains
+=========  ==================================================================================
+full       every parameter (AdamW)
+head       the classifier only (linear probe; AdamW)
+bitfit     every bias + the classifier (AdamW). torchvision's convs that a BN follows have
+           ``bias=False``, so the backbone's biases are mostly the BN biases (shifts); BN
+           scales stay frozen. Other biases train too (MobileNetV3's squeeze-excitation
+           1x1 convs and hidden classifier Linear).
+lora       low-rank adapters on the ``target`` convs (:func:`convpeft.apply_adapters`) + the
+           classifier (+ BN affine under ``bn="train"``); AdamW over those
+dora       as lora, with weight-decomposed (magnitude/direction) adapters
+galore     every parameter; :func:`convpeft.optim.galore_optimizer` projects the ``target``
+           convs' gradients to rank ``rank`` (AdamW state in the projected space), plain AdamW
+           for the rest
+=========  ==================================================================================
+
+Batch-norm policy (``MethodConfig.bn``), applied on top of the method:
+
+* ``"train"`` (default): BN in train mode (batch statistics; running stats updated) and BN
+  affine parameters trainable where the method trains backbone weights (full, galore, lora,
+  dora; bitfit trains the BN biases, head none). The usual fine-tuning setting.
+* ``"freeze"``: BN in eval mode (running statistics, not updated) and BN affine frozen, for
+  every method (bitfit then trains only non-BN biases + head). BN becomes a fixed per-channel
+  affine map, so backward saves no activations for batch statistics: the cheapest option.
+* ``"stats"``: AdaBN. BN affine frozen; running statistics are reset by :func:`prepare` and
+  re-estimated on the target data as a cumulative average (``momentum=None``) while training.
+
+``model.train()`` puts every BN back in train mode, so the loop must call :func:`set_bn_mode`
+(or :meth:`PreparedMethod.train_mode`) after it; :func:`convpeft.train.finetune` does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import get_head
+
+__all__ = [
+    "BN_POLICIES",
+    "MethodConfig",
+    "MethodSpec",
+    "PreparedMethod",
+    "bn_modules",
+    "count_trainable",
+    "get_method",
+    "list_methods",
+    "prepare",
+    "register_method",
+    "set_bn_mode",
+]
+
+BN_POLICIES = ("train", "freeze", "stats")
+DEFAULT_BN = "train"
+
+
+@dataclass
+class MethodConfig:
+    """One method's settings. ``lr=None`` uses the method's default learning rate.
+
+    ``rank``/``alpha``/``rank_pattern``/``mode``/``dropout`` are for lora/dora; ``rank``,
+    ``update_proj_gap``, ``galore_scale`` for galore; ``target``/``exclude`` select the layers
+    adapted or projected (see :mod:`convpeft.layer_kinds`). ``train_head`` keeps the classifier
+    trainable for lora/dora (needed for new classes; on by default).
+    """
+
+    name: str
+    rank: int = 8
+    alpha: float | None = None
+    lr: float | None = None
+    weight_decay: float = 0.0
+    bn: str = DEFAULT_BN
+    target: Any = "conv"
+    exclude: list[str] | None = None
+    rank_pattern: dict[str, int] | None = None
+    mode: str = "auto"
+    dropout: float = 0.0
+    train_head: bool = True
+    update_proj_gap: int = 200
+    galore_scale: float = 0.25
+
+    def __post_init__(self) -> None:
+        get_method(self.name)
+        if self.bn not in BN_POLICIES:
+            raise ValueError(f"bn must be one of {', '.join(BN_POLICIES)} (got {self.bn!r})")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1 (got {self.rank})")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else get_method(self.name).default_lr
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lr"] = self.resolved_lr
+        if callable(d["target"]):
+            d["target"] = getattr(d["target"], "__name__", "callable")
+        return d
+
+
+@dataclass
+class PreparedMethod:
+    """A model ready to fine-tune: its optimizer, config, a report, and the trainable count.
+
+    ``report``: the ``AdapterReport`` (lora/dora), the ``GaLoreSummary`` (galore), or a dict
+    ``{"trainable": [names], "trainable_params", "total_params"}`` (full/head/bitfit).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: MethodConfig
+    report: Any
+    trainable_params: int
+    total_params: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def train_mode(self) -> nn.Module:
+        """``model.train()`` then the BN policy; call at the start of every epoch."""
+        self.model.train()
+        set_bn_mode(self.model, self.config.bn)
+        return self.model
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    default_lr: float
+    setup: Callable[[nn.Module, MethodConfig], tuple[torch.optim.Optimizer, Any]]
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add (or replace) a method in the registry."""
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def list_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; use one of {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+# ----------------------------------------------------------------------------- helpers
+def bn_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def set_bn_mode(model: nn.Module, policy: str) -> None:
+    """Put BN layers in the mode ``policy`` needs; call after ``model.train()``/``eval()``.
+
+    Only acts when the model is in training mode: evaluation keeps every BN in eval mode.
+    """
+    if policy not in BN_POLICIES:
+        raise ValueError(f"bn must be one of {', '.join(BN_POLICIES)} (got {policy!r})")
+    if not model.training:
+        return
+    for _, m in bn_modules(model):
+        m.train(policy != "freeze")
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _adamw(model: nn.Module, cfg: MethodConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method {cfg.name!r} with bn={cfg.bn!r} leaves nothing to train")
+    return torch.optim.AdamW(params, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+
+
+def _bn_param_names(model: nn.Module) -> set[str]:
+    out = set()
+    for name, m in bn_modules(model):
+        for pn, _ in m.named_parameters(recurse=False):
+            out.add(f"{name}.{pn}" if name else pn)
+    return out
+
+
+def _head_param_names(model: nn.Module) -> set[str]:
+    head, layer = get_head(model)
+    return {f"{head}.{pn}" for pn, _ in layer.named_parameters(recurse=False)}
+
+
+def _set_trainable(model: nn.Module, names: set[str]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+
+
+# ----------------------------------------------------------------------------- methods
+def _setup_full(model: nn.Module, cfg: MethodConfig):
+    _set_trainable(model, {n for n, _ in model.named_parameters()})
+    return _adamw(model, cfg), None
+
+
+def _setup_head(model: nn.Module, cfg: MethodConfig):
+    _set_trainable(model, _head_param_names(model))
+    return _adamw(model, cfg), None
+
+
+def _setup_bitfit(model: nn.Module, cfg: MethodConfig):
+    biases = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+    _set_trainable(model, biases | _head_param_names(model))
+    return _adamw(model, cfg), None
+
+
+def _setup_adapters(model: nn.Module, cfg: MethodConfig):
+    from . import apply_adapters  # helper A's public API
+
+    head, _ = get_head(model)
+    trainable = []
+    if cfg.train_head:
+        trainable.append(rf"^{re.escape(head)}\.")
+    if cfg.bn == "train":
+        trainable += [rf"^{re.escape(n)}$" for n in sorted(_bn_param_names(model))]
+    report = apply_adapters(
+        model, method=cfg.name, rank=cfg.rank, alpha=cfg.alpha, target=cfg.target,
+        exclude=cfg.exclude, rank_pattern=cfg.rank_pattern, mode=cfg.mode,
+        trainable=trainable or None, dropout=cfg.dropout,
+    )
+    return _adamw(model, cfg), report
+
+
+def _setup_galore(model: nn.Module, cfg: MethodConfig):
+    from .optim import galore_optimizer  # helper B's public API
+
+    _set_trainable(model, {n for n, _ in model.named_parameters()})
+    _apply_bn_freezing(model, cfg)  # before building the optimizer, so frozen BN is left out
+    opt = galore_optimizer(
+        model, rank=cfg.rank, lr=cfg.resolved_lr, update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.galore_scale, target=cfg.target, weight_decay=cfg.weight_decay,
+    )
+    return opt, opt.summary()
+
+
+register_method(MethodSpec("full", "all parameters, AdamW", 1e-3, _setup_full))
+register_method(MethodSpec("head", "linear probe: classifier only", 1e-2, _setup_head))
+register_method(MethodSpec("bitfit", "biases (BN shifts) + classifier", 1e-2, _setup_bitfit))
+register_method(MethodSpec("lora", "LoRA adapters on convs + classifier", 3e-3, _setup_adapters))
+register_method(MethodSpec("dora", "DoRA adapters on convs + classifier", 3e-3, _setup_adapters))
+register_method(MethodSpec("galore", "GaLore-projected AdamW, all params", 1e-3, _setup_galore))
+
+
+def _apply_bn_freezing(model: nn.Module, cfg: MethodConfig) -> None:
+    if cfg.bn in ("freeze", "stats"):
+        for _, m in bn_modules(model):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+
+
+def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
+    """Set ``model`` up for ``config`` (in place): trainable flags, adapters, optimizer, BN.
+
+    ``config`` may be a method name (defaults for everything else).
+    """
+    cfg = MethodConfig(config) if isinstance(config, str) else config
+    spec = get_method(cfg.name)
+    opt, report = spec.setup(model, cfg)
+    if cfg.bn in ("freeze", "stats"):
+        frozen_now = [p for _, m in bn_modules(model) for p in m.parameters(recurse=False)
+                      if p.requires_grad]
+        if frozen_now:
+            # the setup trained BN affine; apply the policy and rebuild the (AdamW) optimizer
+            _apply_bn_freezing(model, cfg)
+            opt = _adamw(model, cfg)
+    if cfg.bn == "stats":
+        for _, m in bn_modules(model):
+            if m.track_running_stats:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over every target batch seen
+    if report is None:
+        report = {"trainable": _trainable_names(model), "trainable_params": count_trainable(model),
+                  "total_params": sum(p.numel() for p in model.parameters())}
+    return PreparedMethod(model, opt, cfg, report, count_trainable(model),
+                          sum(p.numel() for p in model.parameters()))
