@@ -388,3 +388,16 @@ def test_upstream_galore_torch_still_fails_on_4d_conv_weights():
     conv(torch.randn(2, 8, 6, 6)).sum().backward()
     with pytest.raises(RuntimeError, match=r"diag\(\): Supports 1D or 2D tensors"):
         opt.step()
+
+
+def test_deepcopy_keeps_summary_and_state():
+    model = tiny_cnn()
+    opt = galore_optimizer(model, rank=4)
+    train_step(model, opt, *batch())
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert str(opt2.summary()) == str(opt.summary())
+    assert opt2.state_bytes() == opt.state_bytes()
+    train_step(model, opt, *batch(9))
+    train_step(model2, opt2, *batch(9))
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -407,8 +407,9 @@ class ConvGaLoreAdamW(GaLoreAdamW):
             )
 
         groups: list[dict[str, Any]] = []
-        self._kinds: dict[int, str | None] = {}
-        self._order: dict[int, int] = {}  # summary rows follow the order params were given
+        # keyed by param name (not id) so they survive deepcopy, e.g. the profiler's meta copy
+        self._kinds: dict[str, str | None] = {}
+        self._order: dict[str, int] = {}  # summary rows follow the order params were given
         defaults = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
                     "proj_type": proj_type}
         for opts, entries in user:
@@ -417,8 +418,8 @@ class ConvGaLoreAdamW(GaLoreAdamW):
             other = {k: v for k, v in opts.items() if k not in _GALORE_KEYS}
             split: dict[str, list[_Entry]] = {r: [] for r in ROLES}
             for e in entries:
-                self._kinds[id(e.param)] = e.kind
-                self._order.setdefault(id(e.param), len(self._order))
+                self._kinds[e.name] = e.kind
+                self._order.setdefault(e.name, len(self._order))
                 if not e.candidate:
                     split["plain"].append(e)
                 elif gal["rank"] < min(matrix_shape(e.param.shape)):
@@ -538,9 +539,9 @@ class ConvGaLoreAdamW(GaLoreAdamW):
                     rank = int(g["rank"])
                 else:
                     state, rank = adamw, None
-                row = GaLoreRow(name, self._kinds.get(id(p)), tuple(p.shape), mshape, role, rank,
+                row = GaLoreRow(name, self._kinds.get(name), tuple(p.shape), mshape, role, rank,
                                 int(state), int(adamw))
-                rows.append((self._order.get(id(p), 0), row))
+                rows.append((self._order.get(name, 0), row))
         rows = [r for _, r in sorted(rows, key=lambda t: t[0])]
         return GaLoreSummary(rows, self._rank, self.update_proj_gap, self._proj_type,
                              self._scale, self._target_repr)
