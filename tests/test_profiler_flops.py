@@ -171,3 +171,9 @@ def test_mobilenet_v2_forward_matches_module_formulas():
     stem = expected[0]
     assert p.flops_backward == 2 * p.flops_forward - stem
     assert p.flops_torch > 5 * p.flops_total  # torch's dense depthwise weight gradients
+    # flops_torch is exactly what FlopCounterMode itself says for the same update
+    with FlopCounterMode(display=False) as mode:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert p.flops_torch == mode.get_total_flops()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry as _TORCH_FLOP_REGISTRY
 
 from convpeft.flops import FLOPS_PER_MAC, svd_flops
 
@@ -103,6 +104,11 @@ def _numel(x: object) -> int:
 
 
 def _tensors(x: object) -> list[torch.Tensor]:
+    """Tensors in an op's output (a tensor, or a tuple/list nesting them)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)) and all(isinstance(t, torch.Tensor) or t is None for t in x):
+        return [t for t in x if t is not None]
     return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -175,6 +181,7 @@ class FlopTally:
     backward_weight: int = 0
     optimizer: int = 0  # matmuls run by the optimizer (GaLore projections)
     optimizer_svd: int = 0  # SVDs run by the optimizer (GaLore refresh), measured
+    torch: int = 0  # torch FlopCounterMode's formulas over the same ops (if asked for)
     elementwise: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     elementwise_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     per_layer: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -203,11 +210,15 @@ class FlopCounter:
     ``layer_of`` (optional) returns the layer an op belongs to, for per-layer figures.
     """
 
-    def __init__(self, param_keys: set[int] | None = None, layer_of=None) -> None:
+    def __init__(self, param_keys: set[int] | None = None, layer_of=None,
+                 torch_flops: bool = False) -> None:
         self.tally = FlopTally()
         self.phase = "forward"
         self.param_keys = param_keys or set()
         self.layer_of = layer_of
+        # also sum what torch's FlopCounterMode would report, by calling its per-op formulas
+        # (``flop_registry``) here instead of running a second dispatch mode + module tracker
+        self.torch_flops = torch_flops
 
     def _is_param(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in self.param_keys
@@ -216,6 +227,10 @@ class FlopCounter:
         """Add the FLOPs of one dispatched op to the tally."""
         t = self.tally
         phase = self.phase
+        if self.torch_flops:
+            formula = _TORCH_FLOP_REGISTRY.get(getattr(func, "overloadpacket", None))
+            if formula is not None:
+                t.torch += int(formula(*args, **kwargs, out_val=out))
         layer = self.layer_of() if self.layer_of is not None else None
         fw = bi = bw = ew = 0
         if func is aten.convolution.default:

@@ -73,7 +73,8 @@ class MemoryTracker:
         self._keys: list[int] = []  # record id -> storage key
         self._cat: dict[int, str] = {}  # record id -> category known at registration
         self._saved: set[int] = set()  # record ids saved for backward
-        self._finalizers: list[weakref.finalize] = []
+        self._refs: list[weakref.ref] = []
+        self._alias: dict[object, bool] = {}  # op -> returns a view/alias of an input
         self._t = 0
         self.current = 0
         self.peak = 0
@@ -98,7 +99,8 @@ class MemoryTracker:
         self._live[key] = rid
         if category is not None:
             self._cat[rid] = category
-        self._finalizers.append(weakref.finalize(s, self._on_free, key, rid))
+        # a plain weakref callback is cheaper than weakref.finalize; keep the ref alive
+        self._refs.append(weakref.ref(s, self._free_callback(key, rid)))
         if not preexisting:
             self._t += 1
         self.current += nbytes
@@ -117,14 +119,25 @@ class MemoryTracker:
     def on_output(self, out: object, func: object = None) -> None:
         """Register the storages of an op's outputs that are new (views and in-place results
         share a storage already tracked and are skipped)."""
-        for t in tree_flatten(out)[0]:
+        if isinstance(out, torch.Tensor):
+            outs = (out,)
+        elif isinstance(out, (tuple, list)):
+            outs = out if all(not isinstance(o, (tuple, list, dict)) for o in out) else \
+                tree_flatten(out)[0]
+        else:
+            return
+        for t in outs:
             if isinstance(t, torch.Tensor):
                 key = t.untyped_storage()._cdata
                 if key in self._live:
                     continue
                 # a view/alias of something we never registered existed before the update
-                pre = func is not None and (getattr(func, "is_view", False) or any(
-                    r.alias_info is not None for r in func._schema.returns))
+                pre = False
+                if func is not None:
+                    pre = self._alias.get(func)
+                    if pre is None:
+                        pre = self._alias[func] = bool(getattr(func, "is_view", False) or any(
+                            r.alias_info is not None for r in func._schema.returns))
                 self._register(t, None, preexisting=pre)
 
     def mark_saved(self, t: torch.Tensor) -> None:
@@ -145,12 +158,15 @@ class MemoryTracker:
         self._t += 1
         self.current -= rec[0]
 
+    def _free_callback(self, key: int, rid: int):
+        def cb(_ref: weakref.ref) -> None:
+            self._on_free(key, rid)
+        return cb
+
     def stop(self) -> None:
-        """Detach all finalizers (records stay for :meth:`report`)."""
+        """Stop tracking frees (records stay for :meth:`report`)."""
         self.active = False
-        for f in self._finalizers:
-            f.detach()
-        self._finalizers.clear()
+        self._refs.clear()
 
     # -- results --------------------------------------------------------------------------------
     def classify(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -4,9 +4,10 @@ One update is ``optimizer.zero_grad(set_to_none=True)``, forward, loss, backward
 ``optimizer.step()``. :func:`profile_update` runs ``warmup`` plain updates (so lazily created
 optimizer state exists and is counted), then ONE instrumented update under a single dispatch mode
 that counts FLOPs (:mod:`.flop_counter`) and tracks live storages (:mod:`.memory`) at once, then
-``repeat`` plain updates that are timed. Profiling therefore costs the instrumented update (a few
-plain steps' worth; torch's ``FlopCounterMode`` runs in the same pass for comparison) plus the
-timed steps. The model and optimizer are really updated ``warmup + 1 + repeat`` times.
+``repeat`` plain updates that are timed. Profiling therefore costs the instrumented update (two to
+three plain steps' worth) plus the timed steps. torch's ``FlopCounterMode`` figure
+(``flops_torch``) comes from torch's own per-op formulas applied in the same pass. The model and
+optimizer are really updated ``warmup + 1 + repeat`` times.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
 from convpeft.layer_kinds import layer_kind
 from convpeft.profiler.flop_counter import FlopCounter, FlopTally
@@ -291,8 +291,8 @@ def profile_update(
     and ``targets`` (N,) (see the module docstring for what runs).
 
     ``loss_fn`` defaults to ``nn.CrossEntropyLoss()``. ``per_layer=True`` adds per-layer FLOP rows
-    (a little slower). ``compare_torch`` also runs torch's ``FlopCounterMode`` on the instrumented
-    update (``flops_torch``). ``analytic=True`` forwards to :func:`analytic_profile` with the
+    (a little slower). ``compare_torch`` also sums torch's ``FlopCounterMode`` formulas over the
+    same ops (``flops_torch``). ``analytic=True`` forwards to :func:`analytic_profile` with the
     batch's shapes: no real compute, and the model/optimizer are not touched.
     Raises ``ValueError`` for a batch the model cannot take, an output that does not fit the loss,
     or an optimizer holding no parameter of the model.
@@ -338,7 +338,8 @@ def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare
     device = inputs.device
     param_keys = {storage_key(p) for p in model.parameters()}
     layers = _LayerTracker(model) if per_layer else None
-    counter = FlopCounter(param_keys, layer_of=layers.layer_of if layers else None)
+    counter = FlopCounter(param_keys, layer_of=layers.layer_of if layers else None,
+                          torch_flops=compare_torch)
     tracker = MemoryTracker()
     tracker.add_existing(model.parameters(), "params")
     tracker.add_existing(model.buffers(), "buffers")
@@ -356,14 +357,12 @@ def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare
         return t
 
     grad_records: set[int] = set()
-    torch_mode = FlopCounterMode(display=False) if compare_torch else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch_mode)
             if layers is not None:
                 stack.enter_context(layers)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
@@ -385,7 +384,7 @@ def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare
     peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     cats = tracker.classify(model, optimizer, extra_grads=grad_records)
     mem = tracker.report(cats)
-    flops_torch = int(torch_mode.get_total_flops()) if compare_torch else None
+    flops_torch = counter.tally.torch if compare_torch else None
     if layers is not None:
         counter.tally.layer_kinds = layers.kinds
     return counter.tally, mem, elapsed, flops_torch, peak_dev
