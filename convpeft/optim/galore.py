@@ -446,6 +446,14 @@ class ConvGaLoreAdamW(GaLoreAdamW):
                 f"GaLore rank {rank} >= the smaller matrix side of every targeted weight: "
                 "nothing is projected, this is plain AdamW", stacklevel=2)
 
+    _EXTRA_ATTRS = ("_kinds", "_order", "_target_repr", "_rank", "_proj_type", "_scale",
+                    "_update_proj_gap", "last_step_refreshed")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles/deep-copies only defaults, state and param_groups; keep the
+        # summary metadata too (the profiler deep-copies optimizers onto the meta device)
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._EXTRA_ATTRS}}
+
     # -- properties the profiler reads ---------------------------------------------------------
 
     @property
