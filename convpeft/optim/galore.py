@@ -366,7 +366,9 @@ class ConvGaLoreAdamW(GaLoreAdamW):
     Param groups carry ``role``: ``"galore"`` groups (with ``rank``, ``update_proj_gap``,
     ``scale``, ``proj_type``) hold weights with ``rank < min(m, n)``; ``"fallback"`` groups the
     targeted weights where ``rank >= min(m, n)``; ``"plain"`` groups everything else. Groups also
-    carry torch's ``param_names``.
+    carry torch's ``param_names``. As in galore-torch, a group is projected iff it has a
+    ``rank`` key; groups added later with ``add_param_group`` should use
+    :func:`galore_optimizer`'s rules (without ``rank`` they are plain AdamW).
 
     State of a projected weight (all tensors, so ``state_dict`` is plain and loads with
     ``torch.load(weights_only=True)``): ``step`` (int), ``exp_avg``/``exp_avg_sq`` of the
@@ -441,7 +443,7 @@ class ConvGaLoreAdamW(GaLoreAdamW):
         self.last_step_refreshed = False
         super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          no_deprecation_warning=True)
-        if not any(g["role"] == "galore" for g in self.param_groups):
+        if not self._galore_groups():
             warnings.warn(
                 f"GaLore rank {rank} >= the smaller matrix side of every targeted weight: "
                 "nothing is projected, this is plain AdamW", stacklevel=2)
@@ -470,7 +472,8 @@ class ConvGaLoreAdamW(GaLoreAdamW):
             g["update_proj_gap"] = int(gap)
 
     def _galore_groups(self) -> list[dict[str, Any]]:
-        return [g for g in self.param_groups if g.get("role") == "galore"]
+        # galore-torch's criterion: a group with a "rank" key is projected
+        return [g for g in self.param_groups if "rank" in g]
 
     @staticmethod
     def _will_refresh(state: dict[str, Any], group: dict[str, Any]) -> bool:
@@ -508,7 +511,7 @@ class ConvGaLoreAdamW(GaLoreAdamW):
         for g in self.param_groups:
             wd = 2 if g["weight_decay"] > 0 else 0
             for p in g["params"]:
-                if g.get("role") == "galore":
+                if "rank" in g:
                     mom, _ = projected_shapes(*matrix_shape(p.shape), g["rank"], g["proj_type"])
                     total += _ADAM_FLOPS_PER_MOMENT * math.prod(mom) + (3 + wd) * p.numel()
                 else:
@@ -535,7 +538,7 @@ class ConvGaLoreAdamW(GaLoreAdamW):
         """Per-param table: role, rank and the state bytes it will hold after its first step."""
         rows = []
         for g in self.param_groups:
-            role = g.get("role", "plain")
+            role = "galore" if "rank" in g else g.get("role", "plain")
             names = g.get("param_names") or [f"param{i}" for i in range(len(g["params"]))]
             for name, p in zip(names, g["params"], strict=True):
                 el = p.element_size()
@@ -571,7 +574,7 @@ class ConvGaLoreAdamW(GaLoreAdamW):
         copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
         projected: list[tuple[dict[str, Any], bool]] = []  # (state, refreshes)
         for g in real_groups:
-            if g.get("role") != "galore":
+            if "rank" not in g:
                 view_groups.append(g)
                 for p in g["params"]:
                     if p.grad is not None:
