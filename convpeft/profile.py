@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-layer", action="store_true", help="add per-layer FLOP rows")
     ap.add_argument("--no-torch", action="store_true",
                     help="skip torch's FlopCounterMode comparison")
+    ap.add_argument("--allocator-peak", action="store_true",
+                    help="CPU: also trace the allocator (includes kernel scratch; 1 more update)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
 
@@ -74,12 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         shape = (args.batch, 3, args.resolution, args.resolution)
         if args.analytic:
             prof = analytic_profile(model, optimizer, shape, warmup=args.warmup,
-                                    per_layer=args.per_layer, compare_torch=not args.no_torch)
+                                    per_layer=args.per_layer, compare_torch=not args.no_torch,
+                                  allocator_peak=args.allocator_peak)
         else:
             x = torch.randn(shape, device=args.device)
             y = torch.randint(0, args.num_classes, (args.batch,), device=args.device)
             prof = profile_update(model, optimizer, x, y, warmup=args.warmup, repeat=args.repeat,
-                                  per_layer=args.per_layer, compare_torch=not args.no_torch)
+                                  per_layer=args.per_layer, compare_torch=not args.no_torch,
+                                  allocator_peak=args.allocator_peak)
     except (ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

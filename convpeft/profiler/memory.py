@@ -28,7 +28,7 @@ itself (e.g. oneDNN reorders) is not, which is why a CPU allocator trace can pea
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -228,3 +228,34 @@ class MemoryTracker:
             cmax[cat] = max(cmax[cat], cur[cat])
         return MemoryReport(peak=self.peak, by_category=by_cat, category_max=cmax,
                             baseline=baseline, num_storages=len(self._records))
+
+
+def allocator_peak_cpu(run: Callable[[], None], live_before: Iterable[torch.Tensor]) -> int:
+    """Peak bytes of the CPU allocator while ``run()`` executes, on top of the storages of
+    ``live_before`` (what is live when it starts), from torch.profiler's allocation trace.
+
+    Unlike :class:`MemoryTracker` this includes scratch that kernels allocate and free inside one
+    op (e.g. CPU conv-backward buffers), but it needs a real run and costs a profiled update.
+    Blocks allocated before the trace starts and freed during it are not reported by the
+    profiler, so call it right after ``zero_grad(set_to_none=True)``.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                for t in live_before if isinstance(t, torch.Tensor)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    deltas: list[tuple[int, int]] = []
+    todo = list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        e = todo.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            deltas.append((e.start_time_ns, e.extra_fields.alloc_size))
+        todo.extend(e.children)
+    deltas.sort()
+    run_sum = peak = 0
+    for _, d in deltas:
+        run_sum += d
+        peak = max(peak, run_sum)
+    return sum(storages.values()) + peak

@@ -25,7 +25,13 @@ from torch.utils._pytree import tree_flatten
 
 from convpeft.layer_kinds import layer_kind
 from convpeft.profiler.flop_counter import FlopCounter, FlopTally
-from convpeft.profiler.memory import CATEGORIES, MemoryTracker, state_tensors, storage_key
+from convpeft.profiler.memory import (
+    CATEGORIES,
+    MemoryTracker,
+    allocator_peak_cpu,
+    state_tensors,
+    storage_key,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,8 +58,11 @@ class UpdateProfile:
     * ``memory_peak``: true simultaneous peak of live storage bytes during the update (params,
       buffers, state and batch included); ``memory_by_category``: what was live at that moment;
       ``memory_category_max``: each category's OWN maximum over the update (these do not happen at
-      the same moment and must not be summed into a peak). ``memory_peak_device``:
-      ``torch.cuda.max_memory_allocated`` during the instrumented update (CUDA only).
+      the same moment and must not be summed into a peak). ``memory_peak`` counts what ops
+      return (tensors); ``memory_peak_allocator`` is the allocator's own peak, which adds the
+      scratch kernels allocate and free inside one op: ``torch.cuda.max_memory_allocated``
+      during the instrumented update on CUDA, on CPU (``allocator_peak=True``) a torch.profiler
+      allocation trace of one extra update; None otherwise.
     * ``step_time_s``: median wall time of the ``repeat`` timed updates; ``step_time_iqr_s``
       their inter-quartile range; ``instrumented_time_s``: the instrumented update.
     """
@@ -74,7 +83,7 @@ class UpdateProfile:
     memory_by_category: dict[str, int]
     memory_category_max: dict[str, int]
     memory_baseline: int
-    memory_peak_device: int | None
+    memory_peak_allocator: int | None
     step_time_s: float | None
     step_time_iqr_s: float | None
     instrumented_time_s: float
@@ -128,8 +137,9 @@ def format_profile(p: UpdateProfile) -> str:
         lines.append(f"  {c:<12} {_fmt_bytes(p.memory_by_category[c]):>14} | "
                      f"{_fmt_bytes(p.memory_category_max[c]):>14}")
     lines.append(f"  {'PEAK':<12} {_fmt_bytes(p.memory_peak):>14}")
-    if p.memory_peak_device is not None:
-        lines.append(f"  device max_memory_allocated {_fmt_bytes(p.memory_peak_device)}")
+    if p.memory_peak_allocator is not None:
+        lines.append(f"  {'allocator':<12} {_fmt_bytes(p.memory_peak_allocator):>14}"
+                     "   (incl. kernel scratch)")
     if p.step_time_s is not None:
         lines += ["", f"time per update: {p.step_time_s * 1e3:.2f} ms "
                       f"(IQR {p.step_time_iqr_s * 1e3:.2f} ms)"]
@@ -286,6 +296,7 @@ def profile_update(
     per_layer: bool = False,
     compare_torch: bool = True,
     analytic: bool = False,
+    allocator_peak: bool = False,
 ) -> UpdateProfile:
     """Profile one training update of ``model`` with ``optimizer`` on ``inputs`` (N, C, H, W)
     and ``targets`` (N,) (see the module docstring for what runs).
@@ -294,6 +305,8 @@ def profile_update(
     (a little slower). ``compare_torch`` also sums torch's ``FlopCounterMode`` formulas over the
     same ops (``flops_torch``). ``analytic=True`` forwards to :func:`analytic_profile` with the
     batch's shapes: no real compute, and the model/optimizer are not touched.
+    ``allocator_peak=True`` on CPU runs one extra update under torch.profiler to report the
+    allocator's peak including kernel scratch (``memory_peak_allocator``; always set on CUDA).
     Raises ``ValueError`` for a batch the model cannot take, an output that does not fit the loss,
     or an optimizer holding no parameter of the model.
     """
@@ -320,6 +333,12 @@ def profile_update(
 
     tally, mem, t_instr, flops_torch, peak_dev = _instrumented(
         model, optimizer, inputs, targets, loss_fn, per_layer, compare_torch)
+
+    if allocator_peak and device.type == "cpu":
+        optimizer.zero_grad(set_to_none=True)
+        live = [*model.parameters(), *model.buffers(), *state_tensors(optimizer), inputs, targets]
+        peak_dev = allocator_peak_cpu(
+            lambda: _update(model, optimizer, inputs, targets, loss_fn), live)
 
     times = []
     for _ in range(repeat):
@@ -430,7 +449,7 @@ def _build(model, optimizer, inputs, tally: FlopTally, mem, t_instr, flops_torch
         memory_by_category=mem.by_category,
         memory_category_max=mem.category_max,
         memory_baseline=mem.baseline,
-        memory_peak_device=peak_dev,
+        memory_peak_allocator=peak_dev,
         step_time_s=step,
         step_time_iqr_s=iqr,
         instrumented_time_s=t_instr,
