@@ -74,6 +74,32 @@ def test_lora_frozen_backbone_skips_weight_grads():
     assert p.memory_by_category["optimizer"] == sum(2 * q.numel() * 4 + 4 for q in trainable)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_analytic_agrees_with_measured_on_adapters(method):
+    import convpeft
+
+    model = _small_net()
+    convpeft.apply_adapters(model, method, rank=4, trainable=[r"^classifier\."])
+
+    def factory(m):
+        return torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3)
+
+    a = analytic_profile(model, factory, (2, 3, 32, 32), per_layer=True)
+    p = profile_update(model, factory(model), torch.randn(2, 3, 32, 32),
+                       torch.randint(0, 10, (2,)), repeat=1, per_layer=True)
+    assert a.flops_total == p.flops_total and a.flops_elementwise == p.flops_elementwise
+    assert abs(a.memory_peak - p.memory_peak) / p.memory_peak < 0.05
+    assert a.per_layer == p.per_layer
+    # adapted layers keep their kind (from .base_layer) and now have weight gradients (the
+    # adapter's); BN layers are frozen and have no conv/linear work at all
+    rows = {r["name"]: r for r in p.per_layer}
+    assert rows["features.1.conv.0.0"]["kind"] == "depthwise"
+    assert rows["features.1.conv.0.0"]["backward_weight"] > 0
+    assert rows["features.1.conv.1"]["kind"] == "pointwise"
+    assert rows["features.0.1"]["forward"] == rows["features.0.1"]["backward_weight"] == 0
+    assert sum(r["forward"] for r in p.per_layer) == p.flops_forward
+
+
 def test_cli_table_and_json(capsys):
     from convpeft.profile import main
 

@@ -179,7 +179,9 @@ class _LayerTracker:
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(m): n for n, m in model.named_modules() if n}
-        self.kinds = {n: layer_kind(m) for n, m in model.named_modules() if n}
+        # an adapter wrapper reports the kind of the layer it wraps (``.base_layer``)
+        self.kinds = {n: layer_kind(getattr(m, "base_layer", m)) for n, m in model.named_modules()
+                      if n}
         self.stack: list[str] = []
         self.phase = "forward"
         self._handles: list = []
