@@ -258,11 +258,16 @@ class SourceCache:
             from convpeft.train import pretrain
 
             kw = {} if self.s.pretrain_epochs is None else {"epochs": self.s.pretrain_epochs}
-            model = pretrain(cfg.model, task, seed=cfg.seed, small_input=self.s.small_input,
-                             device=self.s.device, **kw)
+            model = pretrain(cfg.model, task.dataset, task=task, seed=cfg.seed,
+                             small_input=self.s.small_input, resolution=self.s.resolution,
+                             data_root=self.s.data_root, device=self.s.device, progress=False,
+                             **kw)
         kinds = [layer_kind(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        pinfo = getattr(model, "pretrain_info", {}) or {}
         info = {
             "source_time_s": time.perf_counter() - t0,
+            "source_cached": pinfo.get("cached"),
+            "source_test_acc": pinfo.get("source_test_acc"),
             "n_convs": len(kinds),
             "n_depthwise_convs": sum(k == "depthwise" for k in kinds),
         }
@@ -297,9 +302,26 @@ def _trainable_bytes(model: torch.nn.Module, bn_policy: str | None) -> tuple[int
     return sizes[0], sizes[1]
 
 
+def method_config(cfg: Config, settings: SweepSettings):
+    """The :class:`convpeft.methods.MethodConfig` of ``cfg`` (method defaults where unset)."""
+    from convpeft.methods import MethodConfig
+
+    kw: dict = {"rank": cfg.rank} if cfg.rank is not None else {}
+    if settings.bn is not None:
+        kw["bn"] = settings.bn
+    if settings.lr is not None:
+        kw["lr"] = settings.lr
+    return MethodConfig(cfg.method, **kw)
+
+
 def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> dict:
-    """Run one configuration; returns its result fields (raises on failure)."""
-    from convpeft.methods import MethodConfig, prepare
+    """Run one configuration; returns its result fields (raises on failure).
+
+    The profiled update runs on its own freshly prepared copy of the source model: what one
+    update costs does not depend on the weights' values, and this way the profiler's extra
+    optimizer steps can never leak into the fine-tuned model whose accuracy is reported.
+    """
+    from convpeft.methods import prepare
     from convpeft.models import expand_head
     from convpeft.profiler import profile_update
 
@@ -307,49 +329,47 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     task = sources.task(cfg)
     source, info = sources.source(cfg)
     row: dict = dict(info)
+    mcfg = method_config(cfg, settings)
+    row["bn"], row["lr"] = mcfg.bn, mcfg.resolved_lr
+
+    # --- cost of one update at the training batch size, on real target images
     model = copy.deepcopy(source)
     if task.num_new_classes:
         expand_head(model, task.num_new_classes)
     model.to(dev)
-
-    mkw: dict = {"rank": cfg.rank} if cfg.rank is not None else {}
-    if settings.bn is not None:
-        mkw["bn"] = settings.bn
-    if settings.lr is not None:
-        mkw["lr"] = settings.lr
-    mcfg = MethodConfig(cfg.method, **mkw)
+    torch.manual_seed(cfg.seed)
     prepared = prepare(model, mcfg)
-    row["bn"] = getattr(prepared.config, "bn", settings.bn)
-    row["lr"] = getattr(prepared.config, "lr", settings.lr)
-
-    if not settings.profile_only:
-        from convpeft.train import finetune
-
-        torch.manual_seed(cfg.seed)
-        t0 = time.perf_counter()
-        res = finetune(prepared, task, epochs=settings.epochs, batch_size=settings.batch_size,
-                       seed=cfg.seed, device=dev, progress=False)
-        row["train_time_s"] = time.perf_counter() - t0
-        rd = res.to_dict()
-        for k in ("zero_shot_acc", "target_acc", "source_acc"):
-            row[k] = rd.get(k)
-        hist = rd.get("history") or []
-        if hist and isinstance(hist[-1], dict) and "loss" in hist[-1]:
-            row["final_train_loss"] = hist[-1]["loss"]
-
-    # One update at the training batch size, on real target images. Done after fine-tuning so
-    # the extra optimizer steps it takes cannot touch the accuracies above.
     x, y = next(task.target_train.batches(settings.batch_size, shuffle=False, device=dev))
+    prepared.train_mode()  # the BN policy decides what the update saves/updates
     t0 = time.perf_counter()
     prof = profile_update(prepared.model, prepared.optimizer, x, y,
                           warmup=1, repeat=settings.profile_repeat)
     row["profile_time_s"] = time.perf_counter() - t0
     row.update(flatten(prof.to_dict()))
-    row["adapter_bytes"], row["bn_stats_bytes"] = _trainable_bytes(prepared.model, row["bn"])
-    row["trainable_params"] = int(
-        sum(p.numel() for p in prepared.model.parameters() if p.requires_grad))
+    trained = prepared.model
+    row["trainable_params"] = int(prepared.trainable_params)
     row["total_params"] = int(sum(p.numel() for p in prepared.model.parameters()))
-    del model, prepared
+
+    # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
+    if not settings.profile_only:
+        from convpeft.train import finetune
+
+        # Same global RNG state for every method of a group: the new-class head rows and the
+        # adapters are drawn from it, so zero-shot accuracy is identical across the group.
+        torch.manual_seed(cfg.seed)
+        res = finetune(source, mcfg, task, epochs=settings.epochs,
+                       batch_size=settings.batch_size, seed=cfg.seed, device=dev,
+                       progress=False, copy_model=True, eval_every_epoch=False,
+                       keep_model=True)
+        for k in ("zero_shot_acc", "zero_shot_source_acc", "target_acc", "source_acc",
+                  "forgetting", "recovered_fraction", "train_time_s"):
+            row[k] = getattr(res, k, None)
+        if res.history:
+            row["final_train_loss"] = res.history[-1].get("loss")
+        if res.model is not None:
+            trained = res.model
+    row["adapter_bytes"], row["bn_stats_bytes"] = _trainable_bytes(trained, mcfg.bn)
+    del model, prepared, trained
     return row
 
 
