@@ -43,7 +43,7 @@ __all__ = [
 
 # Bump when the pretraining recipe changes, so stale cached weights are not reused.
 _RECIPE_VERSION = 1
-PRETRAIN_DEFAULTS = {"epochs": 6, "lr": 2e-3, "batch_size": 64, "weight_decay": 1e-4,
+PRETRAIN_DEFAULTS = {"epochs": 5, "lr": 3e-3, "batch_size": 64, "weight_decay": 1e-4,
                      "augment_shift": 2}
 
 
@@ -167,7 +167,8 @@ def pretrain(
     """The source model: ``model_name`` trained on ``task.source_train`` (cached).
 
     ``task`` defaults to ``build_task("shift", dataset, seed=seed, resolution=resolution)``
-    (its source split is the clean training set). Recipe: AdamW, one-cycle LR schedule,
+    (its source split is the clean training set). Recipe: AdamW, one-cycle LR schedule (with
+    at least 8 steps; constant ``lr`` otherwise),
     ``batch_size``, random translations of up to ``augment_shift`` pixels. The returned model
     (eval mode, on ``device``) carries ``model.pretrain_info``: a dict with ``cached`` (bool),
     ``path``, ``key``, ``config``, ``train_time_s`` (of the run that made the weights) and
@@ -201,8 +202,9 @@ def pretrain(
                         small_input=small_input).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * _batches_per_epoch(len(task.source_train), batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1),
-                                                pct_start=0.25)
+    # one-cycle needs a few steps per phase; a tiny run just uses the constant peak LR
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                 pct_start=0.25) if steps >= 8 else None)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     history = []

@@ -1,0 +1,113 @@
+"""Training loop: loss goes down, runs repeat for a seed, pretraining is cached, evaluation."""
+
+import json
+
+import pytest
+import torch
+
+from convpeft.data import build_task
+from convpeft.methods import MethodConfig
+from convpeft.models import build_model, get_head
+from convpeft.train import evaluate, finetune, pretrain, resolve_cache_dir
+
+torch.set_num_threads(1)
+
+
+def _small_tests(task, n: int = 120):
+    """Keep the first ``n`` test images of each split: evaluation dominates these tiny runs."""
+    task.source_test = task.source_test.subset(range(min(n, len(task.source_test))))
+    task.target_test = task.target_test.subset(range(min(n, len(task.target_test))))
+    return task
+
+
+@pytest.fixture(scope="module")
+def shift_task():
+    task = build_task("shift", resolution=16, corruption="impulse_noise", severity=3, few_shot=4)
+    return _small_tests(task, 60)
+
+
+def _tiny(num_classes: int = 10):
+    torch.manual_seed(0)
+    return build_model("mobilenet_v2", num_classes, small_input=True)
+
+
+def test_evaluate(shift_task):
+    model = _tiny()
+    acc = evaluate(model, shift_task.source_test)
+    assert 0.0 <= acc <= 1.0
+    model.train()
+    evaluate(model, shift_task.source_test)
+    assert model.training  # mode restored
+    ds = shift_task.source_test
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, ds.subset([]))
+
+
+def test_finetune_lowers_loss_and_repeats(shift_task):
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(epochs=6, lr=1e-3, batch_size=8, seed=0, device="cpu", progress=False,
+              eval_every_epoch=False)
+    r1 = finetune(model, "full", shift_task, **kw)
+    losses = [h["loss"] for h in r1.history]
+    assert losses[-1] < losses[0] * 0.85, losses
+    assert len(r1.history) == 6 and "target_acc" in r1.history[-1]
+    # the caller's model is untouched (copy), and a second run is identical on the CPU
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    r2 = finetune(model, "full", shift_task, **kw)
+    assert [h["loss"] for h in r2.history] == losses
+    assert r2.target_acc == r1.target_acc
+    d = r1.to_dict()
+    json.dumps(d)
+    assert "model" not in d and d["method"] == "full" and d["bn"] == "train"
+    assert d["trainable_params"] == d["total_params"] and "recovered_fraction" in d
+    assert r1.zero_shot_acc == r2.zero_shot_acc
+
+
+def test_finetune_head_method_config(shift_task):
+    cfg = MethodConfig("head", bn="freeze", lr=1e-2)
+    r = finetune(_tiny(), cfg, shift_task, epochs=1, batch_size=32, seed=0, device="cpu",
+                 progress=False, eval_every_epoch=False)
+    assert r.lr == 1e-2 and r.bn == "freeze" and r.trainable_params == 1280 * 10 + 10
+    assert r.config["name"] == "head" and r.model is not None
+
+
+def test_finetune_new_classes_expands_head():
+    task = _small_tests(build_task("new_classes", resolution=16, few_shot=4), 60)
+    src = _tiny(task.source_num_classes)
+    r = finetune(src, "full", task, epochs=6, lr=1e-3, batch_size=8, device="cpu",
+                 progress=False, eval_every_epoch=False)
+    assert get_head(r.model)[1].out_features == 10
+    assert get_head(src)[1].out_features == 5
+    # trained on new classes only: the expanded head now predicts mostly new classes
+    r.model.eval()
+    with torch.no_grad():
+        pred = r.model(task.target_test.float_images()).argmax(1)
+    assert (pred >= 5).float().mean() > 0.5
+    with pytest.raises(ValueError, match="head has 7 outputs"):
+        finetune(_tiny(7), "head", task, epochs=1, device="cpu", progress=False)
+
+
+def test_pretrain_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVPEFT_CACHE", str(tmp_path / "env"))
+    assert resolve_cache_dir() == tmp_path / "env"
+    # source = digits 0 and 1 only (~270 images): a small, real pretraining run
+    task = _small_tests(build_task("new_classes", resolution=8, source_classes=[0, 1]))
+    kw = dict(task=task, epochs=1, batch_size=64, seed=0, device="cpu", progress=False,
+              small_input=True)
+    m1 = pretrain("mobilenet_v3_small", "digits", **kw)
+    info = m1.pretrain_info
+    assert info["cached"] is False and (tmp_path / "env").is_dir()
+    assert info["path"].startswith(str(tmp_path / "env"))
+    # Overwrite the cached weights with a marker: a cache hit must return them, not retrain
+    blob = torch.load(info["path"], weights_only=True)
+    blob["state_dict"]["classifier.3.bias"] = torch.tensor([7.0, -7.0])
+    torch.save(blob, info["path"])
+    m2 = pretrain("mobilenet_v3_small", "digits", **kw)
+    assert m2.pretrain_info["cached"] is True
+    assert torch.equal(m2.classifier[3].bias.detach().cpu(), torch.tensor([7.0, -7.0]))
+    # another config (seed) -> another key -> trained afresh
+    m3 = pretrain("mobilenet_v3_small", "digits", **{**kw, "seed": 1}, cache_dir=tmp_path / "x")
+    assert m3.pretrain_info["cached"] is False and m3.pretrain_info["key"] != info["key"]
+    with pytest.raises(ValueError, match="task is on 'digits'"):
+        pretrain("mobilenet_v3_small", "cifar10", task=task, epochs=1)
