@@ -76,15 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         shape = (args.batch, 3, args.resolution, args.resolution)
         if args.analytic:
             prof = analytic_profile(model, optimizer, shape, warmup=args.warmup,
-                                    per_layer=args.per_layer, compare_torch=not args.no_torch,
-                                  allocator_peak=args.allocator_peak)
+                                    per_layer=args.per_layer, compare_torch=not args.no_torch)
         else:
             x = torch.randn(shape, device=args.device)
             y = torch.randint(0, args.num_classes, (args.batch,), device=args.device)
             prof = profile_update(model, optimizer, x, y, warmup=args.warmup, repeat=args.repeat,
                                   per_layer=args.per_layer, compare_torch=not args.no_torch,
                                   allocator_peak=args.allocator_peak)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -101,7 +101,7 @@ def analytic_profile(
             _update(mmodel, mopt, x, y, loss_fn)
     tally, mem, t_instr, flops_torch, _ = _instrumented(
         mmodel, mopt, x, y, loss_fn, per_layer, compare_torch)
-    prof = _build(mmodel, mopt, x, tally, mem, t_instr, flops_torch, None, [], galore,
+    prof = _build(mmodel, mopt, x, tally, mem, t_instr, flops_torch, None, [], [], galore,
                   analytic=True)
     prof.device = "meta (analytic)"
     return prof

@@ -64,7 +64,9 @@ class UpdateProfile:
       during the instrumented update on CUDA, on CPU (``allocator_peak=True``) a torch.profiler
       allocation trace of one extra update; None otherwise.
     * ``step_time_s``: median wall time of the ``repeat`` timed updates; ``step_time_iqr_s``
-      their inter-quartile range; ``instrumented_time_s``: the instrumented update.
+      their inter-quartile range; ``instrumented_time_s``: the instrumented update. The
+      ``*_cpu_time_s`` twins are this process's CPU time (all threads), steadier than wall time
+      on a shared machine (CPU only; on CUDA they miss the device work).
     """
 
     flops_forward: int
@@ -87,6 +89,8 @@ class UpdateProfile:
     step_time_s: float | None
     step_time_iqr_s: float | None
     instrumented_time_s: float
+    step_cpu_time_s: float | None
+    instrumented_cpu_time_s: float
     trainable_params: int
     total_params: int
     batch_size: int
@@ -342,19 +346,20 @@ def profile_update(
         peak_dev = allocator_peak_cpu(
             lambda: _update(model, optimizer, inputs, targets, loss_fn), live)
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeat):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _update(model, optimizer, inputs, targets, loss_fn)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return _build(model, optimizer, inputs, tally, mem, t_instr, flops_torch, peak_dev, times,
-                  galore, analytic=False)
+        cpu_times.append(time.process_time() - c0)
+    return _build(model, optimizer, inputs, tally, mem, t_instr, flops_torch, peak_dev,
+                  times, cpu_times, galore, analytic=False)
 
 
 def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare_torch):
-    """Run ONE update under the instrumentation; return (tally, memory report, seconds,
+    """Run ONE update under the instrumentation; return (tally, memory report, (wall s, CPU s),
     torch's FLOPs or None, device peak or None)."""
     device = inputs.device
     param_keys = {storage_key(p) for p in model.parameters()}
@@ -381,7 +386,7 @@ def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         with contextlib.ExitStack() as stack:
             if layers is not None:
@@ -399,7 +404,7 @@ def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare
             set_phase("optimizer")
             optimizer.step()
         _sync(device)
-        elapsed = time.perf_counter() - t0
+        elapsed = (time.perf_counter() - t0, time.process_time() - c0)
     finally:
         tracker.stop()
     peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -411,8 +416,9 @@ def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare
     return counter.tally, mem, elapsed, flops_torch, peak_dev
 
 
-def _build(model, optimizer, inputs, tally: FlopTally, mem, t_instr, flops_torch, peak_dev,
-           times, galore: bool, analytic: bool) -> UpdateProfile:
+def _build(model, optimizer, inputs, tally: FlopTally, mem, t_instr: tuple[float, float],
+           flops_torch, peak_dev, times: list[float], cpu_times: list[float], galore: bool,
+           analytic: bool) -> UpdateProfile:
     if galore:
         # an ordinary step's projection matmuls were measured; add the SVD refresh amortised
         step_mm = tally.optimizer
@@ -454,7 +460,9 @@ def _build(model, optimizer, inputs, tally: FlopTally, mem, t_instr, flops_torch
         memory_peak_allocator=peak_dev,
         step_time_s=step,
         step_time_iqr_s=iqr,
-        instrumented_time_s=t_instr,
+        instrumented_time_s=t_instr[0],
+        step_cpu_time_s=statistics.median(cpu_times) if cpu_times else None,
+        instrumented_cpu_time_s=t_instr[1],
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
         batch_size=int(inputs.shape[0]),
