@@ -99,8 +99,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="timed updates per configuration")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: spinning OpenMP threads make timings on a busy "
+                         "machine meaningless)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows = run(args.models, args.methods, QUICK_RANKS if args.quick else RANKS,
                batch=args.batch, resolution=args.resolution, repeat=args.repeat)
