@@ -282,7 +282,7 @@ def finetune(
     method: str | MethodConfig,
     task: Task,
     *,
-    epochs: int = 3,
+    epochs: int = 2,
     lr: float | None = None,
     batch_size: int = 64,
     seed: int = 0,

@@ -11,9 +11,13 @@ expanded by ``m`` rows (:func:`convpeft.models.expand_head`). ``target_acc`` = a
 classes' test images, ``source_acc`` = accuracy on the old classes' test images, both over the
 full ``k+m``-way head.
 
-The default shift on digits, ``DEFAULT_SHIFT = ("impulse_noise", 5)``, was chosen because it is a
-real shift there: it costs the source model well over 20 points (see the project README / helper
-report for measured figures), while the images stay recognisable so adaptation can recover.
+The default shift on digits, ``DEFAULT_SHIFT = ("impulse_noise", 5)`` (salt-and-pepper on 7% of
+the values), was chosen because it is a real shift there. Measured with the default source model
+(MobileNetV2, small_input, 32x32, ``convpeft.train.pretrain`` defaults, seed 0): clean test
+accuracy 97.1%, under the default shift 40.7% (-56 points); LoRA (rank 8, 2 epochs on the corrupted
+training split) brings it back to 96.2% (98% of the drop) while keeping 95.3% on clean images.
+For comparison at severity 5: gaussian_noise 84.9%, contrast 9.8%, brightness 75.6%, blurs
+>= 95%: the upsampled 8x8 digits are smooth, so blur barely matters while sparse impulses do.
 """
 
 from __future__ import annotations
