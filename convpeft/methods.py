@@ -250,6 +250,7 @@ def _setup_galore(model: nn.Module, cfg: MethodConfig):
     opt = galore_optimizer(
         model, rank=cfg.rank, lr=cfg.resolved_lr, update_proj_gap=cfg.update_proj_gap,
         scale=cfg.galore_scale, target=cfg.target, weight_decay=cfg.weight_decay,
+        exclude=cfg.exclude,
     )
     return opt, opt.summary()
 

@@ -1,7 +1,5 @@
 """Methods registry: each method trains exactly the parameters it should; BN policies."""
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,9 +14,6 @@ from convpeft.methods import (
     set_bn_mode,
 )
 from convpeft.models import build_model
-
-HAVE_GALORE = importlib.util.find_spec("convpeft.optim.galore") is not None or hasattr(
-    importlib.import_module("convpeft.optim"), "galore_optimizer")
 
 
 def _model(name: str = "mobilenet_v3_small") -> nn.Module:
@@ -160,12 +155,19 @@ def test_adapters_train_adapters_head_and_bn(method):
     assert not (_trainable(m2) & (_bn_names(m2) | head))
 
 
-@pytest.mark.skipif(not HAVE_GALORE, reason="convpeft.optim.galore_optimizer not in the tree yet")
 def test_galore_projects_convs_and_trains_everything():
     model = _model()
     p = prepare(model, MethodConfig("galore", rank=2, update_proj_gap=5))
     names = {n for n, _ in model.named_parameters()}
     assert _trainable(model) == names
     assert hasattr(p.optimizer, "summary") and p.report is not None
+    in_opt = {id(q) for g in p.optimizer.param_groups for q in g["params"]}
+    assert in_opt == {id(q) for q in model.parameters()}
     before = _step(p, steps=2)
     assert len(_changed(model, before)) > 0.9 * len(names)
+    # bn="freeze": BN affine frozen and left out of the optimizer
+    m2 = _model()
+    p2 = prepare(m2, MethodConfig("galore", rank=2, bn="freeze"))
+    in_opt2 = {id(q) for g in p2.optimizer.param_groups for q in g["params"]}
+    bn_ids = {id(q) for _, m in bn_modules(m2) for q in m.parameters()}
+    assert in_opt2 and not (in_opt2 & bn_ids)
