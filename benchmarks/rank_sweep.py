@@ -394,6 +394,10 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "small_input": s.small_input,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),
+        # present in every row (None under --profile-only or on failure): a uniform table
+        "zero_shot_acc": None,
+        "target_acc": None,
+        "source_acc": None,
         **env,
     }
 

@@ -1,0 +1,330 @@
+"""End-to-end tests of ``python -m benchmarks.rank_sweep`` on a tiny grid, plus its pieces.
+
+The tiny grid: MobileNetV2 (small_input) on digits at 8x8, shift task, full FT and LoRA at
+ranks 1 and 2, one short epoch on 5 images per class, the source model pretrained for one epoch
+(cached in a per-session folder). A second model name that torchvision does not know makes
+real failing configurations next to the good ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import rank_sweep
+from benchmarks.findings import findings_markdown
+from benchmarks.plot import main as plot_main
+from benchmarks.plot import pareto_front
+from benchmarks.results import ResultsStore, flatten, load_results, read_jsonl
+from benchmarks.sweep_grid import Config, SweepSettings, expand_grid, parse_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+
+def tiny(models: str = "mobilenet_v2,no_such_net", methods: str = "full,lora",
+         ranks: str = "1,2") -> list[str]:
+    """CLI arguments of the tiny grid (a few seconds per configuration on a laptop CPU)."""
+    return [
+        "--models", models, "--tasks", "shift", "--methods", methods, "--ranks", ranks,
+        "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "1", "--few-shot", "5",
+        "--batch-size", "16", "--profile-repeat", "1", "--device", "cpu",
+        "--formats", "png,svg",
+    ]
+
+
+TINY = tiny()
+
+PROFILE_COLUMNS = {
+    "flops_forward", "flops_backward", "flops_backward_input", "flops_backward_weight",
+    "flops_optimizer", "flops_total", "flops_torch", "flops_elementwise", "memory_peak",
+    "step_time_s", "memory_by_category_params", "memory_by_category_grads",
+    "memory_by_category_optimizer", "memory_by_category_activations",
+}
+EXPECTED_COLUMNS = PROFILE_COLUMNS | {
+    "key", "model", "dataset", "task", "method", "rank", "seed", "status", "error",
+    "zero_shot_acc", "target_acc", "source_acc", "trainable_params", "total_params",
+    "adapter_bytes", "wall_time_s", "env_convpeft_version", "env_torch_version",
+    "env_git_commit", "env_cpu", "env_gpu", "env_threads", "corruption", "severity", "bn",
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("convpeft_cache")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir):
+    """Run the tiny sweep once in-process; every end-to-end test reads its output."""
+    root = tmp_path_factory.mktemp("sweep")
+    out, plots = root / "out", root / "plots"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CONVPEFT_CACHE", str(cache_dir))
+    try:
+        rc = rank_sweep.main([*TINY, "--out", str(out), "--plots", str(plots)])
+    finally:
+        mp.undo()
+    return {"rc": rc, "out": out, "plots": plots, "rows": read_jsonl(out / "results.jsonl")}
+
+
+# ----------------------------------------------------------------------------- grid & CLI
+
+
+def test_grid_ranks_apply_only_to_low_rank_methods():
+    grid = expand_grid(["m1", "m2"], ["shift", "new_classes"], ["full", "head", "bitfit", "lora",
+                       "dora", "galore"], [1, 4, 16], [0])
+    per_group = 3 + 3 * 3  # full/head/bitfit once; lora/dora/galore at 3 ranks
+    assert len(grid) == 2 * 2 * per_group
+    assert all(c.rank is None for c in grid if c.method in ("full", "head", "bitfit"))
+    assert sorted({c.rank for c in grid if c.method == "dora"}) == [1, 4, 16]
+    # grouped by (model, task, seed) so a source model is built once per group
+    groups = [(c.model, c.task, c.seed) for c in grid]
+    assert groups == sorted(groups, key=groups.index)
+    # duplicates dropped
+    assert len(expand_grid(["m"], ["shift"], ["lora", "lora"], [2, 2], [0, 0])) == 1
+    with pytest.raises(ValueError, match="ranks"):
+        expand_grid(["m"], ["shift"], ["lora"], [], [0])
+
+
+def test_keys_depend_on_settings_not_on_device():
+    cfg = Config("mobilenet_v2", "shift", "lora", 4, 0)
+    a = SweepSettings(dataset={"shift": "digits"}, epochs=1)
+    assert cfg.key(a) == cfg.key(SweepSettings(dataset={"shift": "digits"}, epochs=1,
+                                               device="cuda", data_root="/x"))
+    assert cfg.key(a) != cfg.key(SweepSettings(dataset={"shift": "digits"}, epochs=2))
+    assert cfg.key(a) != Config("mobilenet_v2", "shift", "lora", 8, 0).key(a)
+
+
+def test_parse_dataset():
+    assert parse_dataset("digits", ["shift", "new_classes"]) == {
+        "shift": "digits", "new_classes": "digits"}
+    assert parse_dataset("shift=cifar10,new_classes=cifar100", ["shift", "new_classes"]) == {
+        "shift": "cifar10", "new_classes": "cifar100"}
+    with pytest.raises(ValueError, match="new_classes"):
+        parse_dataset("shift=cifar10", ["shift", "new_classes"])
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        rank_sweep.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--models", "--methods", "--ranks", "--tasks", "--dataset", "--data-root",
+                 "--corruption", "--severity", "--epochs", "--batch-size", "--resolution",
+                 "--seeds", "--bn", "--out", "--plots", "--profile-only", "--device",
+                 "--preset"):
+        assert flag in text, flag
+
+
+def test_presets_and_bad_flags(capsys):
+    assert rank_sweep.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "48 configurations" in out  # 2 models x 2 tasks x (3 + 3 methods x 3 ranks)
+    assert rank_sweep.main(["--preset", "paper", "--seeds", "0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "|cifar10|shift|" in out and "|cifar100|new_classes|" in out
+    assert "resnet50|cifar10|shift|lora|64|" in out
+    for bad in (["--methods", "lora,nope"], ["--ranks", "0"], ["--severity", "7"],
+                ["--tasks", "shift,bogus"]):
+        with pytest.raises(SystemExit) as e:
+            rank_sweep.main([*bad, "--dry-run"])
+        assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- results I/O
+
+
+def test_store_survives_a_torn_last_line(tmp_path):
+    st = ResultsStore(tmp_path)
+    st.add({"key": "a", "status": "ok", "x": 1.5})
+    with (tmp_path / "results.jsonl").open("a") as f:
+        f.write('{"key": "b", "status": "o')  # a hard kill mid-write
+    st2 = ResultsStore(tmp_path)
+    assert st2.done_keys() == {"a"}
+    st2.add({"key": "c", "status": "failed", "error": "boom", "nan": float("nan")})
+    rows = load_results(tmp_path / "results.jsonl")
+    assert [r["key"] for r in rows] == ["a", "c"]
+    assert rows[1]["nan"] is None  # strict JSON: NaN written as null
+    csv_rows = load_results(tmp_path / "results.csv")
+    assert [r["key"] for r in csv_rows] == ["a", "c"] and csv_rows[0]["x"] == 1.5
+
+
+def test_flatten_nested_profile_dict():
+    d = flatten({"a": 1, "memory_by_category": {"params": 2, "grads": 3}, "per_layer": [1]})
+    assert d == {"a": 1, "memory_by_category_params": 2, "memory_by_category_grads": 3}
+
+
+def test_pareto_front():
+    pts = [(10.0, 0.5), (20.0, 0.9), (15.0, 0.4), (30.0, 0.9), (5.0, 0.2), (25.0, 0.95)]
+    assert pareto_front(pts) == [4, 0, 1, 5]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_sweep_writes_rows_with_expected_columns(sweep):
+    assert sweep["rc"] == 0
+    out = sweep["out"]
+    with (out / "results.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        csv_rows = list(reader)
+    missing = EXPECTED_COLUMNS - cols
+    assert not missing, missing
+    rows = sweep["rows"]
+    assert len(rows) == len(csv_rows) == 6  # 3 configs x 2 models (one fails)
+    ok = [r for r in rows if r["model"] == "mobilenet_v2"]
+    assert [(r["method"], r["rank"]) for r in ok] == [("full", None), ("lora", 1), ("lora", 2)]
+    for r in ok:
+        assert r["status"] == "ok" and r["error"] is None
+        assert r["flops_total"] > 0 and r["memory_peak"] > 0 and r["flops_torch"] > 0
+        assert r["flops_total"] == (r["flops_forward"] + r["flops_backward"]
+                                    + r["flops_optimizer"])
+        for k in ("zero_shot_acc", "target_acc", "source_acc"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["n_depthwise_convs"] > 0  # MobileNetV2 is depthwise-separable
+        assert r["env_torch_version"] and r["env_threads"] >= 1
+    full, r1, r2 = ok
+    # LoRA trains (and ships) far less than full FT; a larger rank ships more
+    assert r1["trainable_params"] < r2["trainable_params"] < full["trainable_params"]
+    assert r1["adapter_bytes"] < r2["adapter_bytes"] < full["adapter_bytes"]
+    assert full["adapter_bytes"] >= 4 * full["trainable_params"]  # float32 weights + header
+    assert full["memory_by_category_optimizer"] > r2["memory_by_category_optimizer"]
+    # torch's counter charges depthwise weight gradients as dense: it over-counts full FT
+    assert full["flops_torch"] > full["flops_forward"] + full["flops_backward"]
+    # zero-shot is the same source model for every method of the group
+    assert len({r["zero_shot_acc"] for r in ok}) == 1
+
+
+def test_failing_configuration_is_recorded_and_sweep_goes_on(sweep):
+    failed = [r for r in sweep["rows"] if r["model"] == "no_such_net"]
+    assert len(failed) == 3
+    for r in failed:
+        assert r["status"] == "failed"
+        assert "no_such_net" in r["error"]
+    assert (sweep["out"] / "errors.log").read_text().count("no_such_net") >= 3
+    md = (sweep["out"] / "findings.md").read_text()
+    assert "3 failed" in md
+
+
+def test_plots_produced(sweep):
+    plots = sweep["plots"]
+    for stem in ("flops", "memory", "accuracy", "pareto"):
+        for ext in ("png", "svg"):
+            p = plots / f"{stem}_mobilenet_v2_digits_shift.{ext}"
+            assert p.is_file() and p.stat().st_size > 1000, p
+    assert (plots / "flop_counters.png").is_file()
+    # regenerate from the CSV alone into a fresh folder
+    fresh = sweep["out"] / "replot"
+    assert plot_main([str(sweep["out"] / "results.csv"), "--plots", str(fresh),
+                      "--formats", "png"]) == 0
+    assert sorted(p.name for p in fresh.glob("*.png")) == sorted(
+        p.name for p in plots.glob("*.png"))
+
+
+def test_findings_are_computed_from_the_rows(sweep):
+    md = (sweep["out"] / "findings.md").read_text()
+    rows = load_results(sweep["out"])
+    assert md.strip() == findings_markdown(rows).strip()
+    full = next(r for r in rows if r["method"] == "full" and r["status"] == "ok")
+    lora1 = next(r for r in rows if r["method"] == "lora" and r["rank"] == 1)
+    saving = 1 - lora1["memory_peak"] / full["memory_peak"]
+    assert f"{100 * saving:.1f}%" in md
+    assert "mobilenet_v2** (depthwise-separable)" in md
+
+
+def test_resume_skips_finished_rows(sweep, cache_dir, monkeypatch, capsys):
+    monkeypatch.setenv("CONVPEFT_CACHE", str(cache_dir))
+    before = {r["key"]: r for r in load_results(sweep["out"])}
+    n_lines = len(read_jsonl(sweep["out"] / "results.jsonl"))
+    rc = rank_sweep.main([*TINY, "--out", str(sweep["out"]), "--no-plots"])
+    assert rc == 0
+    assert "(3 already done, 3 to run)" in capsys.readouterr().out
+    after = {r["key"]: r for r in load_results(sweep["out"])}
+    assert after.keys() == before.keys()
+    for k, r in before.items():
+        if r["status"] == "ok":  # untouched: same timestamp, same numbers
+            assert after[k] == r
+        else:  # failed rows are retried (and fail again) and replace the old row
+            assert after[k]["finished_at"] >= r["finished_at"]
+    assert len(read_jsonl(sweep["out"] / "results.jsonl")) == n_lines + 3
+    assert len(load_results(sweep["out"] / "results.csv")) == 6
+
+
+def test_profile_only_measures_cost_without_accuracy(tmp_path):
+    out = tmp_path / "po"
+    rc = rank_sweep.main(["--models", "resnet18", "--tasks", "new_classes", "--methods",
+                          "head,dora", "--ranks", "2", "--resolution", "8", "--batch-size", "8",
+                          "--profile-repeat", "1", "--profile-only", "--out", str(out),
+                          "--no-plots"])
+    assert rc == 0
+    rows = load_results(out)
+    assert [r["method"] for r in rows] == ["head", "dora"]
+    for r in rows:
+        assert r["status"] == "ok", r.get("error")
+        assert r["mode"] == "profile-only" and r["target_acc"] is None
+        assert r["flops_total"] > 0 and r["memory_peak"] > 0
+        assert r["n_depthwise_convs"] == 0  # ResNet18 has only standard convs
+    # the standard net: both counters agree on forward + backward
+    for r in rows:
+        assert r["flops_torch"] == r["flops_forward"] + r["flops_backward"]
+
+
+def test_interrupt_leaves_a_valid_file_and_rerun_resumes(tmp_path, cache_dir, sweep):
+    """A real SIGINT (Ctrl-C) to a running sweep (profile-only: the same loop, faster)."""
+    out = tmp_path / "int"
+    args = [sys.executable, "-m", "benchmarks.rank_sweep",
+            *tiny("mobilenet_v2", "lora", "1,2,3,4"), "--profile-only",
+            "--out", str(out), "--no-plots"]
+    env = {**os.environ, "CONVPEFT_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    jsonl = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if jsonl.exists() and jsonl.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "rerun the same command to resume" in output
+    rows = load_results(out / "results.csv")  # a complete, parseable table
+    assert 1 <= len(rows) < 4 and all(r["status"] == "ok" for r in rows)
+    for line in jsonl.read_text().splitlines():
+        json.loads(line)
+    done = len(rows)
+    # resume: only the rest runs
+    rc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    assert f"({done} already done, {4 - done} to run)" in rc.stdout
+    assert len(load_results(out)) == 4
+
+
+def test_notebook_executes(sweep, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("RANK_SWEEP_RESULTS", str(sweep["out"] / "results.jsonl"))
+    monkeypatch.setenv("RANK_SWEEP_PLOTS", str(tmp_path / "nbplots"))
+    nb = nbformat.read(REPO / "notebooks" / "rank_sweep.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(REPO / "notebooks")}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = json.dumps([o.get("data", {}) for o in outputs]) + "".join(
+        o.get("text", "") for o in outputs)
+    assert "6 rows: 3 ok, 3 failed" in text
+    assert "<table>" in text and "image/png" in text
+    assert "Peak-memory saving" in text
+    assert (tmp_path / "nbplots" / "pareto_mobilenet_v2_digits_shift.png").is_file()
