@@ -308,14 +308,15 @@ def finetune(
     if copy_model:
         model = copy.deepcopy(model)
     model.to(device)
+    # new head rows, adapter init and anything else drawn from the global RNG follow ``seed``
+    torch.manual_seed(seed)
     _, head = get_head(model)
     if task.num_new_classes and head.out_features == task.source_num_classes:
         expand_head(model, task.num_new_classes)
-    elif get_head(model)[1].out_features != task.num_classes:
+    elif head.out_features != task.num_classes:
         raise ValueError(f"model head has {head.out_features} outputs; the task needs "
                          f"{task.source_num_classes} (source) or {task.num_classes}")
 
-    torch.manual_seed(seed)  # adapter init and anything else drawn from the global RNG
     zero_shot = evaluate(model, task.target_test, device=device)
     zero_shot_src = evaluate(model, task.source_test, device=device)
 
