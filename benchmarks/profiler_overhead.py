@@ -9,8 +9,9 @@ updates), the instrumented update's time and its ratio to a plain step, in wall 
 process's CPU time (steadier on a shared machine) -- the profiling overhead, torch's
 FlopCounterMode figure included --, the whole call's wall time, our FLOPs of the
 update (conv/linear/matmul, 2 per MAC) next to torch's FlopCounterMode figure for the same update,
-and the true peak memory. The last line is the total wall time. Timings are noisy on a shared
-machine; FLOPs and memory are exact.
+and the true peak memory. For full fine-tuning it also prints fvcore's forward count (its MACs
+times 2), which must equal our forward figure. The last line is the total wall time. Timings
+are noisy on a shared machine; FLOPs and memory are exact.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import torch
 
 from convpeft.profiler import profile_update
+from convpeft.profiler.fvcore_flops import fvcore_forward_flops
 
 MODELS = ("mobilenet_v2", "resnet18")
 METHODS = ("full", "lora", "dora", "galore")
@@ -80,7 +82,13 @@ def run(models=MODELS, methods=METHODS, ranks=RANKS, *, batch: int = 8, resoluti
                     flops_torch=p.flops_torch, torch_over_ours=p.flops_torch / p.flops_total,
                     memory_peak=p.memory_peak, trainable_params=p.trainable_params,
                 )
+                if method == "full":
+                    # fvcore counts the forward only; run it on the trained-for-a-step model.
+                    row["flops_forward_fvcore"] = fvcore_forward_flops(model, x)["total"]
                 rows.append(row)
+                if verbose and "flops_forward_fvcore" in row:
+                    print(f"{'':<13}forward FLOPs: ours {p.flops_forward / 1e6:.1f} M, fvcore "
+                          f"{row['flops_forward_fvcore'] / 1e6:.1f} M (2 x its MACs)")
                 if verbose:
                     print(f"{model_name:<13}{method:<7}{rank:>5} {p.step_time_s * 1e3:>8.1f} "
                           f"{p.instrumented_time_s * 1e3:>9.1f} {row['overhead_x']:>7.2f} "
