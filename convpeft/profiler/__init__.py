@@ -6,6 +6,7 @@
 
 from convpeft.profiler.analytic import analytic_profile
 from convpeft.profiler.flop_counter import CountFlops, FlopCounter, FlopTally
+from convpeft.profiler.fvcore_flops import fvcore_forward_flops
 from convpeft.profiler.memory import CATEGORIES, MemoryReport, MemoryTracker
 from convpeft.profiler.profile import UpdateProfile, format_profile, profile_update
 
@@ -19,5 +20,6 @@ __all__ = [
     "UpdateProfile",
     "analytic_profile",
     "format_profile",
+    "fvcore_forward_flops",
     "profile_update",
 ]
