@@ -14,7 +14,9 @@ runs, to separate projection cost from implementation cost), and
 * which targeted layers GaLore saves nothing on (``rank >= min(matrix side)``: fallback to AdamW).
 
 Run: ``python -m benchmarks.galore_memory`` (``--quick`` for a smoke run, ``--help`` for more).
-Timings are CPU wall-clock medians; they are noisy when other work shares the cores.
+Timings are CPU wall-clock medians over ``--repeat`` round-robin passes through all configs (so
+load changes on a shared machine hit every config alike); they are still noisy under load.
+``SVD GFLOP``: one refresh of all projections (``projection_refresh_flops``).
 """
 
 from __future__ import annotations
@@ -59,26 +61,17 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _time_updates(
-    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, repeat: int
-) -> tuple[float, list[float], list[float]]:
-    """(first step() seconds, ordinary step() seconds, whole-update seconds)."""
-    loss_fn = nn.CrossEntropyLoss()
-    first = 0.0
-    steps, updates = [], []
-    for i in range(repeat + 1):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        if i == 0:
-            first = t2 - t1  # state allocation, and for GaLore every projection's SVD
-        else:
-            steps.append(t2 - t1)
-            updates.append(t2 - t0)
-    return first, steps, updates
+def _timed_update(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
+    """One update; returns (seconds of ``opt.step()``, seconds of the whole update)."""
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    t1 = time.perf_counter()
+    opt.step()
+    t2 = time.perf_counter()
+    return t2 - t1, t2 - t0
 
 
 def _fallback_text(summary: Any) -> str:
@@ -145,14 +138,24 @@ def run(
             # a huge gap: only the first step refreshes, so later steps are ordinary ones
             factories.append(("galore", r, lambda m, r=r: galore_optimizer(
                 m, rank=r, lr=lr, update_proj_gap=10**9)))
-        base: dict[str, float] = {}
+        runs = []
         for method, rank, make in factories:
             model = build_model(model_name)
             model.train()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "nothing is projected"
                 opt = make(model)
-            first, steps, updates = _time_updates(model, opt, x, y, repeat)
+            # the first step allocates state and, for GaLore, runs every projection's SVD
+            first, _ = _timed_update(model, opt, x, y)
+            runs.append((method, rank, model, opt, first, [], []))
+        # round-robin over the configs, so load changes on a shared machine hit all alike
+        for _ in range(repeat):
+            for _m, _r, model, opt, _f, steps, updates in runs:
+                step_s, update_s = _timed_update(model, opt, x, y)
+                steps.append(step_s)
+                updates.append(update_s)
+        base: dict[str, float] = {}
+        for method, rank, model, opt, first, steps, updates in runs:
             row: dict[str, Any] = {
                 "model": model_name, "method": method, "rank": rank,
                 "params": sum(p.numel() for p in model.parameters()),
@@ -178,21 +181,24 @@ def run(
             rows.append(row)
             if log:
                 log(_format_row(row))
+        del runs
     return rows
 
 
 _HEADER = (f"{'model':<13} {'method':<19} {'rank':>4} {'state MiB':>9} {'state/AdamW':>11} "
            f"{'step ms':>8} {'step/AdamW':>10} {'update ms':>9} {'upd/AdamW':>9} "
-           f"{'1st step ms':>11} {'proj':>4} {'fb':>3}  fallback (GaLore saves nothing)")
+           f"{'1st step ms':>11} {'proj':>4} {'fb':>3} {'SVD GFLOP':>9}  "
+           "fallback (GaLore saves nothing)")
 
 
 def _format_row(r: dict[str, Any]) -> str:
+    svd = f"{r['refresh_flops'] / 1e9:.2f}" if "refresh_flops" in r else "-"
     return (f"{r['model']:<13} {r['method']:<19} {r['rank'] if r['rank'] else '-':>4} "
             f"{r['state_bytes'] / 2**20:>9.2f} {r['state_ratio']:>11.3f} "
             f"{r['opt_step_s'] * 1e3:>8.1f} {r['opt_step_ratio']:>10.2f} "
             f"{r['update_s'] * 1e3:>9.1f} {r['update_ratio']:>9.2f} "
             f"{r['refresh_step_s'] * 1e3:>11.1f} {r.get('projected', '-'):>4} "
-            f"{r.get('fallback', '-'):>3}  {r.get('fallback_text', '')}")
+            f"{r.get('fallback', '-'):>3} {svd:>9}  {r.get('fallback_text', '')}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
