@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image side in pixels the data is resized to")
     d.add_argument("--few-shot", type=int, default=None,
                    help="keep N target-training images per class (smaller = faster)")
+    d.add_argument("--test-per-class", type=int, default=None,
+                   help="evaluate on at most N test images per class (a stratified subset, "
+                   "fixed by the seed; smaller = faster, noisier accuracies)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per configuration")
     t.add_argument("--pretrain-epochs", type=int, default=None,
@@ -184,12 +187,17 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         small_input=not a.no_small_input,
         data_root=a.data_root,
         few_shot=a.few_shot if a.few_shot is not None else pre.extra.get("few_shot"),
+        test_per_class=a.test_per_class if a.test_per_class is not None
+        else pre.extra.get("test_per_class"),
         profile_only=a.profile_only,
         profile_repeat=a.profile_repeat,
         device=device,
     )
     if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
         raise ValueError("--epochs must be >= 0, --batch-size >= 1, --resolution >= 8")
+    if (settings.few_shot is not None and settings.few_shot < 1) or (
+            settings.test_per_class is not None and settings.test_per_class < 1):
+        raise ValueError("--few-shot and --test-per-class must be >= 1")
     plots = None if a.no_plots else Path(a.plots)
     formats = _csv_list(a.formats)
     return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
@@ -197,6 +205,18 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
 
 
 # ----------------------------------------------------------------------------- one config
+
+
+def _cap_per_class(ds, n: int, seed: int):
+    """At most ``n`` images per class of ``ds`` (stratified, deterministic for ``seed``)."""
+    from convpeft.data import stratified_indices
+
+    counts = ds.labels.bincount()
+    k = min(n, int(counts[counts > 0].min()))
+    if k >= int(counts.max()):
+        return ds
+    idx, _ = stratified_indices(ds.labels, per_class=k, seed=seed)
+    return ds.subset(idx)
 
 
 class SourceCache:
@@ -225,6 +245,10 @@ class SourceCache:
                     resolution=self.s.resolution,
                     few_shot=self.s.few_shot,
                 )
+                if self.s.test_per_class is not None:
+                    t = self._tasks[key]
+                    t.target_test = _cap_per_class(t.target_test, self.s.test_per_class, cfg.seed)
+                    t.source_test = _cap_per_class(t.source_test, self.s.test_per_class, cfg.seed)
             except Exception as e:  # remembered: every config of the group fails with it
                 self._tasks[key] = e
         t = self._tasks[key]
@@ -329,6 +353,9 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     task = sources.task(cfg)
     source, info = sources.source(cfg)
     row: dict = dict(info)
+    row.update(n_target_train=len(task.target_train), n_target_test=len(task.target_test),
+               n_source_test=len(task.source_test), corruption=task.corruption,
+               severity=task.severity)
     mcfg = method_config(cfg, settings)
     row["bn"], row["lr"] = mcfg.bn, mcfg.resolved_lr
 
@@ -391,6 +418,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "batch_size": s.batch_size,
         "resolution": s.resolution,
         "few_shot": s.few_shot,
+        "test_per_class": s.test_per_class,
         "small_input": s.small_input,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),

@@ -43,6 +43,7 @@ class SweepSettings:
     small_input: bool = True
     data_root: str | None = None
     few_shot: int | None = None  # target-train images per class (None: all)
+    test_per_class: int | None = None  # cap on test images per class (None: all)
     profile_only: bool = False
     profile_repeat: int = 3
     device: str = "cpu"

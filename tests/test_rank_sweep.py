@@ -36,7 +36,7 @@ def tiny(models: str = "mobilenet_v2,no_such_net", methods: str = "full,lora",
     return [
         "--models", models, "--tasks", "shift", "--methods", methods, "--ranks", ranks,
         "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "1", "--few-shot", "5",
-        "--batch-size", "16", "--profile-repeat", "1", "--device", "cpu",
+        "--test-per-class", "10", "--batch-size", "16", "--profile-repeat", "1", "--device", "cpu",
         "--formats", "png,svg",
     ]
 
@@ -192,6 +192,9 @@ def test_sweep_writes_rows_with_expected_columns(sweep):
         for k in ("zero_shot_acc", "target_acc", "source_acc"):
             assert 0.0 <= r[k] <= 1.0
         assert r["n_depthwise_convs"] > 0  # MobileNetV2 is depthwise-separable
+        # --few-shot 5 and --test-per-class 10 over digits' 10 classes
+        assert (r["n_target_train"], r["n_target_test"], r["n_source_test"]) == (50, 100, 100)
+        assert (r["corruption"], r["severity"]) == ("impulse_noise", 5)  # the task's default
         assert r["env_torch_version"] and r["env_threads"] >= 1
     full, r1, r2 = ok
     # LoRA trains (and ships) far less than full FT; a larger rank ships more
