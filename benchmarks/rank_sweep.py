@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--profile-only", action="store_true",
                    help="measure the cost of one update per configuration without pretraining "
                    "or fine-tuning (no accuracies)")
-    o.add_argument("--profile-repeat", type=int, default=3,
+    o.add_argument("--profile-repeat", type=int, default=2,
                    help="timed updates per profile (median time reported)")
     o.add_argument("--dry-run", action="store_true",
                    help="print the configurations that would run and exit")
@@ -175,8 +175,8 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = SweepSettings(
         dataset=dataset,
-        corruption=a.corruption,
-        severity=a.severity,
+        corruption=a.corruption if a.corruption is not None else pre.extra.get("corruption"),
+        severity=a.severity if a.severity is not None else pre.extra.get("severity"),
         epochs=a.epochs if a.epochs is not None else pre.epochs,
         pretrain_epochs=a.pretrain_epochs if a.pretrain_epochs is not None
         else pre.extra.get("pretrain_epochs"),
@@ -274,7 +274,7 @@ class SourceCache:
         from convpeft.models import build_model
 
         task = self.task(cfg)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if self.s.profile_only:
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, task.source_num_classes, small_input=self.s.small_input)
@@ -290,6 +290,7 @@ class SourceCache:
         pinfo = getattr(model, "pretrain_info", {}) or {}
         info = {
             "source_time_s": time.perf_counter() - t0,
+            "source_cpu_time_s": time.process_time() - c0,
             "source_cached": pinfo.get("cached"),
             "source_test_acc": pinfo.get("source_test_acc"),
             "n_convs": len(kinds),
@@ -477,7 +478,7 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
         for cfg in todo:
             row = _base_row(cfg, s, env)
             bar.set_postfix_str(f"{cfg.model} {cfg.task} {cfg.label}")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 row.update(run_config(cfg, s, sources))
                 row["status"], row["error"] = "ok", None
@@ -489,6 +490,7 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             row["wall_time_s"] = time.perf_counter() - t0
+            row["cpu_time_s"] = time.process_time() - c0  # all threads of this process
             row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             store.add(row)
             bar.write(summary_line(row))

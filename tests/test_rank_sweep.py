@@ -24,7 +24,7 @@ from benchmarks.findings import findings_markdown
 from benchmarks.plot import main as plot_main
 from benchmarks.plot import pareto_front
 from benchmarks.results import ResultsStore, flatten, load_results, read_jsonl
-from benchmarks.sweep_grid import Config, SweepSettings, expand_grid, parse_dataset
+from benchmarks.sweep_grid import PRESETS, Config, SweepSettings, expand_grid, parse_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,8 @@ def test_sweep_writes_rows_with_expected_columns(sweep):
         assert r["n_depthwise_convs"] > 0  # MobileNetV2 is depthwise-separable
         # --few-shot 5 and --test-per-class 10 over digits' 10 classes
         assert (r["n_target_train"], r["n_target_test"], r["n_source_test"]) == (50, 100, 100)
-        assert (r["corruption"], r["severity"]) == ("impulse_noise", 5)  # the task's default
+        pre = PRESETS["default"].extra  # flags not given come from the preset
+        assert (r["corruption"], r["severity"]) == (pre["corruption"], pre["severity"])
         assert r["env_torch_version"] and r["env_threads"] >= 1
     full, r1, r2 = ok
     # LoRA trains (and ships) far less than full FT; a larger rank ships more
