@@ -6,6 +6,9 @@ plain parameters so that no extra conv modules show up in ``model.named_modules(
 * ``lora_A``: ``(r, C_in/g, k_h, k_w)`` for a conv, ``(r, in)`` for a linear layer;
 * ``lora_B``: ``(C_out, r)``, zero-initialised, so the adapted layer equals the base at init.
 
+``alpha=None`` (the default) means ``alpha = r``, i.e. ``s = 1`` (``sqrt(r)`` with rsLoRA's
+``s = alpha / sqrt(r)``); peft's default is ``alpha = 8``, so pass ``alpha`` to match it.
+
 The update has the base weight's shape ``(C_out, C_in/g, k_h, k_w)``:
 
     dW.reshape(C_out, -1) = B @ A.reshape(r, -1),    W = W0 + s * dW,   s = alpha / r

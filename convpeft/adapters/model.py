@@ -222,7 +222,11 @@ def apply_adapters(
     ``alpha``: ``None`` means ``alpha = rank`` per layer. ``mode``: ``"activation"``,
     ``"weight"`` or ``"auto"`` (see :mod:`convpeft.adapters.lora`). Every parameter that is not
     an adapter's is frozen unless its name matches a ``trainable`` regex (e.g. ``["^fc\\."]``).
-    Returns an :class:`AdapterReport` of the layers adapted by this call.
+    Returns an :class:`AdapterReport` of the layers adapted by this call (totals cover the model).
+
+    Calling it again on *other* layers is allowed (e.g. DoRA on the pointwise convs, LoRA on
+    the depthwise ones); each call re-applies the freezing rule, so pass ``trainable`` again.
+    Layers that already carry an adapter are refused: merge first or exclude them.
     """
     cfg = AdapterConfig(method=method, rank=rank, alpha=alpha, target=target, exclude=exclude,
                         rank_pattern=rank_pattern, mode=mode, trainable=trainable, rslora=rslora,
