@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per configuration")
     t.add_argument("--pretrain-epochs", type=int, default=None,
                    help="epochs of source pretraining (cached; default: convpeft.train's)")
+    t.add_argument("--pretrain-batch-size", type=int, default=None,
+                   help="batch size of source pretraining (default: convpeft.train's)")
     t.add_argument("--batch-size", type=int, default=None,
                    help="batch size of fine-tuning AND of the profiled update")
     t.add_argument("--lr", type=float, default=None,
@@ -180,6 +182,8 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         epochs=a.epochs if a.epochs is not None else pre.epochs,
         pretrain_epochs=a.pretrain_epochs if a.pretrain_epochs is not None
         else pre.extra.get("pretrain_epochs"),
+        pretrain_batch_size=a.pretrain_batch_size if a.pretrain_batch_size is not None
+        else pre.extra.get("pretrain_batch_size"),
         batch_size=a.batch_size if a.batch_size is not None else pre.batch_size,
         resolution=a.resolution if a.resolution is not None else pre.resolution,
         bn=a.bn,
@@ -220,8 +224,8 @@ def _cap_per_class(ds, n: int, seed: int):
 
 
 class SourceCache:
-    """Per (model, dataset, task, seed): the task data, the source model and its zero-shot
-    accuracy — built once and shared by all methods/ranks of that group. A group whose
+    """Per (dataset, task, seed): the task data; per (model, dataset, task, seed): the source
+    model — each built once and shared by all methods/ranks of that group. A group whose
     construction failed remembers the error, so its configurations fail fast with it."""
 
     def __init__(self, settings: SweepSettings):
@@ -256,9 +260,15 @@ class SourceCache:
             raise t
         return t
 
+    def _source_key(self, cfg: Config) -> tuple:
+        return (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.seed)
+
+    def has_source(self, cfg: Config) -> bool:
+        return self._source_key(cfg) in self._sources
+
     def source(self, cfg: Config):
-        """(source model on the device, extra row fields) for ``cfg``'s group."""
-        key = (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.seed)
+        """(source model on the CPU, extra row fields) for ``cfg``'s group."""
+        key = self._source_key(cfg)
         if key not in self._sources:
             try:
                 self._sources[key] = self._build_source(cfg)
@@ -281,7 +291,11 @@ class SourceCache:
         else:
             from convpeft.train import pretrain
 
-            kw = {} if self.s.pretrain_epochs is None else {"epochs": self.s.pretrain_epochs}
+            kw = {}
+            if self.s.pretrain_epochs is not None:
+                kw["epochs"] = self.s.pretrain_epochs
+            if self.s.pretrain_batch_size is not None:
+                kw["batch_size"] = self.s.pretrain_batch_size
             model = pretrain(cfg.model, task.dataset, task=task, seed=cfg.seed,
                              small_input=self.s.small_input, resolution=self.s.resolution,
                              data_root=self.s.data_root, device=self.s.device, progress=False,
@@ -477,7 +491,10 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
     try:
         for cfg in todo:
             row = _base_row(cfg, s, env)
-            bar.set_postfix_str(f"{cfg.model} {cfg.task} {cfg.label}")
+            if sources.has_source(cfg) or s.profile_only:
+                bar.set_postfix_str(f"{cfg.model} {cfg.task} {cfg.label}")
+            else:  # the first config of a group pays for the source model (cached on disk)
+                bar.set_postfix_str(f"{cfg.model} {cfg.task}: source model (pretrain or cache)")
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 row.update(run_config(cfg, s, sources))
