@@ -26,6 +26,7 @@ import argparse
 import copy
 import gc
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -541,6 +542,10 @@ def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
     return md
 
 
+def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -554,7 +559,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(plan.configs)} configurations")
         return 0
     t0 = time.perf_counter()
-    rows, interrupted = run_sweep(plan)
+    # SIGTERM (kill, a job scheduler's timeout) stops the sweep like Ctrl-C: the rows written
+    # so far stay valid and the "rerun to resume" message is printed.
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        old = None
+    try:
+        rows, interrupted = run_sweep(plan)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     if interrupted:
         return 130
     md = finish(plan, rows)
