@@ -143,6 +143,11 @@ def findings_markdown(rows: Sequence[dict]) -> str:
                  "peak = true simultaneous peak of one update (params + buffers + grads + "
                  "optimizer state + activations + temporaries).")
     lines.append("")
+    setup = sorted({(r.get("batch_size"), r.get("resolution"), r.get("env_device"),
+                     r.get("bn")) for r in rows if r.get("status") == "ok"}, key=str)
+    for bs, res, dev, bn in setup:
+        lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev}, BN policy {bn!r}.")
+    lines.append("")
 
     # --- claim 1 -------------------------------------------------------------------------
     mem = memory_savings(rows)
