@@ -578,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_fail = sum(r.get("status") != "ok" for r in rows)
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(rows)} rows ({n_fail} failed) -> "
           f"{plan.out / 'results.csv'}")
+    if rows and n_fail == len(rows):
+        print(f"every configuration failed; see {plan.out / 'errors.log'}", file=sys.stderr)
+        return 1
     return 0
 
 

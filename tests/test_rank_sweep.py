@@ -332,3 +332,11 @@ def test_notebook_executes(sweep, tmp_path, monkeypatch):
     assert "<table>" in text and "image/png" in text
     assert "Peak-memory saving" in text
     assert (tmp_path / "nbplots" / "pareto_mobilenet_v2_digits_shift.png").is_file()
+
+
+def test_exit_status_when_every_configuration_fails(tmp_path, capsys):
+    rc = rank_sweep.main(["--models", "no_such_net", "--tasks", "shift", "--methods", "head",
+                          "--resolution", "8", "--out", str(tmp_path), "--no-plots"])
+    assert rc == 1
+    assert "every configuration failed" in capsys.readouterr().err
+    assert [r["status"] for r in load_results(tmp_path)] == ["failed"]
