@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test-per-class", type=int, default=None,
                    help="evaluate on at most N test images per class (a stratified subset, "
                    "fixed by the seed; smaller = faster, noisier accuracies)")
+    d.add_argument("--replay-per-class", type=int, default=0,
+                   help="new_classes: mix N source-class training images per old class into the "
+                   "adaptation data, so the old classes are not simply forgotten (default: 0)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per configuration")
     t.add_argument("--pretrain-epochs", type=int, default=None,
@@ -194,6 +197,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         few_shot=a.few_shot if a.few_shot is not None else pre.extra.get("few_shot"),
         test_per_class=a.test_per_class if a.test_per_class is not None
         else pre.extra.get("test_per_class"),
+        replay_per_class=a.replay_per_class,
         profile_only=a.profile_only,
         profile_repeat=a.profile_repeat,
         device=device,
@@ -203,6 +207,8 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     if (settings.few_shot is not None and settings.few_shot < 1) or (
             settings.test_per_class is not None and settings.test_per_class < 1):
         raise ValueError("--few-shot and --test-per-class must be >= 1")
+    if settings.replay_per_class < 0:
+        raise ValueError("--replay-per-class must be >= 0")
     plots = None if a.no_plots else Path(a.plots)
     formats = _csv_list(a.formats)
     return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
@@ -249,6 +255,8 @@ class SourceCache:
                     seed=cfg.seed,
                     resolution=self.s.resolution,
                     few_shot=self.s.few_shot,
+                    **({"replay_per_class": self.s.replay_per_class}
+                       if cfg.task == "new_classes" else {}),
                 )
                 if self.s.test_per_class is not None:
                     t = self._tasks[key]
@@ -435,6 +443,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "resolution": s.resolution,
         "few_shot": s.few_shot,
         "test_per_class": s.test_per_class,
+        "replay_per_class": s.replay_per_class if cfg.task == "new_classes" else None,
         "small_input": s.small_input,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),

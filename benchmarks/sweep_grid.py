@@ -45,6 +45,7 @@ class SweepSettings:
     data_root: str | None = None
     few_shot: int | None = None  # target-train images per class (None: all)
     test_per_class: int | None = None  # cap on test images per class (None: all)
+    replay_per_class: int = 0  # new_classes: old-class images per class mixed into the target
     profile_only: bool = False
     profile_repeat: int = 3
     device: str = "cpu"
@@ -57,6 +58,8 @@ class SweepSettings:
         d = asdict(self)
         for k in ("data_root", "device"):
             d.pop(k)
+        if not d["replay_per_class"]:  # keeps results written before the option resumable
+            d.pop("replay_per_class")
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

@@ -340,3 +340,29 @@ def test_exit_status_when_every_configuration_fails(tmp_path, capsys):
     assert rc == 1
     assert "every configuration failed" in capsys.readouterr().err
     assert [r["status"] for r in load_results(tmp_path)] == ["failed"]
+
+
+def test_replay_mixes_old_classes_into_new_class_adaptation():
+    """--replay-per-class N adds N old-class images per class to the new_classes target split
+    (and only there); 0 keeps the settings signature of runs made before the option existed."""
+    args = ["--models", "mobilenet_v2", "--tasks", "new_classes,shift", "--methods", "full",
+            "--resolution", "8", "--few-shot", "5"]
+    plain = rank_sweep.plan_from_args(rank_sweep.build_parser().parse_args(args))
+    replay = rank_sweep.plan_from_args(
+        rank_sweep.build_parser().parse_args([*args, "--replay-per-class", "3"]))
+    assert plain.settings.signature() != replay.settings.signature()
+    cfg = Config("mobilenet_v2", "new_classes", "full", None, 0)
+    t0 = rank_sweep.SourceCache(plain.settings).task(cfg)
+    t3 = rank_sweep.SourceCache(replay.settings).task(cfg)
+    k = t3.source_num_classes
+    old0 = (t0.target_train.labels < k).sum().item()
+    old3 = t3.target_train.labels[t3.target_train.labels < k]
+    assert old0 == 0
+    assert old3.bincount(minlength=k).tolist() == [3] * k
+    shift = rank_sweep.SourceCache(replay.settings).task(Config("mobilenet_v2", "shift", "full",
+                                                               None, 0))
+    assert len(shift.target_train) == len(rank_sweep.SourceCache(plain.settings).task(
+        Config("mobilenet_v2", "shift", "full", None, 0)).target_train)
+    with pytest.raises(ValueError, match="--replay-per-class must be >= 0"):
+        rank_sweep.plan_from_args(
+            rank_sweep.build_parser().parse_args([*args, "--replay-per-class", "-1"]))
