@@ -150,7 +150,11 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     out: list[Path] = []
     for fmt in formats:
         p = out_dir / f"{stem}.{fmt}"
-        fig.savefig(p, dpi=130, bbox_inches="tight")
+        # No creation date and a fixed SVG id salt: the same results give byte-identical files,
+        # so committed plots only change in git when the numbers do.
+        meta = {"Date": None} if fmt in ("svg", "pdf") else {}
+        with plt.rc_context({"svg.hashsalt": "convpeft"}):
+            fig.savefig(p, dpi=130, bbox_inches="tight", metadata=meta)
         out.append(p)
     plt.close(fig)
     return out
