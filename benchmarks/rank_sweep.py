@@ -239,6 +239,8 @@ class SourceCache:
         self.s = settings
         self._tasks: dict[tuple, object] = {}
         self._sources: dict[tuple, object] = {}
+        # (model, dataset, task, seed) -> zero-shot (target, source) accuracy of the source model
+        self.zero_shot: dict[tuple, tuple[float, float]] = {}
 
     def task(self, cfg: Config):
         from convpeft.data import build_task
@@ -408,10 +410,14 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
         # Same global RNG state for every method of a group: the new-class head rows and the
         # adapters are drawn from it, so zero-shot accuracy is identical across the group.
         torch.manual_seed(cfg.seed)
+        # The zero-shot baseline depends on (source model, task, seed) only: evaluate it once
+        # per group and hand it to the group's other methods.
+        zs_key = sources._source_key(cfg)
         res = finetune(source, mcfg, task, epochs=settings.epochs,
                        batch_size=settings.batch_size, seed=cfg.seed, device=dev,
                        progress=False, copy_model=True, eval_every_epoch=False,
-                       keep_model=True)
+                       keep_model=True, zero_shot=sources.zero_shot.get(zs_key))
+        sources.zero_shot[zs_key] = (res.zero_shot_acc, res.zero_shot_source_acc)
         for k in ("zero_shot_acc", "zero_shot_source_acc", "target_acc", "source_acc",
                   "forgetting", "recovered_fraction", "train_time_s"):
             row[k] = getattr(res, k, None)

@@ -291,6 +291,7 @@ def finetune(
     copy_model: bool = True,
     eval_every_epoch: bool = True,
     keep_model: bool = True,
+    zero_shot: tuple[float, float] | None = None,
 ) -> FinetuneResult:
     """Adapt ``model`` to ``task.target_train`` with ``method``; see :class:`FinetuneResult`.
 
@@ -298,7 +299,9 @@ def finetune(
     ``lr`` overrides its learning rate. For new_classes the head is expanded first (old rows
     kept exactly) when it still has ``task.source_num_classes`` outputs. ``copy_model`` (default)
     leaves the caller's model untouched. Constant LR (no schedule) so that methods are compared at
-    their own learning rate only.
+    their own learning rate only. ``zero_shot``: the ``(target, source)`` test accuracies of this
+    same model and seed before any update, when the caller already has them (a sweep runs many
+    methods from one source model): the two baseline evaluations are then skipped.
     """
     t_call = time.perf_counter()
     cfg = MethodConfig(method) if isinstance(method, str) else copy.copy(method)
@@ -317,8 +320,10 @@ def finetune(
         raise ValueError(f"model head has {head.out_features} outputs; the task needs "
                          f"{task.source_num_classes} (source) or {task.num_classes}")
 
-    zero_shot = evaluate(model, task.target_test, device=device)
-    zero_shot_src = evaluate(model, task.source_test, device=device)
+    if zero_shot is None:
+        zero_shot = (evaluate(model, task.target_test, device=device),
+                     evaluate(model, task.source_test, device=device))
+    zero_shot, zero_shot_src = (float(a) for a in zero_shot)
 
     prepared = prepare(model, cfg)
     g = torch.Generator().manual_seed(seed)

@@ -111,3 +111,21 @@ def test_pretrain_is_cached(tmp_path, monkeypatch):
     assert m3.pretrain_info["cached"] is False and m3.pretrain_info["key"] != info["key"]
     with pytest.raises(ValueError, match="task is on 'digits'"):
         pretrain("mobilenet_v3_small", "cifar10", task=task, epochs=1)
+
+
+def test_precomputed_zero_shot_skips_the_baseline_evaluation(shift_task):
+    model = _tiny()
+    kw = dict(epochs=1, lr=1e-3, batch_size=8, seed=0, device="cpu", progress=False,
+              eval_every_epoch=False, keep_model=False)
+    r1 = finetune(model, "head", shift_task, **kw)
+    r2 = finetune(model, "head", shift_task, zero_shot=(r1.zero_shot_acc,
+                                                        r1.zero_shot_source_acc), **kw)
+    for k in ("zero_shot_acc", "zero_shot_source_acc", "target_acc", "source_acc", "forgetting",
+              "recovered_fraction", "trainable_params"):
+        assert getattr(r2, k) == getattr(r1, k), k
+    assert [h["loss"] for h in r2.history] == [h["loss"] for h in r1.history]
+    # the given baseline is what the result reports (nothing re-evaluated behind it)
+    r3 = finetune(model, "head", shift_task, zero_shot=(0.25, 0.5), **kw)
+    assert (r3.zero_shot_acc, r3.zero_shot_source_acc) == (0.25, 0.5)
+    assert r3.target_acc == r1.target_acc
+    assert r3.forgetting == pytest.approx(0.5 - r3.source_acc)
