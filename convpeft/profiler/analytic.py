@@ -24,8 +24,7 @@ from convpeft.profiler.profile import (
     _build,
     _check_inputs,
     _instrumented,
-    _is_galore,
-    _update,
+    _warm_up,
 )
 
 OptimizerArg = torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer]
@@ -91,14 +90,7 @@ def analytic_profile(
         y = torch.empty(shape[:1], dtype=torch.long, device="meta")
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     _check_inputs(mmodel, mopt, x, y)
-    for _ in range(warmup):
-        _update(mmodel, mopt, x, y, loss_fn)
-    galore = _is_galore(mopt)
-    if galore:
-        for _ in range(2):
-            if not mopt.refreshes_next_step():
-                break
-            _update(mmodel, mopt, x, y, loss_fn)
+    galore = _warm_up(mmodel, mopt, x, y, loss_fn, warmup)
     tally, mem, t_instr, flops_torch, _ = _instrumented(
         mmodel, mopt, x, y, loss_fn, per_layer, compare_torch)
     prof = _build(mmodel, mopt, x, tally, mem, t_instr, flops_torch, None, [], [], galore,

@@ -285,6 +285,21 @@ def _is_galore(optimizer: torch.optim.Optimizer) -> bool:
                                                "update_proj_gap", "refreshes_next_step"))
 
 
+def _warm_up(model, optimizer, inputs, targets, loss_fn, warmup: int) -> bool:
+    """Run ``warmup`` plain updates (lazily created optimizer state then exists), then, for a
+    GaLore optimizer, step past a projection refresh so that the measured update is an ordinary
+    one (the refresh is accounted analytically). Returns whether the optimizer is GaLore."""
+    for _ in range(warmup):
+        _update(model, optimizer, inputs, targets, loss_fn)
+    galore = _is_galore(optimizer)
+    if galore:
+        for _ in range(2):
+            if not optimizer.refreshes_next_step():
+                break
+            _update(model, optimizer, inputs, targets, loss_fn)
+    return galore
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -327,16 +342,7 @@ def profile_update(
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     _check_inputs(model, optimizer, inputs, targets)
     device = inputs.device
-    for _ in range(warmup):
-        _update(model, optimizer, inputs, targets, loss_fn)
-    galore = _is_galore(optimizer)
-    if galore:
-        # measure an ordinary step; the refresh is accounted analytically below
-        for _ in range(2):
-            if not optimizer.refreshes_next_step():
-                break
-            _update(model, optimizer, inputs, targets, loss_fn)
-
+    galore = _warm_up(model, optimizer, inputs, targets, loss_fn, warmup)
     tally, mem, t_instr, flops_torch, peak_dev = _instrumented(
         model, optimizer, inputs, targets, loss_fn, per_layer, compare_torch)
 
