@@ -49,6 +49,7 @@ from benchmarks.sweep_grid import (
     expand_grid,
     parse_dataset,
 )
+from convpeft.models import TESTED_MODELS, list_models
 
 DEFAULT_OUT = "results/rank_sweep"
 DEFAULT_PLOTS = "plots"
@@ -157,6 +158,28 @@ class SweepPlan:
     formats: list[str]
 
 
+def _figure_formats() -> set[str]:
+    """File formats matplotlib can save (png, svg, pdf, ...)."""
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
+
+
+def _check_writable_dir(path: Path, flag: str) -> None:
+    """Refuse, before any configuration runs, a folder that cannot hold the outputs: a path
+    that is a file (or under one), or a folder this process cannot write into. Creates
+    nothing: the nearest existing ancestor is what is checked."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder; pass a folder path")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {probe} is not writable; pass a folder you can write")
+
+
 def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     """Merge the preset with the flags; validate what can be validated before running."""
     pre = PRESETS[a.preset]
@@ -209,8 +232,21 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         raise ValueError("--few-shot and --test-per-class must be >= 1")
     if settings.replay_per_class < 0:
         raise ValueError("--replay-per-class must be >= 0")
+    unknown = [m for m in models if m not in set(list_models())]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: use torchvision classification models, "
+                         f"e.g. {', '.join(TESTED_MODELS)} (all: convpeft.models.list_models())")
     plots = None if a.no_plots else Path(a.plots)
     formats = _csv_list(a.formats)
+    if plots is not None:
+        supported = _figure_formats()
+        bad = [f for f in formats if f not in supported]
+        if bad or not formats:
+            raise ValueError(f"unknown --formats {bad or a.formats!r}; choose from "
+                             f"{', '.join(sorted(supported))}")
+    _check_writable_dir(Path(a.out), "--out")
+    if plots is not None:
+        _check_writable_dir(plots, "--plots")
     return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
                      plots, formats)
 
@@ -542,7 +578,9 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
 
 
 def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
-    """Plots + findings for the rows; returns the findings markdown."""
+    """Plots + findings for the rows; returns the findings markdown. ``main`` passes every row
+    of ``plan.out``'s JSONL (rows another sweep wrote there included), so findings.md always
+    matches results.jsonl and results.csv."""
     from benchmarks.findings import findings_markdown
 
     if plan.plots is not None:
@@ -551,10 +589,16 @@ def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
         files = make_plots(rows, plan.plots, plan.formats)
         log(f"{len(files)} plot files -> {plan.plots}")
     md = findings_markdown(rows)
-    (plan.out / "findings.md").write_text(md + "\n")
+    _write_atomic(plan.out / "findings.md", md + "\n")
     if plan.plots is not None:
-        (plan.plots / "findings.md").write_text(md + "\n")
+        _write_atomic(plan.plots / "findings.md", md + "\n")
     return md
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -566,28 +610,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         plan = plan_from_args(a)
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # one line, exit 2 (argparse's usage block would bury it)
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if a.dry_run:
         for c in plan.configs:
             print(c.key(plan.settings))
         print(f"{len(plan.configs)} configurations")
         return 0
     t0 = time.perf_counter()
-    # SIGTERM (kill, a job scheduler's timeout) stops the sweep like Ctrl-C: the rows written
-    # so far stay valid and the "rerun to resume" message is printed.
-    try:
-        old = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        old = None
+    # SIGINT and SIGTERM (Ctrl-C, kill, a job scheduler's timeout) stop the sweep alike: the
+    # rows written so far stay valid and the "rerun to resume" message is printed. SIGINT gets
+    # our own handler too, because a shell starts background jobs with SIGINT ignored and
+    # Python then never installs its KeyboardInterrupt handler.
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, _raise_keyboard_interrupt)
+        except ValueError:  # not the main thread: leave signals alone
+            break
     try:
         rows, interrupted = run_sweep(plan)
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     if interrupted:
         return 130
-    md = finish(plan, rows)
+    md = finish(plan, ResultsStore(plan.out).rows)
     print()
     print(md)
     n_fail = sum(r.get("status") != "ok" for r in rows)

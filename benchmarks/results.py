@@ -4,27 +4,36 @@ Layout under ``--out``::
 
     results.jsonl   one JSON object per finished configuration, appended and flushed per row
                     (the source of truth; a torn last line from a hard kill is ignored on load)
-    results.csv     the same rows as a table; rewritten atomically (tmp file + rename) after each
-                    row, so it is always complete and readable even after an interrupt
-    findings.md     the markdown summary (benchmarks.findings)
+    results.csv     the same rows as a table, always REBUILT from the JSONL (never appended):
+                    atomically (tmp file + rename) after each row and when a store is opened,
+                    so a truncated, garbage-appended or deleted CSV is repaired by any rerun
+    findings.md     the markdown summary (benchmarks.findings), also rebuilt from the JSONL
+    .results.lock   an advisory ``flock`` lock: appends and rebuilds hold it, so two sweeps
+                    writing into one folder at once interleave whole rows and lose none
 
 A rerun reads ``results.jsonl``; rows whose ``status`` is ``"ok"`` are skipped (resume). A
-failed row is retried and the newer row for the same key replaces the older one.
+failed row is retried and the newer row for the same key replaces the older one. A JSONL line
+that is not valid UTF-8, not JSON, or not a row (an object with a string ``key``) is skipped
+with a warning, line by line; it never stops a rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
+LOCK_NAME = ".results.lock"
 
 # Columns first in the CSV, in this order; any other keys follow alphabetically.
 LEADING_COLUMNS: tuple[str, ...] = (
@@ -145,21 +154,35 @@ def _jsonable(v):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a torn or corrupt line (hard kill mid-write) is skipped."""
+    """Rows of a JSONL file. A line that is torn (hard kill mid-write), not valid UTF-8, not
+    JSON, or not a row (an object whose ``key``, when present, is a string) is skipped with a
+    warning naming the file and line; the rest are read."""
     rows: list[dict] = []
     if not path.exists():
         return rows
-    with path.open() as f:
-        for line in f:
-            line = line.strip()
+    bad: list[int] = []
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                bad.append(i)
+                continue
             if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
+                bad.append(i)
                 continue
-            if isinstance(row, dict):
-                rows.append(row)
+            if not isinstance(row, dict) or not isinstance(row.get("key", ""), str):
+                bad.append(i)
+                continue
+            rows.append(row)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (line {shown})",
+                      stacklevel=2)
     return rows
 
 
@@ -238,12 +261,25 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def locked(out_dir: Path):
+    """Hold the folder's advisory write lock (``fcntl.flock``, exclusive) for the block."""
+    with (out_dir / LOCK_NAME).open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class ResultsStore:
     """Append-only results of one output folder, with resume support.
 
     ``done_keys`` are the keys with an ``ok`` row already on disk. ``add(row)`` appends the
-    row to the JSONL (flushed + fsynced) and rewrites the CSV, so either file is valid after
-    any interrupt between rows.
+    row to the JSONL (flushed + fsynced) and rebuilds the CSV from the whole JSONL, under the
+    folder's lock, so either file is valid after any interrupt between rows and concurrent
+    writers (another sweep into the same ``--out``) lose no rows. Opening a store rebuilds the
+    CSV too, so a rerun with nothing left to run still repairs it.
     """
 
     def __init__(self, out_dir: str | os.PathLike):
@@ -251,8 +287,16 @@ class ResultsStore:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / JSONL_NAME
         self.csv_path = self.out_dir / CSV_NAME
+        with locked(self.out_dir):
+            self._repair_jsonl()
+            self._reload()
+
+    def _reload(self) -> None:
+        """Re-read the JSONL (rows other writers appended included) and rebuild the CSV.
+        Call with the lock held."""
         self._rows: list[dict] = dedupe(read_jsonl(self.jsonl_path))
-        self._repair_jsonl()
+        if self._rows or self.csv_path.exists():
+            write_csv(self.csv_path, self._rows)
 
     def _repair_jsonl(self) -> None:
         # A hard kill can leave a torn last line without newline; the next append would glue
@@ -269,14 +313,21 @@ class ResultsStore:
     def rows(self) -> list[dict]:
         return list(self._rows)
 
+    def refresh(self) -> list[dict]:
+        """Every row now on disk (concurrent writers' included); rebuilds the CSV."""
+        with locked(self.out_dir):
+            self._reload()
+        return self.rows
+
     def done_keys(self) -> set[str]:
         return {r["key"] for r in self._rows if r.get("status") == "ok" and "key" in r}
 
     def add(self, row: dict) -> None:
         row = {k: _jsonable(v) for k, v in row.items()}
-        with self.jsonl_path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._rows = dedupe([*self._rows, row])
-        write_csv(self.csv_path, self._rows)
+        with locked(self.out_dir):
+            self._repair_jsonl()
+            with self.jsonl_path.open("a") as f:
+                f.write(json.dumps(row, sort_keys=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._reload()

@@ -13,12 +13,14 @@ all come from seeded generators). CUDA is used when available unless ``device`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -190,12 +192,18 @@ def pretrain(
     path = folder / f"pretrain-{model_name}-{task.dataset}-{key}.pt"
 
     if use_cache and path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(model_name, task.source_num_classes, small_input=small_input)
-        model.load_state_dict(blob["state_dict"])
-        model.to(device).eval()
-        model.pretrain_info = {**json.loads(blob["info"]), "cached": True, "path": str(path)}
-        return model
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            model = build_model(model_name, task.source_num_classes, small_input=small_input)
+            model.load_state_dict(blob["state_dict"])
+            info = json.loads(blob["info"])
+        except Exception as e:  # truncated, garbled or foreign file: rebuild it, say which
+            warnings.warn(f"pretrain cache entry {path} is unreadable ({type(e).__name__}: "
+                          f"{str(e)[:200]}); pretraining again and replacing it", stacklevel=2)
+        else:
+            model.to(device).eval()
+            model.pretrain_info = {**info, "cached": True, "path": str(path)}
+            return model
 
     torch.manual_seed(seed)
     model = build_model(model_name, task.source_num_classes, weights=weights,
@@ -219,11 +227,17 @@ def pretrain(
     info = {"config": config, "key": key, "train_time_s": train_time, "history": history,
             "source_test_acc": evaluate(model, task.source_test, device=device)}
     if use_cache:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "info": json.dumps(info)}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": state, "info": json.dumps(info)}, tmp)
+            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise OSError(f"cannot write the pretrain cache {path} ({e.strerror or e}); set "
+                          f"$CONVPEFT_CACHE to a writable folder or pass use_cache=False") from e
     model.pretrain_info = {**info, "cached": False, "path": str(path)}
     return model
 

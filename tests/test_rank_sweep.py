@@ -2,8 +2,8 @@
 
 The tiny grid: MobileNetV2 (small_input) on digits at 8x8, shift task, full FT and LoRA at
 ranks 1 and 2, one short epoch on 5 images per class, the source model pretrained for one epoch
-(cached in a per-session folder). A second model name that torchvision does not know makes
-real failing configurations next to the good ones.
+(cached in a per-session folder). A second model, SqueezeNet, cannot run on 8x8 images (its
+pooling shrinks the map to nothing): real failing configurations next to the good ones.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 
-def tiny(models: str = "mobilenet_v2,no_such_net", methods: str = "full,lora",
+def tiny(models: str = "mobilenet_v2,squeezenet1_0", methods: str = "full,lora",
          ranks: str = "1,2") -> list[str]:
     """CLI arguments of the tiny grid (a few seconds per configuration on a laptop CPU)."""
     return [
@@ -210,12 +210,12 @@ def test_sweep_writes_rows_with_expected_columns(sweep):
 
 
 def test_failing_configuration_is_recorded_and_sweep_goes_on(sweep):
-    failed = [r for r in sweep["rows"] if r["model"] == "no_such_net"]
+    failed = [r for r in sweep["rows"] if r["model"] == "squeezenet1_0"]
     assert len(failed) == 3
     for r in failed:
         assert r["status"] == "failed"
-        assert "no_such_net" in r["error"]
-    assert (sweep["out"] / "errors.log").read_text().count("no_such_net") >= 3
+        assert "too small" in r["error"]
+    assert (sweep["out"] / "errors.log").read_text().count("squeezenet1_0") >= 3
     md = (sweep["out"] / "findings.md").read_text()
     assert "3 failed" in md
 
@@ -290,8 +290,11 @@ def test_interrupt_leaves_a_valid_file_and_rerun_resumes(tmp_path, cache_dir, sw
             *tiny("mobilenet_v2", "lora", "1,2,3,4"), "--profile-only",
             "--out", str(out), "--no-plots"]
     env = {**os.environ, "CONVPEFT_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    # started with SIGINT ignored, as a shell starts a background job: the sweep must install
+    # its own handler, so the test does not depend on how pytest itself was launched
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     jsonl = out / "results.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -335,7 +338,7 @@ def test_notebook_executes(sweep, tmp_path, monkeypatch):
 
 
 def test_exit_status_when_every_configuration_fails(tmp_path, capsys):
-    rc = rank_sweep.main(["--models", "no_such_net", "--tasks", "shift", "--methods", "head",
+    rc = rank_sweep.main(["--models", "squeezenet1_0", "--tasks", "shift", "--methods", "head",
                           "--resolution", "8", "--out", str(tmp_path), "--no-plots"])
     assert rc == 1
     assert "every configuration failed" in capsys.readouterr().err
@@ -366,3 +369,104 @@ def test_replay_mixes_old_classes_into_new_class_adaptation():
     with pytest.raises(ValueError, match="--replay-per-class must be >= 0"):
         rank_sweep.plan_from_args(
             rank_sweep.build_parser().parse_args([*args, "--replay-per-class", "-1"]))
+
+
+# ----------------------------------------------------------------------------- careless input
+
+
+@pytest.mark.parametrize("bad", [
+    ["--models", "mobilenet_v2,nope"],
+    ["--formats", "png,bogus"],
+])
+def test_bad_grid_or_output_flags_exit_2_with_one_line(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        rank_sweep.main([*bad, "--out", str(tmp_path / "o"), "--dry-run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plots"])
+def test_file_shaped_output_folder_is_refused_before_running(flag, tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        rank_sweep.main(["--models", "mobilenet_v2", flag, str(f / "sub")])
+    assert e.value.code == 2
+    assert "is a file" in capsys.readouterr().err
+    assert f.read_text() == "x"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as e:
+            rank_sweep.main(["--models", "mobilenet_v2", "--out", str(ro / "out")])
+        assert e.value.code == 2 and "not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_csv_is_rebuilt_from_jsonl_on_a_rerun_with_nothing_to_run(sweep, tmp_path, cache_dir,
+                                                                   monkeypatch):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sweep["out"], out)
+    truth = load_results(out / "results.jsonl")
+    monkeypatch.setenv("CONVPEFT_CACHE", str(cache_dir))
+    args = [*TINY, "--models", "mobilenet_v2", "--out", str(out), "--no-plots"]
+    for damage in ("truncate", "append", "delete"):
+        csv_path = out / "results.csv"
+        if damage == "truncate":
+            csv_path.write_bytes(csv_path.read_bytes()[:200])
+        elif damage == "append":
+            with csv_path.open("a") as f:
+                f.write("garbage,,,\n\x00\x01")
+        else:
+            csv_path.unlink()
+        (out / "findings.md").write_text("stale")
+        assert rank_sweep.main(args) == 0
+        rebuilt = load_results(csv_path)
+        assert [(r["key"], r["status"], r.get("flops_total")) for r in rebuilt] == [
+            (r["key"], r["status"], r.get("flops_total")) for r in truth]
+        assert "3 failed" in (out / "findings.md").read_text()  # every JSONL row, not the grid
+
+
+def test_unreadable_jsonl_lines_are_skipped_one_by_one(tmp_path):
+    st = ResultsStore(tmp_path)
+    st.add({"key": "a", "status": "ok"})
+    with (tmp_path / "results.jsonl").open("ab") as f:
+        f.write(b'{"key": "\xff\xfe bad utf8", "status": "ok"}\n')
+        f.write(b'[1, 2, 3]\n{"key": 7}\n"just a string"\n')
+    st.add({"key": "b", "status": "ok"})
+    with pytest.warns(UserWarning, match="skipped 4 unreadable line"):
+        st2 = ResultsStore(tmp_path)
+    assert st2.done_keys() == {"a", "b"}
+    assert [r["key"] for r in load_results(tmp_path / "results.csv")] == ["a", "b"]
+
+
+def _append_rows(out: str, tag: str, n: int) -> None:
+    st = ResultsStore(out)
+    for i in range(n):
+        st.add({"key": f"{tag}{i}", "status": "ok", "payload": "x" * 2000})
+
+
+def test_concurrent_writers_into_one_folder_lose_no_rows(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_rows, args=(str(tmp_path), tag, 25)) for tag in "pq"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    keys = {f"{t}{i}" for t in "pq" for i in range(25)}
+    assert {r["key"] for r in read_jsonl(tmp_path / "results.jsonl")} == keys
+    assert {r["key"] for r in load_results(tmp_path / "results.csv")} == keys

@@ -129,3 +129,25 @@ def test_precomputed_zero_shot_skips_the_baseline_evaluation(shift_task):
     assert (r3.zero_shot_acc, r3.zero_shot_source_acc) == (0.25, 0.5)
     assert r3.target_acc == r1.target_acc
     assert r3.forgetting == pytest.approx(0.5 - r3.source_acc)
+
+
+def test_corrupt_pretrain_cache_entry_is_named_and_rebuilt(tmp_path):
+    task = _small_tests(build_task("new_classes", resolution=8, source_classes=[0, 1]))
+    kw = dict(task=task, epochs=1, batch_size=64, seed=0, device="cpu", progress=False,
+              small_input=True, cache_dir=tmp_path)
+    path = pretrain("mobilenet_v3_small", "digits", **kw).pretrain_info["path"]
+    with open(path, "r+b") as f:  # a truncated file, as a full disk or a kill leaves it
+        f.truncate(100)
+    with pytest.warns(UserWarning, match="pretrain cache entry .* is unreadable"):
+        m = pretrain("mobilenet_v3_small", "digits", **kw)
+    assert m.pretrain_info["cached"] is False and m.pretrain_info["path"] == path
+    assert pretrain("mobilenet_v3_small", "digits", **kw).pretrain_info["cached"] is True
+
+
+def test_unwritable_pretrain_cache_is_named(tmp_path):
+    task = _small_tests(build_task("new_classes", resolution=8, source_classes=[0, 1]))
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot write the pretrain cache .*not_a_folder"):
+        pretrain("mobilenet_v3_small", "digits", task=task, epochs=1, batch_size=64,
+                 device="cpu", progress=False, small_input=True, cache_dir=blocker)
