@@ -214,3 +214,34 @@ def test_bad_class_splits(src, tgt, msg):
 def test_imagedataset_validates():
     with pytest.raises(ValueError, match="uint8"):
         ImageDataset(torch.zeros(2, 3, 4, 4), torch.zeros(2), ["a"])
+
+
+class _Payload:
+    """Unpickling this runs ``os.system`` - what a hostile CIFAR file under --data-root does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["data_batch_1", "batches.meta", "test_batch"])
+def test_hostile_cifar_pickle_is_refused_and_never_runs(tmp_path, where):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    _write_pickle(tmp_path / "cifar-10-batches-py" / where,
+                  {b"labels": [0], b"data": _Payload(marker)})
+    with pytest.raises(ValueError, match=f"{where} is not a CIFAR python-release file"):
+        for split in ("train", "test"):
+            load_dataset("cifar10", split=split, data_root=tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_pickle_that_is_not_a_dict_is_refused(tmp_path):
+    write_cifar10(tmp_path)
+    _write_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", [1, 2, 3])
+    with pytest.raises(ValueError, match="a list, expected a dict"):
+        load_dataset("cifar10", split="test", data_root=tmp_path)

@@ -5,6 +5,11 @@ Every loader returns an :class:`ImageDataset`: images held as one ``uint8`` tens
 anyway) and labels ``(N,)`` int64. Indexing and :meth:`ImageDataset.batches` give float32 images
 in ``[0, 1]``. Keeping everything as tensors (no per-item PIL decode, no DataLoader workers)
 makes small-image training on a CPU several times faster.
+
+The CIFAR python release is a set of pickles, and ``pickle.load`` runs whatever code a file
+asks for. They are read with a restricted unpickler that admits only what the release contains
+(dicts, lists, strings, numbers, numpy arrays): a crafted file under ``--data-root`` is refused
+with an error naming it, never executed.
 """
 
 from __future__ import annotations
@@ -168,9 +173,43 @@ _CIFAR = {
 }
 
 
+# What the CIFAR python release's pickles reference: numpy arrays (reconstructed from their
+# dtype and raw bytes; numpy 1 and 2 spell the module differently) and, in pickles written by
+# Python 3 at protocol 2, ``_codecs.encode`` for byte strings. Dicts, lists, str, bytes and ints
+# need no global at all. Everything else (os.system, builtins.eval, subprocess, ...) is refused.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only the types the CIFAR release contains, so a file under
+    ``--data-root`` cannot run code when it is read (a plain ``pickle.load`` would)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    """One CIFAR python-release file as a dict with str keys, read with
+    :class:`_CifarUnpickler`; anything else is refused with an error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+        raise ValueError(f"{path} is not a CIFAR python-release file ({e}); only numpy arrays, "
+                         f"lists, dicts, strings and numbers are read from it") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR python-release file (a {type(d).__name__}, "
+                         f"expected a dict)")
     # keys are bytes in the official (Python 2) pickles; accept str keys too
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
