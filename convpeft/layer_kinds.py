@@ -78,6 +78,23 @@ def target_matches(name: str, module: nn.Module, target: Target) -> bool:
     return any(_kind_matches(kind, t) for t in names)
 
 
+def pattern_list(patterns: str | Iterable[str] | None, *, what: str = "patterns") -> list[str]:
+    """``patterns`` as a list of valid regexes. A single string is ONE pattern: iterating it
+    would give one-letter regexes that match almost every name (``trainable="fc"`` would then
+    unfreeze every parameter with an ``f`` or ``c`` in its name)."""
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else list(patterns)
+    for p in items:
+        if not isinstance(p, str):
+            raise TypeError(f"{what} must be a regex string or a list of them; got item {p!r}")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"bad regex {p!r} in {what}: {e}") from None
+    return items
+
+
 def select_layers(
     model: nn.Module,
     target: Target = "conv",
@@ -85,11 +102,11 @@ def select_layers(
 ) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every conv/linear layer of ``model`` selected by ``target``.
 
-    ``exclude`` is a list of regexes; a layer whose qualified name matches any of them
-    (``re.search``) is left out.
+    ``exclude`` is a regex or a list of regexes; a layer whose qualified name matches any of
+    them (``re.search``) is left out.
     """
     check_target(target)
-    patterns = [re.compile(p) for p in (exclude or [])]
+    patterns = [re.compile(p) for p in pattern_list(exclude, what="exclude")]
     out = []
     for name, module in model.named_modules():
         if layer_kind(module) is None and not callable(target):

@@ -104,9 +104,11 @@ def check_rank(rank: Any, where: str = "rank") -> None:
 def check_alpha(alpha: Any) -> None:
     if alpha is None:
         return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+            or not math.isfinite(alpha)):
         raise ValueError(
-            f"alpha={alpha!r} is invalid; alpha must be a number > 0 (or None for alpha = rank)"
+            f"alpha={alpha!r} is invalid; alpha must be a number > 0 and finite (or None for "
+            "alpha = rank)"
         )
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ..layer_kinds import Target, check_target, layer_kind, select_layers
+from ..layer_kinds import Target, check_target, layer_kind, pattern_list, select_layers
 from .config import AdapterConfig, check_method
 from .dora import DoRAConv2d, DoRALinear
 from .lora import AdapterLayer, LoRAConv2d, LoRALinear
@@ -128,6 +129,29 @@ def adapter_report(model: nn.Module, names: Iterable[str] | None = None) -> Adap
     )
 
 
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Run the block; if it raises, put ``model`` back exactly as it was: every submodule the
+    block replaced (adapter wrappers keep the original as ``base_layer``, so it is still there)
+    and every parameter's ``requires_grad``. Parameter *values* are the caller's to protect
+    (:func:`convpeft.adapters.state.load_adapter_state_dict` checks before it copies)."""
+    modules = dict(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name, mod in modules.items():
+            if not name:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            if getattr(parent, attr, None) is not mod:
+                setattr(parent, attr, mod)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -181,7 +205,8 @@ def set_trainable(model: nn.Module, trainable: Iterable[str] | None) -> list[str
 
     Returns the names of the non-adapter parameters left trainable.
     """
-    patterns = [re.compile(p) for p in (trainable or [])]
+    trainable = pattern_list(trainable, what="trainable")
+    patterns = [re.compile(p) for p in trainable]
     adapter_ids = {id(p) for _, m in adapter_layers(model) for p in m.adapter_parameters()}
     kept = []
     for n, p in model.named_parameters():
@@ -228,16 +253,14 @@ def apply_adapters(
     the depthwise ones); each call re-applies the freezing rule, so pass ``trainable`` again.
     Layers that already carry an adapter are refused: merge first or exclude them.
     """
+    exclude = pattern_list(exclude, what="exclude")
+    trainable = pattern_list(trainable, what="trainable")
+    pattern_list(list(rank_pattern or {}), what="rank_pattern")
     cfg = AdapterConfig(method=method, rank=rank, alpha=alpha, target=target, exclude=exclude,
                         rank_pattern=rank_pattern, mode=mode, trainable=trainable, rslora=rslora,
                         dropout=dropout)
     cfg.validate()
     check_target(target)
-    for pattern in list(exclude or []) + list(rank_pattern or {}) + list(trainable or []):
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"bad regex {pattern!r}: {e}") from None
     chosen = select_layers(model, target, exclude)
     if not chosen:
         raise ValueError(
@@ -249,8 +272,9 @@ def apply_adapters(
                "rslora": rslora, "mode": mode, "dropout": dropout}
         for name, _ in chosen
     }
-    names = wrap_layers(model, specs)
-    set_trainable(model, trainable)
+    with all_or_nothing(model):
+        names = wrap_layers(model, specs)
+        set_trainable(model, trainable)
     return adapter_report(model, names)
 
 
@@ -280,7 +304,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "AdapterReport", "AdapterRow", "adapter_layers", "adapter_report", "apply_adapters",
-    "is_adapter", "make_adapter", "merge_adapters", "set_trainable", "unmerge_adapters",
-    "wrap_layers",
+    "AdapterReport", "AdapterRow", "adapter_layers", "adapter_report", "all_or_nothing",
+    "apply_adapters", "is_adapter", "make_adapter", "merge_adapters", "set_trainable",
+    "unmerge_adapters", "wrap_layers",
 ]

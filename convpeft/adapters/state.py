@@ -9,6 +9,12 @@ A directory written by :func:`save_adapters` holds
   adapter parameters, the other trainable parameters (e.g. a new head) and, by default, the
   model's buffers. Buffers are included because fine-tuning in train mode moves batch-norm
   running statistics, and without them the reloaded model would not reproduce the outputs.
+
+An adapter file is input from elsewhere, so loading is confined and all-or-nothing: only adapter
+tensors, the parameters the config declares trainable and buffers are accepted (a file carrying
+``...base_layer.weight`` or any other frozen weight is refused, the keys named); the config and
+the weights are read and checked before the model is touched, and any failure leaves the model
+exactly as it was, so a retry with good files works.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import AdapterReport, adapter_layers, adapter_report, set_trainable, wrap_layers
+from .model import (
+    AdapterReport,
+    adapter_layers,
+    adapter_report,
+    all_or_nothing,
+    set_trainable,
+    wrap_layers,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -64,22 +77,37 @@ def load_adapter_state_dict(
     model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True
 ) -> None:
     """Copy ``state`` (from :func:`adapter_state_dict`) into ``model``, which must already carry
-    the same adapters. With ``strict``, every adapter parameter of the model must be present."""
-    targets: dict[str, torch.Tensor] = dict(model.named_parameters())
+    the same adapters. Only adapter parameters, parameters that are trainable now and buffers
+    are accepted: an entry naming a frozen weight (e.g. a ``base_layer.weight``) is refused.
+    With ``strict``, every adapter parameter of the model must be present. Everything is
+    checked before the first copy, so a refused state changes nothing."""
+    params = dict(model.named_parameters())
+    adapter_names = set(_adapter_param_names(model))
+    targets: dict[str, torch.Tensor] = {
+        n: p for n, p in params.items() if n in adapter_names or p.requires_grad}
     targets.update(dict(model.named_buffers()))
+    frozen = [k for k in state if k in params and k not in targets]
+    if frozen:
+        raise KeyError(
+            f"adapter state would overwrite frozen weights of the model: {frozen[:5]!r}"
+            f"{' ...' if len(frozen) > 5 else ''}; an adapter file may only hold adapter "
+            "tensors, the trainable parameters its config names and buffers"
+        )
     unknown = [k for k in state if k not in targets]
     if unknown:
         raise KeyError(
             f"adapter state has entries the model lacks: {unknown[:5]!r}; apply the same adapters "
             "first (or use load_adapters(model, directory), which re-applies the saved config)"
         )
-    missing = [k for k in _adapter_param_names(model) if k not in state]
+    missing = [k for k in adapter_names if k not in state]
     if strict and missing:
         raise KeyError(
-            f"adapter state lacks {missing[:5]!r}; it was saved from a model with other adapters "
-            "(pass strict=False to load what is there)"
+            f"adapter state lacks {sorted(missing)[:5]!r}; it was saved from a model with other "
+            "adapters (pass strict=False to load what is there)"
         )
     for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"adapter state {k!r} is a {type(v).__name__}, not a tensor")
         if tuple(v.shape) != tuple(targets[k].shape):
             raise ValueError(
                 f"adapter state {k!r} has shape {tuple(v.shape)} but the model's is "
@@ -125,23 +153,82 @@ def _read_state(d: Path) -> dict[str, torch.Tensor]:
     if (d / WEIGHTS_NAME).exists():
         from safetensors.torch import load_file
 
-        return load_file(str(d / WEIGHTS_NAME))
+        path = d / WEIGHTS_NAME
+        try:
+            return load_file(str(path))
+        except Exception as e:  # truncated / garbled: safetensors raises its own error types
+            raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
     if (d / WEIGHTS_NAME_PT).exists():
-        return torch.load(d / WEIGHTS_NAME_PT, weights_only=True)
+        path = d / WEIGHTS_NAME_PT
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable adapter state ({e})") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        return state
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_NAME_PT} in {d}")
+
+
+_LAYER_FIELDS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "rank": (int,), "alpha": (int, float, type(None)), "rslora": (bool,),
+    "mode": (str,), "dropout": (int, float),
+}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` parsed and checked field by field; errors name the file and
+    the field."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; was it written by save_adapters?")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} config (field 'format' is "
+                         f"{config.get('format')!r})")
+    layers = config.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path}: field 'layers' must be a non-empty object "
+                         f"{{layer name: settings}}, got {layers!r:.80}")
+    for name, spec in layers.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: field 'layers.{name}' must be an object")
+        for key in ("method", "rank"):
+            if key not in spec:
+                raise ValueError(f"{path}: field 'layers.{name}.{key}' is missing")
+        for key, value in spec.items():
+            allowed = _LAYER_FIELDS.get(key)
+            if allowed is None:
+                raise ValueError(f"{path}: unknown field 'layers.{name}.{key}'")
+            if not isinstance(value, allowed) or (key == "rank" and isinstance(value, bool)):
+                raise ValueError(f"{path}: field 'layers.{name}.{key}' has the wrong type "
+                                 f"({value!r})")
+    trainable = config.get("trainable", [])
+    if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
+        raise ValueError(f"{path}: field 'trainable' must be a list of parameter names")
+    return config
 
 
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> AdapterReport:
     """Re-apply the adapters saved in ``directory`` to ``model`` (a freshly built backbone with
-    the same base weights) and load their state; the result reproduces the saved model."""
+    the same base weights) and load their state; the result reproduces the saved model.
+
+    All or nothing: the config and the weights are read and checked first; if anything fails
+    (malformed config, truncated or garbled weights, a layer the model lacks, a shape
+    mismatch, a tensor outside the adapter's scope) the model is left exactly as it was."""
     d = Path(directory)
     cfg_path = d / CONFIG_NAME
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found; was it written by save_adapters?")
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path} is not a {FORMAT} config")
-    names = wrap_layers(model, config["layers"])
-    set_trainable(model, [f"^{re.escape(n)}$" for n in config.get("trainable", [])])
-    load_adapter_state_dict(model, _read_state(d))
+    config = _read_config(cfg_path)
+    state = _read_state(d)
+    with all_or_nothing(model):
+        try:
+            names = wrap_layers(model, config["layers"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{cfg_path}: field 'layers' does not fit this model: {e}") from e
+        set_trainable(model, [f"^{re.escape(n)}$" for n in config.get("trainable", [])])
+        load_adapter_state_dict(model, state)
     return adapter_report(model, names)
