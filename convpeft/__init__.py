@@ -9,15 +9,19 @@ from .adapters import (
     merge_adapters,
     save_adapters,
 )
+from .lean import LeanReport, lean_activations, restore_activations
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterReport",
+    "LeanReport",
     "adapter_state_dict",
     "apply_adapters",
     "load_adapter_state_dict",
+    "lean_activations",
     "load_adapters",
     "merge_adapters",
+    "restore_activations",
     "save_adapters",
 ]

@@ -1,0 +1,175 @@
+"""Memory-lean activations: exact outputs and gradients, what each layer saves, reversibility."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v2, resnet18
+
+from convpeft import apply_adapters
+from convpeft.lean import (
+    lean_activations,
+    pack_mask,
+    restore_activations,
+    saved_bytes_by_layer,
+    unpack_mask,
+)
+
+GEOMETRIES = {
+    "standard": dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
+    "pointwise": dict(in_channels=8, out_channels=12, kernel_size=1),
+    "depthwise": dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),
+    "grouped": dict(in_channels=8, out_channels=12, kernel_size=3, padding=2, groups=4,
+                    dilation=2),
+    "strided": dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1,
+                    bias=True),
+}
+ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "leaky": lambda: nn.LeakyReLU(0.1),
+        "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5), "relu_inplace": lambda: nn.ReLU(True)}
+
+
+def _net(geometry: str, act: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    g = GEOMETRIES[geometry]
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), ACTS[act](),
+        nn.Conv2d(**g), nn.BatchNorm2d(g["out_channels"]), ACTS[act](),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(g["out_channels"], 5),
+    )
+
+
+def _step(model: nn.Module, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y * torch.arange(1, y.shape[1] + 1, dtype=y.dtype)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), x.grad.clone(), grads
+
+
+def _assert_exact(plain: nn.Module, lean: nn.Module, x: torch.Tensor) -> None:
+    y0, gx0, g0 = _step(plain, x)
+    y1, gx1, g1 = _step(lean, x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and g0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("shape", [(3,), (8,), (2, 3, 5, 7), (1, 16, 4, 4)])
+def test_mask_round_trip(shape):
+    m = torch.rand(shape) > 0.5
+    packed = pack_mask(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(m.numel() / 8)
+    assert torch.equal(unpack_mask(packed, m.shape), m)
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_exact_on_tiny_nets(geometry, act, bn):
+    plain = _net(geometry, act)
+    with torch.no_grad():  # non-trivial BN statistics and affine
+        for m in plain.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    plain.train(bn == "train")
+    for p in plain[3].parameters():
+        p.requires_grad_(False)  # the frozen conv under test
+    for p in plain[4].parameters():
+        p.requires_grad_(False)  # its BN affine frozen
+    lean = copy.deepcopy(plain)
+    report = lean_activations(lean)
+    assert lean[3]._convpeft_lean == "conv"
+    assert (getattr(lean[4], "_convpeft_lean", None) == "norm") == (bn == "eval")
+    assert getattr(lean[1], "_convpeft_lean", None) is None  # trainable affine stays plain
+    assert {r.action for r in report.lean} >= {"conv", "act"}
+    _assert_exact(plain, lean, torch.randn(2, 3, 9, 9))
+
+
+@pytest.mark.parametrize("method", ["head", "lora-activation", "lora-weight", "dora", "bitfit"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_exact_on_torchvision_models(arch, method):
+    torch.manual_seed(0)
+    plain = (resnet18 if arch == "resnet18" else mobilenet_v2)(num_classes=10).eval()
+    head = "fc" if arch == "resnet18" else "classifier"
+    if method == "head":
+        for n, p in plain.named_parameters():
+            p.requires_grad_(n.startswith(head))
+    elif method == "bitfit":
+        for n, p in plain.named_parameters():
+            p.requires_grad_(n.startswith(head) or n.endswith("bias"))
+    else:
+        name, _, mode = method.partition("-")
+        apply_adapters(plain, name, 4, target="conv", trainable=[f"^{head}\\."],
+                       mode=mode or "auto")
+        with torch.no_grad():
+            for n, p in plain.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    lean = copy.deepcopy(plain)
+    report = lean_activations(lean)
+    assert report.counts().get("act", 0) > 0
+    if method in ("head", "bitfit"):
+        assert report.counts().get("conv", 0) > 0
+    else:  # adapted convs keep their input for A; say why
+        assert any("adapter base layer" in r.reason for r in report.rows)
+    _assert_exact(plain, lean, torch.randn(2, 3, 32, 32))
+
+
+def test_saved_bytes_match_hand_computed_figures():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8))
+    net.eval().requires_grad_(False)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    plain = saved_bytes_by_layer(net, x)
+    # plain: the conv saves its input (2*3*5*5 fp32), ReLU its output (2*8*5*5 fp32); BN in
+    # eval mode saves its input too (the ReLU output, already counted once)
+    assert plain == {"0": 2 * 3 * 5 * 5 * 4, "1": 2 * 8 * 5 * 5 * 4}
+    report = lean_activations(net)
+    lean = saved_bytes_by_layer(net, x)
+    # lean: the conv keeps only its (resident) weight, ReLU 1 bit per element, BN only scale
+    assert lean == {"1": math.ceil(2 * 8 * 5 * 5 / 8), "2": 8 * 4}
+    report.undo()
+    assert saved_bytes_by_layer(net, x) == plain
+
+
+def test_undo_and_state_dict_are_unchanged():
+    net = _net("depthwise", "relu6").eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = lean_activations(net)
+    assert len(report.lean) == 6  # 2 convs, 2 BNs (eval, frozen), 2 activations
+    assert net.state_dict().keys() == before.keys()
+    assert restore_activations(net) == len(report.lean)
+    assert "forward" not in net[3].__dict__
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_a_lean_layer_unfrozen_later_gets_the_right_gradient():
+    plain = _net("standard", "relu").eval()
+    plain[3].requires_grad_(False)
+    lean = copy.deepcopy(plain)
+    lean_activations(lean)
+    for m in (plain, lean):
+        m[3].requires_grad_(True)  # unfrozen after lean_activations
+    _assert_exact(plain, lean, torch.randn(2, 3, 8, 8))
+    assert plain[3].weight.grad is not None
+
+
+def test_lean_model_runs_on_meta_tensors():
+    net = _net("grouped", "leaky").eval().requires_grad_(False)
+    net[-1].requires_grad_(True)
+    lean_activations(net)
+    meta = copy.deepcopy(net).to("meta")
+    y = meta(torch.empty(2, 3, 8, 8, device="meta", requires_grad=True))
+    y.sum().backward()
+    assert meta[-1].weight.grad.device.type == "meta"
