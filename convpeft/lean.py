@@ -44,8 +44,8 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from .layer_kinds import layer_kind
 
-__all__ = ["LeanReport", "LeanRow", "lean_activations", "restore_activations",
-           "saved_bytes_by_layer"]
+__all__ = ["LeanReport", "LeanRow", "frozen_conv2d", "lean_activations",
+           "restore_activations", "saved_bytes_by_layer"]
 
 _MARK = "_convpeft_lean"  # attribute on a lean module: what was done ("conv", "norm", "act")
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -140,6 +140,15 @@ class _LeakyReLU(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         pos = unpack_mask(packed, ctx.shape)
         return torch.where(pos, gy, gy * ctx.slope), None
+
+
+def frozen_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``F.conv2d`` for a frozen ``weight``/``bias`` that saves no input for backward (only
+    ``grad_x`` flows). The caller guarantees neither ``weight`` nor ``bias`` requires grad."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _FrozenConv.apply(x, weight, bias, stride, padding, dilation, groups)
 
 
 # ----------------------------------------------------------------------------- forwards

@@ -11,6 +11,8 @@ bitfit     every bias + the classifier (AdamW). torchvision's convs that a BN fo
            1x1 convs and hidden classifier Linear).
 lora       low-rank adapters on the ``target`` convs (:func:`convpeft.apply_adapters`) + the
            classifier (+ BN affine under ``bn="train"``); AdamW over those
+lora-fa    as lora with ``A`` frozen at its random init (LoRA-FA): half the adapter trains, and
+           a conv saves ``A x`` instead of ``x`` for backward where that is smaller
 dora       as lora, with weight-decomposed (magnitude/direction) adapters
 galore     every parameter; :func:`convpeft.optim.galore_optimizer` projects the ``target``
            convs' gradients to rank ``rank`` (AdamW state in the projected space), plain AdamW
@@ -234,8 +236,10 @@ def _setup_adapters(model: nn.Module, cfg: MethodConfig):
         trainable.append(rf"^{re.escape(head)}\.")
     if cfg.bn == "train":
         trainable += [rf"^{re.escape(n)}$" for n in sorted(_bn_param_names(model))]
+    fa = cfg.name.endswith("-fa")  # "lora-fa": LoRA with A frozen (LoRA-FA)
     report = apply_adapters(
-        model, method=cfg.name, rank=cfg.rank, alpha=cfg.alpha, target=cfg.target,
+        model, method=cfg.name.removesuffix("-fa"), rank=cfg.rank, freeze_a=fa, alpha=cfg.alpha,
+        target=cfg.target,
         exclude=cfg.exclude, rank_pattern=cfg.rank_pattern, mode=cfg.mode,
         trainable=trainable or None, dropout=cfg.dropout,
     )
@@ -261,6 +265,8 @@ register_method(MethodSpec("bitfit", "biases (BN shifts) + classifier", 1e-2, _s
 register_method(MethodSpec("lora", "LoRA adapters on convs + classifier", 3e-3, _setup_adapters))
 register_method(MethodSpec("dora", "DoRA adapters on convs + classifier", 3e-3, _setup_adapters))
 register_method(MethodSpec("galore", "GaLore-projected AdamW, all params", 1e-3, _setup_galore))
+register_method(MethodSpec("lora-fa", "LoRA-FA (A frozen, B trains) on convs + classifier", 3e-3,
+                           _setup_adapters))
 
 
 def _apply_bn_freezing(model: nn.Module, cfg: MethodConfig) -> None:

@@ -173,3 +173,66 @@ def test_lean_model_runs_on_meta_tensors():
     y = meta(torch.empty(2, 3, 8, 8, device="meta", requires_grad=True))
     y.sum().backward()
     assert meta[-1].weight.grad.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- LoRA-FA
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("rank", [1, 3])
+def test_lora_fa_is_exact_and_trains_only_b(geometry, rank):
+    torch.manual_seed(0)
+    base = _net(geometry, "relu").eval()
+    fa = copy.deepcopy(base)
+    ref = copy.deepcopy(base)
+    apply_adapters(fa, "lora", rank, mode="activation", freeze_a=True, trainable=[r"^8\."])
+    apply_adapters(ref, "lora", rank, mode="activation", trainable=[r"^8\."])
+    ref.load_state_dict(fa.state_dict())
+    for name, p in ref.named_parameters():  # the plain path with A frozen by hand
+        if "lora_A" in name:
+            p.requires_grad_(False)
+    with torch.no_grad():
+        for m in (fa, ref):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.3, 0.3, p.numel()).view_as(p))
+    assert not any(p.requires_grad for n, p in fa.named_parameters() if "lora_A" in n)
+    assert all(p.requires_grad for n, p in fa.named_parameters() if "lora_B" in n)
+    _assert_exact(ref, fa, torch.randn(2, 3, 9, 9))
+
+
+def test_lora_fa_saves_the_projection_not_the_input():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    for kind, conv in (("standard", nn.Conv2d(16, 16, 3, padding=1)),
+                       ("depthwise", nn.Conv2d(16, 16, 3, padding=1, groups=16))):
+        plain, fa = nn.Sequential(copy.deepcopy(conv)), nn.Sequential(copy.deepcopy(conv))
+        apply_adapters(plain, "lora", 2, mode="activation")
+        apply_adapters(fa, "lora", 2, mode="activation", freeze_a=True)
+        saved_plain = saved_bytes_by_layer(plain, x)["0"]
+        saved_fa = saved_bytes_by_layer(fa, x)["0"]
+        g = conv.groups
+        h_bytes = 2 * g * 2 * 8 * 8 * 4  # h = A x: g r channels, kept for B's gradient
+        if kind == "standard":
+            # plain: x (once, shared by the base conv and A) and h; LoRA-FA: h alone
+            assert saved_plain == x.numel() * 4 + h_bytes
+            assert saved_fa == h_bytes
+        else:  # g r = 32 channels > 16: keeping x is smaller, so the plain path runs
+            # (x, h, and A repeated per group, which A's conv keeps for x's gradient)
+            assert saved_plain == x.numel() * 4 + h_bytes + 16 * 2 * 9 * 4
+            assert saved_fa == saved_plain
+
+
+def test_lora_fa_round_trips_and_is_a_method(tmp_path):
+    from convpeft import load_adapters, save_adapters
+    from convpeft.methods import MethodConfig, prepare
+
+    net = _net("standard", "relu")
+    apply_adapters(net, "lora", 2, freeze_a=True)
+    save_adapters(net, tmp_path)
+    fresh = _net("standard", "relu")
+    load_adapters(fresh, tmp_path)
+    assert all(m.freeze_a for n, m in fresh.named_modules() if hasattr(m, "freeze_a"))
+    p = prepare(_net("standard", "relu"), MethodConfig("lora-fa", rank=2))
+    names = {n for n, q in p.model.named_parameters() if q.requires_grad}
+    assert any("lora_B" in n for n in names) and not any("lora_A" in n for n in names)

@@ -61,6 +61,11 @@ class AdapterConfig:
     dropout: float = field(
         default=0.0, metadata=_help("dropout on the adapter branch input (forces activation mode)")
     )
+    freeze_a: bool = field(
+        default=False,
+        metadata=_help("LoRA-FA: keep A at its random init and train only B; a LoRA conv then "
+                       "saves A x instead of x for backward where that is smaller"),
+    )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the fix for any bad field."""

@@ -62,6 +62,7 @@ from torch import nn
 
 from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops
 from ..layer_kinds import layer_kind
+from ..lean import frozen_conv2d
 from .config import check_alpha, check_mode, check_rank, scaling
 
 _NORM_EPS = 1e-12
@@ -114,6 +115,7 @@ class AdapterLayer(nn.Module):
         rslora: bool = False,
         mode: str = "auto",
         dropout: float = 0.0,
+        freeze_a: bool = False,
     ) -> None:
         super().__init__()
         check_rank(rank)
@@ -150,6 +152,10 @@ class AdapterLayer(nn.Module):
         bound = 1.0 / math.sqrt(w[0].numel())
         with torch.no_grad():
             self.lora_A.uniform_(-bound, bound)
+        # LoRA-FA (Zhang et al. 2023, arXiv 2308.03303): A stays at its random init, only B
+        # trains, so B's gradient needs only the projection A x, not x (see _forward_activation).
+        self.freeze_a = bool(freeze_a)
+        self.lora_A.requires_grad_(not self.freeze_a)
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
         self._mode_cache: dict[tuple, str] = {}
@@ -166,7 +172,12 @@ class AdapterLayer(nn.Module):
         return int(self.base_layer.weight[0].numel())
 
     def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every adapter tensor (saved and loaded), trained or not."""
         return [self.lora_A, self.lora_B]
+
+    def trainable_adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapter tensors that train: all of them, or all but ``A`` with ``freeze_a``."""
+        return [p for p in self.adapter_parameters() if not (self.freeze_a and p is self.lora_A)]
 
     def num_adapter_params(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters())
@@ -199,6 +210,8 @@ class AdapterLayer(nn.Module):
             training = torch.is_grad_enabled() and self.lora_B.requires_grad
         if training and self.dropout_p > 0 and self.training:
             return "activation"
+        if training and self.freeze_a:
+            return "activation"  # weight space would need x for B's gradient
         key = (tuple(x_shape), bool(training), bool(input_grad))
         mode = self._mode_cache.get(key)
         if mode is None:
@@ -323,9 +336,30 @@ class LoRAConv2d(AdapterLayer):
     def _lora_input(self, x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
         return xp if isinstance(self.dropout, nn.Identity) else self._pad(self.dropout(x))
 
+    def _fa_saves_less(self, xp: torch.Tensor) -> bool:
+        """LoRA-FA's lean path saves ``h = conv_A(x)`` (``g r`` channels at the output size)
+        instead of ``x``; on depthwise/grouped layers ``g r`` often exceeds ``C_in``, and then
+        keeping ``x`` is smaller, so this decides per layer and input shape."""
+        n, c, hi, wi = xp.shape
+        base = self.base_layer
+        ho, wo = conv2d_output_hw((hi, wi), base.kernel_size, stride=base.stride,
+                                  padding=self._conv_pad, dilation=base.dilation)
+        return self.groups * self.rank * ho * wo < c * hi * wi
+
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         xp = self._pad(x)
+        frozen = not (self.lora_A.requires_grad or base.weight.requires_grad
+                      or (base.bias is not None and base.bias.requires_grad))
+        if (self.freeze_a and frozen and torch.is_grad_enabled()
+                and isinstance(self.dropout, nn.Identity) and self._fa_saves_less(xp)):
+            # Both convs on x have frozen weights: run them through a Function that keeps only
+            # the weight, so the one activation saved here is h (for B's gradient).
+            geo = (base.stride, self._conv_pad, base.dilation, base.groups)
+            y = frozen_conv2d(xp, base.weight, base.bias, *geo)
+            h = frozen_conv2d(xp, self.a_conv_weight(), None, *geo)
+            b = F.conv2d(h, self.b_conv_weight(), None, 1, 0, 1, self.groups)
+            return y.add_(b, alpha=self.scaling)
         y = self._conv(xp, base.weight, base.bias)
         # In place: the frozen conv's backward does not need its output, so this saves a copy.
         return y.add_(self.lora_branch(self._lora_input(x, xp)), alpha=self.scaling)

@@ -208,10 +208,11 @@ def set_trainable(model: nn.Module, trainable: Iterable[str] | None) -> list[str
     trainable = pattern_list(trainable, what="trainable")
     patterns = [re.compile(p) for p in trainable]
     adapter_ids = {id(p) for _, m in adapter_layers(model) for p in m.adapter_parameters()}
+    train_ids = {id(p) for _, m in adapter_layers(model) for p in m.trainable_adapter_parameters()}
     kept = []
     for n, p in model.named_parameters():
         if id(p) in adapter_ids:
-            p.requires_grad_(True)
+            p.requires_grad_(id(p) in train_ids)  # LoRA-FA's A stays frozen
         elif any(pat.search(n) for pat in patterns):
             p.requires_grad_(True)
             kept.append(n)
@@ -238,6 +239,7 @@ def apply_adapters(
     trainable: list[str] | None = None,
     rslora: bool = False,
     dropout: float = 0.0,
+    freeze_a: bool = False,
 ) -> AdapterReport:
     """Wrap the selected layers of ``model`` with LoRA/DoRA adapters, in place.
 
@@ -247,6 +249,9 @@ def apply_adapters(
     ``alpha``: ``None`` means ``alpha = rank`` per layer. ``mode``: ``"activation"``,
     ``"weight"`` or ``"auto"`` (see :mod:`convpeft.adapters.lora`). Every parameter that is not
     an adapter's is frozen unless its name matches a ``trainable`` regex (e.g. ``["^fc\\."]``).
+    ``freeze_a=True`` is LoRA-FA: ``A`` stays at its random init and only ``B`` (and DoRA's
+    magnitude) trains; a LoRA conv then saves ``A x`` (``g r`` channels) for backward instead of
+    ``x`` wherever that is smaller (not on most depthwise layers, where ``g r > C_in``).
     Returns an :class:`AdapterReport` of the layers adapted by this call (totals cover the model).
 
     Calling it again on *other* layers is allowed (e.g. DoRA on the pointwise convs, LoRA on
@@ -258,7 +263,7 @@ def apply_adapters(
     pattern_list(list(rank_pattern or {}), what="rank_pattern")
     cfg = AdapterConfig(method=method, rank=rank, alpha=alpha, target=target, exclude=exclude,
                         rank_pattern=rank_pattern, mode=mode, trainable=trainable, rslora=rslora,
-                        dropout=dropout)
+                        dropout=dropout, freeze_a=freeze_a)
     cfg.validate()
     check_target(target)
     chosen = select_layers(model, target, exclude)
@@ -269,7 +274,7 @@ def apply_adapters(
         )
     specs = {
         name: {"method": method, "rank": _rank_for(name, rank, rank_pattern), "alpha": alpha,
-               "rslora": rslora, "mode": mode, "dropout": dropout}
+               "rslora": rslora, "mode": mode, "dropout": dropout, "freeze_a": bool(freeze_a)}
         for name, _ in chosen
     }
     with all_or_nothing(model):

@@ -122,7 +122,7 @@ def load_adapter_state_dict(
 def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {
         name: {"method": m.method, "rank": m.rank, "alpha": m.alpha, "rslora": m.rslora,
-               "mode": m.mode, "dropout": m.dropout_p}
+               "mode": m.mode, "dropout": m.dropout_p, "freeze_a": m.freeze_a}
         for name, m in adapter_layers(model)
     }
 
@@ -172,7 +172,7 @@ def _read_state(d: Path) -> dict[str, torch.Tensor]:
 
 _LAYER_FIELDS: dict[str, tuple[type, ...]] = {
     "method": (str,), "rank": (int,), "alpha": (int, float, type(None)), "rslora": (bool,),
-    "mode": (str,), "dropout": (int, float),
+    "mode": (str,), "dropout": (int, float), "freeze_a": (bool,),
 }
 
 
