@@ -3,10 +3,10 @@
 ``python -m benchmarks.lean_memory`` predicts with the analytic profiler (shapes only, no data)
 the peak of one AdamW update at batch 64 x 224x224 (``--batch``, ``--resolution``) for
 MobileNetV2 and ResNet18: full fine-tuning with BN in train mode (the study's baseline), full
-FT with BN frozen, and head / LoRA / LoRA-FA / DoRA (r=8, every conv, head trainable, BN frozen), each
-plain and lean. Ratios are against the baseline measured in the same run. ``--measure``
-also runs one real update of each at a small size (batch 8 x 64x64) and prints the measured
-peak next to the analytic one and the lean/plain step-time ratio.
+FT with BN frozen, and head / LoRA / LoRA-FA / DoRA (r=8, every conv, head trainable, BN
+frozen), each plain and lean. Ratios are against the baseline measured in the same run.
+``--measure`` also runs one real update of each at a small size (batch 8 x 64x64) and
+prints the measured peak next to the analytic one and the step time.
 """
 
 from __future__ import annotations

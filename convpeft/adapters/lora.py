@@ -175,6 +175,11 @@ class AdapterLayer(nn.Module):
         """Every adapter tensor (saved and loaded), trained or not."""
         return [self.lora_A, self.lora_B]
 
+    def fa_saves_less(self, x_shape: tuple[int, ...]) -> bool:
+        """Would LoRA-FA's lean path (save ``A x``, not ``x``) save less? Only LoRA convs have
+        that path (:class:`LoRAConv2d`)."""
+        return False
+
     def trainable_adapter_parameters(self) -> list[nn.Parameter]:
         """The adapter tensors that train: all of them, or all but ``A`` with ``freeze_a``."""
         return [p for p in self.adapter_parameters() if not (self.freeze_a and p is self.lora_A)]
@@ -210,8 +215,8 @@ class AdapterLayer(nn.Module):
             training = torch.is_grad_enabled() and self.lora_B.requires_grad
         if training and self.dropout_p > 0 and self.training:
             return "activation"
-        if training and self.freeze_a:
-            return "activation"  # weight space would need x for B's gradient
+        if training and self.freeze_a and self.fa_saves_less(tuple(x_shape)):
+            return "activation"  # LoRA-FA's lean path; weight space would keep x
         key = (tuple(x_shape), bool(training), bool(input_grad))
         mode = self._mode_cache.get(key)
         if mode is None:
@@ -336,15 +341,12 @@ class LoRAConv2d(AdapterLayer):
     def _lora_input(self, x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
         return xp if isinstance(self.dropout, nn.Identity) else self._pad(self.dropout(x))
 
-    def _fa_saves_less(self, xp: torch.Tensor) -> bool:
+    def fa_saves_less(self, x_shape: tuple[int, ...]) -> bool:
         """LoRA-FA's lean path saves ``h = conv_A(x)`` (``g r`` channels at the output size)
         instead of ``x``; on depthwise/grouped layers ``g r`` often exceeds ``C_in``, and then
         keeping ``x`` is smaller, so this decides per layer and input shape."""
-        n, c, hi, wi = xp.shape
-        base = self.base_layer
-        ho, wo = conv2d_output_hw((hi, wi), base.kernel_size, stride=base.stride,
-                                  padding=self._conv_pad, dilation=base.dilation)
-        return self.groups * self.rank * ho * wo < c * hi * wi
+        n, (ho, wo) = self._geometry(x_shape)
+        return self.groups * self.rank * ho * wo < x_shape[-3] * x_shape[-2] * x_shape[-1]
 
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -352,7 +354,7 @@ class LoRAConv2d(AdapterLayer):
         frozen = not (self.lora_A.requires_grad or base.weight.requires_grad
                       or (base.bias is not None and base.bias.requires_grad))
         if (self.freeze_a and frozen and torch.is_grad_enabled()
-                and isinstance(self.dropout, nn.Identity) and self._fa_saves_less(xp)):
+                and isinstance(self.dropout, nn.Identity) and self.fa_saves_less(tuple(x.shape))):
             # Both convs on x have frozen weights: run them through a Function that keeps only
             # the weight, so the one activation saved here is h (for B's gradient).
             geo = (base.stride, self._conv_pad, base.dilation, base.groups)
