@@ -28,12 +28,12 @@ CONFIGS = [  # (label, method, bn, lean)
     ("full FT, BN frozen", "full", "freeze", False),
     ("head only", "head", "freeze", False),
     ("head only, lean", "head", "freeze", True),
-    ("LoRA r8", "lora", "freeze", False),
-    ("LoRA r8, lean", "lora", "freeze", True),
-    ("LoRA-FA r8", "lora-fa", "freeze", False),
-    ("LoRA-FA r8, lean", "lora-fa", "freeze", True),
-    ("DoRA r8", "dora", "freeze", False),
-    ("DoRA r8, lean", "dora", "freeze", True),
+    ("LoRA", "lora", "freeze", False),
+    ("LoRA, lean", "lora", "freeze", True),
+    ("LoRA-FA", "lora-fa", "freeze", False),
+    ("LoRA-FA, lean", "lora-fa", "freeze", True),
+    ("DoRA", "dora", "freeze", False),
+    ("DoRA, lean", "dora", "freeze", True),
 ]
 
 
@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     rows = run(a.models.split(","), a.batch, a.resolution, a.rank, a.measure)
-    print(f"peak memory of one AdamW update, batch {a.batch} x {a.resolution}^2 (analytic)")
+    print(f"peak memory of one AdamW update, batch {a.batch} x {a.resolution}^2, "
+          f"adapter rank {a.rank} (analytic)")
     for r in rows:
         extra = ""
         if a.measure:

@@ -236,3 +236,13 @@ def test_lora_fa_round_trips_and_is_a_method(tmp_path):
     p = prepare(_net("standard", "relu"), MethodConfig("lora-fa", rank=2))
     names = {n for n, q in p.model.named_parameters() if q.requires_grad}
     assert any("lora_B" in n for n in names) and not any("lora_A" in n for n in names)
+
+
+def test_lean_memory_benchmark_orders_the_configurations():
+    from benchmarks.lean_memory import run
+
+    rows = {r["config"]: r for r in run(["mobilenet_v2"], 4, 64, 4, measure=False)}
+    assert rows["full FT, BN train (baseline)"]["ratio"] == 1.0
+    assert rows["LoRA, lean"]["peak_mib"] < rows["LoRA"]["peak_mib"]
+    assert rows["LoRA-FA, lean"]["peak_mib"] < rows["LoRA, lean"]["peak_mib"]
+    assert rows["DoRA, lean"]["peak_mib"] < rows["DoRA"]["peak_mib"]
