@@ -15,13 +15,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 
+from convpeft.methods import list_methods
 from convpeft.profiler import analytic_profile, format_profile, profile_update
 
-METHODS = ("full", "head", "bitfit", "lora", "dora", "galore")
+RANKED = ("lora", "lora-fa", "dora", "galore")
+
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before building anything, what would fail later or silently profile nothing."""
+    for name in ("batch", "resolution", "rank", "repeat", "num_classes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 "
+                             f"(got {getattr(args, name)})")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0 (got {args.warmup})")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: only cpu and cuda are supported")
+    w = args.weights
+    if w is not None and (os.sep in w or w.endswith((".pt", ".pth", ".safetensors"))) \
+            and not os.path.isfile(w):
+        raise ValueError(f"--weights {w}: no such file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m convpeft.profile",
         description="Profile ONE training update (FLOPs by pass, peak memory by category, time).")
     ap.add_argument("--model", default="mobilenet_v2", help="backbone (convpeft.models)")
-    ap.add_argument("--method", default="lora", choices=METHODS)
+    ap.add_argument("--method", default="lora", choices=list_methods())
     ap.add_argument("--rank", type=int, default=8, help="LoRA/DoRA/GaLore rank")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--resolution", type=int, default=64, help="input H = W")
@@ -72,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     try:
+        check_args(args)
         model, optimizer = prepare_model(args)
         shape = (args.batch, 3, args.resolution, args.resolution)
         if args.analytic:
@@ -83,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             prof = profile_update(model, optimizer, x, y, warmup=args.warmup, repeat=args.repeat,
                                   per_layer=args.per_layer, compare_torch=not args.no_torch,
                                   allocator_peak=args.allocator_peak)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -91,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.model} + {args.method}"
-              + (f" (rank {args.rank})" if args.method in ("lora", "dora", "galore") else ""))
+              + (f" (rank {args.rank})" if args.method in RANKED else ""))
         print(format_profile(prof))
     return 0
 

@@ -82,6 +82,12 @@ def analytic_profile(
         mopt = optimizer(mmodel)
     else:
         raise TypeError("optimizer must be a torch.optim.Optimizer or a callable model -> opt")
+    for m in mmodel.modules():
+        # momentum=None (a cumulative average, e.g. AdaBN) makes BN compute its factor in Python
+        # from num_batches_tracked, which a meta tensor cannot give. The factor only changes the
+        # value passed to the same batch-norm kernel, not its FLOPs or memory: any float does.
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None:
+            m.momentum = 0.1
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = torch.empty(shape, dtype=dtype, device="meta")
     if targets is not None:
