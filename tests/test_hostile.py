@@ -194,3 +194,11 @@ def test_malformed_config_names_file_and_field(saved, tmp_path, edit, field):
         assert "adapter_config.json" in str(e.value)
     assert_same(m, snap)
     _retry_works(m, good, expected, x)
+
+
+def test_a_huge_rank_is_refused_before_allocating():
+    m = tiny()
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match=r"layer '0': a rank-100000000 adapter needs .* MiB"):
+        apply_adapters(m, "lora", 100_000_000)
+    assert_same(m, snap)

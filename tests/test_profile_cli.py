@@ -34,3 +34,40 @@ def test_analytic_profile_of_adabn_bn_stats(capsys):
             "--resolution", "64", "--analytic", "--no-torch"]
     assert main(argv) == 0
     assert "mobilenet_v3_small + lora (rank 8)" in capsys.readouterr().out
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", ["empty", "nan", "inf", "frozen_optimizer", "frozen_model"])
+def test_profile_update_refuses_bad_input_and_leaves_the_model_alone(case):
+    from torch import nn
+
+    from convpeft.profiler import profile_update
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))  # materialise the lazy layer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 2, (4,))
+    if case == "empty":
+        x, y = x[:0], y[:0]
+    elif case == "nan":
+        x[1, 0, 2, 2] = float("nan")
+    elif case == "inf":
+        x[0, 2, 0, 0] = float("inf")
+    elif case == "frozen_optimizer":
+        model[0].requires_grad_(False)
+        opt = torch.optim.AdamW(model[0].parameters(), lr=1e-3)
+    else:
+        model.requires_grad_(False)
+    before = _snapshot(model)
+    match = {"empty": "empty", "nan": "NaN or inf", "inf": "NaN or inf",
+             "frozen_optimizer": "only frozen parameters", "frozen_model": "frozen"}[case]
+    with pytest.raises(ValueError, match=match):
+        profile_update(model, opt, x, y, repeat=1)
+    after = _snapshot(model)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k

@@ -167,6 +167,23 @@ def _kind_counts(model: nn.Module) -> str:
     return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
 
 
+MAX_ADAPTER_BYTES = 2**30  # one layer's A + B; far beyond any useful rank on an edge CNN
+
+
+def _check_adapter_size(name: str, layer: nn.Module, rank: int) -> None:
+    """Refuse, before allocating, an adapter larger than :data:`MAX_ADAPTER_BYTES` (a typo'd
+    rank would otherwise try to allocate gigabytes, or succeed and train nonsense)."""
+    w = layer.weight
+    n = rank * (w.shape[0] + w[0].numel())
+    nbytes = n * w.element_size()
+    if nbytes > MAX_ADAPTER_BYTES:
+        raise ValueError(
+            f"layer {name!r}: a rank-{rank} adapter needs {nbytes / 2**20:,.0f} MiB ({n:,} "
+            f"parameters, the layer itself has {w.numel():,}); ranks above "
+            f"min(C_out, C_in/g*k*k) = {min(w.shape[0], w[0].numel())} add no expressiveness: "
+            "use a smaller rank or rank_pattern for this layer")
+
+
 def _rank_for(name: str, rank: int, rank_pattern: dict[str, int] | None) -> int:
     for pattern, r in (rank_pattern or {}).items():
         if re.search(pattern, name):
@@ -272,6 +289,8 @@ def apply_adapters(
             f"target={target!r} (exclude={exclude!r}) matched no layer; this model has: "
             f"{_kind_counts(model)}. Pick one of those kinds or loosen exclude."
         )
+    for name, layer in chosen:
+        _check_adapter_size(name, layer, _rank_for(name, rank, rank_pattern))
     specs = {
         name: {"method": method, "rank": _rank_for(name, rank, rank_pattern), "alpha": alpha,
                "rslora": rslora, "mode": mode, "dropout": dropout, "freeze_a": bool(freeze_a)}

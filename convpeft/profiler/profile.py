@@ -235,12 +235,26 @@ def _check_inputs(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: to
     if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must "
                          "have the same (non-empty) batch dimension")
+    if inputs.shape[0] == 0:
+        raise ValueError("the batch is empty (0 samples): profile a batch of at least one")
+    # checked before anything runs: a NaN/inf batch would write NaN into the caller's
+    # parameters and BN running statistics during the real updates of the profile
+    if (inputs.device.type != "meta" and inputs.is_floating_point()
+            and not bool(torch.isfinite(inputs).all())):
+        raise ValueError("the inputs contain NaN or inf; profiling runs real updates, which "
+                         "would write NaN into the model's weights and BN statistics")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("every parameter of the model is frozen, so an update changes nothing; "
+                         "unfreeze what should train (or apply a PEFT method) first")
     model_params = {id(p) for p in model.parameters()}
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
     if not any(id(p) in model_params for p in opt_params):
         raise ValueError(f"the optimizer ({type(optimizer).__name__}, {len(opt_params)} params) "
                          "holds no parameter of the model: build it from model.parameters() "
                          "after applying the PEFT method")
+    if not any(id(p) in model_params and p.requires_grad for p in opt_params):
+        raise ValueError("the optimizer holds only frozen parameters of the model: build it "
+                         "from [p for p in model.parameters() if p.requires_grad]")
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and (inputs.dim() != 4 or inputs.shape[1] != first.in_channels):
         raise ValueError(f"the model's first conv takes (N, {first.in_channels}, H, W) input; "
