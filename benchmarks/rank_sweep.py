@@ -38,7 +38,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.results import ResultsStore, environment_metadata, flatten
+from benchmarks.results import (
+    JSONL_NAME,
+    ResultsStore,
+    dedupe,
+    environment_metadata,
+    flatten,
+    locked,
+    read_jsonl,
+)
 from benchmarks.sweep_grid import (
     ALL_METHODS,
     ALL_TASKS,
@@ -438,6 +446,9 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     trained = prepared.model
     row["trainable_params"] = int(prepared.trainable_params)
     row["total_params"] = int(sum(p.numel() for p in prepared.model.parameters()))
+    if hasattr(prepared.report, "fallback"):  # GaLore: weights whose rank made it plain AdamW
+        row["galore_projected_weights"] = len(prepared.report.projected)
+        row["galore_fallback_weights"] = len(prepared.report.fallback)
 
     # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
     if not settings.profile_only:
@@ -635,7 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
     if interrupted:
         return 130
-    md = finish(plan, ResultsStore(plan.out).rows)
+    # under the folder's lock: a sweep finishing beside this one cannot interleave a staler
+    # findings.md, and the last one to finish writes every row of the JSONL
+    with locked(plan.out):
+        md = finish(plan, dedupe(read_jsonl(plan.out / JSONL_NAME)))
     print()
     print(md)
     n_fail = sum(r.get("status") != "ok" for r in rows)

@@ -470,3 +470,13 @@ def test_concurrent_writers_into_one_folder_lose_no_rows(tmp_path):
     keys = {f"{t}{i}" for t in "pq" for i in range(25)}
     assert {r["key"] for r in read_jsonl(tmp_path / "results.jsonl")} == keys
     assert {r["key"] for r in load_results(tmp_path / "results.csv")} == keys
+
+
+def test_galore_rows_say_which_weights_fell_back_to_adamw(tmp_path):
+    rc = rank_sweep.main([*tiny("mobilenet_v2", "galore", "1,64"), "--profile-only",
+                          "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    rows = {r["rank"]: r for r in load_results(tmp_path)}
+    # MobileNetV2's 3x3 depthwise weights are (C, 9): rank 64 >= 9 leaves them plain AdamW
+    assert rows[64]["galore_fallback_weights"] > rows[1]["galore_fallback_weights"] == 0
+    assert rows[1]["galore_projected_weights"] > rows[64]["galore_projected_weights"]
