@@ -23,7 +23,8 @@ from benchmarks.plot import MIB, _num
 from benchmarks.results import load_results
 
 ADAPTERS = ("lora", "dora")
-NAMES = {"lora": "LoRA", "dora": "DoRA", "galore": "GaLore", "full": "full FT"}
+NAMES = {"lora": "LoRA", "lora-fa": "LoRA-FA", "dora": "DoRA", "galore": "GaLore",
+         "full": "full FT"}
 
 
 def _rank(r: dict) -> int | None:

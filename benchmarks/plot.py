@@ -50,6 +50,7 @@ METHOD_STYLE = {
     "head": dict(color="#8172b3", ls=":"),
     "bitfit": dict(color="#937860", ls="-."),
     "lora": dict(color="#4c72b0", marker="o"),
+    "lora-fa": dict(color="#64b5cd", marker="v"),
     "dora": dict(color="#dd8452", marker="s"),
     "galore": dict(color="#55a868", marker="^"),
 }
@@ -58,6 +59,7 @@ METHOD_NAMES = {
     "head": "head only",
     "bitfit": "BitFit",
     "lora": "LoRA",
+    "lora-fa": "LoRA-FA",
     "dora": "DoRA",
     "galore": "GaLore",
 }

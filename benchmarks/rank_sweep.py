@@ -57,6 +57,7 @@ from benchmarks.sweep_grid import (
     expand_grid,
     parse_dataset,
 )
+from convpeft.methods import list_methods
 from convpeft.models import TESTED_MODELS, list_models
 
 DEFAULT_OUT = "results/rank_sweep"
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated torchvision model names, e.g. mobilenet_v2,resnet18 "
                    "(preset's list if omitted)")
     g.add_argument("--methods", type=_csv_list, default=None,
-                   help=f"comma-separated methods from {','.join(ALL_METHODS)}")
+                   help=f"comma-separated methods from {','.join(list_methods())} "
+                   f"(default grid: {','.join(ALL_METHODS)})")
     g.add_argument("--ranks", type=_int_list, default=None,
                    help="comma-separated ranks for the low-rank methods (lora, dora, galore); "
                    "full/head/bitfit run once per model/task/seed")
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "stats = adapt running stats only (default: convpeft.methods' default)")
     t.add_argument("--no-small-input", action="store_true",
                    help="keep the ImageNet stem (by default the stem is adapted to small images)")
+    t.add_argument("--lean", action="store_true",
+                   help="memory-lean activations (convpeft.lean_activations; exact): frozen "
+                   "convs/BN and ReLU-like activations save only what backward needs")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     o = p.add_argument_group("output")
@@ -196,9 +201,9 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     ranks = a.ranks if a.ranks is not None else pre.ranks
     tasks = a.tasks if a.tasks is not None else pre.tasks
     seeds = a.seeds if a.seeds is not None else pre.seeds
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in list_methods()]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(list_methods())}")
     bad = [t for t in tasks if t not in ALL_TASKS]
     if bad:
         raise ValueError(f"unknown task(s) {bad}; choose from {', '.join(ALL_TASKS)}")
@@ -232,6 +237,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         profile_only=a.profile_only,
         profile_repeat=a.profile_repeat,
         device=device,
+        lean=a.lean,
     )
     if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
         raise ValueError("--epochs must be >= 0, --batch-size >= 1, --resolution >= 8")
@@ -405,7 +411,7 @@ def method_config(cfg: Config, settings: SweepSettings):
         kw["bn"] = settings.bn
     if settings.lr is not None:
         kw["lr"] = settings.lr
-    return MethodConfig(cfg.method, **kw)
+    return MethodConfig(cfg.method, lean=settings.lean, **kw)
 
 
 def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> dict:
@@ -498,6 +504,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "test_per_class": s.test_per_class,
         "replay_per_class": s.replay_per_class if cfg.task == "new_classes" else None,
         "small_input": s.small_input,
+        "lean": s.lean,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),
         # present in every row (None under --profile-only or on failure): a uniform table

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-RANKED_METHODS: tuple[str, ...] = ("lora", "dora", "galore")
+RANKED_METHODS: tuple[str, ...] = ("lora", "lora-fa", "dora", "galore")
 """Methods whose cost and accuracy depend on a rank; all others ignore ``--ranks``."""
 
 ALL_METHODS: tuple[str, ...] = ("full", "head", "bitfit", "lora", "dora", "galore")
@@ -49,6 +49,7 @@ class SweepSettings:
     profile_only: bool = False
     profile_repeat: int = 3
     device: str = "cpu"
+    lean: bool = False  # convpeft.lean_activations on every prepared model
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
@@ -58,8 +59,9 @@ class SweepSettings:
         d = asdict(self)
         for k in ("data_root", "device"):
             d.pop(k)
-        if not d["replay_per_class"]:  # keeps results written before the option resumable
-            d.pop("replay_per_class")
+        for k in ("replay_per_class", "lean"):  # off: keys of earlier results stay valid
+            if not d[k]:
+                d.pop(k)
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

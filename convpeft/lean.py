@@ -22,8 +22,9 @@ What stays plain, and why:
 * a conv that is the ``base_layer`` of an adapter: the adapter's ``A`` needs the input for its
   own gradient, and the wrapper computes both from the one saved tensor (never saved twice);
 * a conv with ``padding_mode != "zeros"`` or a non-``nn.Conv2d`` subclass (its ``forward`` may
-  do more than a convolution), a BN in train mode (batch statistics need the input) or with a
-  trainable affine (its weight gradient needs the normalised input);
+  do more than a convolution), a BN with a trainable affine (its weight gradient needs the
+  normalised input), and a BN while it is in train mode (batch statistics need the input; this
+  is checked on every call, so ``model.train()``/``eval()`` after this works as expected);
 * a layer made lean and *unfrozen later*: its lean forward checks ``requires_grad`` on every
   call and falls back to the plain forward, so a gradient is never silently wrong.
 
@@ -265,8 +266,10 @@ def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
         if not _frozen(m.weight, m.bias):
             return "trainable weight or bias"
     if action == "norm":
-        if m.training or m.running_var is None:
-            return "train mode (batch statistics need the input)"
+        # train/eval is decided per call (model.train() comes after this, in most loops): a
+        # BN in train mode runs its plain forward, since batch statistics need the input
+        if m.running_var is None:
+            return "no running statistics (batch statistics need the input)"
         if not _frozen(m.weight, m.bias):
             return "trainable affine (its weight gradient needs the normalised input)"
     return ""

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lean import lean_activations
 from .models import get_head
 
 __all__ = [
@@ -71,7 +72,9 @@ class MethodConfig:
     ``rank``/``alpha``/``rank_pattern``/``mode``/``dropout`` are for lora/dora; ``rank``,
     ``update_proj_gap``, ``galore_scale`` for galore; ``target``/``exclude`` select the layers
     adapted or projected (see :mod:`convpeft.layer_kinds`). ``train_head`` keeps the classifier
-    trainable for lora/dora (needed for new classes; on by default).
+    trainable for lora/dora (needed for new classes; on by default). ``lean=True`` runs
+    :func:`convpeft.lean_activations` on the prepared model (exact; the report is in
+    ``PreparedMethod.extra["lean"]``); BN goes lean only while in eval mode (``bn="freeze"``).
     """
 
     name: str
@@ -88,6 +91,7 @@ class MethodConfig:
     train_head: bool = True
     update_proj_gap: int = 200
     galore_scale: float = 0.25
+    lean: bool = False
 
     def __post_init__(self) -> None:
         get_method(self.name)
@@ -299,5 +303,8 @@ def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
     if report is None:
         report = {"trainable": _trainable_names(model), "trainable_params": count_trainable(model),
                   "total_params": sum(p.numel() for p in model.parameters())}
+    extra = {}
+    if cfg.lean:  # after freezing: frozen layers save only what backward needs (exact)
+        extra["lean"] = lean_activations(model)
     return PreparedMethod(model, opt, cfg, report, count_trainable(model),
-                          sum(p.numel() for p in model.parameters()))
+                          sum(p.numel() for p in model.parameters()), extra)

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--small-input", action="store_true", help="CIFAR-style stem")
     ap.add_argument("--bn", default="train", choices=("train", "freeze", "stats"))
     ap.add_argument("--target", default="conv", help="layers adapted/projected")
+    ap.add_argument("--lean", action="store_true",
+                    help="memory-lean activations (convpeft.lean_activations; exact)")
     ap.add_argument("--update-proj-gap", type=int, default=200, help="GaLore refresh period")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5, help="timed updates")
@@ -86,7 +88,7 @@ def prepare_model(args: argparse.Namespace):
     model = build_model(args.model, args.num_classes, weights=args.weights,
                         small_input=args.small_input)
     cfg = MethodConfig(args.method, rank=args.rank, bn=args.bn, target=args.target,
-                       update_proj_gap=args.update_proj_gap)
+                       update_proj_gap=args.update_proj_gap, lean=args.lean)
     prep = prepare(model, cfg)
     prep.model.to(args.device)
     prep.train_mode()

@@ -71,3 +71,16 @@ def test_profile_update_refuses_bad_input_and_leaves_the_model_alone(case):
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
+
+
+def test_lean_flag_lowers_the_analytic_peak(capsys):
+    import json
+
+    argv = ["--model", "mobilenet_v2", "--method", "lora", "--bn", "freeze", "--batch", "4",
+            "--resolution", "64", "--analytic", "--no-torch", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--lean"]) == 0
+    lean = json.loads(capsys.readouterr().out)
+    assert lean["memory_peak"] < 0.6 * plain["memory_peak"]
+    assert lean["flops_forward"] == plain["flops_forward"]

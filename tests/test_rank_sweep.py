@@ -480,3 +480,20 @@ def test_galore_rows_say_which_weights_fell_back_to_adamw(tmp_path):
     # MobileNetV2's 3x3 depthwise weights are (C, 9): rank 64 >= 9 leaves them plain AdamW
     assert rows[64]["galore_fallback_weights"] > rows[1]["galore_fallback_weights"] == 0
     assert rows[1]["galore_projected_weights"] > rows[64]["galore_projected_weights"]
+
+
+def test_lean_sweep_same_flops_less_memory_recorded_in_rows(tmp_path):
+    args = [*tiny("mobilenet_v2", "lora,lora-fa", "4"), "--profile-only", "--bn", "freeze",
+            "--no-plots"]
+    assert rank_sweep.main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert rank_sweep.main([*args, "--lean", "--out", str(tmp_path / "lean")]) == 0
+    plain = {r["method"]: r for r in load_results(tmp_path / "plain")}
+    lean = {r["method"]: r for r in load_results(tmp_path / "lean")}
+    for m in ("lora", "lora-fa"):
+        assert plain[m]["lean"] is False and lean[m]["lean"] is True
+        assert lean[m]["key"] != plain[m]["key"]  # a lean row never resumes a plain one
+        assert lean[m]["flops_forward"] == plain[m]["flops_forward"]
+        assert (lean[m]["memory_by_category_activations"]
+                < plain[m]["memory_by_category_activations"])
+    assert (lean["lora-fa"]["memory_by_category_activations"]
+            < lean["lora"]["memory_by_category_activations"])
