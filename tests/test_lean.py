@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v2, resnet18
+from torchvision.models import mobilenet_v2, mobilenet_v3_small, resnet18
 
 from convpeft import apply_adapters
 from convpeft.lean import (
@@ -27,9 +28,22 @@ GEOMETRIES = {
                     dilation=2),
     "strided": dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1,
                     bias=True),
+    "reflect": dict(in_channels=8, out_channels=8, kernel_size=3, padding=(1, 2),
+                    padding_mode="reflect"),
+    "replicate": dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1,
+                      padding_mode="replicate", bias=False),
+    "circular": dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8,
+                     padding_mode="circular"),
+    "same_even": dict(in_channels=8, out_channels=8, kernel_size=4, padding="same"),
+    "valid": dict(in_channels=8, out_channels=8, kernel_size=3, padding="valid", dilation=2),
 }
 ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "leaky": lambda: nn.LeakyReLU(0.1),
-        "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5), "relu_inplace": lambda: nn.ReLU(True)}
+        "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5), "relu_inplace": lambda: nn.ReLU(True),
+        "relu6_inplace": lambda: nn.ReLU6(True), "leaky_inplace": lambda: nn.LeakyReLU(0.2, True)}
+# BN of the layer under test: eval/frozen and eval with only the bias trainable (BitFit) are
+# lean; a trainable scale, or train mode, runs the plain forward
+BN_MODES = {"eval": (False, False, "norm"), "eval_bias": (False, True, "norm"),
+            "eval_affine": (True, True, None), "train": (False, False, "norm")}
 
 
 def _net(geometry: str, act: str) -> nn.Sequential:
@@ -51,14 +65,22 @@ def _step(model: nn.Module, x: torch.Tensor):
     return y.detach(), x.grad.clone(), grads
 
 
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """rel 1e-5, elementwise and against the tensor's scale: a gradient that is a sum over
+    N x H x W (a BN bias, BitFit) cancels to near zero in some channels, where summing in
+    another order (BN's backward kernel vs ``sum``) moves the last bits of a float32."""
+    atol = max(1e-6, 1e-5 * b.abs().max().item())
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=what)
+
+
 def _assert_exact(plain: nn.Module, lean: nn.Module, x: torch.Tensor) -> None:
     y0, gx0, g0 = _step(plain, x)
     y1, gx1, g1 = _step(lean, x)
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    _close(y1, y0, "output")
+    _close(gx1, gx0, "input gradient")
     assert g0.keys() == g1.keys() and g0
     for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6, msg=k)
+        _close(g1[k], g0[k], k)
 
 
 @pytest.mark.parametrize("shape", [(3,), (8,), (2, 3, 5, 7), (1, 16, 4, 4)])
@@ -69,7 +91,7 @@ def test_mask_round_trip(shape):
     assert torch.equal(unpack_mask(packed, m.shape), m)
 
 
-@pytest.mark.parametrize("bn", ["eval", "train"])
+@pytest.mark.parametrize("bn", list(BN_MODES))
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_exact_on_tiny_nets(geometry, act, bn):
@@ -84,24 +106,40 @@ def test_exact_on_tiny_nets(geometry, act, bn):
     plain.train(bn == "train")
     for p in plain[3].parameters():
         p.requires_grad_(False)  # the frozen conv under test
-    for p in plain[4].parameters():
-        p.requires_grad_(False)  # its BN affine frozen
+    weight_grad, bias_grad, action = BN_MODES[bn]
+    plain[4].weight.requires_grad_(weight_grad)
+    plain[4].bias.requires_grad_(bias_grad)
     lean = copy.deepcopy(plain)
     report = lean_activations(lean)
     assert lean[3]._convpeft_lean == "conv"
-    assert lean[4]._convpeft_lean == "norm"  # lean in eval mode; plain forward in train mode
+    # in train mode the lean BN forward runs the plain one (checked per call)
+    assert getattr(lean[4], "_convpeft_lean", None) == action
     assert getattr(lean[1], "_convpeft_lean", None) is None  # trainable affine stays plain
     assert {r.action for r in report.lean} >= {"conv", "act"}
     _assert_exact(plain, lean, torch.randn(2, 3, 9, 9))
 
 
-@pytest.mark.parametrize("method", ["head", "lora-activation", "lora-weight", "dora", "bitfit"])
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+ARCHS = {"resnet18": (resnet18, "fc"), "mobilenet_v2": (mobilenet_v2, "classifier"),
+         "mobilenet_v3_small": (mobilenet_v3_small, "classifier")}
+
+
+@pytest.mark.parametrize("method", ["full-partial", "head", "bitfit", "lora-activation",
+                                    "lora-weight", "dora"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_exact_on_torchvision_models(arch, method):
     torch.manual_seed(0)
-    plain = (resnet18 if arch == "resnet18" else mobilenet_v2)(num_classes=10).eval()
-    head = "fc" if arch == "resnet18" else "classifier"
-    if method == "head":
+    build, head = ARCHS[arch]
+    plain = build(num_classes=10).eval()
+    with torch.no_grad():  # non-trivial running statistics
+        for m in plain.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    if method == "full-partial":  # the first half of the parameters frozen, the rest trained
+        params = list(plain.parameters())
+        for p in params[: len(params) // 2]:
+            p.requires_grad_(False)
+    elif method == "head":
         for n, p in plain.named_parameters():
             p.requires_grad_(n.startswith(head))
     elif method == "bitfit":
@@ -118,8 +156,9 @@ def test_exact_on_torchvision_models(arch, method):
     lean = copy.deepcopy(plain)
     report = lean_activations(lean)
     assert report.counts().get("act", 0) > 0
-    if method in ("head", "bitfit"):
+    if method in ("head", "bitfit", "full-partial"):
         assert report.counts().get("conv", 0) > 0
+        assert report.counts().get("norm", 0) > 0  # BitFit: bias-only BNs are lean too
     else:  # adapted convs keep their input for A; say why
         assert any("adapter base layer" in r.reason for r in report.rows)
     _assert_exact(plain, lean, torch.randn(2, 3, 32, 32))
@@ -142,6 +181,41 @@ def test_saved_bytes_match_hand_computed_figures():
     assert saved_bytes_by_layer(net, x) == plain
 
 
+def test_report_measures_bytes_per_layer_plain_and_lean():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+                        nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.LeakyReLU(0.1))
+    net.eval().requires_grad_(False)
+    net[1].bias.requires_grad_(True)  # BitFit on the BN: its gradient is a sum of grad_y
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    report = lean_activations(net, example_input=x)
+    f32, n_x, n_y = 4, 2 * 3 * 6 * 6, 2 * 8 * 6 * 6
+    # plain: reflect pad saves x and the conv its padded input; BN (eval, frozen scale) saves
+    # its input; torch's in-place hardtanh_ saves a *copy* of its input (its backward formula
+    # reads the original), so the depthwise conv's input is one more tensor; LeakyReLU saves
+    # its input
+    assert report.plain_bytes == {"0": n_x * f32 + 2 * 3 * 8 * 8 * f32, "1": n_y * f32,
+                                  "2": n_y * f32, "3": n_y * f32, "4": n_y * f32}
+    bits = math.ceil(n_y / 8)
+    assert report.lean_bytes == {"1": 8 * f32, "2": bits, "4": bits}
+    rows = {r.name: r for r in report.rows}
+    assert (rows["0"].action, rows["0"].kind, rows["0"].lean_bytes) == ("conv", "standard", 0)
+    assert (rows["3"].kind, rows["3"].plain_bytes, rows["3"].lean_bytes) == (
+        "depthwise", n_y * f32, 0)
+    assert report.totals() == (sum(report.plain_bytes.values()), 8 * f32 + 2 * bits)
+    assert torch.equal(net[1].running_mean, torch.zeros(8))  # measuring changed nothing
+
+
+def test_saved_bytes_by_layer_leaves_bn_statistics_alone():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    saved_bytes_by_layer(net, torch.randn(2, 3, 5, 5))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="real example input"):
+        saved_bytes_by_layer(net, torch.empty(2, 3, 5, 5, device="meta"))
+
+
 def test_undo_and_state_dict_are_unchanged():
     net = _net("depthwise", "relu6").eval().requires_grad_(False)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -161,18 +235,28 @@ def test_a_lean_layer_unfrozen_later_gets_the_right_gradient():
     lean_activations(lean)
     for m in (plain, lean):
         m[3].requires_grad_(True)  # unfrozen after lean_activations
-    _assert_exact(plain, lean, torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="layer '3' was made lean while frozen"):
+        _assert_exact(plain, lean, x)
     assert plain[3].weight.grad is not None
+    lean_activations(lean)  # re-decided: the unfrozen conv stays plain, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _assert_exact(plain, lean, x)
 
 
-def test_lean_model_runs_on_meta_tensors():
-    net = _net("grouped", "leaky").eval().requires_grad_(False)
+@pytest.mark.parametrize("geometry,act", [("grouped", "leaky"), ("reflect", "relu6_inplace"),
+                                          ("replicate", "leaky_inplace"), ("same_even", "relu")])
+def test_lean_model_runs_on_meta_tensors(geometry, act):
+    net = _net(geometry, act).eval().requires_grad_(False)
     net[-1].requires_grad_(True)
+    net[4].bias.requires_grad_(True)
     lean_activations(net)
     meta = copy.deepcopy(net).to("meta")
-    y = meta(torch.empty(2, 3, 8, 8, device="meta", requires_grad=True))
-    y.sum().backward()
-    assert meta[-1].weight.grad.device.type == "meta"
+    x = torch.empty(2, 3, 8, 8, device="meta", requires_grad=True)
+    meta(x).sum().backward()
+    assert meta[-1].weight.grad.device.type == "meta" and x.grad.shape == x.shape
+    assert meta[4].bias.grad.shape == (8,)
 
 
 # ----------------------------------------------------------------------------- LoRA-FA

@@ -1,0 +1,242 @@
+"""``lean_activations``: swap, in place and reversibly, the ``forward`` of frozen layers.
+
+The module object stays where it is (same class, same parameters and buffers, so
+``state_dict`` keys and values are untouched and checkpoints load either way); only an
+instance attribute ``forward`` is set, which :func:`restore_activations` deletes again.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..layer_kinds import layer_kind
+from .functions import channel_affine, clamp_masked, frozen_conv2d, leaky_relu_masked, pad2d
+from .saved import saved_bytes_by_layer
+
+__all__ = ["LeanReport", "LeanRow", "lean_activations", "restore_activations"]
+
+_MARK = "_convpeft_lean"  # attribute on a lean module: what was done ("conv", "norm", "act")
+_NAME = "_convpeft_lean_name"  # its name in the model, for the unfrozen-later warning
+_WARNED = "_convpeft_lean_warned"
+
+
+def _frozen(*params: torch.Tensor | None) -> bool:
+    return not any(p is not None and p.requires_grad for p in params)
+
+
+def _records(x: torch.Tensor) -> bool:
+    """Would autograd record an op on ``x``? (If not, the plain path saves nothing.)"""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _warn_unfrozen(m: nn.Module) -> None:
+    if not getattr(m, _WARNED, False):
+        setattr(m, _WARNED, True)
+        warnings.warn(
+            f"layer {getattr(m, _NAME, '?')!r} was made lean while frozen and is trainable now: "
+            "it runs its plain forward (saves its input; gradients stay exact). Call "
+            "convpeft.lean_activations(model) again after changing what is trainable.",
+            stacklevel=3)
+
+
+def _conv_padding(m: nn.Conv2d):
+    """``(explicit pad for F.pad or None, numeric conv padding)``: ``'same'``/``'valid'``
+    and non-zero padding modes become an explicit pad then an unpadded conv, as torch does."""
+    if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return None, tuple(m.padding)
+    left, right, top, bottom = m._reversed_padding_repeated_twice
+    if m.padding_mode == "zeros" and left == right and top == bottom:
+        return None, (top, left)
+    return tuple(m._reversed_padding_repeated_twice), (0, 0)
+
+
+def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if not _records(x):
+        return nn.Conv2d.forward(self, x)  # nothing would be saved: plain path
+    if not _frozen(self.weight, self.bias):
+        _warn_unfrozen(self)
+        return nn.Conv2d.forward(self, x)
+    pad, conv_pad = _conv_padding(self)
+    if pad is not None:
+        x = pad2d(x, pad, self.padding_mode)
+    return frozen_conv2d(x, self.weight, self.bias, self.stride, conv_pad, self.dilation,
+                         self.groups)
+
+
+def _norm_forward(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    bias_grad = self.bias is not None and self.bias.requires_grad
+    if self.training or not torch.is_grad_enabled() or not (x.requires_grad or bias_grad):
+        return type(self).forward(self, x)  # batch statistics, or nothing would be saved
+    if self.weight is not None and self.weight.requires_grad:
+        _warn_unfrozen(self)
+        return type(self).forward(self, x)
+    with torch.no_grad():
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+    if self.bias is not None:  # outside no_grad: a trainable bias (BitFit) gets its gradient
+        shift = shift + self.bias
+    return channel_affine(x, scale.to(x.dtype), shift.to(x.dtype))
+
+
+def _clamp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not _records(x):
+        return type(self).forward(self, x)
+    if isinstance(self, nn.ReLU):
+        return clamp_masked(x, 0.0, None, self.inplace)
+    return clamp_masked(x, float(self.min_val), float(self.max_val), self.inplace)
+
+
+def _leaky_forward(self: nn.LeakyReLU, x: torch.Tensor) -> torch.Tensor:
+    if not _records(x):
+        return nn.LeakyReLU.forward(self, x)
+    return leaky_relu_masked(x, float(self.negative_slope), self.inplace)
+
+
+# exact types: a subclass's forward may do more than the op we replace it with
+_LEAN_FORWARDS: dict[type, tuple[str, Callable]] = {
+    nn.Conv2d: ("conv", _conv_forward),
+    nn.BatchNorm2d: ("norm", _norm_forward),
+    nn.ReLU: ("act", _clamp_forward),
+    nn.ReLU6: ("act", _clamp_forward),
+    nn.Hardtanh: ("act", _clamp_forward),
+    nn.LeakyReLU: ("act", _leaky_forward),
+}
+
+
+@dataclass
+class LeanRow:
+    """One layer: ``action`` is ``"conv"``, ``"norm"``, ``"act"`` when made lean, else
+    ``"plain"`` with ``reason``. ``kind`` uses :mod:`convpeft.layer_kinds` for convs.
+    ``plain_bytes``/``lean_bytes``: what the layer itself saved for backward in one forward of
+    the ``example_input`` (``None`` without one)."""
+
+    name: str
+    module: str
+    action: str
+    kind: str | None = None
+    reason: str = ""
+    plain_bytes: int | None = None
+    lean_bytes: int | None = None
+
+
+@dataclass
+class LeanReport:
+    """What :func:`lean_activations` did; ``undo()`` restores the plain forwards.
+
+    With an ``example_input``, ``plain_bytes``/``lean_bytes`` map every module name (``""``:
+    outside any module) to the bytes it saved for backward, before and after.
+    """
+
+    rows: list[LeanRow] = field(default_factory=list)
+    plain_bytes: dict[str, int] = field(default_factory=dict)
+    lean_bytes: dict[str, int] = field(default_factory=dict)
+    _modules: list[nn.Module] = field(default_factory=list, repr=False)
+
+    @property
+    def lean(self) -> list[LeanRow]:
+        return [r for r in self.rows if r.action != "plain"]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.action] = out.get(r.action, 0) + 1
+        return out
+
+    def totals(self) -> tuple[int, int]:
+        """``(plain, lean)`` bytes saved for backward over the whole model (one forward)."""
+        return sum(self.plain_bytes.values()), sum(self.lean_bytes.values())
+
+    def undo(self) -> None:
+        for m in self._modules:
+            _restore(m)
+        self._modules.clear()
+
+
+def _restore(m: nn.Module) -> None:
+    if getattr(m, _MARK, None) is not None:
+        m.__dict__.pop("forward", None)
+        for attr in (_MARK, _NAME, _WARNED):
+            m.__dict__.pop(attr, None)
+
+
+def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
+                  convs: bool, norms: bool, activations: bool) -> str:
+    action = _LEAN_FORWARDS[type(m)][0]
+    if not {"conv": convs, "norm": norms, "act": activations}[action]:
+        return f"{action}s=False"
+    if action == "conv":
+        if name in adapted_bases:
+            return "adapter base layer: its input is saved once for the adapter's A"
+        if not _frozen(m.weight, m.bias):
+            return "trainable weight or bias (their gradients need the input)"
+    if action == "norm":
+        # train/eval is decided per call (model.train() comes after this, in most loops): a
+        # BN in train mode runs its plain forward, since batch statistics need the input
+        if m.running_var is None:
+            return "no running statistics (batch statistics need the input)"
+        if m.weight is not None and m.weight.requires_grad:
+            return "trainable scale (its gradient needs the normalised input)"
+    return ""
+
+
+def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True,
+                     activations: bool = True,
+                     example_input: torch.Tensor | None = None) -> LeanReport:
+    """Make ``model``'s frozen convs, eval-mode BatchNorms with a frozen scale, and ReLU /
+    ReLU6 / LeakyReLU / Hardtanh save only what backward needs (see :mod:`convpeft.lean`),
+    in place. Outputs and gradients are unchanged.
+
+    Decided per layer *now*: freeze parameters first (BN train/eval is checked per call). A
+    layer unfrozen later warns once and runs its plain forward; calling this again
+    re-decides. ``example_input`` (a real tensor, e.g. ``torch.randn(2, 3, 224, 224)``) also
+    measures the bytes each layer saves for backward, plain and lean, into the report.
+    ``report.undo()`` (or :func:`restore_activations`) restores every plain forward.
+    """
+    restore_activations(model)
+    plain = saved_bytes_by_layer(model, example_input) if example_input is not None else {}
+    adapted_bases = {f"{n}.base_layer" if n else "base_layer"
+                     for n, m in model.named_modules() if hasattr(m, "base_layer")}
+    report = LeanReport(plain_bytes=plain)
+    for name, m in model.named_modules():
+        spec = _LEAN_FORWARDS.get(type(m))
+        if spec is None:
+            continue
+        action, fwd = spec
+        reason = _plain_reason(name, m, adapted_bases, convs, norms, activations)
+        kind = layer_kind(m) if action == "conv" else None
+        if reason:
+            report.rows.append(LeanRow(name, type(m).__name__, "plain", kind, reason))
+            continue
+        m.forward = types.MethodType(fwd, m)
+        setattr(m, _MARK, action)
+        setattr(m, _NAME, name)
+        report._modules.append(m)
+        report.rows.append(LeanRow(name, type(m).__name__, action, kind))
+    if example_input is not None:
+        try:
+            report.lean_bytes = saved_bytes_by_layer(model, example_input)
+        except BaseException:
+            report.undo()  # a failed call leaves the model as it was
+            raise
+        for r in report.rows:
+            r.plain_bytes = plain.get(r.name, 0)
+            r.lean_bytes = report.lean_bytes.get(r.name, 0)
+    return report
+
+
+def restore_activations(model: nn.Module) -> int:
+    """Undo :func:`lean_activations` on every module of ``model``; returns how many."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, _MARK, None) is not None:
+            _restore(m)
+            n += 1
+    return n
