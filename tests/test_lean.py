@@ -19,6 +19,7 @@ from convpeft.lean import (
     saved_bytes_by_layer,
     unpack_mask,
 )
+from convpeft.lean.masks import CHUNK
 
 GEOMETRIES = {
     "standard": dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
@@ -89,6 +90,36 @@ def test_mask_round_trip(shape):
     packed = pack_mask(m)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(m.numel() / 8)
     assert torch.equal(unpack_mask(packed, m.shape), m)
+
+
+@pytest.mark.parametrize("chunk", [16, CHUNK])
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activation_gradient_at_the_kinks(act, dtype, chunk, monkeypatch):
+    """The mask must say exactly where torch's backward passes the gradient, kinks included
+    (0, -0, the clamp bounds, and their nearest floats on either side); ``chunk=16`` packs and
+    unpacks 89 elements in 6 passes, the last one partial."""
+    monkeypatch.setattr("convpeft.lean.masks.CHUNK", chunk)
+    module = ACTS[act]()
+    lo, hi = {"relu6": (0.0, 6.0), "hardtanh": (-0.5, 0.5)}.get(act.split("_")[0], (0.0, None))
+    points = [lo, -0.0, 0.0] + ([hi] if hi is not None else [])
+    t = torch.tensor(points, dtype=dtype)
+    kinks = torch.cat([t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1),
+                       torch.tensor([-3.0, 3.0, 7.0, 1e-40, -1e-40], dtype=dtype)])
+    x0 = torch.cat([kinks, torch.randn(37, dtype=dtype)])  # 52 + 37: not a multiple of 8
+    gy = torch.rand_like(x0) + 0.5
+    grads = []
+    for lean in (False, True):
+        m = copy.deepcopy(module)
+        if lean:
+            lean_activations(nn.Sequential(m))
+            assert m._convpeft_lean == "act"
+        x = x0.clone().requires_grad_(True)
+        y = m(x * 1)  # not a leaf, so in-place variants may write into it
+        y.backward(gy)
+        grads.append((y.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
 
 
 @pytest.mark.parametrize("bn", list(BN_MODES))

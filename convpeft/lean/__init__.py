@@ -38,7 +38,8 @@ RegNet use modules only; DenseNet's final ReLU and GoogLeNet/Inception's ``Basic
 the gradient and stay as they are (so does MobileNetV3's Hardsigmoid, which only sees pooled
 ``(N, C, 1, 1)`` tensors).
 
-Layout: :mod:`.functions` (autograd Functions, 1-bit masks, meta-safe), :mod:`.model`
+Layout: :mod:`.functions` (conv, pad and norm Functions), :mod:`.masks` (1-bit masks and the
+activation Functions), :mod:`.model`
 (:func:`lean_activations`, :class:`LeanReport`, :func:`restore_activations`), :mod:`.saved`
 (:func:`saved_bytes_by_layer`).
 
@@ -46,7 +47,8 @@ Works on the ``meta`` device (no data-dependent Python), so the profiler's analy
 predicts the memory of lean updates.
 """
 
-from .functions import frozen_conv2d, pack_mask, pad2d, unpack_mask
+from .functions import frozen_conv2d, pad2d
+from .masks import pack_mask, unpack_mask
 from .model import LeanReport, LeanRow, lean_activations, restore_activations
 from .saved import saved_bytes_by_layer
 

@@ -1,4 +1,5 @@
-"""Autograd Functions that save only what their backward needs (see :mod:`convpeft.lean`).
+"""Autograd Functions for frozen convs and norms that save only what their backward needs
+(see :mod:`convpeft.lean`; the activations are in :mod:`.masks`).
 
 Each runs the same kernel as the plain op in ``forward`` (so outputs are bit-identical) and
 computes the same input gradient in ``backward``; what differs is what sits in ``ctx`` between
@@ -13,32 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["frozen_conv2d", "pack_mask", "pad2d", "unpack_mask"]
-
-_BITS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-# ----------------------------------------------------------------------------- 1-bit masks
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``bool`` tensor of any shape -> ``uint8`` of ``ceil(numel / 8)`` bytes, 8 flags a byte."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8).to(torch.uint8) * bits).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: the ``bool`` tensor of ``shape``."""
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
-    n = 1
-    for s in shape:
-        n *= s
-    return (packed.unsqueeze(1) & bits).ne(0).reshape(-1)[:n].view(tuple(shape))
-
+__all__ = ["channel_affine", "frozen_conv2d", "pad2d"]
 
 def _shape_stub(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A zero-stride tensor of ``shape`` (one element of storage) for backward kernels that
@@ -136,59 +112,3 @@ class _ChannelAffine(torch.autograd.Function):
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift`` per channel, saving only ``scale`` (``scale`` must not need grad)."""
     return _ChannelAffine.apply(x, scale, shift)
-
-
-# ----------------------------------------------------------------------------- activations
-
-
-class _Clamp(torch.autograd.Function):
-    """ReLU / ReLU6 / Hardtanh: ``clamp(x, lo, hi)``; the gradient passes where
-    ``lo < x < hi`` (torch's ``hardtanh_backward``/``threshold_backward`` rule), kept as a
-    packed 1-bit mask. ``inplace`` clamps ``x`` itself, as ``nn.ReLU(inplace=True)`` does."""
-
-    @staticmethod
-    def forward(ctx, x, lo, hi, inplace):
-        mask = x > lo
-        if hi is not None:
-            mask &= x < hi
-        ctx.save_for_backward(pack_mask(mask))
-        ctx.shape = x.shape
-        if inplace:
-            ctx.mark_dirty(x)
-            return x.clamp_(lo, hi) if hi is not None else x.clamp_min_(lo)
-        return x.clamp(lo, hi) if hi is not None else x.clamp_min(lo)
-
-    @staticmethod
-    def backward(ctx, gy):
-        (packed,) = ctx.saved_tensors
-        return gy * unpack_mask(packed, ctx.shape), None, None, None
-
-
-class _LeakyReLU(torch.autograd.Function):
-    """LeakyReLU: the gradient is ``gy`` where ``x > 0``, ``slope * gy`` elsewhere (1 bit)."""
-
-    @staticmethod
-    def forward(ctx, x, slope, inplace):
-        pos = x > 0
-        ctx.save_for_backward(pack_mask(pos))
-        ctx.shape, ctx.slope = x.shape, slope
-        if inplace:
-            ctx.mark_dirty(x)
-            return F.leaky_relu_(x, slope)
-        return F.leaky_relu(x, slope)
-
-    @staticmethod
-    def backward(ctx, gy):
-        (packed,) = ctx.saved_tensors
-        pos = unpack_mask(packed, ctx.shape)
-        return torch.where(pos, gy, gy * ctx.slope), None, None
-
-
-def clamp_masked(x: torch.Tensor, lo: float, hi: float | None, inplace: bool = False):
-    """``clamp(x, lo, hi)`` (``hi=None``: ReLU) saving a 1-bit mask for backward."""
-    return _Clamp.apply(x, lo, hi, inplace)
-
-
-def leaky_relu_masked(x: torch.Tensor, slope: float, inplace: bool = False):
-    """``leaky_relu(x, slope)`` saving a 1-bit mask for backward."""
-    return _LeakyReLU.apply(x, slope, inplace)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..layer_kinds import layer_kind
-from .functions import channel_affine, clamp_masked, frozen_conv2d, leaky_relu_masked, pad2d
+from .functions import channel_affine, frozen_conv2d, pad2d
+from .masks import clamp_masked, leaky_relu_masked
 from .saved import saved_bytes_by_layer
 
 __all__ = ["LeanReport", "LeanRow", "lean_activations", "restore_activations"]
