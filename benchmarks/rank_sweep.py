@@ -178,19 +178,31 @@ def _figure_formats() -> set[str]:
     return set(Figure().canvas.get_supported_filetypes())
 
 
-def _check_writable_dir(path: Path, flag: str) -> None:
+def _check_writable_dir(path: Path, flag: str, fix: str = "pass a folder you can write") -> None:
     """Refuse, before any configuration runs, a folder that cannot hold the outputs: a path
-    that is a file (or under one), or a folder this process cannot write into. Creates
-    nothing: the nearest existing ancestor is what is checked."""
+    that is a file (or under one), or a folder this process cannot write into. Leaves nothing
+    behind: the nearest existing ancestor is what is checked, by creating and removing a
+    probe file in it (``os.access`` alone says yes to root on a read-only mount)."""
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder; pass a folder path")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {probe} is not writable; pass a folder you can write")
+        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder; {fix}")
+    why = None
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = "permission denied"
+    else:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=probe, prefix=".convpeft-write-probe-")
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        else:
+            os.close(fd)
+            os.unlink(tmp)
+    if why is not None:
+        raise ValueError(f"{flag} {path}: {probe} is not writable ({why}); {fix}")
 
 
 def plan_from_args(a: argparse.Namespace) -> SweepPlan:
@@ -261,6 +273,11 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     _check_writable_dir(Path(a.out), "--out")
     if plots is not None:
         _check_writable_dir(plots, "--plots")
+    if not settings.profile_only:  # source models are pretrained once and cached there
+        from convpeft.train import resolve_cache_dir
+
+        _check_writable_dir(resolve_cache_dir(), "pretrain cache",
+                            "set $CONVPEFT_CACHE to a folder you can write")
     return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
                      plots, formats)
 

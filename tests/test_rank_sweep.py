@@ -387,29 +387,79 @@ def test_bad_grid_or_output_flags_exit_2_with_one_line(bad, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # checked before anything is written
 
 
+def _assert_one_line_error(capsys, *needles: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
 @pytest.mark.parametrize("flag", ["--out", "--plots"])
 def test_file_shaped_output_folder_is_refused_before_running(flag, tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("x")
-    with pytest.raises(SystemExit) as e:
-        rank_sweep.main(["--models", "mobilenet_v2", flag, str(f / "sub")])
-    assert e.value.code == 2
-    assert "is a file" in capsys.readouterr().err
+    for path in (f, f / "sub"):  # the file itself, or a folder under it
+        with pytest.raises(SystemExit) as e:
+            rank_sweep.main(["--models", "mobilenet_v2", flag, str(path)])
+        assert e.value.code == 2
+        _assert_one_line_error(capsys, "is a file", str(f))
     assert f.read_text() == "x"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root writes into read-only folders")
-def test_read_only_output_folder_is_refused(tmp_path, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into: a chmod 500 folder, or for root (who ignores
+    permission bits) a read-only system folder; skips where neither exists."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        return ro
+    for cand in (Path("/sys"), Path("/proc/sys")):
+        try:
+            (cand / ".convpeft-probe").touch()
+        except OSError:
+            return cand
+        (cand / ".convpeft-probe").unlink()
+    pytest.skip("no read-only folder for root here")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plots"])
+def test_read_only_output_folder_is_refused(flag, tmp_path, capsys):
+    ro = _read_only_folder(tmp_path)
     try:
         with pytest.raises(SystemExit) as e:
-            rank_sweep.main(["--models", "mobilenet_v2", "--out", str(ro / "out")])
-        assert e.value.code == 2 and "not writable" in capsys.readouterr().err
+            rank_sweep.main(["--models", "mobilenet_v2", flag, str(ro / "out")])
+        assert e.value.code == 2
+        _assert_one_line_error(capsys, "not writable", str(ro))
     finally:
-        ro.chmod(0o700)
+        if ro.is_relative_to(tmp_path):
+            ro.chmod(0o700)
+    assert not (ro / "out").exists()
+
+
+def test_unwritable_pretrain_cache_is_refused_before_running(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "cache_is_a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("CONVPEFT_CACHE", str(blocker))
+    args = [*tiny("mobilenet_v2", "lora", "1"), "--out", str(tmp_path / "o"), "--no-plots"]
+    with pytest.raises(SystemExit) as e:
+        rank_sweep.main(args)
+    assert e.value.code == 2
+    _assert_one_line_error(capsys, "pretrain cache", str(blocker), "$CONVPEFT_CACHE")
+    assert not (tmp_path / "o").exists()
+    # --profile-only pretrains nothing, so it does not need the cache
+    assert rank_sweep.main([*args, "--profile-only"]) == 0
+
+
+def test_unknown_model_exits_2_from_the_command_line(tmp_path):
+    """The real process: ``--models good,nope`` must not exit 0 (nor print a traceback)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.rank_sweep", "--models",
+                        "mobilenet_v2,nope", "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "nope" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    assert not (tmp_path / "o").exists()
 
 
 def test_csv_is_rebuilt_from_jsonl_on_a_rerun_with_nothing_to_run(sweep, tmp_path, cache_dir,
