@@ -501,6 +501,51 @@ def test_unreadable_jsonl_lines_are_skipped_one_by_one(tmp_path):
     assert [r["key"] for r in load_results(tmp_path / "results.csv")] == ["a", "b"]
 
 
+def test_odd_jsonl_rows_are_skipped_and_the_rerun_still_finishes(tmp_path, capsys):
+    """A hand-edited or foreign results.jsonl: rows of the wrong shape are skipped with a
+    warning naming the line and the reason, on every rerun, and never crash the findings."""
+    args = [*tiny("mobilenet_v2", "full,lora", "1"), "--profile-only", "--out", str(tmp_path),
+            "--no-plots"]
+    assert rank_sweep.main(args) == 0
+    with (tmp_path / "results.jsonl").open("ab") as f:
+        f.write(b'{"key": "x", "status": "ok", "model": "resnet18", "task": "shift", '
+                b'"method": "lora", "rank": "abc"}\n')
+        f.write(b'{"key": "y", "status": "ok", "model": 5}\n')
+        f.write(b'{"key": "z", "status": "ok", "flops_total": "big"}\n\xff\n')
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=r"skipped 4 unreadable line\(s\) \(line 3: 'rank' "
+                          r"is 'abc', expected an integer; line 4: 'model' is 5"):
+            assert rank_sweep.main(args) == 0
+        assert "(2 already done, 0 to run)" in capsys.readouterr().out
+        assert len(load_results(tmp_path / "results.csv")) == 2
+        assert "2 configurations measured, 0 failed" in (tmp_path / "findings.md").read_text()
+
+
+def _sweep_process(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.rank_sweep", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_sweeps_on_different_grids_into_one_folder_lose_no_rows(tmp_path):
+    """Two real sweeps at once into one --out: every row of both grids ends up in the JSONL,
+    the CSV and findings.md, whichever finishes last."""
+    out = tmp_path / "shared"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--profile-only", "--out", str(out), "--no-plots"]
+    grids = [tiny("mobilenet_v2", "full,lora", "1,2,3"), tiny("resnet18", "lora,dora", "1,2")]
+    procs = [_sweep_process([*g, *common], env) for g in grids]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    keys = {line.strip() for g in grids for line in subprocess.run(
+        [sys.executable, "-m", "benchmarks.rank_sweep", *g, *common, "--dry-run"], cwd=REPO,
+        env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+        if line.count("|") > 3}
+    assert len(keys) == 8  # 4 + 4 configurations, no key shared
+    assert {r["key"] for r in read_jsonl(out / "results.jsonl")} == keys
+    assert {r["key"] for r in load_results(out / "results.csv")} == keys
+    assert "8 configurations measured, 0 failed" in (out / "findings.md").read_text()
+
+
 def _append_rows(out: str, tag: str, n: int) -> None:
     st = ResultsStore(out)
     for i in range(n):
