@@ -470,8 +470,10 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     row["trainable_params"] = int(prepared.trainable_params)
     row["total_params"] = int(sum(p.numel() for p in prepared.model.parameters()))
     if hasattr(prepared.report, "fallback"):  # GaLore: weights whose rank made it plain AdamW
-        row["galore_projected_weights"] = len(prepared.report.projected)
-        row["galore_fallback_weights"] = len(prepared.report.fallback)
+        n_proj, n_fb = len(prepared.report.projected), len(prepared.report.fallback)
+        row["galore_projected_weights"], row["galore_fallback_weights"] = n_proj, n_fb
+        # rank >= the smaller side of every targeted weight: this row is plain AdamW
+        row["galore_plain_adamw"] = n_proj == 0 and n_fb > 0
 
     # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
     if not settings.profile_only:
@@ -556,6 +558,11 @@ def summary_line(row: dict) -> str:
     if row.get("memory_peak") is not None:
         parts.append(f"peak {row['memory_peak'] / 2**20:.1f} MiB")
     parts.append(f"{row.get('trainable_params', 0):,} trainable")
+    if row.get("galore_fallback_weights"):
+        n_fb = row["galore_fallback_weights"]
+        n_all = n_fb + (row.get("galore_projected_weights") or 0)
+        what = "all" if row.get("galore_plain_adamw") else f"{n_fb} of {n_all}"
+        parts.append(f"GaLore: {what} weights plain AdamW (rank >= smaller side)")
     parts.append(f"{row.get('wall_time_s', 0):.1f} s")
     return " | ".join(parts)
 

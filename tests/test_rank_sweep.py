@@ -575,6 +575,16 @@ def test_galore_rows_say_which_weights_fell_back_to_adamw(tmp_path):
     # MobileNetV2's 3x3 depthwise weights are (C, 9): rank 64 >= 9 leaves them plain AdamW
     assert rows[64]["galore_fallback_weights"] > rows[1]["galore_fallback_weights"] == 0
     assert rows[1]["galore_projected_weights"] > rows[64]["galore_projected_weights"]
+    assert rows[1]["galore_plain_adamw"] is False
+    assert "plain AdamW" in rank_sweep.summary_line(rows[64])
+    assert "plain AdamW" not in rank_sweep.summary_line(rows[1])
+    # a rank above every targeted weight's smaller side: the whole row is plain AdamW
+    rc = rank_sweep.main([*tiny("mobilenet_v2", "galore", "100000"), "--profile-only",
+                          "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    row = {r["rank"]: r for r in load_results(tmp_path)}[100000]
+    assert row["galore_projected_weights"] == 0 and row["galore_plain_adamw"] is True
+    assert "GaLore: all weights plain AdamW" in rank_sweep.summary_line(row)
 
 
 def test_lean_sweep_same_flops_less_memory_recorded_in_rows(tmp_path):
