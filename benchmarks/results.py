@@ -13,8 +13,10 @@ Layout under ``--out``::
 
 A rerun reads ``results.jsonl``; rows whose ``status`` is ``"ok"`` are skipped (resume). A
 failed row is retried and the newer row for the same key replaces the older one. A JSONL line
-that is not valid UTF-8, not JSON, or not a row (an object with a string ``key``) is skipped
-with a warning, line by line; it never stops a rerun.
+that is not valid UTF-8, not JSON, or not a row (an object whose known columns have their
+types: ``key``/``model``/``method`` strings, ``rank``/``seed`` integers, accuracies, FLOPs and
+bytes numbers; see :func:`row_problem`) is skipped with a warning naming the line and why, line
+by line; it never stops a rerun, and the CSV and findings rebuilt from the JSONL leave it out.
 """
 
 from __future__ import annotations
