@@ -178,19 +178,31 @@ def _figure_formats() -> set[str]:
     return set(Figure().canvas.get_supported_filetypes())
 
 
-def _check_writable_dir(path: Path, flag: str) -> None:
+def _check_writable_dir(path: Path, flag: str, fix: str = "pass a folder you can write") -> None:
     """Refuse, before any configuration runs, a folder that cannot hold the outputs: a path
-    that is a file (or under one), or a folder this process cannot write into. Creates
-    nothing: the nearest existing ancestor is what is checked."""
+    that is a file (or under one), or a folder this process cannot write into. Leaves nothing
+    behind: the nearest existing ancestor is what is checked, by creating and removing a
+    probe file in it (``os.access`` alone says yes to root on a read-only mount)."""
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder; pass a folder path")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {probe} is not writable; pass a folder you can write")
+        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder; {fix}")
+    why = None
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = "permission denied"
+    else:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=probe, prefix=".convpeft-write-probe-")
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        else:
+            os.close(fd)
+            os.unlink(tmp)
+    if why is not None:
+        raise ValueError(f"{flag} {path}: {probe} is not writable ({why}); {fix}")
 
 
 def plan_from_args(a: argparse.Namespace) -> SweepPlan:
@@ -261,6 +273,11 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     _check_writable_dir(Path(a.out), "--out")
     if plots is not None:
         _check_writable_dir(plots, "--plots")
+    if not settings.profile_only:  # source models are pretrained once and cached there
+        from convpeft.train import resolve_cache_dir
+
+        _check_writable_dir(resolve_cache_dir(), "pretrain cache",
+                            "set $CONVPEFT_CACHE to a folder you can write")
     return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
                      plots, formats)
 
@@ -453,8 +470,10 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     row["trainable_params"] = int(prepared.trainable_params)
     row["total_params"] = int(sum(p.numel() for p in prepared.model.parameters()))
     if hasattr(prepared.report, "fallback"):  # GaLore: weights whose rank made it plain AdamW
-        row["galore_projected_weights"] = len(prepared.report.projected)
-        row["galore_fallback_weights"] = len(prepared.report.fallback)
+        n_proj, n_fb = len(prepared.report.projected), len(prepared.report.fallback)
+        row["galore_projected_weights"], row["galore_fallback_weights"] = n_proj, n_fb
+        # rank >= the smaller side of every targeted weight: this row is plain AdamW
+        row["galore_plain_adamw"] = n_proj == 0 and n_fb > 0
 
     # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
     if not settings.profile_only:
@@ -539,6 +558,11 @@ def summary_line(row: dict) -> str:
     if row.get("memory_peak") is not None:
         parts.append(f"peak {row['memory_peak'] / 2**20:.1f} MiB")
     parts.append(f"{row.get('trainable_params', 0):,} trainable")
+    if row.get("galore_fallback_weights"):
+        n_fb = row["galore_fallback_weights"]
+        n_all = n_fb + (row.get("galore_projected_weights") or 0)
+        what = "all" if row.get("galore_plain_adamw") else f"{n_fb} of {n_all}"
+        parts.append(f"GaLore: {what} weights plain AdamW (rank >= smaller side)")
     parts.append(f"{row.get('wall_time_s', 0):.1f} s")
     return " | ".join(parts)
 

@@ -13,8 +13,10 @@ Layout under ``--out``::
 
 A rerun reads ``results.jsonl``; rows whose ``status`` is ``"ok"`` are skipped (resume). A
 failed row is retried and the newer row for the same key replaces the older one. A JSONL line
-that is not valid UTF-8, not JSON, or not a row (an object with a string ``key``) is skipped
-with a warning, line by line; it never stops a rerun.
+that is not valid UTF-8, not JSON, or not a row (an object whose known columns have their
+types: ``key``/``model``/``method`` strings, ``rank``/``seed`` integers, accuracies, FLOPs and
+bytes numbers; see :func:`row_problem`) is skipped with a warning naming the line and why, line
+by line; it never stops a rerun, and the CSV and findings rebuilt from the JSONL leave it out.
 """
 
 from __future__ import annotations
@@ -153,35 +155,61 @@ def _jsonable(v):
     return str(v)
 
 
+# Columns whose type the tables, plots and findings rely on. A row carrying one of them with
+# another type (a hand-edited or foreign JSONL: ``"rank": "abc"``) is not a row of ours.
+_STR_COLUMNS = ("key", "model", "dataset", "task", "method", "status", "error", "mode")
+_INT_COLUMNS = ("rank", "seed", "epochs", "batch_size", "resolution")
+# accuracies, sizes, FLOPs, memory, times: the leading columns from zero_shot_acc on
+_NUMBER_COLUMNS = LEADING_COLUMNS[LEADING_COLUMNS.index("zero_shot_acc"):]
+
+
+def row_problem(row) -> str | None:
+    """Why ``row`` is not a results row (``None`` when it is): a JSON object whose known
+    columns, when present and not null, have their type (str / int / number)."""
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not an object"
+    for cols, types, what in ((_STR_COLUMNS, (str,), "a string"),
+                              (_INT_COLUMNS, (int,), "an integer"),
+                              (_NUMBER_COLUMNS, (int, float), "a number")):
+        for c in cols:
+            v = row.get(c)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+                return f"{c!r} is {v!r}, expected {what}"
+    return None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file. A line that is torn (hard kill mid-write), not valid UTF-8, not
-    JSON, or not a row (an object whose ``key``, when present, is a string) is skipped with a
-    warning naming the file and line; the rest are read."""
+    JSON, or not a row (see :func:`row_problem`: an object whose known columns have their
+    types, e.g. ``rank`` an integer) is skipped with a warning naming the file and line; the
+    rest are read, so one bad line never stops a rerun."""
     rows: list[dict] = []
     if not path.exists():
         return rows
-    bad: list[int] = []
+    bad: list[tuple[int, str]] = []  # (line number, why)
     with path.open("rb") as f:
         for i, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
-                bad.append(i)
+                bad.append((i, "not UTF-8"))
                 continue
             if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                bad.append(i)
+                bad.append((i, "not JSON"))
                 continue
-            if not isinstance(row, dict) or not isinstance(row.get("key", ""), str):
-                bad.append(i)
+            why = row_problem(row)
+            if why is not None:
+                bad.append((i, why))
                 continue
             rows.append(row)
     if bad:
-        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (line {shown})",
+        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) ({shown}{more})",
                       stacklevel=2)
     return rows
 

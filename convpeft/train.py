@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -146,6 +147,22 @@ def _batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- pretrain
+def _cache_error(path: Path, e: OSError) -> OSError:
+    return OSError(f"cannot write the pretrain cache {path} ({e.strerror or e}); set "
+                   f"$CONVPEFT_CACHE to a writable folder or pass use_cache=False")
+
+
+def _check_cache_writable(folder: Path, path: Path) -> None:
+    """Create ``folder`` and a probe file in it (removed again); raise naming ``path``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _cache_error(path, e) from e
+
+
 def pretrain(
     model_name: str = "mobilenet_v2",
     dataset: str = "digits",
@@ -205,6 +222,8 @@ def pretrain(
             model.pretrain_info = {**info, "cached": True, "path": str(path)}
             return model
 
+    if use_cache:  # fail before minutes of training, not after
+        _check_cache_writable(folder, path)
     torch.manual_seed(seed)
     model = build_model(model_name, task.source_num_classes, weights=weights,
                         small_input=small_input).to(device)
@@ -236,8 +255,7 @@ def pretrain(
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise OSError(f"cannot write the pretrain cache {path} ({e.strerror or e}); set "
-                          f"$CONVPEFT_CACHE to a writable folder or pass use_cache=False") from e
+            raise _cache_error(path, e) from e
     model.pretrain_info = {**info, "cached": False, "path": str(path)}
     return model
 

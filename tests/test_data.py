@@ -47,9 +47,10 @@ def test_unknown_dataset_and_split():
 
 
 # ----------------------------------------------------------------------------- CIFAR files
-def _write_pickle(path, obj):
+def _write_pickle(path, obj, protocol=2):
+    """Protocol 2, as the official (Python 2) release was written."""
     with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+        pickle.dump(obj, f, protocol=protocol)
 
 
 def _cifar_arrays(n, seed, n_classes):
@@ -58,7 +59,7 @@ def _cifar_arrays(n, seed, n_classes):
             rng.integers(0, n_classes, size=n).tolist())
 
 
-def write_cifar10(root, n_per_batch=4):
+def write_cifar10(root, n_per_batch=4, protocol=2):
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True)
     written = {}
@@ -67,18 +68,20 @@ def write_cifar10(root, n_per_batch=4):
         written[f"data_batch_{i}"] = (data, labels)
         batch = {b"batch_label": b"x", b"labels": labels, b"data": data,
                  b"filenames": [b"f"] * len(labels)}
-        _write_pickle(base / f"data_batch_{i}", batch)
+        _write_pickle(base / f"data_batch_{i}", batch, protocol)
     data, labels = _cifar_arrays(10, 99, 10)
     written["test_batch"] = (data, labels)
-    _write_pickle(base / "test_batch", {b"labels": labels, b"data": data})
+    _write_pickle(base / "test_batch", {b"labels": labels, b"data": data}, protocol)
     _write_pickle(base / "batches.meta", {b"label_names": [
         b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-        b"ship", b"truck"], b"num_vis": 3072})
+        b"ship", b"truck"], b"num_vis": 3072}, protocol)
     return written
 
 
-def test_cifar10_real_format(tmp_path):
-    written = write_cifar10(tmp_path)
+# protocol 2 is the official release's; a copy re-saved by Python 3 is read as well
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_real_format(tmp_path, protocol):
+    written = write_cifar10(tmp_path, protocol=protocol)
     tr = load_dataset("cifar10", split="train", data_root=tmp_path)
     te = load_dataset("cifar10", split="test", data_root=tmp_path / "cifar-10-batches-py")
     assert len(tr) == 20 and len(te) == 10 and tr.classes[0] == "airplane"
@@ -217,24 +220,37 @@ def test_imagedataset_validates():
 
 
 class _Payload:
-    """Unpickling this runs ``os.system`` - what a hostile CIFAR file under --data-root does."""
+    """Unpickling this runs code that creates ``marker`` - what a hostile CIFAR file under
+    --data-root would do with a plain ``pickle.load``."""
 
-    def __init__(self, marker):
-        self.marker = str(marker)
+    def __init__(self, marker, how: str):
+        self.marker, self.how = str(marker), how
 
     def __reduce__(self):
+        import builtins
         import os
+        import subprocess
 
-        return (os.system, (f"touch {self.marker}",))
+        if self.how == "os.system":
+            return (os.system, (f"touch {self.marker}",))
+        if self.how == "subprocess":
+            return (subprocess.call, (["touch", self.marker],))
+        return (builtins.eval, (f"open({self.marker!r}, 'w').close()",))
 
 
+@pytest.mark.parametrize("how", ["os.system", "subprocess", "builtins.eval"])
 @pytest.mark.parametrize("where", ["data_batch_1", "batches.meta", "test_batch"])
-def test_hostile_cifar_pickle_is_refused_and_never_runs(tmp_path, where):
+def test_hostile_cifar_pickle_is_refused_and_never_runs(tmp_path, where, how):
     write_cifar10(tmp_path)
     marker = tmp_path / "pwned"
+    payload = _Payload(marker, how)
+    pickle.loads(pickle.dumps(payload))  # the payload is real: a plain load makes the marker
+    assert marker.exists()
+    marker.unlink()
     _write_pickle(tmp_path / "cifar-10-batches-py" / where,
-                  {b"labels": [0], b"data": _Payload(marker)})
-    with pytest.raises(ValueError, match=f"{where} is not a CIFAR python-release file"):
+                  {b"labels": [0], b"data": payload})
+    with pytest.raises(ValueError, match=f"{where} is not a CIFAR python-release file "
+                                         r"\(refused global [\w.]+\)"):
         for split in ("train", "test"):
             load_dataset("cifar10", split=split, data_root=tmp_path)
     assert not marker.exists()

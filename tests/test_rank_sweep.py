@@ -387,29 +387,79 @@ def test_bad_grid_or_output_flags_exit_2_with_one_line(bad, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # checked before anything is written
 
 
+def _assert_one_line_error(capsys, *needles: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
 @pytest.mark.parametrize("flag", ["--out", "--plots"])
 def test_file_shaped_output_folder_is_refused_before_running(flag, tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("x")
-    with pytest.raises(SystemExit) as e:
-        rank_sweep.main(["--models", "mobilenet_v2", flag, str(f / "sub")])
-    assert e.value.code == 2
-    assert "is a file" in capsys.readouterr().err
+    for path in (f, f / "sub"):  # the file itself, or a folder under it
+        with pytest.raises(SystemExit) as e:
+            rank_sweep.main(["--models", "mobilenet_v2", flag, str(path)])
+        assert e.value.code == 2
+        _assert_one_line_error(capsys, "is a file", str(f))
     assert f.read_text() == "x"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root writes into read-only folders")
-def test_read_only_output_folder_is_refused(tmp_path, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into: a chmod 500 folder, or for root (who ignores
+    permission bits) a read-only system folder; skips where neither exists."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        return ro
+    for cand in (Path("/sys"), Path("/proc/sys")):
+        try:
+            (cand / ".convpeft-probe").touch()
+        except OSError:
+            return cand
+        (cand / ".convpeft-probe").unlink()
+    pytest.skip("no read-only folder for root here")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plots"])
+def test_read_only_output_folder_is_refused(flag, tmp_path, capsys):
+    ro = _read_only_folder(tmp_path)
     try:
         with pytest.raises(SystemExit) as e:
-            rank_sweep.main(["--models", "mobilenet_v2", "--out", str(ro / "out")])
-        assert e.value.code == 2 and "not writable" in capsys.readouterr().err
+            rank_sweep.main(["--models", "mobilenet_v2", flag, str(ro / "out")])
+        assert e.value.code == 2
+        _assert_one_line_error(capsys, "not writable", str(ro))
     finally:
-        ro.chmod(0o700)
+        if ro.is_relative_to(tmp_path):
+            ro.chmod(0o700)
+    assert not (ro / "out").exists()
+
+
+def test_unwritable_pretrain_cache_is_refused_before_running(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "cache_is_a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("CONVPEFT_CACHE", str(blocker))
+    args = [*tiny("mobilenet_v2", "lora", "1"), "--out", str(tmp_path / "o"), "--no-plots"]
+    with pytest.raises(SystemExit) as e:
+        rank_sweep.main(args)
+    assert e.value.code == 2
+    _assert_one_line_error(capsys, "pretrain cache", str(blocker), "$CONVPEFT_CACHE")
+    assert not (tmp_path / "o").exists()
+    # --profile-only pretrains nothing, so it does not need the cache
+    assert rank_sweep.main([*args, "--profile-only"]) == 0
+
+
+def test_unknown_model_exits_2_from_the_command_line(tmp_path):
+    """The real process: ``--models good,nope`` must not exit 0 (nor print a traceback)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.rank_sweep", "--models",
+                        "mobilenet_v2,nope", "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "nope" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    assert not (tmp_path / "o").exists()
 
 
 def test_csv_is_rebuilt_from_jsonl_on_a_rerun_with_nothing_to_run(sweep, tmp_path, cache_dir,
@@ -451,6 +501,51 @@ def test_unreadable_jsonl_lines_are_skipped_one_by_one(tmp_path):
     assert [r["key"] for r in load_results(tmp_path / "results.csv")] == ["a", "b"]
 
 
+def test_odd_jsonl_rows_are_skipped_and_the_rerun_still_finishes(tmp_path, capsys):
+    """A hand-edited or foreign results.jsonl: rows of the wrong shape are skipped with a
+    warning naming the line and the reason, on every rerun, and never crash the findings."""
+    args = [*tiny("mobilenet_v2", "full,lora", "1"), "--profile-only", "--out", str(tmp_path),
+            "--no-plots"]
+    assert rank_sweep.main(args) == 0
+    with (tmp_path / "results.jsonl").open("ab") as f:
+        f.write(b'{"key": "x", "status": "ok", "model": "resnet18", "task": "shift", '
+                b'"method": "lora", "rank": "abc"}\n')
+        f.write(b'{"key": "y", "status": "ok", "model": 5}\n')
+        f.write(b'{"key": "z", "status": "ok", "flops_total": "big"}\n\xff\n')
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=r"skipped 4 unreadable line\(s\) \(line 3: 'rank' "
+                          r"is 'abc', expected an integer; line 4: 'model' is 5"):
+            assert rank_sweep.main(args) == 0
+        assert "(2 already done, 0 to run)" in capsys.readouterr().out
+        assert len(load_results(tmp_path / "results.csv")) == 2
+        assert "2 configurations measured, 0 failed" in (tmp_path / "findings.md").read_text()
+
+
+def _sweep_process(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.rank_sweep", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_sweeps_on_different_grids_into_one_folder_lose_no_rows(tmp_path):
+    """Two real sweeps at once into one --out: every row of both grids ends up in the JSONL,
+    the CSV and findings.md, whichever finishes last."""
+    out = tmp_path / "shared"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--profile-only", "--out", str(out), "--no-plots"]
+    grids = [tiny("mobilenet_v2", "full,lora", "1,2,3"), tiny("resnet18", "lora,dora", "1,2")]
+    procs = [_sweep_process([*g, *common], env) for g in grids]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    keys = {line.strip() for g in grids for line in subprocess.run(
+        [sys.executable, "-m", "benchmarks.rank_sweep", *g, *common, "--dry-run"], cwd=REPO,
+        env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+        if line.count("|") > 3}
+    assert len(keys) == 8  # 4 + 4 configurations, no key shared
+    assert {r["key"] for r in read_jsonl(out / "results.jsonl")} == keys
+    assert {r["key"] for r in load_results(out / "results.csv")} == keys
+    assert "8 configurations measured, 0 failed" in (out / "findings.md").read_text()
+
+
 def _append_rows(out: str, tag: str, n: int) -> None:
     st = ResultsStore(out)
     for i in range(n):
@@ -480,6 +575,16 @@ def test_galore_rows_say_which_weights_fell_back_to_adamw(tmp_path):
     # MobileNetV2's 3x3 depthwise weights are (C, 9): rank 64 >= 9 leaves them plain AdamW
     assert rows[64]["galore_fallback_weights"] > rows[1]["galore_fallback_weights"] == 0
     assert rows[1]["galore_projected_weights"] > rows[64]["galore_projected_weights"]
+    assert rows[1]["galore_plain_adamw"] is False
+    assert "plain AdamW" in rank_sweep.summary_line(rows[64])
+    assert "plain AdamW" not in rank_sweep.summary_line(rows[1])
+    # a rank above every targeted weight's smaller side: the whole row is plain AdamW
+    rc = rank_sweep.main([*tiny("mobilenet_v2", "galore", "100000"), "--profile-only",
+                          "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    row = {r["rank"]: r for r in load_results(tmp_path)}[100000]
+    assert row["galore_projected_weights"] == 0 and row["galore_plain_adamw"] is True
+    assert "GaLore: all weights plain AdamW" in rank_sweep.summary_line(row)
 
 
 def test_lean_sweep_same_flops_less_memory_recorded_in_rows(tmp_path):

@@ -174,12 +174,16 @@ _CIFAR = {
 
 
 # What the CIFAR python release's pickles reference: numpy arrays (reconstructed from their
-# dtype and raw bytes; numpy 1 and 2 spell the module differently) and, in pickles written by
+# dtype and raw bytes; numpy 1 and 2 spell the module differently; a file re-saved at pickle
+# protocol 5 uses ``_frombuffer`` instead of ``_reconstruct``) and, in pickles written by
 # Python 3 at protocol 2, ``_codecs.encode`` for byte strings. Dicts, lists, str, bytes and ints
 # need no global at all. Everything else (os.system, builtins.eval, subprocess, ...) is refused.
+# None of these calls anything a file names: an object array's items go through find_class too.
 _CIFAR_PICKLE_GLOBALS = frozenset({
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"),
