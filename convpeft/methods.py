@@ -269,21 +269,18 @@ def _setup_galore(model: nn.Module, cfg: MethodConfig):
 
 
 # registration order is list_methods() order (CLI choices, sweep grids, plot legends)
-register_method(MethodSpec("full", label="full FT", ranked=False, default_lr=1e-3,
-                           setup=_setup_full, description="all parameters, AdamW"))
-register_method(MethodSpec("head", label="head only", ranked=False, default_lr=1e-2,
-                           setup=_setup_head, description="linear probe: classifier only"))
-register_method(MethodSpec("bitfit", label="BitFit", ranked=False, default_lr=1e-2,
-                           setup=_setup_bitfit, description="biases (BN shifts) + classifier"))
-register_method(MethodSpec("lora", label="LoRA", ranked=True, default_lr=3e-3,
-                           setup=_setup_adapters, description="LoRA adapters on convs + head"))
-register_method(MethodSpec("dora", label="DoRA", ranked=True, default_lr=3e-3,
-                           setup=_setup_adapters, description="DoRA adapters on convs + head"))
-register_method(MethodSpec("galore", label="GaLore", ranked=True, default_lr=1e-3,
-                           setup=_setup_galore, description="GaLore-projected AdamW, all params"))
-register_method(MethodSpec("lora-fa", label="LoRA-FA", ranked=True, default_lr=3e-3,
-                           setup=_setup_adapters,
-                           description="LoRA-FA (A frozen, B trains) on convs + classifier"))
+for _name, _label, _ranked, _lr, _setup, _description in (
+    ("full", "full FT", False, 1e-3, _setup_full, "all parameters, AdamW"),
+    ("head", "head only", False, 1e-2, _setup_head, "linear probe: classifier only"),
+    ("bitfit", "BitFit", False, 1e-2, _setup_bitfit, "biases (BN shifts) + classifier"),
+    ("lora", "LoRA", True, 3e-3, _setup_adapters, "LoRA adapters on convs + classifier"),
+    ("dora", "DoRA", True, 3e-3, _setup_adapters, "DoRA adapters on convs + classifier"),
+    ("galore", "GaLore", True, 1e-3, _setup_galore, "GaLore-projected AdamW, all params"),
+    ("lora-fa", "LoRA-FA", True, 3e-3, _setup_adapters,
+     "LoRA-FA (A frozen, B trains) on convs + classifier"),
+):
+    register_method(MethodSpec(_name, label=_label, description=_description, default_lr=_lr,
+                               ranked=_ranked, setup=_setup))
 
 
 def _apply_bn_freezing(model: nn.Module, cfg: MethodConfig) -> None:
