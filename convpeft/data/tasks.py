@@ -13,9 +13,9 @@ full ``k+m``-way head.
 
 The default shift on digits, ``DEFAULT_SHIFT = ("impulse_noise", 5)`` (salt-and-pepper on 7% of
 the values), was chosen because it is a real shift there: the upsampled 8x8 digits are smooth,
-so blur barely matters while sparse impulses do. Accuracies are measured, not quoted: a sweep
-records ``zero_shot_acc``/``target_acc``/``source_acc`` per run (``benchmarks.rank_sweep``) and
-``benchmarks.findings`` summarises them.
+so blur barely matters while sparse impulses do. Accuracies are measured, not quoted here: a
+sweep (``benchmarks.rank_sweep``) records ``zero_shot_acc``/``target_acc``/``source_acc`` in
+every result row and ``benchmarks.plot`` draws them (``accuracy_*`` plots).
 """
 
 from __future__ import annotations
