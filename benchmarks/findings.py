@@ -14,22 +14,15 @@ Every number comes from the rows (means over seeds); nothing is hard-coded.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from benchmarks.plot import MIB, _num
-from benchmarks.results import load_results
+from benchmarks.common import MIB, method_label, num, rank_of, read_results, results_parser
 
 ADAPTERS = ("lora", "dora")
-NAMES = {"lora": "LoRA", "lora-fa": "LoRA-FA", "dora": "DoRA", "galore": "GaLore",
-         "full": "full FT"}
-
-
-def _rank(r: dict) -> int | None:
-    v = r.get("rank")
-    return None if v in (None, "") else int(v)
+"""The methods both claims are about."""
+NO_REFERENCE = "No LoRA/DoRA rows with a full-FT reference of the same model and task."
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -42,7 +35,7 @@ def _means(rows: Sequence[dict], fn) -> dict[tuple, float]:
     for r in rows:
         v = fn(r)
         if v is not None:
-            acc[(r["model"], r.get("dataset"), r["task"], r["method"], _rank(r))].append(v)
+            acc[(r["model"], r.get("dataset"), r["task"], r["method"], rank_of(r))].append(v)
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -61,7 +54,7 @@ def _pivot(recs: list[dict], cell) -> list[str]:
              "|---|---|---|" + "---:|" * len(ranks)]
     for (model, task, method), by_rank in groups.items():
         cells = [cell(by_rank[k]) if k in by_rank else "" for k in ranks]
-        lines.append(f"| {model} | {task} | {NAMES.get(method, method)} | "
+        lines.append(f"| {model} | {task} | {method_label(method)} | "
                      + " | ".join(cells) + " |")
     return lines
 
@@ -69,7 +62,7 @@ def _pivot(recs: list[dict], cell) -> list[str]:
 def net_kind(rows: Sequence[dict], model: str) -> str:
     """"depthwise-separable" if the sweep recorded depthwise convs in the model, else
     "standard" (from the ``n_depthwise_convs`` column; "?" when it is absent)."""
-    vals = [_num(r.get("n_depthwise_convs")) for r in rows if r.get("model") == model]
+    vals = [num(r.get("n_depthwise_convs")) for r in rows if r.get("model") == model]
     vals = [v for v in vals if v is not None]
     if not vals:
         return "?"
@@ -81,15 +74,15 @@ def _pct(x: float | None) -> str:
 
 
 def _fwd_bwd(r: dict) -> float | None:
-    f, b = _num(r.get("flops_forward")), _num(r.get("flops_backward"))
+    f, b = num(r.get("flops_forward")), num(r.get("flops_backward"))
     return None if f is None or b is None else f + b
 
 
 def memory_savings(rows: Sequence[dict]) -> list[dict]:
     """One record per (model, dataset, task, adapter method, rank): peak vs full FT's peak."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    peak = _means(ok, lambda r: _num(r.get("memory_peak")))
-    act = _means(ok, lambda r: _num(r.get("memory_by_category_activations")))
+    peak = _means(ok, lambda r: num(r.get("memory_peak")))
+    act = _means(ok, lambda r: num(r.get("memory_by_category_activations")))
     out = []
     for (model, ds, task, method, rank), p in sorted(peak.items(), key=_sort_key):
         full = peak.get((model, ds, task, "full", None))
@@ -108,7 +101,7 @@ def flop_reductions(rows: Sequence[dict]) -> list[dict]:
     by our count and by torch's counter."""
     ok = [r for r in rows if r.get("status") == "ok"]
     ours = _means(ok, _fwd_bwd)
-    torch_ = _means(ok, lambda r: _num(r.get("flops_torch")))
+    torch_ = _means(ok, lambda r: num(r.get("flops_torch")))
     out = []
     for (model, ds, task, method, rank), o in sorted(ours.items(), key=_sort_key):
         full_o = ours.get((model, ds, task, "full", None))
@@ -150,80 +143,78 @@ def findings_markdown(rows: Sequence[dict]) -> str:
         lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev}, BN policy {bn!r}.")
     lines.append("")
 
-    # --- claim 1 -------------------------------------------------------------------------
-    mem = memory_savings(rows)
-    lines += ["## 1. Peak-memory saving of LoRA/DoRA vs full fine-tuning", ""]
-    if not mem:
-        lines += ["No LoRA/DoRA rows with a full-FT reference of the same model and task.", ""]
-    else:
-        models = list(dict.fromkeys(r["model"] for r in mem))
-        summ = _per_model_summary(mem, "saving")
-        for m in models:
-            lo, mean, hi = summ[m]
-            share = _mean([r["full_activation_share"] for r in mem if r["model"] == m])
-            lines.append(
-                f"- **{m}** ({net_kind(rows, m)}): LoRA/DoRA peak is {_pct(lo)} to {_pct(hi)} "
-                f"below full FT (mean {_pct(mean)}); activations are {_pct(share)} of "
-                "full FT's peak."
-            )
-        lines += ["", "Full-FT peak per model and task:", ""]
-        seen = {}
-        for r in mem:
-            seen[(r["model"], r["task"])] = r["full_peak"]
-        lines += ["| model | task | full FT peak [MiB] |", "|---|---|---:|"]
-        lines += [f"| {m} | {t} | {v / MIB:.1f} |" for (m, t), v in seen.items()]
-        lines += ["", "Adapter peak [MiB] (saving vs full FT):", ""]
-        lines += _pivot(mem, lambda r: f"{r['peak'] / MIB:.1f} ({_pct(r['saving'])})")
-        lines.append("")
-
-    # --- claim 2 -------------------------------------------------------------------------
-    fl = flop_reductions(rows)
-    lines += ["## 2. FLOP reduction of LoRA/DoRA vs full fine-tuning (forward + backward)", ""]
-    if not fl:
-        lines += ["No LoRA/DoRA rows with a full-FT reference of the same model and task.", ""]
-    else:
-        models = list(dict.fromkeys(r["model"] for r in fl))
-        ours = _per_model_summary(fl, "ours_reduction")
-        theirs = _per_model_summary(fl, "torch_reduction")
-        over = _per_model_summary(fl, "torch_overcount_full")
-        for m in models:
-            lo, mean, hi = ours[m]
-            t = theirs.get(m)
-            o = over.get(m)
-            tt = (f"torch's counter says {_pct(t[0])} to {_pct(t[2])} (mean {_pct(t[1])})"
-                  if t else "torch's count not recorded")
-            oo = f"; torch counts full FT at {o[1]:.2f}x our figure" if o else ""
-            lines.append(
-                f"- **{m}** ({net_kind(rows, m)}): counted correctly, the adapters cut an "
-                f"update's FLOPs by {_pct(lo)} to {_pct(hi)} (mean {_pct(mean)}); {tt}{oo}."
-            )
-        lines += ["", "Full FT, forward + backward [MFLOP], ours vs torch's counter:", ""]
-        seen = {}
-        for r in fl:
-            seen[(r["model"], r["task"])] = (r["ours_full"], r["torch_full"])
-        lines += ["| model | task | ours | torch | torch / ours |", "|---|---|---:|---:|---:|"]
-        for (m, t), (o, tt) in seen.items():
-            ts = "n/a" if tt is None else f"{tt / 1e6:.1f}"
-            ratio = "n/a" if tt is None else f"{tt / o:.2f}x"
-            lines.append(f"| {m} | {t} | {o / 1e6:.1f} | {ts} | {ratio} |")
-        lines += ["", "FLOP reduction vs full FT: ours / torch's counter:", ""]
-        lines += _pivot(fl, lambda r: f"{_pct(r['ours_reduction'])} / "
-                        f"{_pct(r['torch_reduction'])}")
-        lines.append("")
+    lines += _section("## 1. Peak-memory saving of LoRA/DoRA vs full fine-tuning",
+                      memory_savings(rows), lambda recs: _memory_lines(rows, recs))
+    lines += _section("## 2. FLOP reduction of LoRA/DoRA vs full fine-tuning (forward + backward)",
+                      flop_reductions(rows), lambda recs: _flop_lines(rows, recs))
     return "\n".join(lines)
 
 
+def _section(title: str, recs: list[dict], body: Callable[[list[dict]], list[str]]) -> list[str]:
+    """A claim's markdown: title, then ``body(recs)``, or a note when there are no records."""
+    return [title, "", *(body(recs) if recs else [NO_REFERENCE]), ""]
+
+
+def _full_reference(recs: list[dict], *fields: str) -> dict[tuple[str, str], tuple]:
+    """Full FT's figures per (model, task), as recorded next to each adapter record."""
+    return {(r["model"], r["task"]): tuple(r[f] for f in fields) for r in recs}
+
+
+def _memory_lines(rows: Sequence[dict], mem: list[dict]) -> list[str]:
+    lines = []
+    summ = _per_model_summary(mem, "saving")
+    for m in dict.fromkeys(r["model"] for r in mem):
+        lo, mean, hi = summ[m]
+        share = _mean([r["full_activation_share"] for r in mem if r["model"] == m])
+        lines.append(
+            f"- **{m}** ({net_kind(rows, m)}): LoRA/DoRA peak is {_pct(lo)} to {_pct(hi)} "
+            f"below full FT (mean {_pct(mean)}); activations are {_pct(share)} of "
+            "full FT's peak."
+        )
+    lines += ["", "Full-FT peak per model and task:", ""]
+    lines += ["| model | task | full FT peak [MiB] |", "|---|---|---:|"]
+    lines += [f"| {m} | {t} | {v / MIB:.1f} |"
+              for (m, t), (v,) in _full_reference(mem, "full_peak").items()]
+    lines += ["", "Adapter peak [MiB] (saving vs full FT):", ""]
+    lines += _pivot(mem, lambda r: f"{r['peak'] / MIB:.1f} ({_pct(r['saving'])})")
+    return lines
+
+
+def _flop_lines(rows: Sequence[dict], fl: list[dict]) -> list[str]:
+    lines = []
+    ours = _per_model_summary(fl, "ours_reduction")
+    theirs = _per_model_summary(fl, "torch_reduction")
+    over = _per_model_summary(fl, "torch_overcount_full")
+    for m in dict.fromkeys(r["model"] for r in fl):
+        lo, mean, hi = ours[m]
+        t = theirs.get(m)
+        o = over.get(m)
+        tt = (f"torch's counter says {_pct(t[0])} to {_pct(t[2])} (mean {_pct(t[1])})"
+              if t else "torch's count not recorded")
+        oo = f"; torch counts full FT at {o[1]:.2f}x our figure" if o else ""
+        lines.append(
+            f"- **{m}** ({net_kind(rows, m)}): counted correctly, the adapters cut an "
+            f"update's FLOPs by {_pct(lo)} to {_pct(hi)} (mean {_pct(mean)}); {tt}{oo}."
+        )
+    lines += ["", "Full FT, forward + backward [MFLOP], ours vs torch's counter:", ""]
+    lines += ["| model | task | ours | torch | torch / ours |", "|---|---|---:|---:|---:|"]
+    for (m, t), (o, tt) in _full_reference(fl, "ours_full", "torch_full").items():
+        ts = "n/a" if tt is None else f"{tt / 1e6:.1f}"
+        ratio = "n/a" if tt is None else f"{tt / o:.2f}x"
+        lines.append(f"| {m} | {t} | {o / 1e6:.1f} | {ts} | {ratio} |")
+    lines += ["", "FLOP reduction vs full FT: ours / torch's counter:", ""]
+    lines += _pivot(fl, lambda r: f"{_pct(r['ours_reduction'])} / "
+                    f"{_pct(r['torch_reduction'])}")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.findings",
-        description="Print the markdown findings (memory and FLOP claims) of a results file.",
-    )
-    p.add_argument("results", help="results.jsonl / results.csv, or the folder holding them")
-    a = p.parse_args(argv)
-    try:
-        rows = load_results(a.results)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    a = results_parser(
+        "python -m benchmarks.findings",
+        "Print the markdown findings (memory and FLOP claims) of a results file.",
+    ).parse_args(argv)
+    rows = read_results(a.results)
+    if rows is None:
         return 2
     print(findings_markdown(rows))
     return 0

@@ -22,7 +22,6 @@ load changes on a shared machine hit every config alike); they are still noisy u
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+
+from benchmarks.common import write_json
 
 MODELS = ("mobilenet_v2", "resnet18")
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -229,9 +230,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print("\nfallback layers (rank >= min matrix side, plain AdamW state, no saving):")
     for line in fallback_report(rows):
         print("  " + line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows, indent=1)
     return rows
 
 

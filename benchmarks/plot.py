@@ -17,13 +17,12 @@ Only rows with ``status == "ok"`` are drawn; accuracy plots are skipped for prof
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -32,10 +31,16 @@ matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
-from benchmarks.results import load_results  # noqa: E402
-from benchmarks.sweep_grid import RANKED_METHODS  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MIB,
+    method_label,
+    num,
+    rank_of,
+    read_results,
+    results_parser,
+)
+from convpeft.methods import list_methods  # noqa: E402
 
-MIB = 2**20
 MEMORY_CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 CATEGORY_COLORS = {
     "params": "#4c72b0",
@@ -54,30 +59,10 @@ METHOD_STYLE = {
     "dora": dict(color="#dd8452", marker="s"),
     "galore": dict(color="#55a868", marker="^"),
 }
-METHOD_NAMES = {
-    "full": "full FT",
-    "head": "head only",
-    "bitfit": "BitFit",
-    "lora": "LoRA",
-    "lora-fa": "LoRA-FA",
-    "dora": "DoRA",
-    "galore": "GaLore",
-}
 
 
 def _ok(rows: Sequence[dict]) -> list[dict]:
     return [r for r in rows if r.get("status") == "ok"]
-
-
-def _num(v) -> float | None:
-    """A finite float, or None (missing, empty CSV cell, NaN)."""
-    if v is None or v == "":
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _slug(s: str) -> str:
@@ -86,10 +71,6 @@ def _slug(s: str) -> str:
 
 def _style(method: str) -> dict:
     return dict(METHOD_STYLE.get(method, dict(marker="x")))
-
-
-def _name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
 
 
 def _flops_scale(values: Sequence[float]) -> tuple[float, str]:
@@ -112,12 +93,9 @@ def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], f
     """Mean of ``field`` per (method, rank) over seeds (missing values skipped)."""
     acc: dict[tuple[str, int | None], list[float]] = defaultdict(list)
     for r in rows:
-        v = _num(r.get(field))
-        if v is None:
-            continue
-        rank = r.get("rank")
-        rank = None if rank in (None, "") else int(rank)
-        acc[(str(r["method"]), rank)].append(v)
+        v = num(r.get(field))
+        if v is not None:
+            acc[(str(r["method"]), rank_of(r))].append(v)
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -138,14 +116,35 @@ def _rank_axis(ax, ranks: Sequence[int]) -> None:
 
 
 def _methods_in(means: dict[tuple[str, int | None], float]) -> tuple[list[str], list[str]]:
-    """(ranked methods, unranked reference methods) present, in the canonical order."""
+    """(ranked methods, unranked reference methods) present, in the plots' order (that of
+    ``METHOD_STYLE``); methods it does not style come last, ranked if their rows have ranks."""
     order = list(METHOD_STYLE)
     present = {m for m, _ in means}
-    ranked = [m for m in order if m in present and m in RANKED_METHODS]
+    ranked_names = set(list_methods(ranked=True))
+    ranked = [m for m in order if m in present and m in ranked_names]
     ranked += sorted(m for m in present - set(order) if any(k[1] is not None for k in means
                                                              if k[0] == m))
-    refs = [m for m in order if m in present and m not in RANKED_METHODS]
+    refs = [m for m in order if m in present and m not in ranked_names]
     return ranked, refs
+
+
+def _rank_figure(rows: Sequence[dict], means: dict[tuple[str, int | None], float],
+                 y: Callable[[float], float], ref_suffix: str = ""):
+    """A figure with a line over rank per ranked method and a horizontal line per reference
+    method, values mapped through ``y`` (unit scaling); returns ``(fig, ax)``."""
+    ranked, refs = _methods_in(means)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in ranked:
+        pts = sorted((r, v) for (mm, r), v in means.items() if mm == m and r is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [y(p[1]) for p in pts], label=method_label(m),
+                    **_style(m))
+    for m in refs:
+        v = means.get((m, None))
+        if v is not None:
+            ax.axhline(y(v), label=method_label(m) + ref_suffix, lw=1.5, **_style(m))
+    _rank_axis(ax, _ranks(rows))
+    return fig, ax
 
 
 def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
@@ -171,19 +170,8 @@ def plot_flops(rows, model, dataset, task) -> plt.Figure | None:
     means = _mean_by(rows, "flops_total")
     if not means:
         return None
-    ranks = _ranks(rows)
-    ranked, refs = _methods_in(means)
     div, unit = _flops_scale(list(means.values()))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in ranked:
-        pts = sorted((r, v) for (mm, r), v in means.items() if mm == m and r is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] / div for p in pts], label=_name(m), **_style(m))
-    for m in refs:
-        v = means.get((m, None))
-        if v is not None:
-            ax.axhline(v / div, label=f"{_name(m)} (no rank)", lw=1.5, **_style(m))
-    _rank_axis(ax, ranks)
+    fig, ax = _rank_figure(rows, means, lambda v: v / div, ref_suffix=" (no rank)")
     ax.set_ylabel(f"FLOPs per update [{unit}]")
     ax.set_ylim(bottom=0)
     ax.set_title(f"FLOPs per training update\n{_title(model, dataset, task)}", fontsize=10)
@@ -209,7 +197,7 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
     for ax, (title, methods) in zip(axes[0], panels, strict=True):
         if title == "baselines":
             keys = [(m, None) for m in methods if (m, None) in peak]
-            labels = [_name(m) for m, _ in keys]
+            labels = [method_label(m) for m, _ in keys]
         else:
             keys = [(title, r) for r in ranks if (title, r) in peak]
             labels = [f"r={r}" for _, r in keys]
@@ -225,7 +213,7 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
             ax.axhline(full_peak / MIB, color="black", ls="--", lw=1, label="full FT peak")
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=0 if title != "baselines" else 20, fontsize=8)
-        ax.set_title(_name(title) if title != "baselines" else "no-rank methods", fontsize=9)
+        ax.set_title(method_label(title) if title != "baselines" else "no-rank methods", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("memory live at the peak [MiB]")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -241,22 +229,11 @@ def plot_accuracy(rows, model, dataset, task) -> plt.Figure | None:
     acc = _mean_by(rows, "target_acc")
     if not acc:
         return None
-    ranks = _ranks(rows)
-    ranked, refs = _methods_in(acc)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in ranked:
-        pts = sorted((r, v) for (mm, r), v in acc.items() if mm == m and r is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=_name(m), **_style(m))
-    for m in refs:
-        v = acc.get((m, None))
-        if v is not None:
-            ax.axhline(100 * v, label=_name(m), lw=1.5, **_style(m))
-    zs = [v for v in (_num(r.get("zero_shot_acc")) for r in rows) if v is not None]
+    fig, ax = _rank_figure(rows, acc, lambda v: 100 * v)
+    zs = [v for v in (num(r.get("zero_shot_acc")) for r in rows) if v is not None]
     if zs:
         ax.axhline(100 * sum(zs) / len(zs), color="gray", ls=(0, (1, 3)), lw=2,
                    label="zero-shot (no update)")
-    _rank_axis(ax, ranks)
     ax.set_ylabel("target test accuracy [%]")
     ax.set_title(f"Accuracy after adaptation\n{_title(model, dataset, task)}", fontsize=10)
     ax.grid(alpha=0.3)
@@ -281,12 +258,12 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
     """Target accuracy vs peak memory, every configuration; the Pareto front marked."""
     pts, labels, methods = [], [], []
     for r in rows:
-        a, m = _num(r.get("target_acc")), _num(r.get("memory_peak"))
+        a, m = num(r.get("target_acc")), num(r.get("memory_peak"))
         if a is None or m is None:
             continue
         pts.append((m / MIB, 100 * a))
         rank = r.get("rank")
-        labels.append(_name(r["method"]) + ("" if rank in (None, "") else f" r{int(rank)}"))
+        labels.append(method_label(r["method"]) + ("" if rank in (None, "") else f" r{int(rank)}"))
         methods.append(r["method"])
     if not pts:
         return None
@@ -294,7 +271,7 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
     for m in dict.fromkeys(methods):
         idx = [i for i, mm in enumerate(methods) if mm == m]
         st = _style(m)
-        ax.scatter([pts[i][0] for i in idx], [pts[i][1] for i in idx], label=_name(m),
+        ax.scatter([pts[i][0] for i in idx], [pts[i][1] for i in idx], label=method_label(m),
                    color=st.get("color"), marker=st.get("marker") or "D", s=36, zorder=3)
     front = pareto_front(pts)
     ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="red",
@@ -313,7 +290,7 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
 
 def _ours_fwd_bwd(r: dict) -> float | None:
     """Our forward + backward FLOPs (what torch's counter also covers: no optimizer math)."""
-    f, b = _num(r.get("flops_forward")), _num(r.get("flops_backward"))
+    f, b = num(r.get("flops_forward")), num(r.get("flops_backward"))
     if f is None or b is None:
         return None
     return f + b
@@ -324,7 +301,7 @@ def plot_flop_counters(rows) -> plt.Figure | None:
     rank, so the over-count of depthwise weight gradients is visible next to a standard net."""
     # GaLore is left out: its optimizer matmuls (and amortised SVD) are outside our forward +
     # backward figure but partly inside torch's, so the two would not cover the same work.
-    data = [(r, _ours_fwd_bwd(r), _num(r.get("flops_torch"))) for r in rows
+    data = [(r, _ours_fwd_bwd(r), num(r.get("flops_torch"))) for r in rows
             if r.get("method") != "galore"]
     data = [(r, o, t) for r, o, t in data if o and t]
     if not data:
@@ -343,7 +320,7 @@ def plot_flop_counters(rows) -> plt.Figure | None:
             cand.sort(key=lambda x: (x[0].get("rank") or 0))
             r, o, t = cand[0]
             rank = r.get("rank")
-            lab = f"{model}\n{_name(m)}" + ("" if rank in (None, "") else f" r{int(rank)}")
+            lab = f"{model}\n{method_label(m)}" + ("" if rank in (None, "") else f" r{int(rank)}")
             bars.append((lab, o, t))
     div, unit = _flops_scale([max(o, t) for _, o, t in bars] or [1.0])
     x = list(range(len(bars)))
@@ -368,7 +345,7 @@ def plot_flop_counters(rows) -> plt.Figure | None:
             if ratios:
                 xs.append(mi - 0.4 + width * (j + 0.5))
                 ys.append(sum(ratios) / len(ratios))
-        ax.bar(xs, ys, width=width * 0.95, color=_style(m).get("color"), label=_name(m))
+        ax.bar(xs, ys, width=width * 0.95, color=_style(m).get("color"), label=method_label(m))
         for x_, y_ in zip(xs, ys, strict=True):
             ax.annotate(f"{y_:.2g}x", (x_, y_), ha="center", va="bottom", fontsize=6,
                         textcoords="offset points", xytext=(0, 1))
@@ -409,21 +386,18 @@ def make_plots(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.plot",
-        description="Regenerate all rank-sweep plots from a results file (.jsonl or .csv) or "
-        "a results folder.",
+    p = results_parser(
+        "python -m benchmarks.plot",
+        "Regenerate all rank-sweep plots from a results file (.jsonl or .csv) or a results "
+        "folder.",
     )
-    p.add_argument("results", help="results.jsonl / results.csv, or the folder holding them")
     p.add_argument("--plots", default="plots", help="output folder for the figures "
                    "(default: plots/)")
     p.add_argument("--formats", default="png,svg",
                    help="comma-separated figure formats (default: png,svg)")
     a = p.parse_args(argv)
-    try:
-        rows = load_results(a.results)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    rows = read_results(a.results)
+    if rows is None:
         return 2
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     files = make_plots(rows, a.plots, formats)

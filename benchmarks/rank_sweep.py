@@ -48,9 +48,9 @@ from benchmarks.results import (
     read_jsonl,
 )
 from benchmarks.sweep_grid import (
-    ALL_METHODS,
     ALL_TASKS,
     BN_POLICIES,
+    DEFAULT_METHODS,
     PRESETS,
     Config,
     SweepSettings,
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(preset's list if omitted)")
     g.add_argument("--methods", type=_csv_list, default=None,
                    help=f"comma-separated methods from {','.join(list_methods())} "
-                   f"(default grid: {','.join(ALL_METHODS)})")
+                   f"(default grid: {','.join(DEFAULT_METHODS)})")
     g.add_argument("--ranks", type=_int_list, default=None,
                    help="comma-separated ranks for the low-rank methods (lora, dora, galore); "
                    "full/head/bitfit run once per model/task/seed")

@@ -1,8 +1,9 @@
 """The rank sweep's grid: presets, one configuration per run, and the grid expansion.
 
 A *configuration* is one (model, task, method, rank, seed) run. Ranks only mean something for
-the low-rank methods (LoRA, DoRA, GaLore); the other methods (full fine-tuning, head-only,
-BitFit) run once per (model, task, seed) with ``rank=None``.
+the methods registered with ``ranked=True`` (LoRA, LoRA-FA, DoRA, GaLore:
+``convpeft.methods.list_methods(ranked=True)``); the others (full fine-tuning, head-only, BitFit)
+run once per (model, task, seed) with ``rank=None``.
 
 The *settings* (dataset, corruption, epochs, batch size, ...) are shared by every configuration
 of a sweep. They are part of each result row's resume key, so rerunning into the same output
@@ -15,12 +16,15 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-RANKED_METHODS: tuple[str, ...] = ("lora", "lora-fa", "dora", "galore")
-"""Methods whose cost and accuracy depend on a rank; all others ignore ``--ranks``."""
+from convpeft.data.tasks import TASKS as ALL_TASKS
+from convpeft.methods import BN_POLICIES, get_method, list_methods
+from convpeft.models import TESTED_MODELS
 
-ALL_METHODS: tuple[str, ...] = ("full", "head", "bitfit", "lora", "dora", "galore")
-ALL_TASKS: tuple[str, ...] = ("shift", "new_classes")
-BN_POLICIES: tuple[str, ...] = ("train", "freeze", "stats")
+__all__ = ["ALL_TASKS", "BN_POLICIES", "DEFAULT_METHODS", "PRESETS", "Config", "Preset",
+           "SweepSettings", "expand_grid", "parse_dataset"]
+
+DEFAULT_METHODS: tuple[str, ...] = ("full", "head", "bitfit", "lora", "dora", "galore")
+"""The presets' methods (a choice of registered methods; LoRA-FA runs when asked for)."""
 
 
 @dataclass(frozen=True)
@@ -104,14 +108,16 @@ def expand_grid(
     """
     models, tasks, methods = _unique(models), _unique(tasks), _unique(methods)
     ranks, seeds = _unique(ranks), _unique(seeds)
-    if not ranks and any(m in RANKED_METHODS for m in methods):
-        raise ValueError("--ranks is empty but a ranked method (lora/dora/galore) was requested")
+    ranked = [m for m in methods if get_method(m).ranked]
+    if not ranks and ranked:
+        raise ValueError(f"--ranks is empty but ranked method(s) {', '.join(ranked)} were "
+                         f"requested (ranked: {', '.join(list_methods(ranked=True))})")
     out: list[Config] = []
     for model in models:
         for task in tasks:
             for seed in seeds:
                 for method in methods:
-                    if method in RANKED_METHODS:
+                    if method in ranked:
                         out.extend(Config(model, task, method, r, seed) for r in ranks)
                     else:
                         out.append(Config(model, task, method, None, seed))
@@ -148,7 +154,7 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(
         models=["mobilenet_v2", "resnet18"],
         tasks=["shift", "new_classes"],
-        methods=list(ALL_METHODS),
+        methods=list(DEFAULT_METHODS),
         ranks=[1, 4, 16],
         seeds=[0],
         dataset={"shift": "digits", "new_classes": "digits"},
@@ -162,16 +168,9 @@ PRESETS: dict[str, Preset] = {
     ),
     # The study's grid (needs CIFAR-10, CIFAR-10-C and CIFAR-100 under --data-root).
     "paper": Preset(
-        models=[
-            "mobilenet_v2",
-            "mobilenet_v3_small",
-            "mobilenet_v3_large",
-            "resnet18",
-            "resnet34",
-            "resnet50",
-        ],
+        models=list(TESTED_MODELS),
         tasks=["shift", "new_classes"],
-        methods=list(ALL_METHODS),
+        methods=list(DEFAULT_METHODS),
         ranks=[1, 2, 4, 8, 16, 32, 64],
         seeds=[0, 1, 2],
         dataset={"shift": "cifar10", "new_classes": "cifar100"},

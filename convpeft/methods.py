@@ -46,6 +46,7 @@ from torch import nn
 
 from .lean import lean_activations
 from .models import get_head
+from .registry import Registry
 
 __all__ = [
     "BN_POLICIES",
@@ -137,29 +138,33 @@ class PreparedMethod:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    name: str
+    """A registered fine-tuning method; ``setup(model, cfg) -> (optimizer, report or None)``."""
+
+    name: str  # what configs, the CLI and result rows use, e.g. "lora-fa"
+    label: str  # display name in plots and reports, e.g. "LoRA-FA"
     description: str
     default_lr: float
+    ranked: bool  # takes a rank (adapter rank, GaLore projection rank); sweeps expand over ranks
     setup: Callable[[nn.Module, MethodConfig], tuple[torch.optim.Optimizer, Any]]
 
 
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    """Add (or replace) a method in the registry."""
-    _METHODS[spec.name] = spec
-    return spec
+    """Add ``spec`` to the registry; ``ValueError`` if its name is already registered."""
+    return _METHODS.register(spec.name, spec)
 
 
-def list_methods() -> list[str]:
-    return list(_METHODS)
+def list_methods(ranked: bool | None = None) -> list[str]:
+    """Method names in registration order; ``ranked=True``/``False``: only those that do / do
+    not take a rank."""
+    return [n for n in _METHODS.names() if ranked is None or _METHODS.get(n).ranked == ranked]
 
 
 def get_method(name: str) -> MethodSpec:
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; use one of {', '.join(_METHODS)}")
-    return _METHODS[name]
+    """The :class:`MethodSpec` registered as ``name``; ``ValueError`` naming the choices."""
+    return _METHODS.get(name)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -263,14 +268,19 @@ def _setup_galore(model: nn.Module, cfg: MethodConfig):
     return opt, opt.summary()
 
 
-register_method(MethodSpec("full", "all parameters, AdamW", 1e-3, _setup_full))
-register_method(MethodSpec("head", "linear probe: classifier only", 1e-2, _setup_head))
-register_method(MethodSpec("bitfit", "biases (BN shifts) + classifier", 1e-2, _setup_bitfit))
-register_method(MethodSpec("lora", "LoRA adapters on convs + classifier", 3e-3, _setup_adapters))
-register_method(MethodSpec("dora", "DoRA adapters on convs + classifier", 3e-3, _setup_adapters))
-register_method(MethodSpec("galore", "GaLore-projected AdamW, all params", 1e-3, _setup_galore))
-register_method(MethodSpec("lora-fa", "LoRA-FA (A frozen, B trains) on convs + classifier", 3e-3,
-                           _setup_adapters))
+# registration order is list_methods() order (CLI choices, sweep grids, plot legends)
+for _name, _label, _ranked, _lr, _setup, _description in (
+    ("full", "full FT", False, 1e-3, _setup_full, "all parameters, AdamW"),
+    ("head", "head only", False, 1e-2, _setup_head, "linear probe: classifier only"),
+    ("bitfit", "BitFit", False, 1e-2, _setup_bitfit, "biases (BN shifts) + classifier"),
+    ("lora", "LoRA", True, 3e-3, _setup_adapters, "LoRA adapters on convs + classifier"),
+    ("dora", "DoRA", True, 3e-3, _setup_adapters, "DoRA adapters on convs + classifier"),
+    ("galore", "GaLore", True, 1e-3, _setup_galore, "GaLore-projected AdamW, all params"),
+    ("lora-fa", "LoRA-FA", True, 3e-3, _setup_adapters,
+     "LoRA-FA (A frozen, B trains) on convs + classifier"),
+):
+    register_method(MethodSpec(_name, label=_label, description=_description, default_lr=_lr,
+                               ranked=_ranked, setup=_setup))
 
 
 def _apply_bn_freezing(model: nn.Module, cfg: MethodConfig) -> None:

@@ -186,6 +186,32 @@ def test_target_all_projects_the_head():
     assert no_first["0.weight"] == "plain" and no_first["4.weight"] == "galore"
 
 
+@pytest.mark.parametrize("exclude", ["^6$", ["^6$"]])
+def test_exclude_string_is_one_pattern(exclude):
+    """A string is ONE regex, not one per letter: "^6$" excludes only layer 6 (split into
+    letters it would be "^", "6", "$", and "^"/"$" match every layer name)."""
+    r = roles(galore_optimizer(tiny_cnn(), rank=4, exclude=exclude))
+    assert r["6.weight"] == "plain"
+    assert [n for n, role in r.items() if role == "galore"] == ["0.weight", "3.weight", "4.weight"]
+
+
+def test_exclude_string_on_resnet18_layer4():
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    r = roles(galore_optimizer(model, rank=4, exclude="layer4"))
+    projected = [n for n, role in r.items() if role == "galore"]
+    assert not any(n.startswith("layer4.") for n in projected)
+    # every conv outside layer4 still projected: conv1, layer1 (4), layer2/3 (4 + downsample)
+    assert len(projected) == 1 + 4 + 5 + 5
+
+
+def test_base_optimizer_keyword_is_gone():
+    """Only galore-torch's AdamW is wired up, so there is no ``base=`` to choose it."""
+    with pytest.raises(TypeError, match="base"):
+        galore_optimizer(tiny_cnn(), base="adamw")
+
+
 def test_frozen_params_are_left_out():
     model = tiny_cnn()
     model[0].weight.requires_grad_(False)
@@ -349,7 +375,6 @@ def test_meta_device_step_for_the_analytic_profiler():
         ({"rank": 2.5}, "rank"),
         ({"update_proj_gap": 0}, "update_proj_gap"),
         ({"proj_type": "diagonal"}, "proj_type"),
-        ({"base": "sgd"}, "base"),
         ({"target": "convs"}, "target"),
         ({"scale": 0.0}, "scale"),
     ],

@@ -4,12 +4,18 @@
 ``list_corruptions`` and ``build_task`` ("shift", "new_classes").
 """
 
-from .corruptions import corrupt, get_corruption, list_corruptions
-from .datasets import DATASETS, ImageDataset, list_datasets, load_dataset, stratified_indices
+from .corruptions import corrupt, get_corruption, list_corruptions, register_corruption
+from .datasets import (
+    ImageDataset,
+    get_dataset,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+    stratified_indices,
+)
 from .tasks import DEFAULT_SHIFT, TASKS, Task, build_task
 
 __all__ = [
-    "DATASETS",
     "DEFAULT_SHIFT",
     "TASKS",
     "Task",
@@ -17,8 +23,11 @@ __all__ = [
     "ImageDataset",
     "corrupt",
     "get_corruption",
+    "get_dataset",
     "list_corruptions",
     "list_datasets",
     "load_dataset",
+    "register_corruption",
+    "register_dataset",
     "stratified_indices",
 ]

@@ -33,26 +33,27 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CORRUPTIONS", "check_severity", "corrupt", "get_corruption", "list_corruptions"]
+from ..registry import Registry
+
+__all__ = ["check_severity", "corrupt", "get_corruption", "list_corruptions",
+           "register_corruption"]
 
 CorruptionFn = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
-CORRUPTIONS: dict[str, CorruptionFn] = {}
+_CORRUPTIONS: Registry[CorruptionFn] = Registry("corruption")
 
 
-def _register(fn: CorruptionFn) -> CorruptionFn:
-    CORRUPTIONS[fn.__name__] = fn
-    return fn
+def register_corruption(fn: CorruptionFn) -> CorruptionFn:
+    """Register ``fn`` under its ``__name__`` (use as a decorator); refuses a taken name."""
+    return _CORRUPTIONS.register(fn.__name__, fn)
 
 
 def list_corruptions() -> list[str]:
-    return list(CORRUPTIONS)
+    return _CORRUPTIONS.names()
 
 
 def get_corruption(name: str) -> CorruptionFn:
     """The function ``(x float (N,3,H,W) in [0,1], severity, generator) -> same``."""
-    if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; use one of {', '.join(CORRUPTIONS)}")
-    return CORRUPTIONS[name]
+    return _CORRUPTIONS.get(name)
 
 
 def check_severity(severity: int) -> None:
@@ -112,21 +113,21 @@ def _rgb_to_v_min(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- noise
-@_register
+@register_corruption
 def gaussian_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Additive N(0, c^2), c = 0.04, 0.06, 0.08, 0.09, 0.10."""
     c = (0.04, 0.06, 0.08, 0.09, 0.10)[severity - 1]
     return x + _randn(g, x.shape, x) * c
 
 
-@_register
+@register_corruption
 def shot_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Poisson photon noise: Poisson(x * c) / c, c = 500, 250, 100, 75, 50 photons."""
     c = (500, 250, 100, 75, 50)[severity - 1]
     return torch.poisson(x.detach().cpu().float() * c, generator=g).to(x) / c
 
 
-@_register
+@register_corruption
 def impulse_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Salt-and-pepper on a fraction c = .01, .02, .03, .05, .07 of the values (half each)."""
     c = (0.01, 0.02, 0.03, 0.05, 0.07)[severity - 1]
@@ -135,7 +136,7 @@ def impulse_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.T
     return torch.where(hit, salt, x)
 
 
-@_register
+@register_corruption
 def speckle_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Multiplicative x + x * N(0, c^2), c = .06, .1, .12, .16, .2."""
     c = (0.06, 0.10, 0.12, 0.16, 0.20)[severity - 1]
@@ -143,7 +144,7 @@ def speckle_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.T
 
 
 # ----------------------------------------------------------------------------- blur
-@_register
+@register_corruption
 def gaussian_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Gaussian blur, sigma = .4, .6, .7, .8, 1 pixels (at 32x32)."""
     c = (0.4, 0.6, 0.7, 0.8, 1.0)[severity - 1]
@@ -162,7 +163,7 @@ def _disk_kernel(radius: float, alias_sigma: float, like: torch.Tensor) -> torch
     return _filter(disk[None, None], torch.outer(g3, g3), mode="constant")[0, 0]
 
 
-@_register
+@register_corruption
 def defocus_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Disk (lens) blur: (radius, antialias sigma) = (.3,.4), (.4,.5), (.5,.6), (1,.2), (1.5,.1)."""
     r, a = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1))[severity - 1]
@@ -170,7 +171,7 @@ def defocus_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Te
     return _filter(x, _disk_kernel(r * s, a * s, x), mode="reflect")
 
 
-@_register
+@register_corruption
 def motion_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Motion blur: (length, sigma) = (6,1), (6,1.5), (6,2), (8,2), (9,2.5) px, angle U(-45, 45).
 
@@ -207,7 +208,7 @@ def motion_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- digital / colour
-@_register
+@register_corruption
 def contrast(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Shrink towards each image's per-channel mean by c = .75, .5, .4, .3, .15."""
     c = (0.75, 0.5, 0.4, 0.3, 0.15)[severity - 1]
@@ -215,7 +216,7 @@ def contrast(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor
     return (x - mean) * c + mean
 
 
-@_register
+@register_corruption
 def brightness(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """HSV value V += c, c = .05, .1, .15, .2, .3 (hue and saturation kept).
 
@@ -228,7 +229,7 @@ def brightness(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tens
     return torch.where(v > 0, x * (v2 / v.clamp_min(1e-12)), v2.expand_as(x))
 
 
-@_register
+@register_corruption
 def saturate(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """HSV saturation S' = clip(S * a + b), (a, b) = (.3,0), (.1,0), (1.5,0), (2,.1), (2.5,.2).
 
@@ -254,7 +255,7 @@ def _box_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     return (overlap / s).to(like.device, like.dtype)
 
 
-@_register
+@register_corruption
 def pixelate(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Box down-sample to int(c * size) and box up-sample back, c = .95, .9, .85, .75, .65.
 
@@ -267,7 +268,7 @@ def pixelate(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor
     return F.interpolate(small, size=(h, w), mode="nearest-exact")
 
 
-@_register
+@register_corruption
 def jpeg_compression(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """JPEG round trip at quality 80, 65, 58, 50, 40 (libjpeg via torchvision.io)."""
     with warnings.catch_warnings():
@@ -281,7 +282,7 @@ def jpeg_compression(x: torch.Tensor, severity: int, g: torch.Generator) -> torc
     return torch.stack(out).to(x.device, x.dtype) / 255.0
 
 
-@_register
+@register_corruption
 def elastic_transform(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Random affine + smooth random displacement field (Simard et al. 2003).
 
@@ -346,7 +347,7 @@ def _plasma(n: int, size: int, decay: float, g: torch.Generator) -> torch.Tensor
     return m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
-@_register
+@register_corruption
 def fog(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
     """Add a plasma-fractal haze: (strength, wibble decay) = (.2,3), (.5,3), (.75,2.5), (1,2),
     (1.5,1.75); then rescale by max / (max + strength) per image."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "ImageDataset", "list_datasets", "load_dataset", "stratified_indices"]
+from ..registry import Registry
 
-DATASETS = ("digits", "cifar10", "cifar100", "cifar10c", "imagefolder")
+__all__ = [
+    "ImageDataset",
+    "get_dataset",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+    "stratified_indices",
+]
+
 SPLITS = ("train", "test")
 
 
@@ -98,10 +106,6 @@ class ImageDataset(torch.utils.data.Dataset):
             idx = order[s : s + batch_size]
             x = self.images[idx].to(device, non_blocking=True).float().div_(255.0)
             yield x, self.labels[idx].to(device, non_blocking=True)
-
-
-def list_datasets() -> list[str]:
-    return list(DATASETS)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -352,6 +356,56 @@ def _load_imagefolder(split: str, data_root, resolution: int, seed: int) -> Imag
     return ds
 
 
+# ----------------------------------------------------------------------------- registry
+DatasetLoader = Callable[..., ImageDataset]
+"""Called with keywords ``name, split, data_root, resolution, seed, download, corruption,
+severity`` (already checked by :func:`load_dataset`); takes those it needs, ignores the rest."""
+
+_DATASETS: Registry[DatasetLoader] = Registry("dataset")
+Root = str | os.PathLike | None
+
+
+def register_dataset(name: str, loader: DatasetLoader) -> DatasetLoader:
+    """Make ``load_dataset(name, ...)`` call ``loader``; refuses a name already registered."""
+    return _DATASETS.register(name, loader)
+
+
+def list_datasets() -> list[str]:
+    return _DATASETS.names()
+
+
+def get_dataset(name: str) -> DatasetLoader:
+    """The loader registered as ``name``; ``ValueError`` naming the choices."""
+    return _DATASETS.get(name)
+
+
+def _digits(*, split: str, resolution: int, seed: int, **_: object) -> ImageDataset:
+    return _load_digits(split, resolution, seed)
+
+
+def _cifar(*, name: str, split: str, data_root: Root, resolution: int, download: bool,
+           **_: object) -> ImageDataset:
+    return _load_cifar(name, split, data_root, resolution, download)
+
+
+def _cifar10c(*, split: str, data_root: Root, resolution: int, seed: int,
+              corruption: str | None, severity: int | None, download: bool,
+              **_: object) -> ImageDataset:
+    return _load_cifar10c(split, data_root, resolution, seed, corruption, severity, download)
+
+
+def _imagefolder(*, split: str, data_root: Root, resolution: int, seed: int,
+                 **_: object) -> ImageDataset:
+    return _load_imagefolder(split, data_root, resolution, seed)
+
+
+register_dataset("digits", _digits)
+register_dataset("cifar10", _cifar)
+register_dataset("cifar100", _cifar)
+register_dataset("cifar10c", _cifar10c)
+register_dataset("imagefolder", _imagefolder)
+
+
 # ----------------------------------------------------------------------------- entry point
 def load_dataset(
     name: str,
@@ -364,23 +418,17 @@ def load_dataset(
     corruption: str | None = None,
     severity: int | None = None,
 ) -> ImageDataset:
-    """Load ``name`` (one of :data:`DATASETS`) ``split`` ("train"/"test") as an ImageDataset.
+    """Load ``name`` (one of :func:`list_datasets`) ``split`` ("train"/"test") as an ImageDataset.
 
     ``resolution``: square side of the returned images. ``seed``: the train/test split of digits
     and imagefolder-without-splits, and the corruption noise when cifar10c is generated.
     ``download`` is only used for cifar10/cifar100 (torchvision's downloader); nothing is fetched
     otherwise. ``corruption``/``severity`` are for cifar10c only.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    loader = get_dataset(name)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
     if not isinstance(resolution, int) or resolution < 8:
         raise ValueError(f"resolution must be an int >= 8 (got {resolution!r})")
-    if name == "digits":
-        return _load_digits(split, resolution, seed)
-    if name in _CIFAR:
-        return _load_cifar(name, split, data_root, resolution, download)
-    if name == "cifar10c":
-        return _load_cifar10c(split, data_root, resolution, seed, corruption, severity, download)
-    return _load_imagefolder(split, data_root, resolution, seed)
+    return loader(name=name, split=split, data_root=data_root, resolution=resolution, seed=seed,
+                  download=download, corruption=corruption, severity=severity)

@@ -1,4 +1,10 @@
-"""Optimizers: conv-aware GaLore (:mod:`convpeft.optim.galore`).
+"""Optimizers: conv-aware GaLore, split as galore-torch splits it.
+
+* :mod:`.galore`: :func:`galore_optimizer` (which weights are projected) and
+  :class:`ConvGaLoreAdamW` (galore-torch's AdamW step on 2-D views of conv weights);
+* :mod:`.projector`: the matrix a weight is projected as and the glue around galore-torch's
+  ``GaLoreProjector``;
+* :mod:`.summary`: :class:`GaLoreSummary` rows and the FLOP / state-bytes cost model.
 
 Loaded lazily: ``galore_torch`` imports ``transformers``, which takes seconds, so
 ``import convpeft.optim`` stays cheap until a name below is used.
@@ -9,21 +15,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "BASES",
-    "PROJ_TYPES",
-    "ConvGaLoreAdamW",
-    "GaLoreRow",
-    "GaLoreSummary",
-    "galore_optimizer",
-    "matrix_shape",
-    "projected_shapes",
-]
+_WHERE = {
+    "ConvGaLoreAdamW": ".galore",
+    "GaLoreSettings": ".galore",
+    "galore_optimizer": ".galore",
+    "PROJ_TYPES": ".projector",
+    "matrix_shape": ".projector",
+    "projected_shapes": ".projector",
+    "GaLoreRow": ".summary",
+    "GaLoreSummary": ".summary",
+}
+
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module(".galore", __name__), name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,0 +1,67 @@
+"""Small helpers the benchmark scripts share: reading result rows, method display names, the
+results-file command line, JSON output.
+
+Method names and labels come from the methods registry (:func:`convpeft.methods.get_method`),
+so a method registered there is named the same in every plot and report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.results import load_results
+from convpeft.methods import get_method, list_methods
+
+MIB = 2**20
+
+
+def num(v: Any) -> float | None:
+    """A finite float, or None (missing, empty CSV cell, NaN)."""
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def rank_of(row: dict) -> int | None:
+    """The row's rank as an int; None for methods without one (``None`` or an empty CSV cell)."""
+    v = row.get("rank")
+    return None if v in (None, "") else int(v)
+
+
+def method_label(method: str) -> str:
+    """Display name of a method ("LoRA", "full FT"); the name itself if it is not registered
+    (rows of a method registered only in the run that wrote them)."""
+    return get_method(method).label if method in list_methods() else method
+
+
+def results_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser whose first argument is a results file or folder."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("results", help="results.jsonl / results.csv, or the folder holding them")
+    return p
+
+
+def read_results(path: str) -> list[dict] | None:
+    """The rows of a results file/folder, or None after a one-line error on stderr (the
+    caller exits with 2)."""
+    try:
+        return load_results(path)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def write_json(path: str | None, rows: Sequence[dict[str, Any]], indent: int = 1) -> None:
+    """Write ``rows`` as JSON to ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(list(rows), f, indent=indent)
