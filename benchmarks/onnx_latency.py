@@ -16,7 +16,8 @@ PyTorch with onnxruntime, relative error <= 1e-4):
 
 Latency: one onnxruntime ``InferenceSession`` per file (CPU provider, ``--threads`` intra-op
 threads, full graph optimisation), ``--warmup`` runs, then ``--runs`` rounds in which every
-variant runs once (round-robin, so load from other processes hits all alike); reported is the
+variant runs once (round-robin, the order rotated each round, so load from other processes and
+cache effects hit all alike); reported is the
 median per variant and its ratio to ``base`` of the same model in the same run, next to the
 graph's ``Conv`` node count and its ratio.
 """
@@ -97,10 +98,11 @@ def measure(name: str, build: Callable[[], nn.Module], x: torch.Tensor, *, runs:
         feed = x.numpy()
         feeds = [{s.get_inputs()[0].name: feed} for s in sessions]
         times: list[list[float]] = [[] for _ in sessions]
+        n = len(sessions)
         for i in range(warmup + runs):
-            for j, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
+            for j in [(i + k) % n for k in range(n)]:  # rotate who goes first each round
                 t0 = time.perf_counter()
-                s.run(None, f)
+                sessions[j].run(None, feeds[j])
                 if i >= warmup:
                     times[j].append(time.perf_counter() - t0)
     for row, t in zip(rows, times, strict=True):
