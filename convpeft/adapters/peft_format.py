@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from .lora import AdapterLayer
+from .model import adapter_layers
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -123,9 +124,7 @@ def peft_state(model: nn.Module, *, include_buffers: bool = True
 
     Raises ``ValueError`` listing every layer/parameter peft cannot represent (see the module
     docstring); nothing is computed half-way."""
-    from peft import LoraConfig
-
-    from .model import adapter_layers
+    from peft import LoraConfig  # a dependency, imported here because it loads slowly
 
     layers = adapter_layers(model)
     if not layers:
