@@ -188,3 +188,16 @@ def test_bad_peft_directories_leave_the_model_alone(tmp_path: Path, tamper, exc,
     assert not adapter_layers(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert model.state_dict().keys() == before.keys()
+
+
+def test_buffers_are_why_batch_norm_goes_to_modules_to_save(tmp_path: Path) -> None:
+    model = _adapt("standard", trainable=[r"^head\."])
+    train_step(model)  # moves features.1's running statistics
+    save_adapters(model, tmp_path / "with", format="peft")
+    save_adapters(model, tmp_path / "without", format="peft", include_buffers=False)
+    cfg = json.loads((tmp_path / "without" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["head"]
+    with_bn = PeftModel.from_pretrained(Net(), str(tmp_path / "with"))
+    without = PeftModel.from_pretrained(Net(), str(tmp_path / "without"))
+    assert (out(with_bn) - out(model)).abs().max() <= 1e-5
+    assert (out(without) - out(model)).abs().max() > 1e-3  # base statistics: other outputs
