@@ -151,9 +151,13 @@ def test_unrepresentable_models_are_refused(tmp_path: Path, build, match: str) -
     assert (old / "adapter_config.json").read_text() == "previous"
 
 
-def test_unknown_format(tmp_path: Path) -> None:
+def test_unknown_format_and_file_as_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="format='onnx' is unknown; use one of convpeft, peft"):
         save_adapters(_adapt("standard"), tmp_path, format="onnx")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file; save_adapters needs a directory"):
+        save_adapters(_adapt("standard"), tmp_path / "f", format="peft")
+    assert (tmp_path / "f").read_text() == "x"
 
 
 def _edit_config(d: Path, **changes) -> None:

@@ -156,6 +156,9 @@ def peft_state(model: nn.Module, *, include_buffers: bool = True
                 problems.append(f"trainable {full} sit(s) inside an adapted layer or on the model "
                                 "itself; peft's modules_to_save cannot hold them: freeze them or "
                                 "leave that layer unadapted")
+            elif mname == "":
+                problems.append("the model itself owns buffers, which peft's modules_to_save "
+                                "cannot hold; pass include_buffers=False if they do not change")
             continue
         save.append(mname)
     for m in save:
