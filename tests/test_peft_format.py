@@ -128,6 +128,33 @@ def _dropouts() -> Net:
     return model
 
 
+def _extra(module: nn.Module, *trainable: str) -> Net:
+    """Net with an unused extra submodule (not in forward), the head trainable too."""
+    model = Net()
+    model.extra = module
+    apply_adapters(model, "lora", rank=2, target="standard", trainable=[r"^head\.", *trainable])
+    return model
+
+
+def _with_head() -> nn.Module:
+    m = nn.Module()
+    m.head = nn.Linear(2, 2)
+    return m
+
+
+def _nested() -> nn.Module:
+    m = nn.Module()
+    m.p = nn.Parameter(torch.ones(2))
+    m.bn = nn.BatchNorm1d(2)
+    return m
+
+
+def _root_buffer() -> Net:
+    model = _adapt("standard")
+    model.register_buffer("scale", torch.ones(1))
+    return model
+
+
 @pytest.mark.parametrize("build, match", [
     (lambda: _adapt("conv"), r"features\.3: depthwise conv \(groups=8\)"),
     (lambda: _adapt("standard", dilation=2), r"features\.0: dilation=\(2, 2\)"),
@@ -135,7 +162,12 @@ def _dropouts() -> Net:
     (_dropouts, "dropout differs between layers"),
     (lambda: _adapt("standard", trainable=[r"features\.0\.base_layer\.bias"]),
      "inside an adapted layer"),
-], ids=["depthwise", "dilation", "mixed", "dropout", "bias-inside"])
+    (lambda: _extra(_with_head()),
+     r"modules_to_save entry 'head' would also select \['extra.head'\] in peft"),
+    (_root_buffer, "the model itself owns buffers"),
+    (lambda: _extra(_nested(), r"^extra\.p$"), "'extra' contains another entry"),
+], ids=["depthwise", "dilation", "mixed", "dropout", "bias-inside", "suffix", "root-buffer",
+        "nested"])
 def test_unrepresentable_models_are_refused(tmp_path: Path, build, match: str) -> None:
     model = build()
     fresh = tmp_path / "new"
@@ -172,6 +204,17 @@ def _add_tensor(d: Path, key: str, value: torch.Tensor) -> None:
     save_file(state, str(d / "adapter_model.safetensors"))
 
 
+def _drop(d: Path, part: str) -> None:
+    state = load_file(str(d / "adapter_model.safetensors"))
+    save_file({k: v for k, v in state.items() if part not in k},
+              str(d / "adapter_model.safetensors"))
+
+
+def _depthwise_entry(d: Path) -> None:
+    _add_tensor(d, "base_model.model.features.3.lora_A.weight", torch.zeros(2, 1, 3, 3))
+    _add_tensor(d, "base_model.model.features.3.lora_B.weight", torch.zeros(8, 2, 1, 1))
+
+
 @pytest.mark.parametrize("tamper, exc, match", [
     (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type is 'IA3'"),
     (lambda d: _edit_config(d, bias="all"), ValueError, "field 'bias' is 'all'"),
@@ -181,7 +224,19 @@ def _add_tensor(d: Path, key: str, value: torch.Tensor) -> None:
      KeyError, r"features\.3\.weight'\] are neither adapter tensors nor in modules_to_save"),
     (lambda d: _add_tensor(d, "features.0.lora_A.weight", torch.zeros(2, 3, 3, 3)),
      ValueError, "lack peft's 'base_model.model.' prefix"),
-], ids=["ia3", "bias", "rank", "dora-flag", "frozen-weight", "prefix"])
+    (lambda d: _edit_config(d, lora_alpha="x"), ValueError, "'lora_alpha' has the wrong type"),
+    (lambda d: _edit_config(d, use_rslora="yes"), ValueError, "must be true/false"),
+    (lambda d: _edit_config(d, rank_pattern=[1]), ValueError, "'rank_pattern' must be an object"),
+    (lambda d: _edit_config(d, modules_to_save="head"), ValueError,
+     "'modules_to_save' must be a list"),
+    (lambda d: _drop(d, "features.0.lora_B"), ValueError, r"features\.0: lora_B.weight is missing"),
+    (lambda d: _drop(d, "lora_"), ValueError, "not a LoRA adapter"),
+    (lambda d: _add_tensor(d, "base_model.model.nope.lora_A.weight", torch.zeros(2, 3)),
+     ValueError, "nope: the model has no nn.Conv2d/nn.Linear"),
+    (_depthwise_entry, ValueError, r"features\.3: peft's LoRA on this conv \(groups=8"),
+], ids=["ia3", "bias", "rank", "dora-flag", "frozen-weight", "prefix", "alpha-type",
+        "rslora-type", "rank-pattern", "modules-to-save", "no-lora-b", "no-lora", "no-layer",
+        "depthwise"])
 def test_bad_peft_directories_leave_the_model_alone(tmp_path: Path, tamper, exc, match) -> None:
     save_adapters(_adapt("standard", trainable=[r"^head\."]), tmp_path, format="peft")
     tamper(tmp_path)
@@ -205,3 +260,10 @@ def test_buffers_are_why_batch_norm_goes_to_modules_to_save(tmp_path: Path) -> N
     without = PeftModel.from_pretrained(Net(), str(tmp_path / "without"))
     assert (out(with_bn) - out(model)).abs().max() <= 1e-5
     assert (out(without) - out(model)).abs().max() > 1e-3  # base statistics: other outputs
+
+
+def test_loading_onto_adapted_layers_is_refused(tmp_path: Path) -> None:
+    save_adapters(_adapt("standard"), tmp_path, format="peft")
+    model = _adapt("standard")
+    with pytest.raises(ValueError, match=r"features\.0: already has an adapter; call merge"):
+        load_adapters(model, tmp_path)
