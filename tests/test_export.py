@@ -195,3 +195,15 @@ def test_benchmark_functions_smoke() -> None:
     assert all(r.median_ms > 0 and r.max_rel_error <= 1e-4 for r in rows)
     table = onnx_latency.format_table(rows)
     assert "tiny" in table and "1.00x" in table
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--models", "nope_net"], "unknown torchvision model"),
+    (["--runs", "0"], "--runs must be >= 1"),
+])
+def test_benchmark_cli_refuses_bad_arguments(argv: list[str], match: str, capsys) -> None:
+    from benchmarks import onnx_latency
+
+    with pytest.raises(SystemExit) as e:
+        onnx_latency.main(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
