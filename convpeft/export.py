@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 import os
 import tempfile
 import warnings
@@ -109,7 +110,8 @@ def _outputs(result: Any) -> list[torch.Tensor]:
 
 
 def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    """``max over outputs of max|got - want| / max|want|`` (0 for all-zero equal outputs)."""
+    """``max over outputs of max|got - want| / max|want|`` (0 for all-zero equal outputs,
+    ``inf`` when either side has NaN/inf)."""
     if len(got) != len(want):
         raise ValueError(f"{len(got)} outputs against {len(want)} expected")
     worst = 0.0
@@ -119,7 +121,8 @@ def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) ->
             raise ValueError(f"output shape {tuple(g.shape)} != expected {tuple(w.shape)}")
         diff = float((g - w).abs().max()) if w.numel() else 0.0
         scale = float(w.abs().max()) if w.numel() else 0.0
-        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+        ratio = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+        worst = max(worst, ratio if math.isfinite(ratio) else float("inf"))  # NaN fails too
     return worst
 
 

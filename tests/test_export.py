@@ -134,6 +134,17 @@ def test_failed_check_leaves_the_file_alone(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx"]  # no temp file left
 
 
+def test_relative_error() -> None:
+    from convpeft.export import relative_error
+
+    want = [torch.tensor([1.0, -4.0])]
+    assert relative_error([torch.tensor([1.0, -3.0])], want) == 0.25
+    assert relative_error([torch.tensor([float("nan"), -4.0])], want) == float("inf")
+    assert relative_error([torch.zeros(2)], [torch.zeros(2)]) == 0.0
+    with pytest.raises(ValueError, match="output shape"):
+        relative_error([torch.zeros(3)], want)
+
+
 @pytest.mark.parametrize("bad, exc, match", [
     ("missing_dir/m.onnx", FileNotFoundError, "does not exist; create it first"),
     ("m.pt", ValueError, "should end in '.onnx'"),
