@@ -84,11 +84,13 @@ def prepare_model(args: argparse.Namespace):
     """(model, optimizer) for the CLI arguments, via convpeft.models + convpeft.methods."""
     from convpeft.methods import MethodConfig, prepare
     from convpeft.models import build_model
+    from convpeft.optim import GaLoreSettings
 
     model = build_model(args.model, args.num_classes, weights=args.weights,
                         small_input=args.small_input)
+    galore = GaLoreSettings(update_proj_gap=args.update_proj_gap)
     cfg = MethodConfig(args.method, rank=args.rank, bn=args.bn, target=args.target,
-                       update_proj_gap=args.update_proj_gap, lean=args.lean)
+                       lean=args.lean, galore=galore if args.method == "galore" else None)
     prep = prepare(model, cfg)
     prep.model.to(args.device)
     prep.train_mode()

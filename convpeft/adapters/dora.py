@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .config import AdapterConfig
 from .lora import _NORM_EPS, AdapterLayer, LoRAConv2d, LoRALinear
 
 _conv_backward = torch.ops.aten.convolution_backward.default
@@ -124,12 +125,9 @@ class _DoRAMixin:
 class DoRAConv2d(_DoRAMixin, LoRAConv2d):
     """DoRA around an ``nn.Conv2d`` of any geometry (groups included)."""
 
-    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float | None = None, **kw) -> None:
-        super().__init__(base_layer, rank, alpha, **kw)
+    def __init__(self, base_layer: nn.Conv2d, config: AdapterConfig) -> None:
+        super().__init__(base_layer, config)
         self._init_magnitude()
-
-    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(self._pad(x), self.merged_weight(), self.base_layer.bias)
 
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched input
@@ -147,12 +145,9 @@ class DoRAConv2d(_DoRAMixin, LoRAConv2d):
 class DoRALinear(_DoRAMixin, LoRALinear):
     """DoRA around an ``nn.Linear``."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float | None = None, **kw) -> None:
-        super().__init__(base_layer, rank, alpha, **kw)
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
+        super().__init__(base_layer, config)
         self._init_magnitude()
-
-    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.merged_weight(), self.base_layer.bias)
 
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
