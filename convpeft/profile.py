@@ -20,11 +20,8 @@ import sys
 
 import torch
 
-from convpeft.methods import list_methods
+from convpeft.methods import get_method, list_methods
 from convpeft.profiler import analytic_profile, format_profile, profile_update
-
-RANKED = ("lora", "lora-fa", "dora", "galore")
-
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.model} + {args.method}"
-              + (f" (rank {args.rank})" if args.method in RANKED else ""))
+              + (f" (rank {args.rank})" if get_method(args.method).ranked else ""))
         print(format_profile(prof))
     return 0
 

@@ -61,16 +61,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops
+from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops, pair
 from ..layer_kinds import layer_kind
 from ..lean import frozen_conv2d
 from .config import AdapterConfig
 
 _NORM_EPS = 1e-12
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def conv_padding(base: nn.Conv2d) -> tuple[list[int] | None, str, tuple[int, int]]:
@@ -80,8 +76,8 @@ def conv_padding(base: nn.Conv2d) -> tuple[list[int] | None, str, tuple[int, int
     by itself (zeros, symmetric). Non-zero padding modes and asymmetric ``'same'`` padding (even
     kernels) need an explicit ``F.pad`` first; then the conv gets ``conv_pad = (0, 0)``.
     """
-    kh, kw = _pair(base.kernel_size)
-    dh, dw = _pair(base.dilation)
+    kh, kw = pair(base.kernel_size)
+    dh, dw = pair(base.dilation)
     if isinstance(base.padding, str):
         if base.padding == "valid":
             pads = [0, 0, 0, 0]
@@ -89,7 +85,7 @@ def conv_padding(base: nn.Conv2d) -> tuple[list[int] | None, str, tuple[int, int
             th, tw = dh * (kh - 1), dw * (kw - 1)
             pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
     else:
-        ph, pw = _pair(base.padding)
+        ph, pw = pair(base.padding)
         pads = [pw, pw, ph, ph]
     symmetric = pads[0] == pads[1] and pads[2] == pads[3]
     if base.padding_mode == "zeros" and symmetric:

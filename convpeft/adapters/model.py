@@ -10,7 +10,14 @@ from typing import Any
 
 from torch import nn
 
-from ..layer_kinds import Target, check_target, layer_kind, pattern_list, select_layers
+from ..layer_kinds import (
+    Target,
+    check_target,
+    layer_kind,
+    pattern_list,
+    select_layers,
+    set_submodule,
+)
 from .config import AdapterConfig
 from .dora import DoRAConv2d, DoRALinear
 from .lora import AdapterLayer, LoRAConv2d, LoRALinear
@@ -157,12 +164,6 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _kind_counts(model: nn.Module) -> str:
     counts: dict[str, int] = {}
     for _, m in model.named_modules():
@@ -207,7 +208,7 @@ def wrap_layers(model: nn.Module, configs: dict[str, AdapterConfig]) -> list[str
         if name == "":
             raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
     for name, config in configs.items():
-        _set_submodule(model, name, adapter_for(modules[name], config))
+        set_submodule(model, name, adapter_for(modules[name], config))
     return list(configs)
 
 
@@ -308,7 +309,7 @@ def merge_adapters(model: nn.Module, *, unload: bool = True) -> nn.Module:
         if unload:
             if name == "":
                 raise ValueError("the model itself is an adapter; use model.unload() instead")
-            _set_submodule(model, name, m.unload())
+            set_submodule(model, name, m.unload())
         else:
             m.merge()
     return model

@@ -57,6 +57,12 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every storage held in ``optimizer.state``, each storage counted once, whole."""
+    sizes = {storage_key(t): t.untyped_storage().nbytes() for t in state_tensors(optimizer)}
+    return sum(sizes.values())
+
+
 @dataclass
 class MemoryReport:
     """Result of one tracked update; all figures in bytes."""
