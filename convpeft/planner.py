@@ -17,7 +17,8 @@ device, so nothing is allocated for weights either.
 
 The search (:func:`largest_fitting`) assumes the peak never falls as the batch grows (true of
 every update: each per-sample tensor grows with the batch, the rest does not change). It
-evaluates batch 1 (0 if even that does not fit), then grows the batch until one does not fit
+evaluates batch 1 (0 if even that does not fit; batch 2 where batch 1 cannot run, as with a
+train-mode BatchNorm on a 1x1 feature map), then grows the batch until one does not fit
 (secant extrapolation through the last two evaluations, at least doubling once a guess fell
 short), then narrows the bracket with the secant through its ends, bisecting whenever that
 does not halve it. The peak is affine in the batch once activations dominate, so this usually
@@ -74,6 +75,8 @@ OPTIMIZERS: dict[str, str] = {
     "sgdm": "SGD with momentum 0.9 (one state tensor per trainable parameter)",
 }
 LEAN_CHOICES = ("off", "on", "both")
+_GALORE_OPTIMIZER = ("galore brings its own projected AdamW; use optimizer 'adamw' or drop galore "
+                     "from the methods (got optimizer {!r})")
 
 _UNIT_BYTES: dict[str, int] = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):
@@ -117,15 +120,16 @@ def format_bytes(n: int) -> str:
 
 # ----------------------------------------------------------------------------- search
 def largest_fitting(peak: Callable[[int], int], budget: int, max_batch: int,
-                    ) -> tuple[int, dict[int, int]]:
-    """The largest ``n`` in ``1..max_batch`` with ``peak(n) <= budget`` (0 if not even 1), and
-    every ``{n: peak(n)}`` evaluated. ``peak`` must be non-decreasing in ``n``.
+                    min_batch: int = 1) -> tuple[int, dict[int, int]]:
+    """The largest ``n`` in ``min_batch..max_batch`` with ``peak(n) <= budget`` (0 if not even
+    ``min_batch``), and every ``{n: peak(n)}`` evaluated. ``peak`` must be non-decreasing.
 
     Exact: unless the answer is 0 or ``max_batch``, ``answer + 1`` was evaluated and exceeds the
     budget. See the module docstring for the order of evaluations.
     """
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
+    if not 1 <= min_batch <= max_batch:
+        raise ValueError(f"max_batch must be >= min_batch >= 1 (got max_batch {max_batch}, "
+                         f"min_batch {min_batch})")
     seen: dict[int, int] = {}
 
     def f(n: int) -> int:
@@ -133,9 +137,9 @@ def largest_fitting(peak: Callable[[int], int], budget: int, max_batch: int,
             seen[n] = int(peak(n))
         return seen[n]
 
-    if f(1) > budget:
+    if f(min_batch) > budget:
         return 0, seen
-    lo, hi = 1, None  # invariant: f(lo) <= budget < f(hi)
+    lo, hi = min_batch, None  # invariant: f(lo) <= budget < f(hi)
     prev = None  # the fitting batch evaluated before lo (unbracketed growth)
     undershot = False
     while hi is None:
@@ -197,14 +201,16 @@ def _lean_options(lean: bool | str) -> tuple[bool, ...]:
 
 def expand_configs(methods: Sequence[str] | None = None,
                    ranks: Sequence[int] = DEFAULT_RANKS,
-                   lean: bool | str = False) -> list[PlanConfig]:
+                   lean: bool | str = False, optimizer: str = "adamw") -> list[PlanConfig]:
     """Every (method, rank, lean) to plan: ranked methods once per rank, the others once;
-    ``methods=None`` means every registered method (:func:`convpeft.methods.list_methods`).
-    Duplicates are dropped. ``ValueError`` for an unknown method, a rank below 1, or no rank
-    for a ranked method."""
+    ``methods=None`` means every registered method (:func:`convpeft.methods.list_methods`),
+    less galore when ``optimizer`` is not AdamW (galore brings its own). Duplicates are
+    dropped. ``ValueError`` for an unknown method, a rank below 1, no rank for a ranked method,
+    or galore asked for with another optimizer."""
     from convpeft.methods import get_method, list_methods
 
-    methods = list(dict.fromkeys(list_methods() if methods is None else methods))
+    default = methods is None
+    methods = list(dict.fromkeys(list_methods() if default else methods))
     ranks = list(dict.fromkeys(ranks))
     if not methods:
         raise ValueError(f"no method to plan; name some of {', '.join(list_methods())}")
@@ -213,6 +219,10 @@ def expand_configs(methods: Sequence[str] | None = None,
     bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
     if bad:
         raise ValueError(f"ranks must be integers >= 1 (got {bad})")
+    if optimizer != "adamw" and "galore" in methods:
+        if not default:
+            raise ValueError(_GALORE_OPTIMIZER.format(optimizer))
+        methods.remove("galore")
     ranked = [m for m in methods if get_method(m).ranked]
     if ranked and not ranks:
         raise ValueError(f"no rank given for the ranked method(s) {', '.join(ranked)}")
@@ -242,8 +252,7 @@ def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if optimizer != "adamw" and config.method == "galore":
-        raise ValueError(f"galore brings its own projected AdamW; use optimizer 'adamw' or drop "
-                         f"galore from the methods (got optimizer {optimizer!r})")
+        raise ValueError(_GALORE_OPTIMIZER.format(optimizer))
     kw: dict[str, Any] = {"rank": config.rank} if config.rank is not None else {}
     cfg = MethodConfig(config.method, bn=bn, lean=config.lean, **kw)
     with torch.device(device):
@@ -268,9 +277,12 @@ def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *
 class PlanRow:
     """What one configuration can do under the budget.
 
-    ``max_batch``: the largest batch whose update fits (0: not even batch 1; None when a fixed
-    ``batch`` was asked about instead). ``batch``: the batch every figure below is at -- the
-    max batch, the asked batch, or 1 when nothing fits. ``fits``: the update at ``batch`` fits.
+    ``max_batch``: the largest batch whose update fits (0: not even ``min_batch``; None when a
+    fixed ``batch`` was asked about instead). ``min_batch``: the smallest batch the update runs
+    at: 1, or 2 where a train-mode BatchNorm would see one value per channel at batch 1 (a 1x1
+    feature map; torch refuses that). ``batch``: the batch every figure below is at -- the max
+    batch, the asked batch, or ``min_batch`` when nothing fits. ``fits``: the update at
+    ``batch`` fits.
     ``capped``: the search stopped at ``max_batch`` (larger batches may fit too).
     ``memory_peak`` / ``memory_by_category``: predicted peak bytes of one update and what is
     live at that moment (params, buffers, grads, optimizer, activations, temporaries);
@@ -291,6 +303,7 @@ class PlanRow:
     optimizer: str
     budget: int
     max_batch: int | None
+    min_batch: int
     batch: int
     fits: bool
     capped: bool
@@ -317,14 +330,15 @@ class PlanRow:
 
 
 def _row(config: PlanConfig, prof: UpdateProfile, *, model: str, resolution: int, bn: str,
-         optimizer: str, budget: int, max_batch: int | None, capped: bool,
+         optimizer: str, budget: int, max_batch: int | None, min_batch: int, capped: bool,
          peaks: dict[int, int]) -> PlanRow:
     n = prof.batch_size
     per_sample = round(prof.flops_total / n)
     return PlanRow(
         model=model, resolution=resolution, method=config.method, rank=config.rank,
         lean=config.lean, bn=bn, optimizer=optimizer, budget=budget, max_batch=max_batch,
-        batch=n, fits=prof.memory_peak <= budget, capped=capped, memory_peak=prof.memory_peak,
+        min_batch=min_batch, batch=n, fits=prof.memory_peak <= budget, capped=capped,
+        memory_peak=prof.memory_peak,
         memory_by_category=dict(prof.memory_by_category), headroom=budget - prof.memory_peak,
         flops_per_sample=per_sample, flops_optimizer=prof.flops_optimizer,
         flops_update=prof.flops_total, trainable_params=prof.trainable_params,
@@ -342,15 +356,32 @@ class _AnalyticPeak:
     def __call__(self, n: int) -> int:
         from convpeft.profiler import analytic_profile
 
+        if n in self.profiles:
+            return self.profiles[n].memory_peak
         res = self.resolution
         try:
             p = analytic_profile(self.model, self.optimizer, (n, 3, res, res), compare_torch=False)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{self.what}: the update fails on a batch of {n} x 3 x {res} x "
-                             f"{res} ({first}); try a larger resolution") from e
+            raise ValueError(f"{self.what}, batch {n} x 3 x {res} x {res}: {first} (if the "
+                             "input is too small for the model, use a larger resolution)") from e
         self.profiles[n] = p
         return p.memory_peak
+
+
+def _min_batch(peak: _AnalyticPeak, max_batch: int) -> int:
+    """1, or 2 when the update fails at batch 1 but runs at 2 (train-mode BN on a 1x1 map)."""
+    try:
+        peak(1)
+        return 1
+    except ValueError as e:
+        if max_batch < 2:
+            raise
+        try:
+            peak(2)
+        except ValueError:
+            raise e from None
+        return 2
 
 
 def plan(
@@ -408,12 +439,7 @@ def plan(
     else:
         raise ValueError(f"model must be a model name or a factory returning an nn.Module "
                          f"(got {type(model).__name__})")
-    configs = expand_configs(methods, ranks, lean)
-    if optimizer != "adamw" and any(c.method == "galore" for c in configs):
-        if methods is not None:
-            raise ValueError(f"galore brings its own projected AdamW; use optimizer 'adamw' or "
-                             f"drop galore from the methods (got optimizer {optimizer!r})")
-        configs = [c for c in configs if c.method != "galore"]  # default list: leave it out
+    configs = expand_configs(methods, ranks, lean, optimizer)
 
     rows: list[PlanRow] = []
     for i, config in enumerate(configs):
@@ -424,12 +450,13 @@ def plan(
                   "optimizer": optimizer, "budget": budget_bytes}
         if batch is not None:
             peak(batch)
-            row = _row(config, peak.profiles[batch], max_batch=None, capped=False,
+            row = _row(config, peak.profiles[batch], max_batch=None, min_batch=1, capped=False,
                        peaks={batch: peak.profiles[batch].memory_peak}, **common)
         else:
-            best, peaks = largest_fitting(peak, budget_bytes, max_batch)
-            row = _row(config, peak.profiles[max(best, 1)], max_batch=best,
-                       capped=best == max_batch, peaks=peaks, **common)
+            lowest = _min_batch(peak, max_batch)
+            best, peaks = largest_fitting(peak, budget_bytes, max_batch, lowest)
+            row = _row(config, peak.profiles[max(best, lowest)], max_batch=best,
+                       min_batch=lowest, capped=best == max_batch, peaks=peaks, **common)
         rows.append(row)
         if progress is not None:
             progress(i + 1, len(configs), row)
@@ -474,7 +501,12 @@ def format_plan(rows: Sequence[PlanRow]) -> str:
     if not asked:
         none = [r.label for r in rows if r.max_batch == 0]
         if none:
-            lines.append(f"does not fit even at batch 1 (figures at batch 1): {', '.join(none)}")
+            lines.append("does not fit even at the smallest batch (figures at that batch): "
+                         + ", ".join(none))
+        two = [r.label for r in rows if r.min_batch > 1]
+        if two:
+            lines.append("smallest batch 2 (train-mode BN cannot take batch 1 on a 1x1 feature "
+                         f"map): {', '.join(two)}")
         capped = [r.label for r in rows if r.capped]
         if capped:
             lines.append(f"larger batches may fit too (search capped at max batch): "
