@@ -22,7 +22,7 @@ train-mode BatchNorm on a 1x1 feature map), then grows the batch until one does 
 (secant extrapolation through the last two evaluations, at least doubling once a guess fell
 short), then narrows the bracket with the secant through its ends, bisecting whenever that
 does not halve it. The peak is affine in the batch once activations dominate, so this usually
-needs 4-6 evaluations, and at most about ``2 log2(max_batch)``; each batch is evaluated once.
+needs 4-6 evaluations (O(log max_batch) at worst); each batch is evaluated once.
 The answer is exact for the analytic model: the planned batch fits and the next one was
 evaluated and does not (unless the search stopped at ``max_batch``: ``capped=True``).
 
