@@ -17,6 +17,7 @@ from convpeft.planner import (
     PlanConfig,
     build_configured,
     expand_configs,
+    format_plan,
     largest_fitting,
     parse_budget,
     plan,
@@ -174,6 +175,9 @@ def test_rows_are_sorted_best_first_and_a_fixed_batch_agrees_with_the_search(pla
     assert {r.label: r.fits for r in asked} == {k: v >= at for k, v in best.items()}
     assert [r.fits for r in asked] == sorted((r.fits for r in asked), reverse=True)
     assert all(r.max_batch is None and r.batch == at and r.evaluations == 1 for r in asked)
+    table = format_plan(asked).splitlines()
+    assert f"batch {at}" in table[0] and "fits" in table[1]
+    assert [line.split()[-11] for line in table[2:]] == ["yes" if r.fits else "no" for r in asked]
 
 
 def test_plot_of_max_batch_against_rank(planned_rows, tmp_path):
@@ -269,6 +273,9 @@ def test_convpeft_plan_is_callable_however_it_was_imported():
     import convpeft.plan as plan_module
 
     assert convpeft.plan is plan_module and callable(convpeft.plan)
+    assert convpeft.__getattr__("plan") is plan_module  # the lazy path of a fresh `import convpeft`
+    with pytest.raises(AttributeError, match="no attribute 'planner_x'"):
+        convpeft.__getattr__("planner_x")
     (row,) = convpeft.plan(tiny_cnn, "1MiB", resolution=RES, methods=["head"], batch=1)
     assert row.fits and isinstance(row, convpeft.PlanRow)
 
