@@ -259,14 +259,18 @@ def test_non_adamw_optimizer_leaves_galore_out_of_the_default_methods():
         expand_configs(["lora", "galore"], [1], optimizer="sgd")
 
 
-def test_sgd_with_momentum_keeps_half_the_state_of_adamw():
-    kw = {"resolution": RES, "methods": ["full"], "batch": 2}
-    (sgdm,) = plan(tiny_cnn, "1MiB", optimizer="sgdm", **kw)
-    (adamw,) = plan(tiny_cnn, "1MiB", **kw)
+def test_optimizer_state_follows_the_optimizer():
+    kw = {"resolution": RES, "batch": 2}
+    (sgdm,) = plan(tiny_cnn, "1MiB", methods=["full"], optimizer="sgdm", **kw)
+    (adamw,) = plan(tiny_cnn, "1MiB", methods=["full"], **kw)
+    (galore,) = plan(tiny_cnn, "1MiB", methods=["galore"], ranks=[1], **kw)
     assert sgdm.optimizer == "sgdm" and sgdm.memory_by_category["optimizer"] > 0
     # AdamW: two moments per parameter and a 4-byte step counter per parameter tensor
     steps = 4 * len(list(tiny_cnn().parameters()))
     assert sgdm.memory_by_category["optimizer"] * 2 + steps == adamw.memory_by_category["optimizer"]
+    # GaLore trains every parameter too, with rank-1 moments for the projected convs
+    assert galore.trainable_params == adamw.trainable_params
+    assert 0 < galore.memory_by_category["optimizer"] < adamw.memory_by_category["optimizer"]
 
 
 def test_convpeft_plan_is_callable_however_it_was_imported():
