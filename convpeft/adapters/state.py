@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import AdapterConfig
 from .model import (
     AdapterReport,
     adapter_layers,
@@ -125,14 +126,6 @@ def load_adapter_state_dict(
             targets[k].copy_(v)
 
 
-def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"method": m.method, "rank": m.rank, "alpha": m.alpha, "rslora": m.rslora,
-               "mode": m.mode, "dropout": m.dropout_p, "freeze_a": m.freeze_a}
-        for name, m in adapter_layers(model)
-    }
-
-
 def save_adapters(model: nn.Module, directory: str | os.PathLike, *,
                   include_buffers: bool = True, format: str = "convpeft") -> Path:
     """Write the adapter config and state of ``model`` to ``directory`` (created if needed).
@@ -153,7 +146,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, *,
     d.mkdir(parents=True, exist_ok=True)
     adapter_names = set(_adapter_param_names(model))
     extra = [n for n, p in model.named_parameters() if p.requires_grad and n not in adapter_names]
-    config = {"format": FORMAT, "version": 1, "layers": _layer_specs(model), "trainable": extra}
+    layers = {name: m.config.layer_dict() for name, m in adapter_layers(model)}
+    config = {"format": FORMAT, "version": 1, "layers": layers, "trainable": extra}
     (d / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     state = {k: v.contiguous().clone() for k, v in
              adapter_state_dict(model, include_buffers=include_buffers).items()}
@@ -232,6 +226,17 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _layer_configs(path: Path, layers: dict[str, dict[str, Any]]) -> dict[str, AdapterConfig]:
+    """One validated :class:`AdapterConfig` per saved layer; errors name the file and field."""
+    out = {}
+    for name, spec in layers.items():
+        try:
+            out[name] = AdapterConfig.from_layer_dict(spec)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: field 'layers.{name}' is invalid: {e}") from e
+    return out
+
+
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> AdapterReport:
     """Re-apply the adapters saved in ``directory`` to ``model`` (a freshly built backbone with
     the same base weights) and load their state; the result reproduces the saved model.
@@ -245,16 +250,19 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> AdapterRepo
     d = Path(directory)
     cfg_path = d / CONFIG_NAME
     config = _read_config(cfg_path)
+    peft = config.get("format") == "peft"
+    if not peft:
+        configs = _layer_configs(cfg_path, config["layers"])
+        trainable = config.get("trainable", [])
     state = _read_state(d)
-    if config.get("format") == "peft":
+    if peft:
         from .peft_format import read_peft
 
         layers, trainable, state = read_peft(model, config["peft"], state, cfg_path)
-    else:
-        layers, trainable = config["layers"], config.get("trainable", [])
+        configs = _layer_configs(cfg_path, layers)
     with all_or_nothing(model):
         try:
-            names = wrap_layers(model, layers)
+            names = wrap_layers(model, configs)
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{cfg_path}: field 'layers' does not fit this model: {e}") from e
         set_trainable(model, [f"^{re.escape(n)}$" for n in trainable])
