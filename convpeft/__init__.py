@@ -9,6 +9,7 @@ from .adapters import (
     merge_adapters,
     save_adapters,
 )
+from .export import check_onnx, export_executorch, export_onnx, onnx_op_counts
 from .lean import LeanReport, lean_activations, restore_activations
 from .planner import PlanRow
 
@@ -34,10 +35,14 @@ __all__ = [
     "PlanRow",
     "adapter_state_dict",
     "apply_adapters",
+    "check_onnx",
+    "export_executorch",
+    "export_onnx",
     "load_adapter_state_dict",
     "lean_activations",
     "load_adapters",
     "merge_adapters",
+    "onnx_op_counts",
     "plan",
     "restore_activations",
     "save_adapters",

@@ -1,6 +1,7 @@
 """LoRA and DoRA adapters for every Conv2d geometry (standard, pointwise, grouped, depthwise)
 and for nn.Linear; see :mod:`convpeft.adapters.lora` for the factorisation and the two
-computation modes, :mod:`convpeft.adapters.dora` for DoRA."""
+computation modes, :mod:`convpeft.adapters.dora` for DoRA, :mod:`convpeft.adapters.state` for
+saving/loading and :mod:`convpeft.adapters.peft_format` for peft's directory format."""
 
 from .config import AdapterConfig
 from .config import scaling as scaling
