@@ -258,3 +258,65 @@ def test_amp_choice_errors_say_what_to_use():
 @_CUDA
 def test_fp16_cuda_gets_a_grad_scaler():
     assert isinstance(grad_scaler("cuda", "fp16"), torch.amp.GradScaler)
+
+
+# ----------------------------------------------------------------------------- profiler
+
+
+def _profiled(method: str, amp: str, lean: bool = False):
+    from convpeft.profiler import profile_update
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 24, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+    if method == "full":
+        params = list(net.parameters())
+    else:
+        convpeft.apply_adapters(net, method, rank=2, target="conv", trainable=["10"],
+                                mode="activation")
+        params = [p for p in net.parameters() if p.requires_grad]
+    if lean:
+        net.eval()
+        convpeft.lean_activations(net)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    return profile_update(net, opt, x, y, repeat=0, amp=amp)
+
+
+@pytest.mark.parametrize("method", ["full", "dora"])
+def test_profile_under_bf16_same_flops_half_activations(method):
+    off, bf16 = _profiled(method, "off"), _profiled(method, "bf16")
+    assert (off.amp, bf16.amp) == ("off", "bf16")
+    assert "autocast bf16" in str(bf16) and "autocast" not in str(off)
+    # FLOPs do not depend on the dtype, nor does their split (autocast's bf16 weight copies
+    # count as the weights in the backward products)
+    for f in ("flops_forward", "flops_backward_input", "flops_backward_weight",
+              "flops_optimizer", "flops_total"):
+        assert getattr(bf16, f) == getattr(off, f), f
+    for p in (off, bf16):
+        assert sum(p.memory_by_category.values()) == p.memory_peak
+    # fp32 master weights, gradients and optimizer state: unchanged
+    for c in ("params", "buffers", "optimizer"):
+        assert bf16.memory_category_max[c] == off.memory_category_max[c], c
+    assert bf16.memory_category_max["grads"] == off.memory_category_max["grads"]
+    # activations saved in bf16: about half (the fp32 batch a first conv keeps and the bf16
+    # weight copies take it a little over)
+    ratio = bf16.memory_category_max["activations"] / off.memory_category_max["activations"]
+    assert 0.45 < ratio < 0.65, ratio
+    assert bf16.memory_peak < off.memory_peak
+
+
+def test_profile_amp_refusals():
+    from convpeft.profiler import profile_update
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    x, y = torch.randn(2, 3, 6, 6), torch.tensor([0, 1])
+    net(x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="use amp='bf16' on the CPU"):
+        profile_update(net, opt, x, y, amp="fp16")
+    with pytest.raises(ValueError, match="meta device, which has no autocast"):
+        profile_update(net, opt, x, y, amp="bf16", analytic=True)

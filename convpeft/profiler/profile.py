@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from convpeft.amp import autocast, check_amp
 from convpeft.layer_kinds import layer_kind
 from convpeft.profiler.flop_counter import FlopCounter, FlopTally
 from convpeft.profiler.memory import (
@@ -67,6 +68,12 @@ class UpdateProfile:
       their inter-quartile range; ``instrumented_time_s``: the instrumented update. The
       ``*_cpu_time_s`` twins are this process's CPU time (all threads), steadier than wall time
       on a shared machine (CPU only; on CUDA they miss the device work).
+    * ``amp``: the compute dtype, ``"off"`` (fp32), ``"bf16"`` or ``"fp16"``: forward and loss
+      ran under ``torch.autocast`` (backward follows the forward's dtypes), parameters, their
+      gradients and the optimizer state stay fp32. FLOPs do not depend on it. Memory counts
+      what lives: activations saved in the compute dtype (about half of fp32's), and the
+      low-precision weight copies autocast makes, under ``activations`` where a backward keeps
+      them, else ``temporaries``.
     """
 
     flops_forward: int
@@ -98,6 +105,7 @@ class UpdateProfile:
     device: str
     analytic: bool = False
     per_layer: list[dict] | None = field(default=None)
+    amp: str = "off"
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (category dicts and per-layer rows stay nested)."""
@@ -119,6 +127,7 @@ def format_profile(p: UpdateProfile) -> str:
     """A readable breakdown table of an :class:`UpdateProfile`."""
     lines = [
         f"update on {p.device}, input {tuple(p.input_shape)}"
+        + (f", autocast {p.amp}" if p.amp != "off" else "")
         + (" (analytic: shapes only)" if p.analytic else ""),
         f"params: {p.trainable_params:,} trainable / {p.total_params:,} total",
         "",
@@ -262,13 +271,16 @@ def _check_inputs(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: to
 
 
 def _forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                  loss_fn: LossFn) -> torch.Tensor:
+                  loss_fn: LossFn, amp: str = "off") -> torch.Tensor:
+    """Forward and loss (under autocast for ``amp`` != "off"; backward then runs outside it)."""
     try:
-        out = model(inputs)
+        with autocast(inputs.device, amp):
+            out = model(inputs)
     except (RuntimeError, ValueError, IndexError) as e:
         raise ValueError(f"the model failed on a batch of shape {tuple(inputs.shape)}: {e}") from e
     try:
-        loss = loss_fn(out, targets)
+        with autocast(inputs.device, amp):
+            loss = loss_fn(out, targets)
     except (RuntimeError, ValueError, IndexError) as e:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model output {shape} does not fit the loss "
@@ -279,12 +291,12 @@ def _forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     return loss
 
 
-def _update(model, optimizer, inputs, targets, loss_fn, set_phase=None) -> None:
+def _update(model, optimizer, inputs, targets, loss_fn, set_phase=None, amp="off") -> None:
     """One plain training update; ``set_phase`` (if given) is told which phase runs."""
     if set_phase:
         set_phase("forward")
     optimizer.zero_grad(set_to_none=True)
-    loss = _forward_loss(model, inputs, targets, loss_fn)
+    loss = _forward_loss(model, inputs, targets, loss_fn, amp)
     if set_phase:
         set_phase("backward")
     loss.backward()
@@ -299,18 +311,18 @@ def _is_galore(optimizer: torch.optim.Optimizer) -> bool:
                                                "update_proj_gap", "refreshes_next_step"))
 
 
-def _warm_up(model, optimizer, inputs, targets, loss_fn, warmup: int) -> bool:
+def _warm_up(model, optimizer, inputs, targets, loss_fn, warmup: int, amp: str = "off") -> bool:
     """Run ``warmup`` plain updates (lazily created optimizer state then exists), then, for a
     GaLore optimizer, step past a projection refresh so that the measured update is an ordinary
     one (the refresh is accounted analytically). Returns whether the optimizer is GaLore."""
     for _ in range(warmup):
-        _update(model, optimizer, inputs, targets, loss_fn)
+        _update(model, optimizer, inputs, targets, loss_fn, amp=amp)
     galore = _is_galore(optimizer)
     if galore:
         for _ in range(2):
             if not optimizer.refreshes_next_step():
                 break
-            _update(model, optimizer, inputs, targets, loss_fn)
+            _update(model, optimizer, inputs, targets, loss_fn, amp=amp)
     return galore
 
 
@@ -332,6 +344,7 @@ def profile_update(
     compare_torch: bool = True,
     analytic: bool = False,
     allocator_peak: bool = False,
+    amp: str = "off",
 ) -> UpdateProfile:
     """Profile one training update of ``model`` with ``optimizer`` on ``inputs`` (N, C, H, W)
     and ``targets`` (N,) (see the module docstring for what runs).
@@ -342,10 +355,18 @@ def profile_update(
     batch's shapes: no real compute, and the model/optimizer are not touched.
     ``allocator_peak=True`` on CPU runs one extra update under torch.profiler to report the
     allocator's peak including kernel scratch (``memory_peak_allocator``; always set on CUDA).
-    Raises ``ValueError`` for a batch the model cannot take, an output that does not fit the loss,
-    or an optimizer holding no parameter of the model.
+    ``amp`` ("off", "bf16", "fp16"; fp16 on CUDA only) runs every update's forward and loss under
+    ``torch.autocast`` in that dtype (no loss scaling: it changes no cost but an elementwise
+    unscale); not with ``analytic=True``, which traces on the meta device where autocast
+    does not exist. Raises ``ValueError`` for a batch the model cannot take, an output that
+    does not fit the loss, or an optimizer holding no parameter of the model.
     """
+    check_amp(amp, inputs.device if not analytic else "cpu")
     if analytic:
+        if amp != "off":
+            raise ValueError(f"amp={amp!r} with analytic=True: the analytic profile traces on the "
+                             "meta device, which has no autocast; profile a real batch "
+                             "(analytic=False) or use amp='off'")
         from convpeft.profiler.analytic import analytic_profile
 
         return analytic_profile(model, optimizer, tuple(inputs.shape), targets=targets,
@@ -356,29 +377,32 @@ def profile_update(
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     _check_inputs(model, optimizer, inputs, targets)
     device = inputs.device
-    galore = _warm_up(model, optimizer, inputs, targets, loss_fn, warmup)
+    galore = _warm_up(model, optimizer, inputs, targets, loss_fn, warmup, amp)
     tally, mem, t_instr, flops_torch, peak_dev = _instrumented(
-        model, optimizer, inputs, targets, loss_fn, per_layer, compare_torch)
+        model, optimizer, inputs, targets, loss_fn, per_layer, compare_torch, amp)
 
     if allocator_peak and device.type == "cpu":
         optimizer.zero_grad(set_to_none=True)
         live = [*model.parameters(), *model.buffers(), *state_tensors(optimizer), inputs, targets]
         peak_dev = allocator_peak_cpu(
-            lambda: _update(model, optimizer, inputs, targets, loss_fn), live)
+            lambda: _update(model, optimizer, inputs, targets, loss_fn, amp=amp), live)
 
     times, cpu_times = [], []
     for _ in range(repeat):
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        _update(model, optimizer, inputs, targets, loss_fn)
+        _update(model, optimizer, inputs, targets, loss_fn, amp=amp)
         _sync(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    return _build(model, optimizer, inputs, tally, mem, t_instr, flops_torch, peak_dev,
+    prof = _build(model, optimizer, inputs, tally, mem, t_instr, flops_torch, peak_dev,
                   times, cpu_times, galore, analytic=False)
+    prof.amp = amp
+    return prof
 
 
-def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare_torch):
+def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare_torch,
+                  amp="off"):
     """Run ONE update under the instrumentation; return (tally, memory report, (wall s, CPU s),
     torch's FLOPs or None, device peak or None)."""
     device = inputs.device
@@ -415,7 +439,7 @@ def _instrumented(model, optimizer, inputs, targets, loss_fn, per_layer, compare
             stack.enter_context(_Instrument(counter, tracker))
             set_phase("forward")
             optimizer.zero_grad(set_to_none=True)
-            loss = _forward_loss(model, inputs, targets, loss_fn)
+            loss = _forward_loss(model, inputs, targets, loss_fn, amp)
             set_phase("backward")
             loss.backward()
             del loss
