@@ -185,15 +185,15 @@ def _saved(net: nn.Module, x: torch.Tensor, device: str, amp: str) -> dict[str, 
 
 
 def test_dora_activation_space_saves_half_under_bf16():
-    """DoRA's Function saves x, the LoRA intermediate and z in bf16: about half of fp32 (the
-    bf16 copies of the weights add a little: they are saved, as autocast's own conv does)."""
+    """DoRA's Function saves x, the LoRA intermediate and z in bf16: half of fp32 (plus the
+    bf16 copies of the small factors; the base weight is saved as stored, resident anyway)."""
     torch.manual_seed(0)
     layer = make_adapter("dora", nn.Conv2d(16, 16, 3, padding=1), 4, mode="activation")
     x = torch.randn(4, 16, 32, 32, requires_grad=True)
     fp32 = saved_bytes_by_layer(layer, x)[""]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = saved_bytes_by_layer(layer, x)[""]
-    assert 0.45 * fp32 < bf16 < 0.55 * fp32
+    assert 0.5 * fp32 <= bf16 < 0.51 * fp32
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -263,6 +263,15 @@ def test_fp16_cuda_gets_a_grad_scaler():
 # ----------------------------------------------------------------------------- profiler
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: CPU bf16 kernels oversubscribe a busy 2-core machine badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _profiled(method: str, amp: str, lean: bool = False):
     from convpeft.profiler import profile_update
 
@@ -287,7 +296,7 @@ def _profiled(method: str, amp: str, lean: bool = False):
 
 
 @pytest.mark.parametrize("method", ["full", "dora"])
-def test_profile_under_bf16_same_flops_half_activations(method):
+def test_profile_under_bf16_same_flops_half_activations(method, one_thread):
     off, bf16 = _profiled(method, "off"), _profiled(method, "bf16")
     assert (off.amp, bf16.amp) == ("off", "bf16")
     assert "autocast bf16" in str(bf16) and "autocast" not in str(off)
@@ -320,3 +329,91 @@ def test_profile_amp_refusals():
         profile_update(net, opt, x, y, amp="fp16")
     with pytest.raises(ValueError, match="meta device, which has no autocast"):
         profile_update(net, opt, x, y, amp="bf16", analytic=True)
+
+
+# ----------------------------------------------------------------------------- CLIs, training
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--amp", "fp16"], "use amp='bf16' on the CPU"),
+    (["--amp", "bf16", "--analytic"], "--amp bf16 with --analytic"),
+])
+def test_profile_cli_refuses_amp_it_cannot_run(argv, message, capsys):
+    from convpeft.profile import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_profile_cli_records_amp(capsys, one_thread):
+    import json
+
+    from convpeft.profile import main
+
+    argv = ["--model", "resnet18", "--method", "dora", "--rank", "2", "--batch", "2",
+            "--resolution", "16", "--small-input", "--repeat", "1", "--warmup", "1",
+            "--no-torch", "--json", "--amp", "bf16"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["amp"] == "bf16" and out["method"] == "dora"
+    assert sum(out["memory_by_category"].values()) == out["memory_peak"]
+
+
+def test_finetune_under_bf16_trains_and_records_amp(one_thread):
+    from convpeft.data import build_task
+    from convpeft.train import finetune
+
+    task = build_task("shift", resolution=8, corruption="impulse_noise", severity=3, few_shot=4)
+    task.source_test = task.source_test.subset(range(20))
+    task.target_test = task.target_test.subset(range(20))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    kw = dict(lr=3e-2, batch_size=8, seed=0, device="cpu", progress=False,
+              eval_every_epoch=False, keep_model=True)
+    res = finetune(model, "dora", task, epochs=4, amp="bf16", **kw)
+    assert res.amp == "bf16" and res.to_dict()["amp"] == "bf16"
+    losses = [h["loss"] for h in res.history]
+    assert all(abs(v) < 1e3 for v in losses) and losses[-1] < losses[0], losses
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
+    with pytest.raises(ValueError, match="amp='bf16' on the CPU"):
+        finetune(model, "dora", task, amp="fp16", **kw)
+    assert finetune(model, "head", task, epochs=0, **kw).amp == "off"
+
+
+def test_sweep_amp_column_and_keys(tmp_path, capsys, one_thread):
+    from dataclasses import asdict
+
+    from benchmarks import rank_sweep
+    from benchmarks.results import load_results
+    from benchmarks.sweep_grid import SweepSettings
+
+    # amp off leaves the settings signature (and so every earlier result key) as it was
+    s = SweepSettings(dataset={"shift": "digits"})
+    assert s.signature() == SweepSettings(dataset={"shift": "digits"}, amp="off").signature()
+    assert s.signature() != SweepSettings(dataset={"shift": "digits"}, amp="bf16").signature()
+    assert "amp" in asdict(s)
+
+    args = ["--models", "mobilenet_v3_small", "--tasks", "shift", "--methods", "dora",
+            "--ranks", "2",
+            "--resolution", "8", "--few-shot", "2", "--batch-size", "8", "--profile-repeat",
+            "0", "--corruption", "impulse_noise", "--device", "cpu", "--profile-only",
+            "--no-plots"]
+    with pytest.raises(SystemExit) as e:
+        rank_sweep.main([*args, "--amp", "fp16", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "use amp='bf16' on the CPU" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    assert rank_sweep.main([*args, "--out", str(tmp_path / "off")]) == 0
+    assert rank_sweep.main([*args, "--amp", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    (off,), (bf16,) = load_results(tmp_path / "off"), load_results(tmp_path / "bf16")
+    assert (off["status"], bf16["status"]) == ("ok", "ok")
+    assert (off["amp"], bf16["amp"]) == ("off", "bf16")
+    assert off["key"] != bf16["key"]  # a bf16 row never resumes an fp32 one
+    assert off["flops_total"] == bf16["flops_total"]
+    assert off["memory_by_category_params"] == bf16["memory_by_category_params"]  # fp32 master
+    # (at 8x8 the bf16 copies autocast makes of the frozen conv weights, saved for backward,
+    # outweigh the halved activations: the halving is checked on a larger map above)

@@ -59,6 +59,7 @@ class DoRAConvFunction(torch.autograd.Function):
         dt = autocast_dtype(x)
         ctx.in_dtypes = [None if t is None else t.dtype
                          for t in (x, x_lora, weight, bias, a_w, b_w, c)]
+        stored_weight = weight
         x, x_lora, weight, bias, a_w, b_w, c = (
             cast(t, dt) for t in (x, x_lora, weight, bias, a_w, b_w, c))
         with no_autocast(x):
@@ -68,9 +69,11 @@ class DoRAConvFunction(torch.autograd.Function):
             z.add_(F.conv2d(h, b_w, None, 1, 0, 1, groups), alpha=s)
             cv = c.reshape(1, -1, 1, 1)
             y = torch.addcmul(bias.reshape(1, -1, 1, 1), z, cv) if bias is not None else z * cv
-        # Under autocast the cast copies of weight / a_w / b_w are saved (as autocast's own
-        # conv would save them); x, h and z are in the compute dtype, half of fp32's bytes.
-        ctx.save_for_backward(x, x_lora, weight, a_w, b_w, c, h, z)
+        # Under autocast x, h and z are saved in the compute dtype (half of fp32's bytes); the
+        # base weight is saved as stored (resident anyway) and cast again in backward, where
+        # autocast's own conv would keep a low-precision copy of it; the small factors and c
+        # are saved cast.
+        ctx.save_for_backward(x, x_lora, stored_weight, a_w, b_w, c, h, z)
         ctx.s = s
         ctx.geom = (list(stride), list(padding), list(dilation), groups)
         return y
@@ -83,6 +86,7 @@ class DoRAConvFunction(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.geom
         s = ctx.s
         gy = gy.to(z.dtype)  # the output's dtype, as a rule; a caller may upcast it
+        weight = cast(weight, z.dtype)
         # the per-channel reductions accumulate in fp32 at least (bf16 sums lose digits)
         acc = torch.promote_types(z.dtype, torch.float32)
         g_c = (gy * z).sum((0, 2, 3), dtype=acc) if need[6] else None
