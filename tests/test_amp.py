@@ -49,6 +49,15 @@ PRECISIONS = [
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: CPU bf16 kernels oversubscribe a busy 2-core machine badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` in fp64."""
     a, b = a.detach().double(), b.detach().double()
@@ -263,15 +272,6 @@ def test_fp16_cuda_gets_a_grad_scaler():
 # ----------------------------------------------------------------------------- profiler
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: CPU bf16 kernels oversubscribe a busy 2-core machine badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _profiled(method: str, amp: str, lean: bool = False):
     from convpeft.profiler import profile_update
 
@@ -296,7 +296,7 @@ def _profiled(method: str, amp: str, lean: bool = False):
 
 
 @pytest.mark.parametrize("method", ["full", "dora"])
-def test_profile_under_bf16_same_flops_half_activations(method, one_thread):
+def test_profile_under_bf16_same_flops_half_activations(method):
     off, bf16 = _profiled(method, "off"), _profiled(method, "bf16")
     assert (off.amp, bf16.amp) == ("off", "bf16")
     assert "autocast bf16" in str(bf16) and "autocast" not in str(off)
@@ -346,7 +346,7 @@ def test_profile_cli_refuses_amp_it_cannot_run(argv, message, capsys):
     assert len(err.splitlines()) == 1 and message in err
 
 
-def test_profile_cli_records_amp(capsys, one_thread):
+def test_profile_cli_records_amp(capsys):
     import json
 
     from convpeft.profile import main
@@ -360,7 +360,7 @@ def test_profile_cli_records_amp(capsys, one_thread):
     assert sum(out["memory_by_category"].values()) == out["memory_peak"]
 
 
-def test_finetune_under_bf16_trains_and_records_amp(one_thread):
+def test_finetune_under_bf16_trains_and_records_amp():
     from convpeft.data import build_task
     from convpeft.train import finetune
 
@@ -383,7 +383,7 @@ def test_finetune_under_bf16_trains_and_records_amp(one_thread):
     assert finetune(model, "head", task, epochs=0, **kw).amp == "off"
 
 
-def test_sweep_amp_column_and_keys(tmp_path, capsys, one_thread):
+def test_sweep_amp_column_and_keys(tmp_path, capsys):
     from dataclasses import asdict
 
     from benchmarks import rank_sweep
