@@ -22,6 +22,8 @@ Two exact computations, chosen like LoRA's (see :mod:`convpeft.adapters.lora`):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,6 +159,13 @@ class DoRAConv2d(_DoRAMixin, LoRAConv2d):
     def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(self._pad(x), self.merged_weight(), self.base_layer.bias)
 
+    def _saved_elements(self, x_shape: tuple[int, ...]) -> dict[str, int]:
+        """Beyond ``x``: activation space keeps ``h`` (N, g r, H_out, W_out) and ``z``
+        (N, C_out, H_out, W_out); weight space the direction and ``W'`` (C_out, K) each."""
+        n, (ho, wo) = self._geometry(x_shape)
+        return {"activation": n * ho * wo * (self.groups * self.rank + self.out_features),
+                "weight": 2 * self.out_features * self.fan_in}
+
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched input
             return self._forward_activation(x.unsqueeze(0)).squeeze(0)
@@ -179,6 +188,13 @@ class DoRALinear(_DoRAMixin, LoRALinear):
 
     def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.merged_weight(), self.base_layer.bias)
+
+    def _saved_elements(self, x_shape: tuple[int, ...]) -> dict[str, int]:
+        """Beyond ``x``: activation space keeps ``x A^T`` (tokens, r) and ``z`` (tokens, out);
+        weight space the direction and ``W'`` (out, in) each."""
+        tokens = math.prod(x_shape[:-1]) if len(x_shape) > 1 else 1
+        return {"activation": tokens * (self.rank + self.out_features),
+                "weight": 2 * self.out_features * self.fan_in}
 
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
