@@ -57,6 +57,7 @@ from benchmarks.sweep_grid import (
     expand_grid,
     parse_dataset,
 )
+from convpeft.amp import AMP_MODES, check_amp
 from convpeft.methods import list_methods
 from convpeft.models import TESTED_MODELS, list_models
 
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lean", action="store_true",
                    help="memory-lean activations (convpeft.lean_activations; exact): frozen "
                    "convs/BN and ReLU-like activations save only what backward needs")
+    t.add_argument("--amp", choices=AMP_MODES, default="off",
+                   help="mixed precision of fine-tuning and of the profiled update "
+                   "(torch.autocast; fp32 master weights; fp16 needs CUDA and gets a "
+                   "GradScaler), recorded in the amp column (default: off = fp32)")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     o = p.add_argument_group("output")
@@ -250,7 +255,9 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         profile_repeat=a.profile_repeat,
         device=device,
         lean=a.lean,
+        amp=a.amp,
     )
+    check_amp(settings.amp, settings.device)  # fp16 on the CPU: refused before anything runs
     if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
         raise ValueError("--epochs must be >= 0, --batch-size >= 1, --resolution >= 8")
     if (settings.few_shot is not None and settings.few_shot < 1) or (
@@ -463,7 +470,7 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     prepared.train_mode()  # the BN policy decides what the update saves/updates
     t0 = time.perf_counter()
     prof = profile_update(prepared.model, prepared.optimizer, x, y,
-                          warmup=1, repeat=settings.profile_repeat)
+                          warmup=1, repeat=settings.profile_repeat, amp=settings.amp)
     row["profile_time_s"] = time.perf_counter() - t0
     row.update(flatten(prof.to_dict()))
     trained = prepared.model
@@ -488,7 +495,8 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
         res = finetune(source, mcfg, task, epochs=settings.epochs,
                        batch_size=settings.batch_size, seed=cfg.seed, device=dev,
                        progress=False, copy_model=True, eval_every_epoch=False,
-                       keep_model=True, zero_shot=sources.zero_shot.get(zs_key))
+                       keep_model=True, zero_shot=sources.zero_shot.get(zs_key),
+                       amp=settings.amp)
         sources.zero_shot[zs_key] = (res.zero_shot_acc, res.zero_shot_source_acc)
         for k in ("zero_shot_acc", "zero_shot_source_acc", "target_acc", "source_acc",
                   "forgetting", "recovered_fraction", "train_time_s"):
@@ -524,6 +532,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "replay_per_class": s.replay_per_class if cfg.task == "new_classes" else None,
         "small_input": s.small_input,
         "lean": s.lean,
+        "amp": s.amp,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),
         # present in every row (None under --profile-only or on failure): a uniform table

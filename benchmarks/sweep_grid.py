@@ -54,6 +54,7 @@ class SweepSettings:
     profile_repeat: int = 3
     device: str = "cpu"
     lean: bool = False  # convpeft.lean_activations on every prepared model
+    amp: str = "off"  # convpeft.amp: fine-tuning and the profiled update under autocast
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
@@ -66,6 +67,8 @@ class SweepSettings:
         for k in ("replay_per_class", "lean"):  # off: keys of earlier results stay valid
             if not d[k]:
                 d.pop(k)
+        if d["amp"] == "off":  # likewise
+            d.pop("amp")
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

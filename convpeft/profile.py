@@ -1,12 +1,14 @@
 """Command line: what one training update of a model + PEFT method costs.
 
     python -m convpeft.profile --model mobilenet_v2 --method lora --rank 8 --batch 32 \\
-        --resolution 64 [--json] [--analytic] [--per-layer]
+        --resolution 64 [--json] [--analytic] [--per-layer] [--amp bf16]
 
 Builds the model (:func:`convpeft.models.build_model`, random init unless ``--weights``), sets
 the method up (:func:`convpeft.methods.prepare`), and profiles one update on a random batch with
 :func:`convpeft.profiler.profile_update` -- or, with ``--analytic``, predicts it from shapes
 alone (:func:`convpeft.profiler.analytic_profile`: no compute, any batch size and resolution).
+``--amp bf16|fp16`` profiles the update under ``torch.autocast`` (fp16 on CUDA only; not with
+``--analytic``).
 Prints a breakdown table (FLOPs split, memory by category, time) or, with ``--json``, one JSON
 object.
 """
@@ -20,6 +22,7 @@ import sys
 
 import torch
 
+from convpeft.amp import AMP_MODES, check_amp
 from convpeft.methods import get_method, list_methods
 from convpeft.profiler import analytic_profile, format_profile, profile_update
 
@@ -40,6 +43,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device!r}: only cpu and cuda are supported")
+    check_amp(args.amp, device)
+    if args.analytic and args.amp != "off":
+        raise ValueError(f"--amp {args.amp} with --analytic: the analytic profile traces shapes "
+                         "on the meta device, which has no autocast; drop one of the two")
     w = args.weights
     if w is not None and (os.sep in w or w.endswith((".pt", ".pth", ".safetensors"))) \
             and not os.path.isfile(w):
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5, help="timed updates")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", choices=AMP_MODES, default="off",
+                    help="mixed precision: forward + loss under torch.autocast in bf16 (CPU or "
+                    "CUDA) or fp16 (CUDA only); fp32 master weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--analytic", action="store_true", help="shapes only: no data, no compute")
     ap.add_argument("--per-layer", action="store_true", help="add per-layer FLOP rows")
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             y = torch.randint(0, args.num_classes, (args.batch,), device=args.device)
             prof = profile_update(model, optimizer, x, y, warmup=args.warmup, repeat=args.repeat,
                                   per_layer=args.per_layer, compare_torch=not args.no_torch,
-                                  allocator_peak=args.allocator_peak)
+                                  allocator_peak=args.allocator_peak, amp=args.amp)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

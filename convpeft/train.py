@@ -9,6 +9,11 @@
 
 Runs are repeatable on the CPU for a seed (parameter init, adapter init, shuffling, augmentation
 all come from seeded generators). CUDA is used when available unless ``device`` says otherwise.
+
+Mixed precision (``finetune(..., amp="bf16"|"fp16")``, :mod:`convpeft.amp`): forward and loss
+under ``torch.autocast``, fp32 master weights and optimizer state; fp16 (CUDA only) scales the
+loss with a ``GradScaler``. Pretraining and evaluation stay fp32 (the cached source weights do
+not depend on how they are later fine-tuned; accuracy is that of the fp32 weights).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .amp import autocast, check_amp, grad_scaler
 from .data import ImageDataset, Task, build_task
 from .methods import MethodConfig, prepare
 from .models import build_model, expand_head, get_head
@@ -114,8 +120,12 @@ def _train_epoch(
     augment_shift: int = 0,
     train_mode: Any = None,
     bar: Any = None,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float]:
-    """One epoch; returns (mean loss, train accuracy). ``train_mode()`` sets module modes."""
+    """One epoch; returns (mean loss, train accuracy). ``train_mode()`` sets module modes.
+    ``amp``: forward and loss under autocast; ``scaler``: fp16 loss scaling (skips a step whose
+    gradients overflowed and lowers the scale)."""
     (train_mode or model.train)()
     # drop a last batch smaller than half a batch: BN statistics of 1-3 images are noise
     drop_last = len(data) % batch_size < batch_size // 2 and len(data) >= batch_size
@@ -124,11 +134,17 @@ def _train_epoch(
                              drop_last=drop_last):
         if augment_shift:
             x = _random_shift(x, augment_shift, generator)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         loss_v = float(loss.detach())
@@ -269,7 +285,8 @@ class FinetuneResult:
     before any update (for new_classes, with the freshly expanded head). ``forgetting`` =
     ``zero_shot_source_acc - source_acc``. ``recovered_fraction`` (shift only) = share of the
     shift's drop (clean minus zero-shot) won back. ``train_time_s``: the optimisation steps only;
-    ``wall_time_s``: the whole call incl. evaluations.
+    ``wall_time_s``: the whole call incl. evaluations. ``amp``: the training compute dtype
+    ("off" = fp32).
     """
 
     method: str
@@ -294,6 +311,7 @@ class FinetuneResult:
     wall_time_s: float
     report: dict = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    amp: str = "off"
 
     def to_dict(self) -> dict:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
@@ -324,6 +342,7 @@ def finetune(
     eval_every_epoch: bool = True,
     keep_model: bool = True,
     zero_shot: tuple[float, float] | None = None,
+    amp: str = "off",
 ) -> FinetuneResult:
     """Adapt ``model`` to ``task.target_train`` with ``method``; see :class:`FinetuneResult`.
 
@@ -333,13 +352,16 @@ def finetune(
     leaves the caller's model untouched. Constant LR (no schedule) so that methods are compared at
     their own learning rate only. ``zero_shot``: the ``(target, source)`` test accuracies of this
     same model and seed before any update, when the caller already has them (a sweep runs many
-    methods from one source model): the two baseline evaluations are then skipped.
+    methods from one source model): the two baseline evaluations are then skipped. ``amp``
+    ("off", "bf16", "fp16"; see the module docstring) is checked against ``device`` before
+    anything runs: fp16 on the CPU is refused.
     """
     t_call = time.perf_counter()
     cfg = MethodConfig(method) if isinstance(method, str) else copy.copy(method)
     if lr is not None:
         cfg.lr = lr
     device = torch.device(device) if device is not None else default_device()
+    check_amp(amp, device)
     if copy_model:
         model = copy.deepcopy(model)
     model.to(device)
@@ -358,6 +380,7 @@ def finetune(
     zero_shot, zero_shot_src = (float(a) for a in zero_shot)
 
     prepared = prepare(model, cfg)
+    scaler = grad_scaler(device, amp)
     g = torch.Generator().manual_seed(seed)
     history = []
     steps = epochs * _batches_per_epoch(len(task.target_train), batch_size)
@@ -367,7 +390,8 @@ def finetune(
             start = time.perf_counter()
             loss, acc = _train_epoch(model, prepared.optimizer, task.target_train,
                                      batch_size=batch_size, generator=g, device=device,
-                                     train_mode=prepared.train_mode, bar=bar)
+                                     train_mode=prepared.train_mode, bar=bar, amp=amp,
+                                     scaler=scaler)
             dt = time.perf_counter() - start
             train_time += dt
             row = {"epoch": ep + 1, "loss": loss, "train_acc": acc, "time_s": dt}
@@ -388,5 +412,5 @@ def finetune(
         recovered_fraction=recovered, trainable_params=prepared.trainable_params,
         total_params=prepared.total_params, train_time_s=train_time,
         wall_time_s=time.perf_counter() - t_call, report=_report_dict(prepared.report),
-        model=model if keep_model else None,
+        model=model if keep_model else None, amp=amp,
     )

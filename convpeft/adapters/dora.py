@@ -22,11 +22,14 @@ Two exact computations, chosen like LoRA's (see :mod:`convpeft.adapters.lora`):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..amp import autocast_dtype, cast, no_autocast
 from ..flops import pair
 from .config import AdapterConfig
 from .lora import _NORM_EPS, AdapterLayer, LoRAConv2d, LoRALinear
@@ -46,17 +49,35 @@ class DoRAConvFunction(torch.autograd.Function):
     applied) or ``None`` when it is ``x``; ``weight`` (C_out, C_in/g, kh, kw); ``bias`` (C_out,)
     or ``None``; ``a_w`` (g r, C_in/g, kh, kw); ``b_w`` (C_out, r, 1, 1); ``c`` (C_out,).
     Returns ``y`` (N, C_out, H_out, W_out). Gradients are computed only for inputs that need them.
+
+    Autocast: casts explicitly (see :mod:`convpeft.amp`): under ``torch.autocast`` on ``x``'s
+    device every input is cast to autocast's dtype and ``y`` comes out in it (as the plain conv
+    of the weight path would); the gradients come back in each input's own dtype, the ``c`` and
+    bias reductions accumulated in fp32.
     """
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups):
-        xl = x if x_lora is None else x_lora
-        h = F.conv2d(xl, a_w, None, stride, padding, dilation, groups)
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        z.add_(F.conv2d(h, b_w, None, 1, 0, 1, groups), alpha=s)
-        cv = c.reshape(1, -1, 1, 1)
-        y = torch.addcmul(bias.reshape(1, -1, 1, 1), z, cv) if bias is not None else z * cv
-        ctx.save_for_backward(x, x_lora, weight, a_w, b_w, c, h, z)
+        # Under autocast: every float input in autocast's dtype, the body with autocast off
+        # (see convpeft.amp); outside it ``dt`` is None and nothing is cast.
+        dt = autocast_dtype(x)
+        ctx.in_dtypes = [None if t is None else t.dtype
+                         for t in (x, x_lora, weight, bias, a_w, b_w, c)]
+        stored_weight = weight
+        x, x_lora, weight, bias, a_w, b_w, c = (
+            cast(t, dt) for t in (x, x_lora, weight, bias, a_w, b_w, c))
+        with no_autocast(x):
+            xl = x if x_lora is None else x_lora
+            h = F.conv2d(xl, a_w, None, stride, padding, dilation, groups)
+            z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+            z.add_(F.conv2d(h, b_w, None, 1, 0, 1, groups), alpha=s)
+            cv = c.reshape(1, -1, 1, 1)
+            y = torch.addcmul(bias.reshape(1, -1, 1, 1), z, cv) if bias is not None else z * cv
+        # Under autocast x, h and z are saved in the compute dtype (half of fp32's bytes); the
+        # base weight is saved as stored (resident anyway) and cast again in backward, where
+        # autocast's own conv would keep a low-precision copy of it; the small factors and c
+        # are saved cast.
+        ctx.save_for_backward(x, x_lora, stored_weight, a_w, b_w, c, h, z)
         ctx.s = s
         ctx.geom = (list(stride), list(padding), list(dilation), groups)
         return y
@@ -79,8 +100,12 @@ class DoRAConvFunction(torch.autograd.Function):
          *_) = ctx.needs_input_grad
         stride, padding, dilation, groups = ctx.geom
         s = ctx.s
-        g_c = (gy * z).sum((0, 2, 3)) if need_c else None
-        g_bias = gy.sum((0, 2, 3)) if need_bias else None
+        gy = gy.to(z.dtype)  # the output's dtype, as a rule; a caller may upcast it
+        weight = cast(weight, z.dtype)
+        # the per-channel reductions accumulate in fp32 at least (bf16 sums lose digits)
+        acc = torch.promote_types(z.dtype, torch.float32)
+        g_c = (gy * z).sum((0, 2, 3), dtype=acc) if need_c else None
+        g_bias = gy.sum((0, 2, 3), dtype=acc) if need_bias else None
         del z
         gz = gy * c.reshape(1, -1, 1, 1)
         need_xl = need_xl_in if x_lora is not None else need_x
@@ -102,7 +127,10 @@ class DoRAConvFunction(torch.autograd.Function):
         if x_lora is None and g_xl is not None:
             g_x = g_xl if g_x is None else g_x.add_(g_xl)
             g_xl = None
-        return g_x, g_xl, g_w, g_bias, g_aw, g_bw, g_c, None, None, None, None, None
+        # each gradient in its input's dtype (fp32 parameters get fp32 gradients under autocast)
+        grads = [cast(g, dt) for g, dt in zip((g_x, g_xl, g_w, g_bias, g_aw, g_bw, g_c),
+                                              ctx.in_dtypes, strict=True)]
+        return (*grads, None, None, None, None, None)
 
 
 class _DoRAMixin:
@@ -140,6 +168,13 @@ class DoRAConv2d(_DoRAMixin, LoRAConv2d):
         super().__init__(base_layer, config)
         self._init_magnitude()
 
+    def _saved_elements(self, x_shape: tuple[int, ...]) -> dict[str, int]:
+        """Beyond ``x``: activation space keeps ``h`` (N, g r, H_out, W_out) and ``z``
+        (N, C_out, H_out, W_out); weight space the direction and ``W'`` (C_out, K) each."""
+        n, (ho, wo) = self._geometry(x_shape)
+        return {"activation": n * ho * wo * (self.groups * self.rank + self.out_features),
+                "weight": 2 * self.out_features * self.fan_in}
+
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched input
             return self._forward_activation(x.unsqueeze(0)).squeeze(0)
@@ -160,12 +195,21 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         super().__init__(base_layer, config)
         self._init_magnitude()
 
+    def _saved_elements(self, x_shape: tuple[int, ...]) -> dict[str, int]:
+        """Beyond ``x``: activation space keeps ``x A^T`` (tokens, r) and ``z`` (tokens, out);
+        weight space the direction and ``W'`` (out, in) each."""
+        tokens = math.prod(x_shape[:-1]) if len(x_shape) > 1 else 1
+        return {"activation": tokens * (self.rank + self.out_features),
+                "weight": 2 * self.out_features * self.fan_in}
+
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         c = self.channel_scale()
         z = F.linear(x, base.weight)
         # In place on the frozen product (its backward needs no output); z is saved once, for m.
         z = z.add_(self.lora_branch(self.dropout(x)), alpha=self.scaling)
-        y = z * c
+        # under autocast z is in autocast's dtype: keep y in it too (as the weight path's
+        # F.linear gives), rather than promoting it to c's fp32
+        y = z * c.to(z.dtype)
         return y if base.bias is None else y.add_(base.bias)
 

@@ -45,11 +45,21 @@ Two equivalent computations (``mode``), both exact:
   base layer would skip) before projecting it onto ``A`` and ``B``. It saves no extra activation.
 
 Activation space wins for dense convs on large feature maps, weight space for depthwise and thin
-layers (its extra cost does not grow with ``g * r``). ``"auto"`` evaluates both with
-:mod:`convpeft.flops` for each input shape seen (forward + backward while training, forward only
-under ``no_grad``) and takes the cheaper; ties go to weight space (fewer saved activations).
+layers (its extra cost does not grow with ``g * r``). ``"auto"`` decides per layer, per input
+shape and device (the reason is kept in ``last_reason`` and shown by the adapter report):
+
+* on CUDA (:data:`WEIGHT_SPACE_DEVICES`): weight space. The GPU cost model comes from published
+  H100 figures, not from a measurement here: weight space within 1.06-1.20x of full fine-tuning,
+  activation space 1.3-5x slower on depthwise-heavy nets;
+* elsewhere (CPU): both are evaluated with :mod:`convpeft.flops` (forward + backward while
+  training, forward only under ``no_grad``) and the cheaper is taken; ties go to weight space
+  (fewer saved activations). DoRA never takes activation space where it would save more for
+  backward than weight space (reason ``"memory"``): its activation path keeps ``z`` and the
+  LoRA intermediate, its weight path two weight-sized tensors.
+
 Dropout on the adapter input only exists in activation space, so a training layer with
-``dropout > 0`` always uses it.
+``dropout > 0`` always uses it (reason ``"dropout"``), as does LoRA-FA's lean path where it
+saves less (``"lora-fa"``).
 """
 
 from __future__ import annotations
@@ -67,6 +77,13 @@ from ..lean import frozen_conv2d
 from .config import AdapterConfig
 
 _NORM_EPS = 1e-12
+
+WEIGHT_SPACE_DEVICES: tuple[str, ...] = ("cuda",)
+"""Device types on which ``mode="auto"`` takes weight space regardless of FLOPs. The cost model
+is taken from published figures, not measured here (no GPU was available when it was written):
+on an H100, weight space ran within 1.06-1.20x of full fine-tuning's step time, activation space
+1.3-5x slower on depthwise-heavy nets (two extra thin convs per layer are launch- and
+memory-bound on a GPU, where FLOPs do not predict time)."""
 
 
 def conv_padding(base: nn.Conv2d) -> tuple[list[int] | None, str, tuple[int, int]]:
@@ -133,8 +150,9 @@ class AdapterLayer(nn.Module):
         self.lora_A.requires_grad_(not config.freeze_a)
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
-        self._mode_cache: dict[tuple, str] = {}
+        self._mode_cache: dict[tuple, tuple[str, str]] = {}
         self.last_mode: str | None = None
+        self.last_reason: str | None = None  # why last_mode: see resolve_mode
 
     # -- settings (read from the layer's config) ------------------------------------------------
     @property
@@ -209,30 +227,49 @@ class AdapterLayer(nn.Module):
         """``{mode: (forward FLOPs, backward FLOPs)}`` the adapter adds to the frozen layer."""
         raise NotImplementedError
 
+    def _saved_elements(self, x_shape: tuple[int, ...]) -> dict[str, int] | None:
+        """``{mode: elements saved for backward beyond the shared input}``, for a layer whose
+        auto choice must never cost more memory than weight space (DoRA); ``None``: no guard."""
+        return None
+
     def resolve_mode(
-        self, x_shape: tuple[int, ...], *, training: bool | None = None, input_grad: bool = True
+        self, x_shape: tuple[int, ...], *, training: bool | None = None, input_grad: bool = True,
+        device: str | None = None,
     ) -> str:
-        """The computation used for an input of shape ``x_shape`` (see the module docstring).
+        """The computation used for an input of shape ``x_shape`` on ``device`` (a device type,
+        default: the base weight's); see the module docstring. A forward keeps it in
+        ``last_mode``, its reason in ``last_reason`` (both in the adapter report).
 
         ``training`` (default: grad mode on and adapter params trainable) decides whether the
         backward pass counts.
         """
+        return self._resolve(x_shape, training, input_grad, device)[0]
+
+    def _resolve(self, x_shape, training, input_grad, device) -> tuple[str, str]:
         if self.mode != "auto":
-            return self.mode
+            return self.mode, "fixed"
         if training is None:
             training = torch.is_grad_enabled() and self.lora_B.requires_grad
         if training and self.dropout_p > 0 and self.training:
-            return "activation"
+            return "activation", "dropout"
         if training and self.freeze_a and self.fa_saves_less(tuple(x_shape)):
-            return "activation"  # LoRA-FA's lean path; weight space would keep x
-        key = (tuple(x_shape), bool(training), bool(input_grad))
-        mode = self._mode_cache.get(key)
-        if mode is None:
+            return "activation", "lora-fa"  # LoRA-FA's lean path; weight space would keep x
+        device = device or self.base_layer.weight.device.type
+        key = (tuple(x_shape), bool(training), bool(input_grad), device)
+        hit = self._mode_cache.get(key)
+        if hit is not None:
+            return hit
+        if device in WEIGHT_SPACE_DEVICES:
+            hit = ("weight", device)
+        else:
             costs = self._mode_costs(tuple(x_shape), input_grad)
             total = {m: f + (b if training else 0) for m, (f, b) in costs.items()}
-            mode = "activation" if total["activation"] < total["weight"] else "weight"
-            self._mode_cache[key] = mode
-        return mode
+            hit = ("activation" if total["activation"] < total["weight"] else "weight", "flops")
+            saved = self._saved_elements(tuple(x_shape)) if training else None
+            if hit[0] == "activation" and saved and saved["activation"] > saved["weight"]:
+                hit = ("weight", "memory")
+        self._mode_cache[key] = hit
+        return hit
 
     def adapter_flops(self, x_shape: tuple[int, ...], mode: str | None = None) -> int:
         """Forward FLOPs of the adapter branch for input ``x_shape`` (2 FLOPs per MAC).
@@ -248,7 +285,8 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        mode = self.resolve_mode(tuple(x.shape), input_grad=x.requires_grad)
+        mode, self.last_reason = self._resolve(tuple(x.shape), None, x.requires_grad,
+                                               x.device.type)
         self.last_mode = mode
         if mode == "weight":
             return self._forward_weight(x)

@@ -58,7 +58,10 @@ def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None =
 
 @dataclass
 class AdapterRow:
-    """One adapted layer: ``shape`` is the base weight's, ``layer_params`` its element count."""
+    """One adapted layer: ``shape`` is the base weight's, ``layer_params`` its element count.
+    ``last_mode``/``mode_reason``: what the layer's last forward computed in and why (see
+    :meth:`convpeft.adapters.lora.AdapterLayer.resolve_mode`); a report taken after a forward
+    (``adapter_report(model)``) shows what ``mode="auto"`` chose per layer."""
 
     name: str
     kind: str
@@ -69,6 +72,8 @@ class AdapterRow:
     mode: str
     adapter_params: int
     layer_params: int
+    last_mode: str | None = None  # the computation the last forward used (None: none yet)
+    mode_reason: str | None = None  # fixed | flops | memory | cuda | dropout | lora-fa
 
     @property
     def outgrows_layer(self) -> bool:
@@ -102,7 +107,9 @@ class AdapterReport:
     def __str__(self) -> str:
         head = ("layer", "kind", "method", "weight shape", "rank", "mode", "adapter", "layer")
         body = [
-            (r.name, r.kind, r.method, "x".join(map(str, r.shape)), str(r.rank), r.mode,
+            (r.name, r.kind, r.method, "x".join(map(str, r.shape)), str(r.rank),
+             r.mode if r.last_mode is None or r.mode != "auto"
+             else f"auto: {r.last_mode} ({r.mode_reason})",
              f"{r.adapter_params:,}" + (" *" if r.outgrows_layer else ""), f"{r.layer_params:,}")
             for r in self.layers
         ]
@@ -125,7 +132,7 @@ def _row(name: str, m: AdapterLayer) -> AdapterRow:
     w = m.base_layer.weight
     return AdapterRow(name=name, kind=m.kind, method=m.method, shape=tuple(w.shape), rank=m.rank,
                       scaling=m.scaling, mode=m.mode, adapter_params=m.num_adapter_params(),
-                      layer_params=w.numel())
+                      layer_params=w.numel(), last_mode=m.last_mode, mode_reason=m.last_reason)
 
 
 def adapter_report(model: nn.Module, names: Iterable[str] | None = None) -> AdapterReport:

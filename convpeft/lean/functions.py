@@ -4,7 +4,9 @@
 Each runs the same kernel as the plain op in ``forward`` (so outputs are bit-identical) and
 computes the same input gradient in ``backward``; what differs is what sits in ``ctx`` between
 the two. None of them reads a tensor's values in Python, so they run on the ``meta`` device
-(the analytic profiler traces lean models there).
+(the analytic profiler traces lean models there). Under ``torch.autocast`` they compute what the
+plain op would (the conv in autocast's dtype; pad and the per-channel affine in their input's
+dtype, which autocast leaves alone) and return gradients in their inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..amp import autocast_dtype, cast, no_autocast
 
 __all__ = ["channel_affine", "frozen_conv2d", "pad2d"]
 
@@ -27,20 +31,31 @@ def _shape_stub(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class _FrozenConv(torch.autograd.Function):
     """conv2d with frozen weight and bias: saves the weight (resident anyway), not the input.
-    ``grad_x`` is the transposed convolution of ``grad_y`` with ``W``; it needs only x's shape."""
+    ``grad_x`` is the transposed convolution of ``grad_y`` with ``W``; it needs only x's shape.
+
+    Under autocast (see :mod:`convpeft.amp`) the conv runs in autocast's dtype and ``y`` comes
+    out in it; the *stored* weight is what is saved and is cast again in backward, so nothing
+    but the resident weight is kept between the passes; ``grad_x`` is returned in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        dt = autocast_dtype(x)
         ctx.save_for_backward(weight)
         ctx.geometry = (x.shape, list(stride), list(padding), list(dilation), groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.dtypes = (x.dtype, dt)
+        with no_autocast(x):
+            return F.conv2d(cast(x, dt), cast(weight, dt), cast(bias, dt), stride, padding,
+                            dilation, groups)
 
     @staticmethod
     def backward(ctx, gy):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.geometry
-        gx = torch.nn.grad.conv2d_input(shape, weight, gy, stride, padding, dilation, groups)
-        return gx, None, None, None, None, None, None
+        x_dtype, dt = ctx.dtypes
+        weight = cast(weight, dt)
+        gx = torch.nn.grad.conv2d_input(shape, weight, gy.to(weight.dtype), stride, padding,
+                                        dilation, groups)
+        return cast(gx, x_dtype), None, None, None, None, None, None
 
 
 def frozen_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from convpeft.amp import autocast
 from convpeft.profiler.flop_counter import FlopCounter, FlopTally
 from convpeft.profiler.layer_tracker import LayerTracker
 from convpeft.profiler.memory import MemoryReport, MemoryTracker, state_tensors, storage_key
@@ -178,14 +179,17 @@ def check_inputs(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: tor
 
 
 def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                 loss_fn: LossFn) -> torch.Tensor:
-    """``loss_fn(model(inputs), targets)``, with errors that say which side does not fit."""
+                 loss_fn: LossFn, amp: str = "off") -> torch.Tensor:
+    """``loss_fn(model(inputs), targets)``, with errors that say which side does not fit; under
+    ``torch.autocast`` for ``amp`` != "off" (backward then runs outside it)."""
     try:
-        out = model(inputs)
+        with autocast(inputs.device, amp):
+            out = model(inputs)
     except (RuntimeError, ValueError, IndexError) as e:
         raise ValueError(f"the model failed on a batch of shape {tuple(inputs.shape)}: {e}") from e
     try:
-        loss = loss_fn(out, targets)
+        with autocast(inputs.device, amp):
+            loss = loss_fn(out, targets)
     except (RuntimeError, ValueError, IndexError) as e:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model output {shape} does not fit the loss "
@@ -197,28 +201,28 @@ def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 
 def plain_update(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                 targets: torch.Tensor, loss_fn: LossFn) -> None:
+                 targets: torch.Tensor, loss_fn: LossFn, amp: str = "off") -> None:
     """One uninstrumented training update."""
     optimizer.zero_grad(set_to_none=True)
-    loss = forward_loss(model, inputs, targets, loss_fn)
+    loss = forward_loss(model, inputs, targets, loss_fn, amp)
     loss.backward()
     del loss
     optimizer.step()
 
 
 def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-            targets: torch.Tensor, loss_fn: LossFn, warmup: int) -> bool:
+            targets: torch.Tensor, loss_fn: LossFn, warmup: int, amp: str = "off") -> bool:
     """Run ``warmup`` plain updates (lazily created optimizer state then exists), then, for a
     :class:`RefreshingOptimizer`, step past a refresh so that the measured update is an ordinary
     one (the refresh is accounted analytically). Returns whether the optimizer refreshes."""
     for _ in range(warmup):
-        plain_update(model, optimizer, inputs, targets, loss_fn)
+        plain_update(model, optimizer, inputs, targets, loss_fn, amp)
     refreshing = isinstance(optimizer, RefreshingOptimizer)
     if refreshing:
         for _ in range(2):
             if not optimizer.refreshes_next_step():
                 break
-            plain_update(model, optimizer, inputs, targets, loss_fn)
+            plain_update(model, optimizer, inputs, targets, loss_fn, amp)
     return refreshing
 
 
@@ -231,7 +235,7 @@ def sync(device: torch.device) -> None:
 def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                      targets: torch.Tensor, loss_fn: LossFn, *, per_layer: bool = False,
                      compare_torch: bool = True,
-                     probe: AllocatorProbe | None = None) -> InstrumentedRun:
+                     probe: AllocatorProbe | None = None, amp: str = "off") -> InstrumentedRun:
     """Run ONE update under the instrumentation. ``probe`` defaults to the CUDA allocator when
     ``inputs`` live on CUDA (None elsewhere)."""
     device = inputs.device
@@ -271,7 +275,7 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
             stack.enter_context(instrument)
             set_phase("forward")
             optimizer.zero_grad(set_to_none=True)
-            loss = forward_loss(model, inputs, targets, loss_fn)
+            loss = forward_loss(model, inputs, targets, loss_fn, amp)
             set_phase("backward")
             loss.backward()
             del loss

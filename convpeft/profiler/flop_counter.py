@@ -27,6 +27,7 @@ for views, copies and tensor creation.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -207,7 +208,9 @@ class FlopCounter:
     dispatch mode (one Python call per op instead of two). Use :class:`CountFlops` for a
     stand-alone context manager. ``phase`` is set by the driver ("forward", "backward",
     "optimizer"). ``param_keys`` are storage ids (:func:`.memory.storage_key`) of the model's
-    parameters, used to tell input-gradient from weight-gradient products in the backward pass.
+    parameters, used to tell input-gradient from weight-gradient products in the backward pass;
+    under autocast the low-precision copies of parameters (``aten._to_copy`` of one) count as
+    them while they live, so the split does not change with the compute dtype.
     ``layer_of`` (optional) returns the layer an op belongs to, for per-layer figures.
     """
 
@@ -215,7 +218,8 @@ class FlopCounter:
                  torch_flops: bool = False) -> None:
         self.tally = FlopTally()
         self.phase = "forward"
-        self.param_keys = param_keys or set()
+        self.param_keys = set(param_keys or ())
+        self._copy_refs: list[weakref.ref] = []
         self.layer_of = layer_of
         # also sum what torch's FlopCounterMode would report, by calling its per-op formulas
         # (``flop_registry``) here instead of running a second dispatch mode + module tracker
@@ -223,6 +227,17 @@ class FlopCounter:
 
     def _is_param(self, t: object) -> bool:
         return isinstance(t, torch.Tensor) and storage_key(t) in self.param_keys
+
+    def _add_param_copy(self, t: torch.Tensor) -> None:
+        """A dtype copy of a parameter (autocast's bf16/fp16 weight) stands for it in the
+        backward products; its key is dropped when the copy is freed (a later storage may get
+        the same address)."""
+        key = storage_key(t)
+        if key in self.param_keys:
+            return
+        self.param_keys.add(key)
+        self._copy_refs.append(weakref.ref(t.untyped_storage(),
+                                           lambda _r, k=key: self.param_keys.discard(k)))
 
     def record(self, func: object, args: tuple, kwargs: dict, out: object) -> None:
         """Add the FLOPs of one dispatched op to the tally."""
@@ -271,6 +286,8 @@ class FlopCounter:
             else:
                 fw = f
         else:
+            if func is aten._to_copy.default and self._is_param(args[0]):
+                self._add_param_copy(out)
             ew = elementwise_flops(func, args, kwargs, out)
             if ew:
                 t.elementwise_by_op[str(func)] += ew

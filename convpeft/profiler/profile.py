@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from convpeft.amp import check_amp
 from convpeft.profiler.analytic import OptimizerArg, meta_setup
 from convpeft.profiler.engine import (
     InstrumentedRun,
@@ -70,6 +71,12 @@ class UpdateProfile:
       their inter-quartile range; ``instrumented_time_s``: the instrumented update. The
       ``*_cpu_time_s`` twins are this process's CPU time (all threads), steadier than wall time
       on a shared machine (CPU only; on CUDA they miss the device work).
+    * ``amp``: the compute dtype, ``"off"`` (fp32), ``"bf16"`` or ``"fp16"``: forward and loss
+      ran under ``torch.autocast`` (backward follows the forward's dtypes), parameters, their
+      gradients and the optimizer state stay fp32. FLOPs do not depend on it. Memory counts
+      what lives: activations saved in the compute dtype (about half of fp32's), and the
+      low-precision weight copies autocast makes, under ``activations`` where a backward keeps
+      them, else ``temporaries``.
     """
 
     flops_forward: int
@@ -101,6 +108,7 @@ class UpdateProfile:
     device: str
     analytic: bool = False
     per_layer: list[dict] | None = field(default=None)
+    amp: str = "off"
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (category dicts and per-layer rows stay nested)."""
@@ -122,6 +130,7 @@ def format_profile(p: UpdateProfile) -> str:
     """A readable breakdown table of an :class:`UpdateProfile`."""
     lines = [
         f"update on {p.device}, input {tuple(p.input_shape)}"
+        + (f", autocast {p.amp}" if p.amp != "off" else "")
         + (" (analytic: shapes only)" if p.analytic else ""),
         f"params: {p.trainable_params:,} trainable / {p.total_params:,} total",
         "",
@@ -173,6 +182,7 @@ def profile_update(
     compare_torch: bool = True,
     analytic: bool = False,
     allocator_peak: bool = False,
+    amp: str = "off",
 ) -> UpdateProfile:
     """Profile one training update of ``model`` with ``optimizer`` on ``inputs`` (N, C, H, W)
     and ``targets`` (N,) (see the module docstring for what runs).
@@ -184,10 +194,18 @@ def profile_update(
     ``allocator_peak=True`` on CPU runs one extra update under torch.profiler to report the
     allocator's peak including kernel scratch (``memory_peak_allocator``; always set on CUDA,
     where ``memory_peak`` is the device's peak and ``memory_by_category`` has ``workspace``).
-    Raises ``ValueError`` for a batch the model cannot take, an output that does not fit the loss,
-    or an optimizer holding no parameter of the model.
+    ``amp`` ("off", "bf16", "fp16"; fp16 on CUDA only) runs every update's forward and loss under
+    ``torch.autocast`` in that dtype (no loss scaling: it changes no cost but an elementwise
+    unscale); not with ``analytic=True``, which traces on the meta device where autocast
+    does not exist. Raises ``ValueError`` for a batch the model cannot take, an output that
+    does not fit the loss, or an optimizer holding no parameter of the model.
     """
+    check_amp(amp, inputs.device if not analytic else "cpu")
     if analytic:
+        if amp != "off":
+            raise ValueError(f"amp={amp!r} with analytic=True: the analytic profile traces on the "
+                             "meta device, which has no autocast; profile a real batch "
+                             "(analytic=False) or use amp='off'")
         return analytic_profile(model, optimizer, tuple(inputs.shape), targets=targets,
                                 loss_fn=loss_fn, warmup=warmup, per_layer=per_layer,
                                 compare_torch=compare_torch)
@@ -196,27 +214,29 @@ def profile_update(
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     check_inputs(model, optimizer, inputs, targets)
     device = inputs.device
-    refreshing = warm_up(model, optimizer, inputs, targets, loss_fn, warmup)
+    refreshing = warm_up(model, optimizer, inputs, targets, loss_fn, warmup, amp=amp)
     run = run_instrumented(model, optimizer, inputs, targets, loss_fn, per_layer=per_layer,
-                           compare_torch=compare_torch)
+                           compare_torch=compare_torch, amp=amp)
     # the allocator's own reading (everything on the device, like torch.cuda.max_memory_allocated)
     allocator = run.device_peak.raw if run.device_peak is not None else None
     if allocator_peak and device.type == "cpu":
         optimizer.zero_grad(set_to_none=True)
         live = [*model.parameters(), *model.buffers(), *state_tensors(optimizer), inputs, targets]
         allocator = allocator_peak_cpu(
-            lambda: plain_update(model, optimizer, inputs, targets, loss_fn), live)
+            lambda: plain_update(model, optimizer, inputs, targets, loss_fn, amp=amp), live)
 
     times, cpu_times = [], []
     for _ in range(repeat):
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        plain_update(model, optimizer, inputs, targets, loss_fn)
+        plain_update(model, optimizer, inputs, targets, loss_fn, amp=amp)
         sync(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    return _to_profile(model, optimizer, inputs, run, refreshing, allocator=allocator,
+    prof = _to_profile(model, optimizer, inputs, run, refreshing, allocator=allocator,
                        times=times, cpu_times=cpu_times)
+    prof.amp = amp
+    return prof
 
 
 def analytic_profile(
