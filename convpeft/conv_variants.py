@@ -223,6 +223,11 @@ def register_conv_variant(cls: type, variant: ConvVariant) -> None:
         raise TypeError(f"register_conv_variant takes an nn.Conv2d subclass, got {cls!r}")
     if not isinstance(variant, ConvVariant):
         raise TypeError(f"variant must be a convpeft ConvVariant, got {type(variant).__name__}")
+    if variant.weight is not None and variant.input_pad is not None and variant.plain is None:
+        raise ValueError(
+            f"conv variant {variant.name!r} transforms its weight and pads its input by the "
+            "input size: merging must replace the layer by a plain one that pads the same way, "
+            "which convpeft cannot build by itself; pass plain=(module, weight) -> nn.Module")
     _REGISTRY[cls] = variant
 
 

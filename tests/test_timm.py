@@ -393,6 +393,9 @@ def test_register_conv_variant_makes_a_subclass_exact():
         register_conv_variant(nn.Linear, ConvVariant("x"))
     with pytest.raises(TypeError, match="ConvVariant"):
         register_conv_variant(_Flipped, {"weight": None})
+    with pytest.raises(ValueError, match="plain="):
+        register_conv_variant(_Flipped, ConvVariant("x", weight=lambda m: m.weight,
+                                                    input_pad=lambda m, hw: [0, 1, 0, 1]))
 
 
 def test_merge_without_unload_refused_for_standardised_conv():

@@ -336,11 +336,14 @@ def merge_adapters(model: nn.Module, *, unload: bool = True) -> nn.Module:
                 "conv holding the merged effective weight; nothing was merged.")
     elif any(n == "" for n, _ in layers):
         raise ValueError("the model itself is an adapter; use model.unload() instead")
-    for name, m in layers:
-        if unload:
-            _set_submodule(model, name, m.unload())
-        else:
+    if not unload:
+        for _, m in layers:
             m.merge()
+        return model
+    # replacements first (they change nothing), so a failure leaves the model as it was
+    replacements = {name: m.plain_layer() for name, m in layers if not m.folds_in_place}
+    for name, m in layers:
+        _set_submodule(model, name, replacements[name] if name in replacements else m.unload())
     return model
 
 

@@ -34,8 +34,9 @@ What stays plain, and why:
 Registered conv variants (timm's TF-"SAME" ``Conv2dSame``, the weight-standardised
 ``StdConv2d``/``ScaledStdConv2d`` and their "Same" forms) are lean too, padded and standardised
 as their own forward does; a standardised conv saves its effective weight (weight-sized) for
-the input gradient instead of its input. Any conv geometry is lean: groups, dilation, stride, ``padding='same'``/``'valid'`` and every
-``padding_mode`` (torch's reflect/replicate pad saves its input too; :func:`pad2d` does not).
+the input gradient instead of its input. Any conv geometry is lean: groups, dilation, stride,
+``padding='same'``/``'valid'`` and every ``padding_mode`` (torch's reflect/replicate pad saves
+its input too; :func:`pad2d` does not).
 In-place activations stay in place. Functional calls inside a ``forward`` (``F.relu(x)``) are
 not seen, only modules: torchvision's ResNets, MobileNetV2/V3, VGG, ShuffleNetV2, MNASNet and
 RegNet use modules only; DenseNet's final ReLU and GoogLeNet/Inception's ``BasicConv2d`` call
