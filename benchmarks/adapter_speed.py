@@ -3,7 +3,7 @@
     python -m benchmarks.adapter_speed            # full run (both models, 20 timed steps each)
     python -m benchmarks.adapter_speed --quick    # a fast smoke run (fewer steps)
 
-Setup (the issue's): torchvision MobileNetV2 and ResNet18 (``num_classes=10``, random init),
+Setup: torchvision MobileNetV2 and ResNet18 (``num_classes=10``, random init),
 adapters on the ``groups == 1`` convs only (all peft can adapt), r = 8, alpha = 16, batch 32 of
 64x64 images, AdamW (lr 1e-3) on the trainable parameters, cross-entropy, ``torch.set_num_threads
 (2)``. Everything that is not an adapter is frozen on both sides (batch norm still in train mode).
@@ -15,12 +15,12 @@ Time: median (and IQR) of the wall time of whole train steps (forward, backward,
 the OpenMP threads' spin-waiting). Ratios use wall time unless ``--clock cpu``. The
 configurations are stepped round-robin, so load from other processes hits them all alike.
 
-Peak memory: one extra step per configuration under a ``TorchDispatchMode`` that records every
-storage an aten op returns and learns its release from a ``weakref.finalize`` on the storage; the
-parameters, buffers, gradients, optimizer state and the batch that exist at the start count as
-the baseline. Peak = the largest simultaneous sum of live storage bytes during the step. The same
-method measures every configuration, peft's included; scratch buffers a kernel allocates and frees
-internally are not seen by either side.
+Peak memory: one extra step per configuration under the profiler's storage tracker
+(:func:`convpeft.profiler.memory.tensor_peak`: every storage an aten op returns, released when its
+storage object dies); the parameters, buffers, gradients, optimizer state and the batch that
+exist at the start count as the baseline. Peak = the largest simultaneous sum of live storage
+bytes during the step. The same method measures every configuration, peft's included; scratch
+buffers a kernel allocates and frees internally are not seen by either side.
 """
 
 from __future__ import annotations
@@ -29,69 +29,26 @@ import argparse
 import copy
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import convpeft
 from convpeft.layer_kinds import select_layers
+from convpeft.profiler.memory import tensor_peak
 
 MIB = 2**20
-# The issue's bar, relative to peft's same method: (time ratio, memory ratio) must be <= these.
+# The bar, relative to peft's same method: (time ratio, memory ratio) must be <= these.
 BARS = {"lora": (1.05, 1.00), "dora": (0.90, 0.85)}
-# Figures the issue author measured for peft on this setup (seconds, MiB), for reference only.
+# Earlier measurements of this setup on a 2-core CPU (seconds, MiB), for reference only.
 REFERENCE = {
     ("mobilenet_v2", "full"): (0.231, 222.6), ("mobilenet_v2", "peft-lora"): (0.180, 211.2),
     ("mobilenet_v2", "peft-dora"): (0.248, 300.7), ("resnet18", "full"): (0.286, 318.1),
     ("resnet18", "peft-lora"): (0.184, 104.3), ("resnet18", "peft-dora"): (0.268, 180.6),
 }
-
-
-# ---- peak memory -------------------------------------------------------------------------------
-class _StorageTracker(TorchDispatchMode):
-    """Live bytes of every storage returned by an aten op (see the module docstring)."""
-
-    def __init__(self, existing: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-        self._fin: list[weakref.finalize] = []
-        for t in existing:
-            self._add(t)
-        self.baseline = self.current
-
-    def _add(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self.live:
-            return
-        n = st.nbytes()
-        self.live[key] = n
-        self.current += n
-        self.peak = max(self.peak, self.current)
-        self._fin.append(weakref.finalize(st, self._free, key))
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._add(t)
-        return out
-
-    def __exit__(self, *exc):
-        for f in self._fin:
-            f.detach()
-        return super().__exit__(*exc)
 
 
 # ---- configurations ----------------------------------------------------------------------------
@@ -170,9 +127,7 @@ class _Runner:
         existing += [t for s in self.opt.state.values() for t in s.values()
                      if isinstance(t, torch.Tensor)]
         existing += [self.batch, self.labels]
-        with _StorageTracker(existing) as tracker:
-            self.step()
-        return tracker.peak
+        return tensor_peak(self.step, existing)
 
 
 def _iqr(xs: list[float]) -> float:
@@ -256,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="configurations to run")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time the ratios compare: wall (the issue's) or process CPU time")
+                   help="time the ratios compare: wall (default) or process CPU time")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     a = p.parse_args(argv)
     steps, warmup = (3, 1) if a.quick else (a.steps, a.warmup)

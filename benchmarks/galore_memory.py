@@ -33,6 +33,7 @@ import torchvision
 from torch import nn
 
 from benchmarks.common import write_json
+from convpeft.profiler.memory import state_bytes
 
 MODELS = ("mobilenet_v2", "resnet18")
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -46,20 +47,7 @@ def build_model(name: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor storage in ``opt.state`` (each counted once)."""
-    seen, total = set(), 0
-    stack: list[Any] = list(opt.state.values())
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-        elif isinstance(v, torch.Tensor):
-            s = v.untyped_storage()
-            if s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-    return total
+    return state_bytes(opt)
 
 
 def _timed_update(

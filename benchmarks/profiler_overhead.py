@@ -1,7 +1,8 @@
 """Profiler overhead and FLOPs ours-vs-torch, MobileNetV2 and ResNet18, full FT / LoRA / DoRA /
 GaLore at ranks 1..64 (not a test).
 
-    python -m benchmarks.profiler_overhead [--quick] [--batch 8] [--resolution 32] [--json F]
+    python -m benchmarks.profiler_overhead [--quick] [--batch 8] [--resolution 32] \
+        [--device cpu|cuda] [--json F]
 
 For each configuration it runs :func:`convpeft.profiler.profile_update` (1 warm-up, 1
 instrumented, ``--repeat`` timed updates) and prints: the plain step time (median of the timed
@@ -11,7 +12,9 @@ FlopCounterMode figure included --, the whole call's wall time, our FLOPs of the
 update (conv/linear/matmul, 2 per MAC) next to torch's FlopCounterMode figure for the same update,
 and the true peak memory. For full fine-tuning it also prints fvcore's forward count (its MACs
 times 2), which must equal our forward figure. The last line is the total wall time. Timings
-are noisy on a shared machine; FLOPs and memory are exact.
+are noisy on a shared machine; FLOPs and memory are exact. ``--device cuda`` runs the updates on
+the GPU (refused, one line and exit status 2, where CUDA is unavailable); the CPU-time columns
+then miss the device work.
 """
 
 from __future__ import annotations
@@ -31,18 +34,19 @@ RANKS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_RANKS = (1, 8, 64)
 
 
-def _prepare(model_name: str, method: str, rank: int, num_classes: int = 10):
+def _prepare(model_name: str, method: str, rank: int, num_classes: int = 10,
+             device: str = "cpu"):
     from convpeft.methods import MethodConfig, prepare
     from convpeft.models import build_model
 
-    model = build_model(model_name, num_classes, small_input=False)
+    model = build_model(model_name, num_classes, small_input=False).to(device)
     prep = prepare(model, MethodConfig(method, rank=rank))
     prep.train_mode()
     return prep.model, prep.optimizer
 
 
 def run(models=MODELS, methods=METHODS, ranks=RANKS, *, batch: int = 8, resolution: int = 32,
-        repeat: int = 3, seed: int = 0, verbose: bool = True) -> list[dict]:
+        repeat: int = 3, seed: int = 0, verbose: bool = True, device: str = "cpu") -> list[dict]:
     """Profile every (model, method, rank) and return one row (dict) per configuration.
 
     ``full`` has no rank and runs once per model. A method whose setup fails (e.g. GaLore not
@@ -50,7 +54,8 @@ def run(models=MODELS, methods=METHODS, ranks=RANKS, *, batch: int = 8, resoluti
     """
     rows: list[dict] = []
     if verbose:
-        print(f"batch {batch} at {resolution}x{resolution}, CPU threads {torch.get_num_threads()}")
+        print(f"batch {batch} at {resolution}x{resolution} on {device}, "
+              f"CPU threads {torch.get_num_threads()}")
         print(f"{'model':<13}{'method':<7}{'rank':>5} {'step ms':>8} {'instr ms':>9} "
               f"{'x step':>7} {'x cpu':>6} {'wall s':>7} {'ours MF':>10} {'torch MF':>10} "
               f"{'torch/ours':>10} {'peak MiB':>9}")
@@ -60,15 +65,15 @@ def run(models=MODELS, methods=METHODS, ranks=RANKS, *, batch: int = 8, resoluti
                 torch.manual_seed(seed)
                 row: dict = {"model": model_name, "method": method, "rank": rank or None}
                 try:
-                    model, opt = _prepare(model_name, method, rank or 8)
+                    model, opt = _prepare(model_name, method, rank or 8, device=device)
                 except (ImportError, ValueError, TypeError) as e:
                     row["error"] = f"{type(e).__name__}: {e}"
                     rows.append(row)
                     if verbose:
                         print(f"{model_name:<13}{method:<7}{rank:>5}  skipped: {row['error']}")
                     continue
-                x = torch.randn(batch, 3, resolution, resolution)
-                y = torch.randint(0, 10, (batch,))
+                x = torch.randn(batch, 3, resolution, resolution, device=device)
+                y = torch.randint(0, 10, (batch,), device=device)
                 t0 = time.perf_counter()
                 p = profile_update(model, opt, x, y, warmup=1, repeat=repeat)
                 wall = time.perf_counter() - t0
@@ -110,12 +115,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: spinning OpenMP threads make timings on a busy "
                          "machine meaningless)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the updates run (cuda: the current GPU)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.exit(2, f"{ap.prog}: error: --device cuda: no CUDA device is available here "
+                f"(torch {torch.__version__}); use --device cpu\n")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows = run(args.models, args.methods, QUICK_RANKS if args.quick else RANKS,
-               batch=args.batch, resolution=args.resolution, repeat=args.repeat)
+               batch=args.batch, resolution=args.resolution, repeat=args.repeat,
+               device=args.device)
     total = time.perf_counter() - t0
     ok = [r for r in rows if "error" not in r]
     if ok:

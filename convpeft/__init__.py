@@ -9,19 +9,41 @@ from .adapters import (
     merge_adapters,
     save_adapters,
 )
+from .export import check_onnx, export_executorch, export_onnx, onnx_op_counts
 from .lean import LeanReport, lean_activations, restore_activations
+from .planner import PlanRow
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``convpeft.plan`` is the module convpeft/plan.py (the CLI), made callable:
+    ``convpeft.plan(...)`` calls :func:`convpeft.planner.plan`. A function of that name would
+    be replaced by the submodule as soon as anything imported ``convpeft.plan``, and importing
+    it here eagerly would make ``python -m convpeft.plan`` warn, so it is imported on first use.
+    """
+    if name == "plan":
+        import importlib
+
+        return importlib.import_module(".plan", __name__)
+    raise AttributeError(f"module 'convpeft' has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterReport",
     "LeanReport",
+    "PlanRow",
     "adapter_state_dict",
     "apply_adapters",
+    "check_onnx",
+    "export_executorch",
+    "export_onnx",
     "load_adapter_state_dict",
     "lean_activations",
     "load_adapters",
     "merge_adapters",
+    "onnx_op_counts",
+    "plan",
     "restore_activations",
     "save_adapters",
 ]

@@ -28,7 +28,8 @@ FLOPS_PER_MAC = 2
 """FLOPs counted for one multiply-accumulate. Stated once; every formula here uses it."""
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    """``(v, v)`` for an int, else the first two entries as ints (conv kernel/stride/...)."""
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -41,16 +42,16 @@ def conv2d_output_hw(
     dilation: int | tuple[int, int] = 1,
 ) -> tuple[int, int]:
     """Spatial output size ``(H_out, W_out)`` of a Conv2d, following ``torch.nn.Conv2d``'s docs."""
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    dh, dw = _pair(dilation)
+    kh, kw = pair(kernel_size)
+    sh, sw = pair(stride)
+    dh, dw = pair(dilation)
     h, w = hw
     if padding == "same":
         return h, w
     if padding == "valid":
         ph = pw = 0
     else:
-        ph, pw = _pair(padding)  # type: ignore[arg-type]
+        ph, pw = pair(padding)  # type: ignore[arg-type]
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return ho, wo
@@ -87,7 +88,7 @@ def conv2d_macs(
         raise ValueError(
             f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
         )
-    kh, kw = _pair(kernel_size)
+    kh, kw = pair(kernel_size)
     ho, wo = out_hw
     return batch * out_channels * ho * wo * (in_channels // groups) * kh * kw
 

@@ -121,3 +121,10 @@ def select_layers(
             continue
         out.append((name, module))
     return out
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` (e.g. ``"layer1.0.conv1"``) by ``new``."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)

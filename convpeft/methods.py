@@ -38,14 +38,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapters import AdapterConfig, apply_adapters
 from .lean import lean_activations
 from .models import get_head
+from .optim import GaLoreSettings, galore_optimizer
 from .registry import Registry
 
 __all__ = [
@@ -70,36 +72,61 @@ DEFAULT_BN = "train"
 class MethodConfig:
     """One method's settings. ``lr=None`` uses the method's default learning rate.
 
-    ``rank``/``alpha``/``rank_pattern``/``mode``/``dropout`` are for lora/dora; ``rank``,
-    ``update_proj_gap``, ``galore_scale`` for galore; ``target``/``exclude`` select the layers
-    adapted or projected (see :mod:`convpeft.layer_kinds`). ``train_head`` keeps the classifier
-    trainable for lora/dora (needed for new classes; on by default). ``lean=True`` runs
-    :func:`convpeft.lean_activations` on the prepared model (exact; the report is in
-    ``PreparedMethod.extra["lean"]``); BN goes lean only while in eval mode (``bn="freeze"``).
+    The shared part: ``rank`` (adapter or GaLore rank), ``target``/``exclude`` (the layers
+    adapted or projected, see :mod:`convpeft.layer_kinds`), the BN policy ``bn``, ``lr`` and
+    ``weight_decay``. ``train_head`` keeps the classifier trainable for lora/dora (needed for new
+    classes; on by default). ``lean=True`` runs :func:`convpeft.lean_activations` on the prepared
+    model (exact; the report is in ``PreparedMethod.extra["lean"]``); BN goes lean only while in
+    eval mode (``bn="freeze"``).
+
+    Method-specific settings live in their own config, each validated where it is defined:
+    ``adapter`` (an :class:`~convpeft.adapters.AdapterConfig`: ``alpha``, ``rank_pattern``,
+    ``mode``, ``dropout``, ``rslora``) for lora/lora-fa/dora, ``galore`` (a
+    :class:`~convpeft.optim.GaLoreSettings`: ``update_proj_gap``, ``scale``, ``proj_type``) for
+    galore. Their ``method``/``rank``/``target``/``exclude``/``freeze_a`` come from this config
+    (:meth:`adapter_config`, :meth:`galore_settings`); setting them there too is refused.
     """
 
     name: str
     rank: int = 8
-    alpha: float | None = None
     lr: float | None = None
     weight_decay: float = 0.0
     bn: str = DEFAULT_BN
     target: Any = "conv"
     exclude: list[str] | None = None
-    rank_pattern: dict[str, int] | None = None
-    mode: str = "auto"
-    dropout: float = 0.0
     train_head: bool = True
-    update_proj_gap: int = 200
-    galore_scale: float = 0.25
     lean: bool = False
+    adapter: AdapterConfig | None = None
+    galore: GaLoreSettings | None = None
 
     def __post_init__(self) -> None:
-        get_method(self.name)
+        spec = get_method(self.name)
         if self.bn not in BN_POLICIES:
             raise ValueError(f"bn must be one of {', '.join(BN_POLICIES)} (got {self.bn!r})")
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1 (got {self.rank})")
+        for key, value, kind in (("adapter", self.adapter, AdapterConfig),
+                                 ("galore", self.galore, GaLoreSettings)):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{key}= must be a {kind.__name__}, got {type(value).__name__}")
+        # the rank (and every method setting) is checked once, by the method's own config
+        if self.name == "galore":
+            self.galore_settings()
+        elif spec.ranked:
+            self.adapter_config()
+
+    def adapter_config(self) -> AdapterConfig:
+        """The :class:`AdapterConfig` ``prepare`` applies (lora, lora-fa, dora)."""
+        own = {"method": self.name.removesuffix("-fa"), "rank": self.rank,
+               "target": self.target, "exclude": self.exclude,
+               "freeze_a": self.name.endswith("-fa")}
+        base = self.adapter or AdapterConfig(method=own["method"], rank=self.rank)
+        _refuse_shadowed("adapter", base, AdapterConfig, own)
+        return replace(base, **own)
+
+    def galore_settings(self) -> GaLoreSettings:
+        """The :class:`GaLoreSettings` ``prepare`` uses (galore)."""
+        base = self.galore or GaLoreSettings(rank=self.rank)
+        _refuse_shadowed("galore", base, GaLoreSettings, {"rank": self.rank})
+        return replace(base, rank=self.rank)
 
     @property
     def resolved_lr(self) -> float:
@@ -110,7 +137,19 @@ class MethodConfig:
         d["lr"] = self.resolved_lr
         if callable(d["target"]):
             d["target"] = getattr(d["target"], "__name__", "callable")
+        if self.adapter is not None:
+            d["adapter"] = self.adapter.to_dict()
         return d
+
+
+def _refuse_shadowed(key: str, given: Any, cls: type, own: dict[str, Any]) -> None:
+    """A sub-config's field that this MethodConfig sets must be left at its default (or agree)."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name, value in own.items():
+        have = getattr(given, name)
+        if have != value and have != defaults.get(name):
+            raise ValueError(f"{key}.{name}={have!r} conflicts with MethodConfig's {value!r}: "
+                             f"set {name} on MethodConfig, not in {key}=")
 
 
 @dataclass
@@ -237,32 +276,23 @@ def _setup_bitfit(model: nn.Module, cfg: MethodConfig):
 
 
 def _setup_adapters(model: nn.Module, cfg: MethodConfig):
-    from . import apply_adapters  # helper A's public API
-
     head, _ = get_head(model)
     trainable = []
     if cfg.train_head:
         trainable.append(rf"^{re.escape(head)}\.")
     if cfg.bn == "train":
         trainable += [rf"^{re.escape(n)}$" for n in sorted(_bn_param_names(model))]
-    fa = cfg.name.endswith("-fa")  # "lora-fa": LoRA with A frozen (LoRA-FA)
-    report = apply_adapters(
-        model, method=cfg.name.removesuffix("-fa"), rank=cfg.rank, freeze_a=fa, alpha=cfg.alpha,
-        target=cfg.target,
-        exclude=cfg.exclude, rank_pattern=cfg.rank_pattern, mode=cfg.mode,
-        trainable=trainable or None, dropout=cfg.dropout,
-    )
+    report = apply_adapters(model, replace(cfg.adapter_config(), trainable=trainable or None))
     return _adamw(model, cfg), report
 
 
 def _setup_galore(model: nn.Module, cfg: MethodConfig):
-    from .optim import galore_optimizer  # helper B's public API
-
     _set_trainable(model, {n for n, _ in model.named_parameters()})
     _apply_bn_freezing(model, cfg)  # before building the optimizer, so frozen BN is left out
+    g = cfg.galore_settings()
     opt = galore_optimizer(
-        model, rank=cfg.rank, lr=cfg.resolved_lr, update_proj_gap=cfg.update_proj_gap,
-        scale=cfg.galore_scale, target=cfg.target, weight_decay=cfg.weight_decay,
+        model, rank=g.rank, lr=cfg.resolved_lr, update_proj_gap=g.update_proj_gap,
+        scale=g.scale, proj_type=g.proj_type, target=cfg.target, weight_decay=cfg.weight_decay,
         exclude=cfg.exclude,
     )
     return opt, opt.summary()

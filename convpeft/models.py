@@ -34,6 +34,8 @@ import torch
 import torchvision
 from torch import nn
 
+from .layer_kinds import set_submodule
+
 __all__ = [
     "TESTED_MODELS",
     "build_model",
@@ -202,18 +204,12 @@ def get_head(model: nn.Module) -> tuple[str, nn.Linear]:
     return found
 
 
-def _set_module(model: nn.Module, qualified: str, new: nn.Module) -> None:
-    parent_name, _, child = qualified.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Replace the head by a fresh ``nn.Linear(in_features, num_classes)``; returns ``model``."""
     name, old = get_head(model)
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     new.to(device=old.weight.device, dtype=old.weight.dtype)
-    _set_module(model, name, new)
+    set_submodule(model, name, new)
     return model
 
 
@@ -235,5 +231,5 @@ def expand_head(model: nn.Module, num_new: int) -> nn.Module:
     new.weight.requires_grad_(old.weight.requires_grad)
     if old.bias is not None:
         new.bias.requires_grad_(old.bias.requires_grad)
-    _set_module(model, name, new)
+    set_submodule(model, name, new)
     return model

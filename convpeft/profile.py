@@ -20,11 +20,8 @@ import sys
 
 import torch
 
-from convpeft.methods import list_methods
+from convpeft.methods import get_method, list_methods
 from convpeft.profiler import analytic_profile, format_profile, profile_update
-
-RANKED = ("lora", "lora-fa", "dora", "galore")
-
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -84,11 +81,13 @@ def prepare_model(args: argparse.Namespace):
     """(model, optimizer) for the CLI arguments, via convpeft.models + convpeft.methods."""
     from convpeft.methods import MethodConfig, prepare
     from convpeft.models import build_model
+    from convpeft.optim import GaLoreSettings
 
     model = build_model(args.model, args.num_classes, weights=args.weights,
                         small_input=args.small_input)
+    galore = GaLoreSettings(update_proj_gap=args.update_proj_gap)
     cfg = MethodConfig(args.method, rank=args.rank, bn=args.bn, target=args.target,
-                       update_proj_gap=args.update_proj_gap, lean=args.lean)
+                       lean=args.lean, galore=galore if args.method == "galore" else None)
     prep = prepare(model, cfg)
     prep.model.to(args.device)
     prep.train_mode()
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.model} + {args.method}"
-              + (f" (rank {args.rank})" if args.method in RANKED else ""))
+              + (f" (rank {args.rank})" if get_method(args.method).ranked else ""))
         print(format_profile(prof))
     return 0
 

@@ -21,24 +21,7 @@ from convpeft.optim import (
     projected_shapes,
 )
 
-
-def tiny_cnn(seed: int = 0) -> nn.Sequential:
-    """Every conv kind: 3x3 standard (16x27), depthwise (16x9), pointwise (32x16),
-    grouped g=4 (32x72), and a linear head (10x32)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, groups=16),
-        nn.Conv2d(16, 32, 1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, groups=4),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    )
-
+from conftest import every_kind_cnn as tiny_cnn
 
 CONV_WEIGHTS = {"0.weight": (16, 27), "3.weight": (16, 9), "4.weight": (32, 16),
                 "6.weight": (32, 72)}

@@ -15,6 +15,8 @@ from torchvision.models import resnet18
 from convpeft import apply_adapters, load_adapters, save_adapters
 from convpeft.adapters import adapter_layers, load_adapter_state_dict
 
+from conftest import separable_cnn as tiny
+
 
 def snapshot(model: nn.Module) -> tuple:
     return (
@@ -31,15 +33,6 @@ def assert_same(model: nn.Module, snap: tuple) -> None:
     assert state.keys() == snap[1].keys()
     for k in state:
         assert torch.equal(state[k], snap[1][k]), k
-
-
-def tiny() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
-        nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
-    )
 
 
 # ----------------------------------------------------------------------------- patterns

@@ -14,6 +14,7 @@ from convpeft.methods import (
     set_bn_mode,
 )
 from convpeft.models import build_model
+from convpeft.optim import GaLoreSettings
 
 
 def _model(name: str = "mobilenet_v3_small") -> nn.Module:
@@ -157,7 +158,7 @@ def test_adapters_train_adapters_head_and_bn(method):
 
 def test_galore_projects_convs_and_trains_everything():
     model = _model()
-    p = prepare(model, MethodConfig("galore", rank=2, update_proj_gap=5))
+    p = prepare(model, MethodConfig("galore", rank=2, galore=GaLoreSettings(update_proj_gap=5)))
     names = {n for n, _ in model.named_parameters()}
     assert _trainable(model) == names
     assert hasattr(p.optimizer, "summary") and p.report is not None
@@ -171,3 +172,21 @@ def test_galore_projects_convs_and_trains_everything():
     in_opt2 = {id(q) for g in p2.optimizer.param_groups for q in g["params"]}
     bn_ids = {id(q) for _, m in bn_modules(m2) for q in m.parameters()}
     assert in_opt2 and not (in_opt2 & bn_ids)
+
+
+def test_method_settings_live_in_their_own_configs():
+    from convpeft.adapters import AdapterConfig
+
+    cfg = MethodConfig("lora-fa", rank=4, adapter=AdapterConfig(alpha=8.0, mode="weight"))
+    a = cfg.adapter_config()
+    assert (a.method, a.rank, a.alpha, a.mode, a.freeze_a) == ("lora", 4, 8.0, "weight", True)
+    assert MethodConfig("galore", rank=3).galore_settings().rank == 3
+    # one place validates each setting: a bad rank is refused by the method's own config
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+        MethodConfig("lora", rank=0)
+    with pytest.raises(ValueError, match="update_proj_gap"):
+        MethodConfig("galore", galore=GaLoreSettings(update_proj_gap=0))
+    with pytest.raises(ValueError, match="set rank on MethodConfig"):
+        MethodConfig("dora", rank=4, adapter=AdapterConfig(rank=16))
+    with pytest.raises(TypeError, match="must be a AdapterConfig"):
+        MethodConfig("lora", adapter={"alpha": 2})

@@ -78,7 +78,7 @@ def _mbv2(frozen: bool) -> nn.Module:
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_peak_matches_allocator_trace(frozen):
+def test_peak_matches_allocator_trace(frozen, one_thread):
     model = _mbv2(frozen)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -169,7 +169,7 @@ def _tiny():
 
 
 def test_bad_inputs_are_clear_errors():
-    model = _tiny()
+    model = _tiny()  # no BN or ReLU: the smallest net whose batch shape is checked
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))
     with pytest.raises(ValueError, match="holds no parameter of the model"):

@@ -6,6 +6,7 @@ refused; lean activations and the profiler's FLOP counts respect them. Skipped w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -143,7 +144,7 @@ def test_lora_fa_lean_path_on_standardised_conv(name):
     layer = LAYERS[name][0]()
     fa = make_adapter("lora", layer, rank=1, mode="activation", freeze_a=True)
     plain = copy.deepcopy(fa)
-    plain.freeze_a = False  # same tensors, ordinary path
+    plain.config = dataclasses.replace(plain.config, freeze_a=False)  # same tensors, plain path
     _randomise(fa)
     plain.lora_B.data.copy_(fa.lora_B.data)
     assert fa.fa_saves_less((2, 6, 11, 10))

@@ -10,7 +10,14 @@ from convpeft.methods import MethodConfig
 from convpeft.models import build_model, get_head
 from convpeft.train import evaluate, finetune, pretrain, resolve_cache_dir
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny runs are quickest on one thread; restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _small_tests(task, n: int = 120):

@@ -1,27 +1,34 @@
 """LoRA and DoRA adapters for every Conv2d geometry (standard, pointwise, grouped, depthwise)
 and for nn.Linear; see :mod:`convpeft.adapters.lora` for the factorisation and the two
-computation modes, :mod:`convpeft.adapters.dora` for DoRA."""
+computation modes, :mod:`convpeft.adapters.dora` for DoRA, :mod:`convpeft.adapters.state` for
+saving/loading and :mod:`convpeft.adapters.peft_format` for peft's directory format."""
 
-from .config import AdapterConfig, scaling
-from .dora import DoRAConv2d, DoRAConvFunction, DoRALinear
+from .config import AdapterConfig
+from .config import scaling as scaling
+from .dora import DoRAConv2d, DoRALinear
+from .dora import DoRAConvFunction as DoRAConvFunction
 from .lora import AdapterLayer, LoRAConv2d, LoRALinear
 from .model import (
     AdapterReport,
     AdapterRow,
+    adapter_for,
     adapter_layers,
     adapter_report,
     apply_adapters,
     is_adapter,
-    make_adapter,
     merge_adapters,
     unmerge_adapters,
 )
+from .model import (
+    make_adapter as make_adapter,
+)
 from .state import adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 
+# The public surface. DoRAConvFunction, scaling and make_adapter stay importable from here
+# (tests and power users use them) but are implementation details, not API.
 __all__ = [
-    "AdapterConfig", "AdapterLayer", "AdapterReport", "AdapterRow", "DoRAConv2d",
-    "DoRAConvFunction", "DoRALinear", "LoRAConv2d", "LoRALinear", "adapter_layers",
-    "adapter_report", "adapter_state_dict", "apply_adapters", "is_adapter",
-    "load_adapter_state_dict", "load_adapters", "make_adapter", "merge_adapters", "save_adapters",
-    "scaling", "unmerge_adapters",
+    "AdapterConfig", "AdapterLayer", "AdapterReport", "AdapterRow", "DoRAConv2d", "DoRALinear",
+    "LoRAConv2d", "LoRALinear", "adapter_for", "adapter_layers", "adapter_report",
+    "adapter_state_dict", "apply_adapters", "is_adapter", "load_adapter_state_dict",
+    "load_adapters", "merge_adapters", "save_adapters", "unmerge_adapters",
 ]

@@ -1,12 +1,20 @@
 """Configuration of an adapter run: one dataclass, validated, JSON round-trippable.
 
+One :class:`AdapterConfig` travels the whole way: :func:`~convpeft.apply_adapters` builds it from
+its arguments (construction validates, the only place that does), each wrapped layer keeps the
+per-layer copy :meth:`AdapterConfig.for_layer` gives it (``rank_pattern`` resolved into
+``rank``) as ``layer.config``, :func:`~convpeft.save_adapters` writes every layer's
+:meth:`AdapterConfig.layer_dict` to ``adapter_config.json``, and :func:`~convpeft.load_adapters`
+turns each entry back into a config with :meth:`AdapterConfig.from_layer_dict`.
+
 Every field carries its help text in ``metadata["help"]`` so CLIs can build options from it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 METHODS = ("lora", "dora")
@@ -67,16 +75,61 @@ class AdapterConfig:
                        "saves A x instead of x for backward where that is smaller"),
     )
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the fix for any bad field."""
+        """Raise ``ValueError`` naming the fix for any bad field (run on construction)."""
         check_method(self.method)
         check_rank(self.rank)
         check_alpha(self.alpha)
         check_mode(self.mode)
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1); use e.g. dropout=0.05")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1); use e.g. "
+                             "dropout=0.05")
+        if self.mode == "weight" and self.dropout > 0:
+            raise ValueError(
+                "dropout on the adapter input cannot be expressed in weight space; use "
+                "mode='activation' or mode='auto' (which uses activation space while training)"
+            )
         for pattern, r in (self.rank_pattern or {}).items():
             check_rank(r, where=f"rank_pattern[{pattern!r}]")
+
+    # -- per layer ------------------------------------------------------------------------------
+    def rank_for(self, name: str) -> int:
+        """The rank of layer ``name``: the first ``rank_pattern`` regex that matches, else
+        ``rank``."""
+        for pattern, r in (self.rank_pattern or {}).items():
+            if re.search(pattern, name):
+                return int(r)
+        return self.rank
+
+    def for_layer(self, name: str) -> AdapterConfig:
+        """The config one layer keeps: this one with its rank resolved."""
+        rank = self.rank_for(name)
+        return self if rank == self.rank and not self.rank_pattern else replace(
+            self, rank=rank, rank_pattern=None)
+
+    @property
+    def scaling(self) -> float:
+        """``s`` of ``W0 + s * B @ A`` at this config's rank."""
+        return scaling(self.rank, self.alpha, self.rslora)
+
+    LAYER_KEYS = ("method", "rank", "alpha", "rslora", "mode", "dropout", "freeze_a")
+
+    def layer_dict(self) -> dict[str, Any]:
+        """What ``adapter_config.json`` stores for one layer (keys :attr:`LAYER_KEYS`; ``alpha``
+        resolved to a number)."""
+        d = {k: getattr(self, k) for k in self.LAYER_KEYS}
+        d["alpha"] = float(self.rank if self.alpha is None else self.alpha)
+        d["dropout"] = float(self.dropout)
+        return d
+
+    @classmethod
+    def from_layer_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        """Inverse of :meth:`layer_dict` (missing optional keys take their defaults)."""
+        return cls(**{k: d[k] for k in cls.LAYER_KEYS if k in d})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; a callable target is stored as its repr (not reloadable)."""
@@ -87,6 +140,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        """Inverse of :meth:`to_dict` (unknown keys ignored; validated)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

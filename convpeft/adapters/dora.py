@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..flops import pair
+from .config import AdapterConfig
 from .lora import _NORM_EPS, AdapterLayer, LoRAConv2d, LoRALinear
 
 _conv_backward = torch.ops.aten.convolution_backward.default
@@ -64,31 +66,41 @@ class DoRAConvFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
+        # Forward, per output channel o:  z = conv(x, W) + s * conv_B(h),  h = conv_A(x_lora),
+        # y = c_o * z + bias_o.  So, with gz = dL/dz = c * gy:
+        #   dL/dc_o    = sum_{n,i,j} gy * z          (why z is saved)
+        #   dL/dbias_o = sum_{n,i,j} gy
+        #   dL/dh, dL/dB = conv_backward of the 1x1 grouped conv_B at gz, times s
+        #   dL/dx_lora, dL/dA = conv_backward of conv_A at dL/dh
+        #   dL/dx, dL/dW = conv_backward of the base conv at gz
+        # and when x_lora is x (no dropout) its two gradients add. convolution_backward takes
+        # (grad_out, input, weight, bias_sizes, stride, padding, dilation, transposed,
+        # output_padding, groups, output_mask=[grad_input?, grad_weight?, grad_bias?]).
         x, x_lora, weight, a_w, b_w, c, h, z = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        (need_x, need_xl_in, need_w, need_bias, need_a, need_b, need_c,
+         *_) = ctx.needs_input_grad
         stride, padding, dilation, groups = ctx.geom
         s = ctx.s
-        g_c = (gy * z).sum((0, 2, 3)) if need[6] else None
-        g_bias = gy.sum((0, 2, 3)) if need[3] else None
+        g_c = (gy * z).sum((0, 2, 3)) if need_c else None
+        g_bias = gy.sum((0, 2, 3)) if need_bias else None
         del z
         gz = gy * c.reshape(1, -1, 1, 1)
-        need_x = need[0]
-        need_xl = need[1] if x_lora is not None else need[0]
-        need_h = need[4] or need_xl
+        need_xl = need_xl_in if x_lora is not None else need_x
+        need_h = need_a or need_xl
         g_h, g_bw, _ = _conv_backward(gz, h, b_w, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-                                      groups, [need_h, need[5], False])
+                                      groups, [need_h, need_b, False])
         g_aw = g_xl = None
         if need_h:
             g_h.mul_(s)
             xl = x if x_lora is None else x_lora
             g_xl, g_aw, _ = _conv_backward(g_h, xl, a_w, None, stride, padding, dilation, False,
-                                           [0, 0], groups, [need_xl, need[4], False])
+                                           [0, 0], groups, [need_xl, need_a, False])
         if g_bw is not None:
             g_bw.mul_(s)
         g_x = g_w = None
-        if need_x or need[2]:
+        if need_x or need_w:
             g_x, g_w, _ = _conv_backward(gz, x, weight, None, stride, padding, dilation, False,
-                                         [0, 0], groups, [need_x, need[2], False])
+                                         [0, 0], groups, [need_x, need_w, False])
         if x_lora is None and g_xl is not None:
             g_x = g_xl if g_x is None else g_x.add_(g_xl)
             g_xl = None
@@ -126,12 +138,9 @@ class _DoRAMixin:
 class DoRAConv2d(_DoRAMixin, LoRAConv2d):
     """DoRA around an ``nn.Conv2d`` of any geometry (groups included)."""
 
-    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float | None = None, **kw) -> None:
-        super().__init__(base_layer, rank, alpha, **kw)
+    def __init__(self, base_layer: nn.Conv2d, config: AdapterConfig) -> None:
+        super().__init__(base_layer, config)
         self._init_magnitude()
-
-    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(self._pad(x), self.merged_weight(), self.base_layer.bias)
 
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # unbatched input
@@ -143,19 +152,16 @@ class DoRAConv2d(_DoRAMixin, LoRAConv2d):
         w0 = self.base_weight()
         return DoRAConvFunction.apply(
             xp, x_lora, w0, base.bias, self.a_conv_weight(), self.b_conv_weight(), c,
-            self.scaling, _pair2(base.stride), self._conv_pad, _pair2(base.dilation), self.groups,
+            self.scaling, pair(base.stride), self._conv_pad, pair(base.dilation), self.groups,
         )
 
 
 class DoRALinear(_DoRAMixin, LoRALinear):
     """DoRA around an ``nn.Linear``."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float | None = None, **kw) -> None:
-        super().__init__(base_layer, rank, alpha, **kw)
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
+        super().__init__(base_layer, config)
         self._init_magnitude()
-
-    def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.merged_weight(), self.base_layer.bias)
 
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -166,6 +172,3 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         y = z * c
         return y if base.bias is None else y.add_(base.bias)
 
-
-def _pair2(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))

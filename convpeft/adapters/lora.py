@@ -62,6 +62,7 @@ Dropout on the adapter input only exists in activation space, so a training laye
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -69,16 +70,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..conv_variants import ConvVariant, conv_variant
-from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops
+from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops, pair
 from ..layer_kinds import layer_kind
 from ..lean import frozen_conv2d
-from .config import check_alpha, check_mode, check_rank, scaling
+from .config import AdapterConfig
 
 _NORM_EPS = 1e-12
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def conv_padding(base: nn.Conv2d, *, padding_mode: bool = True,
@@ -92,8 +89,8 @@ def conv_padding(base: nn.Conv2d, *, padding_mode: bool = True,
     whose forward ignores it, :mod:`convpeft.conv_variants`). Input-size-dependent padding
     (TF "SAME") is the variant's and comes before this.
     """
-    kh, kw = _pair(base.kernel_size)
-    dh, dw = _pair(base.dilation)
+    kh, kw = pair(base.kernel_size)
+    dh, dw = pair(base.dilation)
     if isinstance(base.padding, str):
         if base.padding == "valid":
             pads = [0, 0, 0, 0]
@@ -101,7 +98,7 @@ def conv_padding(base: nn.Conv2d, *, padding_mode: bool = True,
             th, tw = dh * (kh - 1), dw * (kw - 1)
             pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
     else:
-        ph, pw = _pair(base.padding)
+        ph, pw = pair(base.padding)
         pads = [pw, pw, ph, ph]
     symmetric = pads[0] == pads[1] and pads[2] == pads[3]
     pmode = base.padding_mode if padding_mode else "zeros"
@@ -120,46 +117,25 @@ class AdapterLayer(nn.Module):
 
     method = "lora"
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        rank: int,
-        alpha: float | None = None,
-        *,
-        rslora: bool = False,
-        mode: str = "auto",
-        dropout: float = 0.0,
-        freeze_a: bool = False,
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
+        """Wrap ``base_layer`` (frozen here) with the adapter ``config`` describes (already
+        validated: a config is checked when it is built; its ``rank`` is this layer's)."""
         super().__init__()
-        check_rank(rank)
-        check_alpha(alpha)
-        check_mode(mode)
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        if mode == "weight" and dropout > 0:
-            raise ValueError(
-                "dropout on the adapter input cannot be expressed in weight space; use "
-                "mode='activation' or mode='auto' (which uses activation space while training)"
-            )
         self.kind = layer_kind(base_layer)
         if self.kind is None:
             raise TypeError(
                 f"cannot wrap {type(base_layer).__name__}: adapters support nn.Conv2d and nn.Linear"
             )
+        self.config = config
         self.base_layer = base_layer
         # Remember the base's trainability so that merging can give it back unchanged.
         self._base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
         base_layer.requires_grad_(False)
-        self.rank = int(rank)
-        self.alpha = float(rank if alpha is None else alpha)
-        self.rslora = bool(rslora)
-        self.scaling = scaling(self.rank, alpha, self.rslora)
-        self.mode = mode
-        self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         w = base_layer.weight
         like = {"dtype": w.dtype, "device": w.device}
+        rank = config.rank
         self.lora_A = nn.Parameter(torch.empty((rank, *w.shape[1:]), **like))
         self.lora_B = nn.Parameter(torch.zeros((w.shape[0], rank), **like))
         # Same distribution as nn.Linear/Conv2d's default init (uniform, bound 1/sqrt(fan_in)).
@@ -168,12 +144,44 @@ class AdapterLayer(nn.Module):
             self.lora_A.uniform_(-bound, bound)
         # LoRA-FA (Zhang et al. 2023, arXiv 2308.03303): A stays at its random init, only B
         # trains, so B's gradient needs only the projection A x, not x (see _forward_activation).
-        self.freeze_a = bool(freeze_a)
-        self.lora_A.requires_grad_(not self.freeze_a)
+        self.lora_A.requires_grad_(not config.freeze_a)
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
         self._mode_cache: dict[tuple, str] = {}
         self.last_mode: str | None = None
+
+    # -- settings (read from the layer's config) ------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def alpha(self) -> float:
+        """``alpha`` as a number (``None`` in the config means ``alpha = rank``)."""
+        a = self.config.alpha
+        return float(self.config.rank if a is None else a)
+
+    @property
+    def rslora(self) -> bool:
+        return self.config.rslora
+
+    @property
+    def dropout_p(self) -> float:
+        return float(self.config.dropout)
+
+    @property
+    def freeze_a(self) -> bool:
+        return self.config.freeze_a
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        # a new config (validated on construction), so the saved file says what runs
+        self.config = replace(self.config, mode=mode)
+        self._mode_cache.clear()
 
     # -- shapes --------------------------------------------------------------------------------
     @property
@@ -267,16 +275,6 @@ class AdapterLayer(nn.Module):
         mode = mode or self.resolve_mode(x_shape, training=self.training)
         return self._mode_costs(tuple(x_shape), True)[mode][0]
 
-    def adapter_backward_flops(
-        self, x_shape: tuple[int, ...], mode: str | None = None, input_grad: bool = True
-    ) -> int:
-        """Backward FLOPs the adapter adds to the frozen layer's (its input gradient excluded).
-
-        Weight space includes the full weight gradient of the layer, which a frozen layer skips.
-        """
-        mode = mode or self.resolve_mode(x_shape, training=True, input_grad=input_grad)
-        return self._mode_costs(tuple(x_shape), input_grad)[mode][1]
-
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -355,12 +353,12 @@ class AdapterLayer(nn.Module):
 class LoRAConv2d(AdapterLayer):
     """LoRA around an ``nn.Conv2d`` of any geometry (see the module docstring)."""
 
-    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float | None = None, **kw) -> None:
+    def __init__(self, base_layer: nn.Conv2d, config: AdapterConfig) -> None:
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
         # the subclass's own computation, or UnsupportedLayerError before anything is changed
         variant = conv_variant(base_layer)
-        super().__init__(base_layer, rank, alpha, **kw)
+        super().__init__(base_layer, config)
         self.variant: ConvVariant = variant
         self._pre_pad, self._pad_mode, self._conv_pad = conv_padding(
             base_layer, padding_mode=self.variant.padding_mode)
@@ -475,10 +473,10 @@ class LoRAConv2d(AdapterLayer):
 class LoRALinear(AdapterLayer):
     """LoRA around an ``nn.Linear``: ``y = x W0^T + b + s * (x A^T) B^T``."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float | None = None, **kw) -> None:
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
-        super().__init__(base_layer, rank, alpha, **kw)
+        super().__init__(base_layer, config)
 
     def plain_layer(self) -> nn.Module:
         w = self.merged_weight().detach()

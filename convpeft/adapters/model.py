@@ -17,8 +17,15 @@ from typing import Any
 from torch import nn
 
 from ..conv_variants import check_supported_layer
-from ..layer_kinds import Target, check_target, layer_kind, pattern_list, select_layers
-from .config import AdapterConfig, check_method
+from ..layer_kinds import (
+    Target,
+    check_target,
+    layer_kind,
+    pattern_list,
+    select_layers,
+    set_submodule,
+)
+from .config import AdapterConfig
 from .dora import DoRAConv2d, DoRALinear
 from .lora import AdapterLayer, LoRAConv2d, LoRALinear
 
@@ -40,16 +47,21 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
-def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None = None,
-                 **kw: Any) -> AdapterLayer:
-    """Wrap one ``nn.Conv2d``/``nn.Linear`` with the ``method`` adapter."""
-    check_method(method)
+def adapter_for(layer: nn.Module, config: AdapterConfig) -> AdapterLayer:
+    """Wrap one ``nn.Conv2d``/``nn.Linear`` with the adapter ``config`` describes (its
+    ``rank`` is this layer's: see :meth:`AdapterConfig.for_layer`)."""
     kind = layer_kind(layer)
     if kind is None:
         raise TypeError(f"cannot adapt {type(layer).__name__}; only nn.Conv2d and nn.Linear")
     check_supported_layer("", layer)
-    cls = _CLASSES[(method, "linear" if kind == "linear" else "conv")]
-    return cls(layer, rank, alpha, **kw)
+    return _CLASSES[(config.method, "linear" if kind == "linear" else "conv")](layer, config)
+
+
+def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None = None,
+                 **kw: Any) -> AdapterLayer:
+    """Wrap one layer: shorthand for ``adapter_for(layer, AdapterConfig(method, rank, alpha,
+    **kw))`` (``kw``: any other :class:`AdapterConfig` field)."""
+    return adapter_for(layer, AdapterConfig(method=method, rank=rank, alpha=alpha, **kw))
 
 
 @dataclass
@@ -160,12 +172,6 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _kind_counts(model: nn.Module) -> str:
     counts: dict[str, int] = {}
     for _, m in model.named_modules():
@@ -192,18 +198,11 @@ def _check_adapter_size(name: str, layer: nn.Module, rank: int) -> None:
             "use a smaller rank or rank_pattern for this layer")
 
 
-def _rank_for(name: str, rank: int, rank_pattern: dict[str, int] | None) -> int:
-    for pattern, r in (rank_pattern or {}).items():
-        if re.search(pattern, name):
-            return int(r)
-    return rank
-
-
-def wrap_layers(model: nn.Module, specs: dict[str, dict[str, Any]]) -> list[str]:
-    """Replace each named layer by an adapter built from ``specs[name]`` (method, rank, alpha,
-    rslora, mode, dropout). Refuses layers that already are, or sit inside, an adapter."""
+def wrap_layers(model: nn.Module, configs: dict[str, AdapterConfig]) -> list[str]:
+    """Replace each named layer by the adapter ``configs[name]`` describes. Refuses layers that
+    already are, or sit inside, an adapter."""
     modules = dict(model.named_modules())
-    for name in specs:
+    for name in configs:
         if name not in modules:
             raise KeyError(f"the model has no layer {name!r}; is it the same architecture?")
         parent_name, _, attr = name.rpartition(".")
@@ -218,13 +217,9 @@ def wrap_layers(model: nn.Module, specs: dict[str, dict[str, Any]]) -> list[str]
             raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
         if layer_kind(modules[name]) is not None:
             check_supported_layer(name, modules[name])
-    for name, spec in specs.items():
-        s = dict(spec)
-        method = s.pop("method")
-        rank = s.pop("rank")
-        alpha = s.pop("alpha", None)
-        _set_submodule(model, name, make_adapter(method, modules[name], rank, alpha, **s))
-    return list(specs)
+    for name, config in configs.items():
+        set_submodule(model, name, adapter_for(modules[name], config))
+    return list(configs)
 
 
 def set_trainable(model: nn.Module, trainable: Iterable[str] | None) -> list[str]:
@@ -255,7 +250,7 @@ def set_trainable(model: nn.Module, trainable: Iterable[str] | None) -> list[str
 
 def apply_adapters(
     model: nn.Module,
-    method: str = "lora",
+    method: str | AdapterConfig = "lora",
     rank: int = 8,
     *,
     alpha: float | None = None,
@@ -280,35 +275,35 @@ def apply_adapters(
     magnitude) trains; a LoRA conv then saves ``A x`` (``g r`` channels) for backward instead of
     ``x`` wherever that is smaller (not on most depthwise layers, where ``g r > C_in``).
     Returns an :class:`AdapterReport` of the layers adapted by this call (totals cover the model).
+    ``method`` may instead be an :class:`AdapterConfig` holding all of these settings (then pass
+    nothing else).
 
     Calling it again on *other* layers is allowed (e.g. DoRA on the pointwise convs, LoRA on
     the depthwise ones); each call re-applies the freezing rule, so pass ``trainable`` again.
     Layers that already carry an adapter are refused: merge first or exclude them.
     """
-    exclude = pattern_list(exclude, what="exclude")
-    trainable = pattern_list(trainable, what="trainable")
-    pattern_list(list(rank_pattern or {}), what="rank_pattern")
-    cfg = AdapterConfig(method=method, rank=rank, alpha=alpha, target=target, exclude=exclude,
-                        rank_pattern=rank_pattern, mode=mode, trainable=trainable, rslora=rslora,
-                        dropout=dropout, freeze_a=freeze_a)
-    cfg.validate()
-    check_target(target)
-    chosen = select_layers(model, target, exclude)
+    if isinstance(method, AdapterConfig):
+        cfg = method
+    else:
+        cfg = AdapterConfig(
+            method=method, rank=rank, alpha=alpha, target=target,
+            exclude=pattern_list(exclude, what="exclude"), rank_pattern=rank_pattern, mode=mode,
+            trainable=pattern_list(trainable, what="trainable"), rslora=rslora, dropout=dropout,
+            freeze_a=freeze_a)
+    pattern_list(list(cfg.rank_pattern or {}), what="rank_pattern")
+    check_target(cfg.target)
+    chosen = select_layers(model, cfg.target, cfg.exclude)
     if not chosen:
         raise ValueError(
-            f"target={target!r} (exclude={exclude!r}) matched no layer; this model has: "
+            f"target={cfg.target!r} (exclude={cfg.exclude!r}) matched no layer; this model has: "
             f"{_kind_counts(model)}. Pick one of those kinds or loosen exclude."
         )
+    configs = {name: cfg.for_layer(name) for name, _ in chosen}
     for name, layer in chosen:
-        _check_adapter_size(name, layer, _rank_for(name, rank, rank_pattern))
-    specs = {
-        name: {"method": method, "rank": _rank_for(name, rank, rank_pattern), "alpha": alpha,
-               "rslora": rslora, "mode": mode, "dropout": dropout, "freeze_a": bool(freeze_a)}
-        for name, _ in chosen
-    }
+        _check_adapter_size(name, layer, configs[name].rank)
     with all_or_nothing(model):
-        names = wrap_layers(model, specs)
-        set_trainable(model, trainable)
+        names = wrap_layers(model, configs)
+        set_trainable(model, cfg.trainable)
     return adapter_report(model, names)
 
 
@@ -343,7 +338,7 @@ def merge_adapters(model: nn.Module, *, unload: bool = True) -> nn.Module:
     # replacements first (they change nothing), so a failure leaves the model as it was
     replacements = {name: m.plain_layer() for name, m in layers if not m.folds_in_place}
     for name, m in layers:
-        _set_submodule(model, name, replacements[name] if name in replacements else m.unload())
+        set_submodule(model, name, replacements[name] if name in replacements else m.unload())
     return model
 
 
@@ -356,6 +351,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "AdapterReport", "AdapterRow", "adapter_layers", "adapter_report", "all_or_nothing",
-    "apply_adapters", "is_adapter", "make_adapter", "merge_adapters", "set_trainable",
+    "adapter_for", "apply_adapters", "is_adapter", "make_adapter", "merge_adapters",
+    "set_trainable",
     "unmerge_adapters", "wrap_layers",
 ]

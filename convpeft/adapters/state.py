@@ -15,6 +15,11 @@ tensors, the parameters the config declares trainable and buffers are accepted (
 ``...base_layer.weight`` or any other frozen weight is refused, the keys named); the config and
 the weights are read and checked before the model is touched, and any failure leaves the model
 exactly as it was, so a retry with good files works.
+
+``save_adapters(..., format="peft")`` writes peft's LoRA format instead, which
+``peft.PeftModel.from_pretrained`` loads, and :func:`load_adapters` reads such directories too
+(recognised by ``peft_type`` in the config); the translation, and what peft cannot represent,
+is in :mod:`convpeft.adapters.peft_format`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import AdapterConfig
 from .model import (
     AdapterReport,
     adapter_layers,
@@ -41,6 +47,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_PT = "adapter_model.pt"
 FORMAT = "convpeft-adapters"
+SAVE_FORMATS = ("convpeft", "peft")
 
 
 def _adapter_param_names(model: nn.Module) -> list[str]:
@@ -119,24 +126,28 @@ def load_adapter_state_dict(
             targets[k].copy_(v)
 
 
-def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"method": m.method, "rank": m.rank, "alpha": m.alpha, "rslora": m.rslora,
-               "mode": m.mode, "dropout": m.dropout_p, "freeze_a": m.freeze_a}
-        for name, m in adapter_layers(model)
-    }
-
-
 def save_adapters(model: nn.Module, directory: str | os.PathLike, *,
-                  include_buffers: bool = True) -> Path:
-    """Write the adapter config and state of ``model`` to ``directory`` (created if needed)."""
+                  include_buffers: bool = True, format: str = "convpeft") -> Path:
+    """Write the adapter config and state of ``model`` to ``directory`` (created if needed).
+
+    ``format="peft"`` writes peft's LoRA format (loadable with
+    ``peft.PeftModel.from_pretrained(base_model, directory)``) for the layers peft can represent
+    and refuses the others, naming them, before anything is written (see
+    :mod:`convpeft.adapters.peft_format`)."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r} is unknown; use one of {', '.join(SAVE_FORMATS)}")
+    if format == "peft":
+        from .peft_format import save_peft
+
+        return save_peft(model, directory, include_buffers=include_buffers)
     if not adapter_layers(model):
         raise ValueError("the model has no adapters to save; call apply_adapters first")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     adapter_names = set(_adapter_param_names(model))
     extra = [n for n, p in model.named_parameters() if p.requires_grad and n not in adapter_names]
-    config = {"format": FORMAT, "version": 1, "layers": _layer_specs(model), "trainable": extra}
+    layers = {name: m.config.layer_dict() for name, m in adapter_layers(model)}
+    config = {"format": FORMAT, "version": 1, "layers": layers, "trainable": extra}
     (d / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     state = {k: v.contiguous().clone() for k, v in
              adapter_state_dict(model, include_buffers=include_buffers).items()}
@@ -187,6 +198,8 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if "peft_type" in config:  # peft's format: checked field by field in peft_format.read_peft
+        return {"format": "peft", "peft": config}
     if config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} config (field 'format' is "
                          f"{config.get('format')!r})")
@@ -213,22 +226,45 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _layer_configs(path: Path, layers: dict[str, dict[str, Any]]) -> dict[str, AdapterConfig]:
+    """One validated :class:`AdapterConfig` per saved layer; errors name the file and field."""
+    out = {}
+    for name, spec in layers.items():
+        try:
+            out[name] = AdapterConfig.from_layer_dict(spec)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: field 'layers.{name}' is invalid: {e}") from e
+    return out
+
+
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> AdapterReport:
     """Re-apply the adapters saved in ``directory`` to ``model`` (a freshly built backbone with
     the same base weights) and load their state; the result reproduces the saved model.
 
     All or nothing: the config and the weights are read and checked first; if anything fails
     (malformed config, truncated or garbled weights, a layer the model lacks, a shape
-    mismatch, a tensor outside the adapter's scope) the model is left exactly as it was."""
+    mismatch, a tensor outside the adapter's scope) the model is left exactly as it was.
+
+    A directory in peft's LoRA format (``adapter_config.json`` with ``peft_type``) is read too:
+    see :mod:`convpeft.adapters.peft_format` for what it may hold."""
     d = Path(directory)
     cfg_path = d / CONFIG_NAME
     config = _read_config(cfg_path)
+    peft = config.get("format") == "peft"
+    if not peft:
+        configs = _layer_configs(cfg_path, config["layers"])
+        trainable = config.get("trainable", [])
     state = _read_state(d)
+    if peft:
+        from .peft_format import read_peft
+
+        layers, trainable, state = read_peft(model, config["peft"], state, cfg_path)
+        configs = _layer_configs(cfg_path, layers)
     with all_or_nothing(model):
         try:
-            names = wrap_layers(model, config["layers"])
+            names = wrap_layers(model, configs)
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{cfg_path}: field 'layers' does not fit this model: {e}") from e
-        set_trainable(model, [f"^{re.escape(n)}$" for n in config.get("trainable", [])])
+        set_trainable(model, [f"^{re.escape(n)}$" for n in trainable])
         load_adapter_state_dict(model, state)
     return adapter_report(model, names)

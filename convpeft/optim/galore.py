@@ -66,6 +66,7 @@ from galore_torch import GaLoreAdamW
 from torch import nn
 
 from convpeft.layer_kinds import check_target, layer_kind, select_layers
+from convpeft.profiler.memory import state_bytes
 
 from . import summary as cost
 from .projector import (
@@ -211,16 +212,6 @@ def _role_groups(
 # The optimizer
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
 class ConvGaLoreAdamW(GaLoreAdamW):
     """galore-torch's GaLoreAdamW, made to work on conv weights (see the module docstring).
 
@@ -319,16 +310,7 @@ class ConvGaLoreAdamW(GaLoreAdamW):
     def state_bytes(self) -> int:
         """Bytes of all optimizer state tensors now, measured (each storage counted once, whole).
         Equals ``summary().state_bytes`` after every parameter has stepped."""
-        seen: set[Any] = set()
-        total = 0
-        for st in self.state.values():
-            for t in _tensors(st):
-                s = t.untyped_storage()
-                key = (t.device, s.data_ptr()) if s.data_ptr() else id(t)
-                if key not in seen:
-                    seen.add(key)
-                    total += s.nbytes()
-        return total
+        return state_bytes(self)
 
     # -- the step -------------------------------------------------------------------------------
 

@@ -4,14 +4,22 @@
 ``analytic_profile(model, optimizer, input_shape)`` predicts the same from shapes alone.
 """
 
-from convpeft.profiler.analytic import analytic_profile
+from convpeft.profiler.engine import AllocatorProbe, RefreshingOptimizer
 from convpeft.profiler.flop_counter import CountFlops, FlopCounter, FlopTally
 from convpeft.profiler.fvcore_flops import fvcore_forward_flops
-from convpeft.profiler.memory import CATEGORIES, MemoryReport, MemoryTracker
-from convpeft.profiler.profile import UpdateProfile, format_profile, profile_update
+from convpeft.profiler.memory import CATEGORIES, WORKSPACE, MemoryReport, MemoryTracker
+from convpeft.profiler.profile import (
+    UpdateProfile,
+    analytic_profile,
+    format_profile,
+    profile_update,
+)
 
 __all__ = [
     "CATEGORIES",
+    "WORKSPACE",
+    "AllocatorProbe",
+    "RefreshingOptimizer",
     "CountFlops",
     "FlopCounter",
     "FlopTally",

@@ -1,10 +1,12 @@
-"""Analytic mode: FLOPs and predicted peak memory of one update from shapes alone.
+"""Analytic mode's meta copies: FLOPs and predicted peak memory of one update from shapes alone.
 
-The model and optimizer are copied onto the ``meta`` device (parameters, buffers and optimizer
-state become data-less tensors of the same shape and dtype; nothing is copied or computed), and
-the very same instrumented update of :func:`profile_update` runs on them: every aten op still
-dispatches with its real shapes, so FLOPs come out exactly as measured, and the storage tracker
-sees the same allocations and frees, so the predicted peak matches the measured one. It answers
+:func:`~convpeft.profiler.analytic_profile` (in :mod:`.profile`, beside ``profile_update``)
+copies the model and optimizer onto the ``meta`` device with :func:`meta_setup` (parameters,
+buffers and optimizer state become data-less tensors of the same shape and dtype; nothing is
+copied or computed), and the very same instrumented update (:mod:`.engine`) runs on them:
+every aten op still dispatches with its real shapes, so FLOPs come out exactly as measured, and
+the storage tracker sees the same allocations and frees, so the predicted peak matches the
+measured one. It answers
 "does MobileNetV2 + LoRA r=8 at batch 64, 224x224 fit in 512 MB?" in about the time of one
 instrumented step on a tiny batch, with no memory for activations.
 """
@@ -18,14 +20,6 @@ import torch
 from torch import nn
 
 from convpeft.profiler.memory import state_tensors
-from convpeft.profiler.profile import (
-    LossFn,
-    UpdateProfile,
-    _build,
-    _check_inputs,
-    _instrumented,
-    _warm_up,
-)
 
 OptimizerArg = torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -55,25 +49,14 @@ def meta_copy(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
     return copy.deepcopy(model, memo)
 
 
-def analytic_profile(
-    model: nn.Module,
-    optimizer: OptimizerArg,
-    input_shape: Sequence[int],
-    *,
-    targets: torch.Tensor | None = None,
-    loss_fn: LossFn | None = None,
-    warmup: int = 1,
-    per_layer: bool = False,
-    compare_torch: bool = True,
-) -> UpdateProfile:
-    """Predict :func:`profile_update`'s FLOPs and memory for a batch of ``input_shape``
-    ``(N, C, H, W)`` without real data or compute; ``model``/``optimizer`` are left untouched.
+def meta_setup(model: nn.Module, optimizer: OptimizerArg, input_shape: Sequence[int],
+               targets: torch.Tensor | None = None
+               ) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    """Meta copies of ``model`` and its optimizer plus a meta batch of ``input_shape``
+    ``(N, C, H, W)`` and targets ``(N,)`` class indices (or ``targets``' shape and dtype).
 
-    ``optimizer`` is either an optimizer over ``model``'s parameters (it is copied with the model,
-    state included) or a factory ``model -> optimizer`` called on the meta copy. Targets are
-    class indices of shape ``(N,)`` unless ``targets`` is given (only its shape and dtype are
-    used). Step times are None.
-    """
+    ``optimizer`` is an optimizer over ``model``'s parameters (copied with the model, state
+    included) or a factory ``model -> optimizer`` called on the meta copy."""
     shape = tuple(int(s) for s in input_shape)
     if isinstance(optimizer, torch.optim.Optimizer):
         mmodel, mopt = meta_copy(model, optimizer)
@@ -94,12 +77,4 @@ def analytic_profile(
         y = torch.empty(targets.shape, dtype=targets.dtype, device="meta")
     else:
         y = torch.empty(shape[:1], dtype=torch.long, device="meta")
-    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-    _check_inputs(mmodel, mopt, x, y)
-    galore = _warm_up(mmodel, mopt, x, y, loss_fn, warmup)
-    tally, mem, t_instr, flops_torch, _ = _instrumented(
-        mmodel, mopt, x, y, loss_fn, per_layer, compare_torch)
-    prof = _build(mmodel, mopt, x, tally, mem, t_instr, flops_torch, None, [], [], galore,
-                  analytic=True)
-    prof.device = "meta (analytic)"
-    return prof
+    return mmodel, mopt, x, y

@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry as _TORCH_FLOP_REGISTRY
 
 from convpeft.flops import FLOPS_PER_MAC, svd_flops
+from convpeft.profiler.memory import storage_key
 
 aten = torch.ops.aten
 
@@ -211,7 +212,7 @@ class FlopCounter:
     Not a mode itself so the profiler can drive FLOP counting and memory tracking from a single
     dispatch mode (one Python call per op instead of two). Use :class:`CountFlops` for a
     stand-alone context manager. ``phase`` is set by the driver ("forward", "backward",
-    "optimizer"). ``param_keys`` are storage ids (``untyped_storage()._cdata``) of the model's
+    "optimizer"). ``param_keys`` are storage ids (:func:`.memory.storage_key`) of the model's
     parameters, used to tell input-gradient from weight-gradient products in the backward pass.
     ``layer_of`` (optional) returns the layer an op belongs to, for per-layer figures.
     """
@@ -227,7 +228,7 @@ class FlopCounter:
         self.torch_flops = torch_flops
 
     def _is_param(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and t.untyped_storage()._cdata in self.param_keys
+        return isinstance(t, torch.Tensor) and storage_key(t) in self.param_keys
 
     def record(self, func: object, args: tuple, kwargs: dict, out: object) -> None:
         """Add the FLOPs of one dispatched op to the tally."""
@@ -306,7 +307,7 @@ class CountFlops(TorchDispatchMode):
         super().__init__()
         keys = set()
         if model is not None:
-            keys = {p.untyped_storage()._cdata for p in model.parameters()}
+            keys = {storage_key(p) for p in model.parameters()}
         self.counter = FlopCounter(keys)
 
     @property

@@ -32,20 +32,35 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
+#: on a device whose allocator is read (CUDA), the bytes beyond the tensors live at the peak:
+#: kernel workspaces (cuDNN/cuBLAS) that an op allocates and frees inside itself
+WORKSPACE = "workspace"
+
+
+def _key(storage: torch.UntypedStorage) -> int:
+    # the C++ StorageImpl address: the one place the project reads this private attribute
+    return storage._cdata
 
 
 def storage_key(t: torch.Tensor) -> int:
     """Identity of ``t``'s storage, valid while it lives (also for meta/fake tensors)."""
-    return t.untyped_storage()._cdata
+    return _key(t.untyped_storage())
 
 
 def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor held in ``optimizer.state`` (nested lists/dicts included)."""
     leaves = tree_flatten([dict(s) for s in optimizer.state.values()])[0]
     return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every storage held in ``optimizer.state``, each storage counted once, whole."""
+    sizes = {storage_key(t): t.untyped_storage().nbytes() for t in state_tensors(optimizer)}
+    return sum(sizes.values())
 
 
 @dataclass
@@ -84,7 +99,7 @@ class MemoryTracker:
     # -- registration ---------------------------------------------------------------------------
     def _register(self, t: torch.Tensor, category: str | None, preexisting: bool) -> int | None:
         s = t.untyped_storage()
-        key = s._cdata
+        key = _key(s)
         rid = self._live.get(key)
         if rid is not None:
             if category is not None:
@@ -128,7 +143,7 @@ class MemoryTracker:
             return
         for t in outs:
             if isinstance(t, torch.Tensor):
-                key = t.untyped_storage()._cdata
+                key = storage_key(t)
                 if key in self._live:
                     continue
                 # a view/alias of something we never registered existed before the update
@@ -200,8 +215,24 @@ class MemoryTracker:
         keys = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
         return {self._live[k] for k in keys if k in self._live}
 
-    def report(self, categories: dict[int, str]) -> MemoryReport:
-        """Peak, live-at-peak breakdown and per-category maxima from the recorded timeline."""
+    @property
+    def tick(self) -> int:
+        """The clock now: every registration or free advances it by one."""
+        return self._t
+
+    def live_at(self, tick: int) -> int:
+        """Bytes of the storages live just before clock tick ``tick``."""
+        return sum(n for n, t0, t1 in self._records if t0 < tick and (t1 == -1 or t1 >= tick))
+
+    def report(self, categories: dict[int, str], *, at: int | None = None,
+               workspace: int | None = None) -> MemoryReport:
+        """Peak, live-at-peak breakdown and per-category maxima from the recorded timeline.
+
+        By default the peak is the tensor-level one. With ``at`` (a clock tick) and
+        ``workspace`` (bytes an allocator held beyond the tensors then), the peak is that moment
+        instead: the breakdown is what was live at ``at`` plus a ``workspace`` category, so the
+        categories still sum to the peak."""
+        peak_t = self.peak_t if at is None else at
         by_cat = dict.fromkeys(CATEGORIES, 0)
         events: list[tuple[int, int, str, int]] = []  # (time, order, category, delta)
         baseline = 0
@@ -209,7 +240,7 @@ class MemoryTracker:
             cat = categories[rid]
             # the peak lies between clock ticks peak_t - 1 and peak_t: live there means
             # allocated before it (or pre-existing, t0 == -1) and not freed before it
-            if t0 < self.peak_t and (t1 == -1 or t1 >= self.peak_t):
+            if t0 < peak_t and (t1 == -1 or t1 >= peak_t):
                 by_cat[cat] += nbytes
             if t0 == -1:
                 baseline += nbytes
@@ -226,8 +257,37 @@ class MemoryTracker:
         for _, _, cat, d in events:
             cur[cat] += d
             cmax[cat] = max(cmax[cat], cur[cat])
-        return MemoryReport(peak=self.peak, by_category=by_cat, category_max=cmax,
+        peak = self.peak
+        if workspace is not None:
+            by_cat[WORKSPACE] = cmax[WORKSPACE] = workspace
+            peak = sum(by_cat.values())
+        return MemoryReport(peak=peak, by_category=by_cat, category_max=cmax,
                             baseline=baseline, num_storages=len(self._records))
+
+
+class _TrackOutputs(TorchDispatchMode):
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tracker.on_output(out, func)
+        return out
+
+
+def tensor_peak(run: Callable[[], None], live_before: Iterable[torch.Tensor]) -> int:
+    """Simultaneous peak of live storage bytes while ``run()`` executes, counting the storages of
+    ``live_before`` (what exists when it starts) -- the tensor-level figure of
+    :func:`~convpeft.profiler.profile_update` for any callable, without categories or FLOPs."""
+    tracker = MemoryTracker()
+    tracker.add_existing(live_before, None)
+    try:
+        with _TrackOutputs(tracker):
+            run()
+    finally:
+        tracker.stop()
+    return tracker.peak
 
 
 def allocator_peak_cpu(run: Callable[[], None], live_before: Iterable[torch.Tensor]) -> int:
@@ -242,7 +302,7 @@ def allocator_peak_cpu(run: Callable[[], None], live_before: Iterable[torch.Tens
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+    storages = {storage_key(t): t.untyped_storage().nbytes()
                 for t in live_before if isinstance(t, torch.Tensor)}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()

@@ -1,0 +1,300 @@
+"""The instrumented update that the measured and the analytic profiler both run.
+
+One update is ``optimizer.zero_grad(set_to_none=True)``, forward, loss, backward,
+``optimizer.step()``. :func:`run_instrumented` runs it ONCE under a single dispatch mode
+(:class:`Instrument`) that counts FLOPs (:mod:`.flop_counter`) and tracks live storages
+(:mod:`.memory`) in the same Python call per op, with a ``saved_tensors_hooks`` pack hook telling
+the tracker what autograd keeps for backward. It returns an :class:`InstrumentedRun`; turning that
+into an :class:`~convpeft.profiler.profile.UpdateProfile` is :mod:`.profile`'s job.
+
+The engine does not care whether tensors hold data: :mod:`.analytic` calls the same functions on
+a meta copy of the model, which is why analytic and measured figures agree.
+
+On CUDA the tensors an op returns are not all the device holds: cuDNN/cuBLAS allocate workspaces
+inside an op and free them before it returns. An :class:`AllocatorProbe` reads the allocator's
+own peak around every op, and the run records the largest one, with the tensor bytes live at that
+moment; the difference is the ``workspace`` category. The probe is injectable so that this logic
+is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convpeft.profiler.flop_counter import FlopCounter, FlopTally
+from convpeft.profiler.layer_tracker import LayerTracker
+from convpeft.profiler.memory import MemoryReport, MemoryTracker, state_tensors, storage_key
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class RefreshingOptimizer(Protocol):
+    """An optimizer whose step is ordinary except for a periodic, expensive refresh (GaLore's
+    SVD of the gradient every ``update_proj_gap`` steps). The profiler measures an ordinary step
+    and adds the refresh amortised over the period. Any optimizer implementing these three
+    members gets that treatment; :class:`convpeft.optim.ConvGaLoreAdamW` does."""
+
+    update_proj_gap: int
+
+    def refreshes_next_step(self) -> bool:
+        """Whether the next ``step()`` recomputes the projections."""
+        ...
+
+    def projection_refresh_flops(self) -> int:
+        """FLOPs of one refresh (2 per multiply-accumulate)."""
+        ...
+
+
+class AllocatorProbe(Protocol):
+    """Reads a device allocator: ``reset_peak()`` then ``peak()`` gives the highest allocated
+    bytes since the reset; ``current()`` the bytes allocated now."""
+
+    def reset_peak(self) -> None: ...
+
+    def peak(self) -> int: ...
+
+    def current(self) -> int: ...
+
+
+class CudaProbe:
+    """:class:`AllocatorProbe` of one CUDA device (``torch.cuda.*memory_allocated``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def current(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+
+@dataclass
+class DevicePeak:
+    """The allocator's peak over an update: ``raw`` as read, ``peak`` without the bytes that were
+    not this update's (other tensors on the device), the tensor bytes the tracker saw live in the
+    op that reached it (``tensors``, at clock tick ``tick``) and the rest
+    (``workspace = peak - tensors``: kernel scratch, allocator rounding)."""
+
+    raw: int
+    peak: int
+    tensors: int
+    tick: int
+
+    @property
+    def workspace(self) -> int:
+        return max(0, self.peak - self.tensors)
+
+
+@dataclass
+class InstrumentedRun:
+    """What one instrumented update measured (everything :mod:`.profile` needs)."""
+
+    tally: FlopTally  # FLOPs by phase (and per layer when asked)
+    memory: MemoryReport  # tensor-level peak and categories
+    wall_s: float
+    cpu_s: float
+    flops_torch: int | None  # torch's FlopCounterMode total for the same ops
+    device_peak: DevicePeak | None  # allocator reading (CUDA or an injected probe)
+
+
+class Instrument(TorchDispatchMode):
+    """One dispatch mode doing FLOP counting and storage tracking (one Python call per op), and,
+    with a probe, reading the allocator's peak around each op."""
+
+    def __init__(self, counter: FlopCounter, tracker: MemoryTracker,
+                 probe: AllocatorProbe | None = None, foreign: int = 0) -> None:
+        super().__init__()
+        self.counter = counter
+        self.tracker = tracker
+        self.probe = probe
+        self.foreign = foreign  # allocator bytes that are not this update's (other tensors)
+        self.device_peak: DevicePeak | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        probe = self.probe
+        if probe is not None:
+            probe.reset_peak()
+        out = func(*args, **kwargs)
+        self.counter.record(func, args, kwargs, out)
+        tracker = self.tracker
+        before = tracker.current
+        tracker.on_output(out, func)
+        if probe is not None:
+            # the op peaked with its inputs and its (new) outputs live, plus its scratch
+            raw = probe.peak()
+            if self.device_peak is None or raw > self.device_peak.raw:
+                self.device_peak = DevicePeak(raw=raw, peak=raw - self.foreign,
+                                              tensors=max(before, tracker.current),
+                                              tick=tracker.tick)
+        return out
+
+
+def check_inputs(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                 targets: torch.Tensor) -> None:
+    """Refuse, before anything runs, a batch or optimizer that would fail or change nothing."""
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("inputs and targets must be tensors")
+    if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must "
+                         "have the same (non-empty) batch dimension")
+    if inputs.shape[0] == 0:
+        raise ValueError("the batch is empty (0 samples): profile a batch of at least one")
+    # checked before anything runs: a NaN/inf batch would write NaN into the caller's
+    # parameters and BN running statistics during the real updates of the profile
+    if (inputs.device.type != "meta" and inputs.is_floating_point()
+            and not bool(torch.isfinite(inputs).all())):
+        raise ValueError("the inputs contain NaN or inf; profiling runs real updates, which "
+                         "would write NaN into the model's weights and BN statistics")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("every parameter of the model is frozen, so an update changes nothing; "
+                         "unfreeze what should train (or apply a PEFT method) first")
+    model_params = {id(p) for p in model.parameters()}
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(id(p) in model_params for p in opt_params):
+        raise ValueError(f"the optimizer ({type(optimizer).__name__}, {len(opt_params)} params) "
+                         "holds no parameter of the model: build it from model.parameters() "
+                         "after applying the PEFT method")
+    if not any(id(p) in model_params and p.requires_grad for p in opt_params):
+        raise ValueError("the optimizer holds only frozen parameters of the model: build it "
+                         "from [p for p in model.parameters() if p.requires_grad]")
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and (inputs.dim() != 4 or inputs.shape[1] != first.in_channels):
+        raise ValueError(f"the model's first conv takes (N, {first.in_channels}, H, W) input; "
+                         f"got a batch of shape {tuple(inputs.shape)}")
+
+
+def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 loss_fn: LossFn) -> torch.Tensor:
+    """``loss_fn(model(inputs), targets)``, with errors that say which side does not fit."""
+    try:
+        out = model(inputs)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"the model failed on a batch of shape {tuple(inputs.shape)}: {e}") from e
+    try:
+        loss = loss_fn(out, targets)
+    except (RuntimeError, ValueError, IndexError) as e:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model output {shape} does not fit the loss "
+                         f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} with targets "
+                         f"{tuple(targets.shape)} {targets.dtype}: {e}") from e
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("the loss must be a scalar tensor")
+    return loss
+
+
+def plain_update(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                 targets: torch.Tensor, loss_fn: LossFn) -> None:
+    """One uninstrumented training update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = forward_loss(model, inputs, targets, loss_fn)
+    loss.backward()
+    del loss
+    optimizer.step()
+
+
+def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+            targets: torch.Tensor, loss_fn: LossFn, warmup: int) -> bool:
+    """Run ``warmup`` plain updates (lazily created optimizer state then exists), then, for a
+    :class:`RefreshingOptimizer`, step past a refresh so that the measured update is an ordinary
+    one (the refresh is accounted analytically). Returns whether the optimizer refreshes."""
+    for _ in range(warmup):
+        plain_update(model, optimizer, inputs, targets, loss_fn)
+    refreshing = isinstance(optimizer, RefreshingOptimizer)
+    if refreshing:
+        for _ in range(2):
+            if not optimizer.refreshes_next_step():
+                break
+            plain_update(model, optimizer, inputs, targets, loss_fn)
+    return refreshing
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                     targets: torch.Tensor, loss_fn: LossFn, *, per_layer: bool = False,
+                     compare_torch: bool = True,
+                     probe: AllocatorProbe | None = None) -> InstrumentedRun:
+    """Run ONE update under the instrumentation. ``probe`` defaults to the CUDA allocator when
+    ``inputs`` live on CUDA (None elsewhere)."""
+    device = inputs.device
+    if probe is None and device.type == "cuda":
+        probe = CudaProbe(device)
+    param_keys = {storage_key(p) for p in model.parameters()}
+    layers = LayerTracker(model) if per_layer else None
+    counter = FlopCounter(param_keys, layer_of=layers.layer_of if layers else None,
+                          torch_flops=compare_torch)
+    tracker = MemoryTracker()
+    tracker.add_existing(model.parameters(), "params")
+    tracker.add_existing(model.buffers(), "buffers")
+    tracker.add_existing([p.grad for p in model.parameters() if p.grad is not None], "grads")
+    tracker.add_existing(state_tensors(optimizer), "optimizer")
+    tracker.add_existing([inputs, targets], None)
+    sync(device)
+    # what the allocator holds beyond the tracked storages (other models, caches) is not ours
+    foreign = max(0, probe.current() - tracker.current) if probe is not None else 0
+    instrument = Instrument(counter, tracker, probe, foreign)
+
+    def set_phase(ph: str) -> None:
+        counter.phase = ph
+        if layers is not None:
+            layers.phase = ph
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        tracker.mark_saved(t)
+        return t
+
+    grad_records: set[int] = set()
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        with contextlib.ExitStack() as stack:
+            if layers is not None:
+                stack.enter_context(layers)
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            stack.enter_context(instrument)
+            set_phase("forward")
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_loss(model, inputs, targets, loss_fn)
+            set_phase("backward")
+            loss.backward()
+            del loss
+            # p.grad storages now: they are gradients even if the optimizer frees them later
+            grad_records = tracker.live_grad_records(model)
+            set_phase("optimizer")
+            optimizer.step()
+        sync(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        tracker.stop()
+    cats = tracker.classify(model, optimizer, extra_grads=grad_records)
+    dpeak = instrument.device_peak
+    if dpeak is None:
+        memory = tracker.report(cats)
+    elif dpeak.peak > tracker.peak:
+        # the device peaked above the tensor-level peak: report the moment the device did
+        memory = tracker.report(cats, at=dpeak.tick,
+                                workspace=max(0, dpeak.peak - tracker.live_at(dpeak.tick)))
+    else:
+        memory = tracker.report(cats, workspace=0)
+    if layers is not None:
+        counter.tally.layer_kinds = layers.kinds
+    return InstrumentedRun(tally=counter.tally, memory=memory, wall_s=wall, cpu_s=cpu,
+                           flops_torch=counter.tally.torch if compare_torch else None,
+                           device_peak=dpeak)
