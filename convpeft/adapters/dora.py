@@ -6,7 +6,9 @@
 ``(C_out, C_in/g, k_h, k_w)`` weight, which is right for grouped and depthwise convs too (each
 output channel only ever sees its own group's inputs). As in DoRA §4.3 the norm is *detached*:
 it follows dW in the forward pass but gets no gradient, so gradients reach ``A``, ``B`` and
-``m`` only. ``m`` starts at ``||W0||_c``, so the layer equals the base at init.
+``m`` only. ``m`` starts at ``||W0||_c``, so the layer equals the base at init. For a conv variant
+(:mod:`convpeft.conv_variants`) ``W0`` is the effective weight (e.g. the standardised one), so
+the norm is that of the weight the layer really convolves with.
 
 Two exact computations, chosen like LoRA's (see :mod:`convpeft.adapters.lora`):
 
@@ -139,8 +141,8 @@ class _DoRAMixin:
     method = "dora"
 
     def _init_magnitude(self) -> None:
-        w = self.base_layer.weight
         with torch.no_grad():
+            w = self.base_weight()  # the effective weight (weight-standardised convs)
             self.magnitude = nn.Parameter(_row_norm(w.detach()).to(w.dtype))
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -182,8 +184,9 @@ class DoRAConv2d(_DoRAMixin, LoRAConv2d):
         xp = self._pad(x)
         x_lora = None if isinstance(self.dropout, nn.Identity) else self._pad(self.dropout(x))
         c = self.channel_scale()
+        w0 = self.base_weight()
         return DoRAConvFunction.apply(
-            xp, x_lora, base.weight, base.bias, self.a_conv_weight(), self.b_conv_weight(), c,
+            xp, x_lora, w0, base.bias, self.a_conv_weight(), self.b_conv_weight(), c,
             self.scaling, pair(base.stride), self._conv_pad, pair(base.dilation), self.groups,
         )
 

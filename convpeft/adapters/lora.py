@@ -44,6 +44,13 @@ Two equivalent computations (``mode``), both exact:
   and the backward pass computes the full weight gradient ``P C_out K`` MACs (which the frozen
   base layer would skip) before projecting it onto ``A`` and ``B``. It saves no extra activation.
 
+``nn.Conv2d`` subclasses whose ``forward`` does more (timm's TF-"SAME" ``Conv2dSame``, the
+weight-standardised ``StdConv2d``/``ScaledStdConv2d``) are reproduced through their
+:mod:`convpeft.conv_variants` entry: ``W0`` above is the *effective* weight the subclass
+convolves with and ``x`` is padded the way it pads; unregistered subclasses are refused. A layer
+whose effective weight is not its stored weight cannot absorb ``s dW`` in place:
+:meth:`AdapterLayer.unload` then returns a plain layer holding ``W0_eff + s dW`` instead.
+
 Activation space wins for dense convs on large feature maps, weight space for depthwise and thin
 layers (its extra cost does not grow with ``g * r``). ``"auto"`` decides per layer, per input
 shape and device (the reason is kept in ``last_reason`` and shown by the adapter report):
@@ -70,7 +77,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ..conv_variants import ConvVariant, conv_variant
 from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops, pair
 from ..layer_kinds import layer_kind
 from ..lean import frozen_conv2d
@@ -86,12 +95,16 @@ on an H100, weight space ran within 1.06-1.20x of full fine-tuning's step time, 
 memory-bound on a GPU, where FLOPs do not predict time)."""
 
 
-def conv_padding(base: nn.Conv2d) -> tuple[list[int] | None, str, tuple[int, int]]:
+def conv_padding(base: nn.Conv2d, *, padding_mode: bool = True,
+                 ) -> tuple[list[int] | None, str, tuple[int, int]]:
     """How to reproduce ``base``'s padding with explicit ops: ``(pre_pad, pad_mode, conv_pad)``.
 
     ``pre_pad`` (``[left, right, top, bottom]`` for ``F.pad``) is ``None`` when the conv can pad
     by itself (zeros, symmetric). Non-zero padding modes and asymmetric ``'same'`` padding (even
     kernels) need an explicit ``F.pad`` first; then the conv gets ``conv_pad = (0, 0)``.
+    ``padding_mode=False``: pad with zeros whatever ``base.padding_mode`` says (a conv variant
+    whose forward ignores it, :mod:`convpeft.conv_variants`). Input-size-dependent padding
+    (TF "SAME") is the variant's and comes before this.
     """
     kh, kw = pair(base.kernel_size)
     dh, dw = pair(base.dilation)
@@ -105,9 +118,10 @@ def conv_padding(base: nn.Conv2d) -> tuple[list[int] | None, str, tuple[int, int
         ph, pw = pair(base.padding)
         pads = [pw, pw, ph, ph]
     symmetric = pads[0] == pads[1] and pads[2] == pads[3]
-    if base.padding_mode == "zeros" and symmetric:
+    pmode = base.padding_mode if padding_mode else "zeros"
+    if pmode == "zeros" and symmetric:
         return None, "constant", (pads[2], pads[0])
-    mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
+    mode = "constant" if pmode == "zeros" else pmode
     return pads, mode, (0, 0)
 
 
@@ -213,14 +227,31 @@ class AdapterLayer(nn.Module):
     def num_adapter_params(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters())
 
+    def base_weight(self) -> torch.Tensor:
+        """The weight the base layer's forward really uses (``W0``; for a conv variant such as a
+        weight-standardised conv, its effective weight, :mod:`convpeft.conv_variants`)."""
+        return self.base_layer.weight
+
+    @property
+    def folds_in_place(self) -> bool:
+        """Can :meth:`merge` write ``W0 + s dW`` back into ``base_layer.weight``? Not when the
+        layer transforms its stored weight (weight standardisation, a parametrisation):
+        :meth:`unload` then returns a plain layer instead (:meth:`plain_layer`)."""
+        return not parametrize.is_parametrized(self.base_layer, "weight")
+
+    def plain_layer(self) -> nn.Module:
+        """A new plain layer computing what this adapted layer computes (weight
+        :meth:`merged_weight`, detached), trainability as before wrapping."""
+        raise NotImplementedError
+
     def delta_weight(self) -> torch.Tensor:
         """``dW = (B @ A.flatten(1))`` reshaped to the base weight's shape (differentiable)."""
         w0 = self.base_layer.weight
         return (self.lora_B @ self.lora_A.reshape(self.rank, -1)).reshape(w0.shape)
 
     def merged_weight(self) -> torch.Tensor:
-        """The weight of the equivalent plain layer: ``W0 + s * dW``."""
-        return torch.add(self.base_layer.weight, self.delta_weight(), alpha=self.scaling)
+        """The weight of the equivalent plain layer: ``W0 + s * dW`` (:meth:`base_weight` W0)."""
+        return torch.add(self.base_weight(), self.delta_weight(), alpha=self.scaling)
 
     # -- mode choice ---------------------------------------------------------------------------
     def _mode_costs(self, x_shape: tuple[int, ...], input_grad: bool) -> dict[str, tuple[int, int]]:
@@ -299,11 +330,28 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     # -- merging -------------------------------------------------------------------------------
+    def _check_folds(self) -> None:
+        if not self.folds_in_place:
+            raise ValueError(
+                f"a {type(self.base_layer).__name__} transforms its stored weight before the "
+                "conv (e.g. weight standardisation), so W0 + s*dW cannot be written back into "
+                "it; merge_adapters(model) (unload=True) replaces the layer by an equivalent "
+                "plain layer holding the merged effective weight instead")
+
+    def _restore_flags(self, layer: nn.Module) -> nn.Module:
+        flags = self._base_requires_grad
+        for n, p in layer.named_parameters():
+            # a parametrised base stores its weight as parametrizations.weight.original
+            p.requires_grad_(flags.get(n, flags.get(f"parametrizations.{n}.original", False)))
+        return layer
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``base_layer.weight`` in place (keeps W0 for :meth:`unmerge`)."""
+        """Fold the adapter into ``base_layer.weight`` in place (keeps W0 for :meth:`unmerge`).
+        Refused (``ValueError``) for a layer that transforms its weight: see :meth:`unload`."""
         if self.merged:
             return
+        self._check_folds()
         w = self.base_layer.weight
         new = self.merged_weight().to(w.dtype)
         self._unmerged_weight = w.detach().clone()
@@ -322,13 +370,16 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def unload(self) -> nn.Module:
-        """Merge and return the plain base layer (trainability as before wrapping)."""
+        """Merge and return the layer to put in the wrapper's place, trainability as before
+        wrapping: the base layer with ``W0 + s dW`` written into its weight, or, where that
+        cannot be (:attr:`folds_in_place` False), a new :meth:`plain_layer`."""
+        if not self.folds_in_place:
+            if self.merged:  # cannot happen (merge refuses), but never return a stale layer
+                raise RuntimeError("unload() on a merged wrapper that cannot fold")
+            return self.plain_layer()
         self.merge()
         self._unmerged_weight = None
-        base = self.base_layer
-        for n, p in base.named_parameters():
-            p.requires_grad_(self._base_requires_grad.get(n, False))
-        return base
+        return self._restore_flags(self.base_layer)
 
     def extra_repr(self) -> str:
         return (
@@ -343,14 +394,34 @@ class LoRAConv2d(AdapterLayer):
     def __init__(self, base_layer: nn.Conv2d, config: AdapterConfig) -> None:
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
+        # the subclass's own computation, or UnsupportedLayerError before anything is changed
+        variant = conv_variant(base_layer)
         super().__init__(base_layer, config)
-        self._pre_pad, self._pad_mode, self._conv_pad = conv_padding(base_layer)
+        self.variant: ConvVariant = variant
+        self._pre_pad, self._pad_mode, self._conv_pad = conv_padding(
+            base_layer, padding_mode=self.variant.padding_mode)
 
     @property
     def groups(self) -> int:
         return int(self.base_layer.groups)
 
+    def base_weight(self) -> torch.Tensor:
+        """The effective weight of the base conv's forward (``(C_out, C_in/g, k_h, k_w)``):
+        the stored weight, or e.g. its standardisation for timm's ``StdConv2d``."""
+        return self.variant.effective_weight(self.base_layer)
+
+    @property
+    def folds_in_place(self) -> bool:
+        return self.variant.folds and super().folds_in_place
+
+    def plain_layer(self) -> nn.Module:
+        layer = self.variant.plain_layer(self.base_layer, self.merged_weight().detach())
+        return self._restore_flags(layer)
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """The base conv's padding as explicit ops: the variant's input-size-dependent padding
+        (TF "SAME"), then any padding the conv cannot do itself; ``conv_pad`` is the rest."""
+        x = self.variant.pad_input(self.base_layer, x)
         if self._pre_pad is None:
             return x
         return F.pad(x, self._pre_pad, mode=self._pad_mode)
@@ -387,18 +458,18 @@ class LoRAConv2d(AdapterLayer):
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         xp = self._pad(x)
-        frozen = not (self.lora_A.requires_grad or base.weight.requires_grad
-                      or (base.bias is not None and base.bias.requires_grad))
+        frozen = not (self.lora_A.requires_grad
+                      or any(p.requires_grad for p in base.parameters()))
         if (self.freeze_a and frozen and torch.is_grad_enabled()
                 and isinstance(self.dropout, nn.Identity) and self.fa_saves_less(tuple(x.shape))):
             # Both convs on x have frozen weights: run them through a Function that keeps only
             # the weight, so the one activation saved here is h (for B's gradient).
             geo = (base.stride, self._conv_pad, base.dilation, base.groups)
-            y = frozen_conv2d(xp, base.weight, base.bias, *geo)
+            y = frozen_conv2d(xp, self.base_weight(), base.bias, *geo)
             h = frozen_conv2d(xp, self.a_conv_weight(), None, *geo)
             b = F.conv2d(h, self.b_conv_weight(), None, 1, 0, 1, self.groups)
             return y.add_(b, alpha=self.scaling)
-        y = self._conv(xp, base.weight, base.bias)
+        y = self._conv(xp, self.base_weight(), base.bias)
         # In place: the frozen conv's backward does not need its output, so this saves a copy.
         return y.add_(self.lora_branch(self._lora_input(x, xp)), alpha=self.scaling)
 
@@ -409,6 +480,10 @@ class LoRAConv2d(AdapterLayer):
         n = x_shape[0] if len(x_shape) == 4 else 1
         base = self.base_layer
         h, w = x_shape[-2:]
+        dyn = self.variant.input_pads(self.base_layer, (h, w))
+        if dyn is not None:
+            h += dyn[2] + dyn[3]
+            w += dyn[0] + dyn[1]
         if self._pre_pad is not None:
             h += self._pre_pad[2] + self._pre_pad[3]
             w += self._pre_pad[0] + self._pre_pad[1]
@@ -440,6 +515,17 @@ class LoRALinear(AdapterLayer):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer, config)
+
+    def plain_layer(self) -> nn.Module:
+        w = self.merged_weight().detach()
+        base = self.base_layer
+        out = nn.Linear(base.in_features, base.out_features, base.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if base.bias is not None:
+                out.bias.copy_(base.bias.detach())
+        return self._restore_flags(out)
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B)

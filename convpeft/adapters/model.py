@@ -1,4 +1,10 @@
-"""Model-level API: put adapters on a model, report them, merge them away."""
+"""Model-level API: put adapters on a model, report them, merge them away.
+
+Layers are checked before any is wrapped: a conv/linear subclass whose ``forward`` convpeft
+cannot reproduce (:mod:`convpeft.conv_variants`) is refused with its name and class, and the
+model is left as it was. Merging folds ``s dW`` into each layer's weight where it can and
+replaces a weight-transforming layer (weight-standardised conv) by an equivalent plain one.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..conv_variants import check_supported_layer
 from ..layer_kinds import (
     Target,
     check_target,
@@ -46,6 +53,7 @@ def adapter_for(layer: nn.Module, config: AdapterConfig) -> AdapterLayer:
     kind = layer_kind(layer)
     if kind is None:
         raise TypeError(f"cannot adapt {type(layer).__name__}; only nn.Conv2d and nn.Linear")
+    check_supported_layer("", layer)
     return _CLASSES[(config.method, "linear" if kind == "linear" else "conv")](layer, config)
 
 
@@ -214,6 +222,8 @@ def wrap_layers(model: nn.Module, configs: dict[str, AdapterConfig]) -> list[str
             )
         if name == "":
             raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
+        if layer_kind(modules[name]) is not None:
+            check_supported_layer(name, modules[name])
     for name, config in configs.items():
         set_submodule(model, name, adapter_for(modules[name], config))
     return list(configs)
@@ -309,16 +319,33 @@ def merge_adapters(model: nn.Module, *, unload: bool = True) -> nn.Module:
 
     With ``unload=True`` (default) each wrapper is replaced by its plain ``nn.Conv2d`` /
     ``nn.Linear`` (weight ``W0 + s dW``, or DoRA's ``c (W0 + s dW)``; trainability as before
-    the adapter was applied) and no adapter module is left. With ``unload=False`` the wrappers
-    stay, merged, and :func:`unmerge_adapters` restores them exactly.
+    the adapter was applied) and no adapter module is left. A layer that transforms its stored
+    weight (timm's weight-standardised ``StdConv2d``/``ScaledStdConv2d``...) cannot hold
+    ``W0_eff + s dW``: it is replaced by an equivalent plain conv holding the merged effective
+    weight (``nn.Conv2d``, or timm's ``Conv2dSame`` for dynamic "SAME" padding), exact and
+    deployable. With ``unload=False`` the wrappers stay, merged, and :func:`unmerge_adapters`
+    restores them exactly; that is refused (before anything is merged) if any layer cannot fold.
     """
-    for name, m in adapter_layers(model):
-        if unload:
-            if name == "":
-                raise ValueError("the model itself is an adapter; use model.unload() instead")
-            set_submodule(model, name, m.unload())
-        else:
+    layers = adapter_layers(model)
+    if not unload:
+        stuck = [f"{n} ({type(m.base_layer).__name__})" for n, m in layers if not m.folds_in_place]
+        if stuck:
+            raise ValueError(
+                f"merge_adapters(model, unload=False) cannot merge {', '.join(stuck)}: these "
+                "layers transform their stored weight (e.g. weight standardisation), so "
+                "W0 + s*dW cannot be written back into them reversibly. Use "
+                "merge_adapters(model) (unload=True), which replaces each by an equivalent plain "
+                "conv holding the merged effective weight; nothing was merged.")
+    elif any(n == "" for n, _ in layers):
+        raise ValueError("the model itself is an adapter; use model.unload() instead")
+    if not unload:
+        for _, m in layers:
             m.merge()
+        return model
+    # replacements first (they change nothing), so a failure leaves the model as it was
+    replacements = {name: m.plain_layer() for name, m in layers if not m.folds_in_place}
+    for name, m in layers:
+        set_submodule(model, name, replacements[name] if name in replacements else m.unload())
     return model
 
 

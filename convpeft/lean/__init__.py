@@ -21,16 +21,22 @@ What stays plain, and why:
 
 * a conv that is the ``base_layer`` of an adapter: the adapter's ``A`` needs the input for its
   own gradient, and the wrapper computes both from the one saved tensor (never saved twice);
-* a subclass of ``nn.Conv2d``/``nn.BatchNorm2d``/... (its ``forward`` may do more than the op
-  we replace), a BN with a trainable scale (its gradient needs the normalised input; a
-  trainable *bias* alone, as in BitFit, is lean: its gradient is a sum of ``grad_y``), and a BN
-  while it is in train mode (batch statistics need the input; checked on every call, so
+* a subclass of ``nn.BatchNorm2d``/``nn.ReLU``/... (its ``forward`` may do more than the op
+  we replace), an ``nn.Conv2d`` subclass with its own ``forward`` that
+  :mod:`convpeft.conv_variants` does not describe or with a parametrised weight (a row says
+  so), a BN with a trainable scale (its gradient needs the normalised input; a trainable
+  *bias* alone, as in BitFit, is lean: its gradient is a sum of ``grad_y``), and a BN while it
+  is in train mode (batch statistics need the input; checked on every call, so
   ``model.train()``/``eval()`` after this works as expected);
 * a layer made lean and *unfrozen later*: its lean forward checks ``requires_grad`` on every
   call, warns once and runs the plain forward, so a gradient is never silently wrong.
 
-Any conv geometry is lean: groups, dilation, stride, ``padding='same'``/``'valid'`` and every
-``padding_mode`` (torch's reflect/replicate pad saves its input too; :func:`pad2d` does not).
+Registered conv variants (timm's TF-"SAME" ``Conv2dSame``, the weight-standardised
+``StdConv2d``/``ScaledStdConv2d`` and their "Same" forms) are lean too, padded and standardised
+as their own forward does; a standardised conv saves its effective weight (weight-sized) for
+the input gradient instead of its input. Any conv geometry is lean: groups, dilation, stride,
+``padding='same'``/``'valid'`` and every ``padding_mode`` (torch's reflect/replicate pad saves
+its input too; :func:`pad2d` does not).
 In-place activations stay in place. Functional calls inside a ``forward`` (``F.relu(x)``) are
 not seen, only modules: torchvision's ResNets, MobileNetV2/V3, VGG, ShuffleNetV2, MNASNet and
 RegNet use modules only; DenseNet's final ReLU and GoogLeNet/Inception's ``BasicConv2d`` call

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ..conv_variants import registered_conv_variant
 from ..layer_kinds import layer_kind
 from .functions import channel_affine, frozen_conv2d, pad2d
 from .masks import clamp_masked, leaky_relu_masked
@@ -46,27 +48,35 @@ def _warn_unfrozen(m: nn.Module) -> None:
             stacklevel=3)
 
 
-def _conv_padding(m: nn.Conv2d):
+def _conv_padding(m: nn.Conv2d, padding_mode: str):
     """``(explicit pad for F.pad or None, numeric conv padding)``: ``'same'``/``'valid'``
     and non-zero padding modes become an explicit pad then an unpadded conv, as torch does."""
-    if m.padding_mode == "zeros" and not isinstance(m.padding, str):
+    if padding_mode == "zeros" and not isinstance(m.padding, str):
         return None, tuple(m.padding)
     left, right, top, bottom = m._reversed_padding_repeated_twice
-    if m.padding_mode == "zeros" and left == right and top == bottom:
+    if padding_mode == "zeros" and left == right and top == bottom:
         return None, (top, left)
     return tuple(m._reversed_padding_repeated_twice), (0, 0)
 
 
 def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # nn.Conv2d or a registered variant (timm's Conv2dSame, StdConv2d, ...): the same
+    # computation as its own forward, with the variant's padding and effective weight
     if not _records(x):
-        return nn.Conv2d.forward(self, x)  # nothing would be saved: plain path
-    if not _frozen(self.weight, self.bias):
+        return type(self).forward(self, x)  # nothing would be saved: plain path
+    if not _frozen(*self.parameters()):
         _warn_unfrozen(self)
-        return nn.Conv2d.forward(self, x)
-    pad, conv_pad = _conv_padding(self)
+        return type(self).forward(self, x)
+    variant = registered_conv_variant(self)
+    assert variant is not None  # only registered convs are made lean
+    mode = self.padding_mode if variant.padding_mode else "zeros"
+    pad, conv_pad = _conv_padding(self, mode)
+    x = variant.pad_input(self, x)
     if pad is not None:
-        x = pad2d(x, pad, self.padding_mode)
-    return frozen_conv2d(x, self.weight, self.bias, self.stride, conv_pad, self.dilation,
+        x = pad2d(x, pad, mode)
+    with torch.no_grad():  # frozen: the effective weight is a constant for this update
+        weight = variant.effective_weight(self)
+    return frozen_conv2d(x, weight, self.bias, self.stride, conv_pad, self.dilation,
                          self.groups)
 
 
@@ -170,13 +180,18 @@ def _restore(m: nn.Module) -> None:
 
 def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
                   convs: bool, norms: bool, activations: bool) -> str:
-    action = _LEAN_FORWARDS[type(m)][0]
+    action = "conv" if isinstance(m, nn.Conv2d) else _LEAN_FORWARDS[type(m)][0]
     if not {"conv": convs, "norm": norms, "act": activations}[action]:
         return f"{action}s=False"
     if action == "conv":
+        if registered_conv_variant(m) is None:
+            return ("nn.Conv2d subclass with its own forward, not registered in "
+                    "convpeft.conv_variants (run as it is)")
+        if parametrize.is_parametrized(m):
+            return "parametrized weight (run as it is)"
         if name in adapted_bases:
             return "adapter base layer: its input is saved once for the adapter's A"
-        if not _frozen(m.weight, m.bias):
+        if not _frozen(*m.parameters()):
             return "trainable weight or bias (their gradients need the input)"
     if action == "norm":
         # train/eval is decided per call (model.train() comes after this, in most loops): a
@@ -208,6 +223,8 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
     report = LeanReport(plain_bytes=plain)
     for name, m in model.named_modules():
         spec = _LEAN_FORWARDS.get(type(m))
+        if spec is None and isinstance(m, nn.Conv2d):
+            spec = _LEAN_FORWARDS[nn.Conv2d]  # a subclass: _plain_reason checks its variant
         if spec is None:
             continue
         action, fwd = spec

@@ -17,6 +17,12 @@ The counter sees every aten op of a training update below autograd (through a
   gradient, a product without one (``grad_y^T @ x``) is a *weight* gradient.
 * ``linalg_svd``/``_linalg_svd`` -- :func:`convpeft.flops.svd_flops` (GaLore's projection refresh).
 
+Conv subclasses need no special case: timm's TF-"SAME" ``Conv2dSame`` pads with
+``constant_pad_nd`` (free) and the conv that follows is counted on the padded input, as it runs;
+weight standardisation (``StdConv2d``/``ScaledStdConv2d``) is a batch norm over the weight, so
+it lands in the elementwise figure (``6 * weight.numel()`` forward, ``8 *`` backward where the
+weight trains).
+
 Elementwise work is tallied separately and never added to the figures above (see
 :data:`BN_FORWARD_PER_ELEMENT` and :func:`elementwise_flops` for the per-op rules): one FLOP per
 output element of each pointwise op (in-place optimizer updates included), one per *input* element
