@@ -33,8 +33,7 @@ from convpeft.conv_variants import (  # noqa: E402
     register_conv_variant,
     same_padding,
 )
-from convpeft.profiler import profile_update  # noqa: E402
-from convpeft.profiler.analytic import analytic_profile  # noqa: E402
+from convpeft.profiler import analytic_profile, profile_update  # noqa: E402
 
 
 def _gain(layer: nn.Module) -> nn.Module:
