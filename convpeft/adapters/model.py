@@ -49,7 +49,9 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
 def adapter_for(layer: nn.Module, config: AdapterConfig) -> AdapterLayer:
     """Wrap one ``nn.Conv2d``/``nn.Linear`` with the adapter ``config`` describes (its
-    ``rank`` is this layer's: see :meth:`AdapterConfig.for_layer`)."""
+    ``rank`` is this layer's: see :meth:`AdapterConfig.for_layer`). A conv/linear subclass with
+    a ``forward`` convpeft cannot reproduce raises
+    :class:`convpeft.conv_variants.UnsupportedLayerError`."""
     kind = layer_kind(layer)
     if kind is None:
         raise TypeError(f"cannot adapt {type(layer).__name__}; only nn.Conv2d and nn.Linear")
