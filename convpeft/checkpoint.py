@@ -209,8 +209,9 @@ def _check_blocks(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
             raise ValueError(f"block {n!r} already has its forward replaced on the instance "
                              "(by something other than checkpoint_blocks); undo that first")
         out.append(m)
-    if len(set(names)) != len(names):
-        raise ValueError(f"blocks names a module twice: {sorted(n for n in set(names) if list(names).count(n) > 1)}")
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise ValueError(f"blocks names a module more than once: {', '.join(twice)}")
     for a in names:
         for b in names:
             if a != b and b.startswith(a + "."):
@@ -241,7 +242,7 @@ def checkpoint_blocks(model: nn.Module, *, blocks: Sequence[str] | None = None
             setattr(m, _MARK, n)
         raise
     order = {id(m): i for i, m in enumerate(model.modules())}
-    pairs = sorted(zip(names, modules), key=lambda nm: order[id(nm[1])])
+    pairs = sorted(zip(names, modules, strict=True), key=lambda nm: order[id(nm[1])])
     report = CheckpointReport(source=source)
     for n, m in pairs:
         m.forward = types.MethodType(_checkpointed_forward, m)
