@@ -19,10 +19,10 @@ Blocks (``blocks=None``, auto-detected):
 
 * torchvision ResNet / ResNeXt / Wide ResNet: the children of ``layer1`` ... ``layerN``
   (``layer1.0``, ``layer1.1``, ... the residual blocks);
-* otherwise the children of the ``nn.Sequential`` holding the most parameters that have
-  parameters themselves and are containers: MobileNetV2/V3, EfficientNet, MNASNet, RegNet
-  ``features[i]`` / stages. (A Sequential of bare layers, e.g. VGG's, has no block to pick:
-  name the blocks.)
+* otherwise the children of the ``nn.Sequential`` holding the most parameters that are blocks
+  (containers with parameters; an adapter wrapping one layer is not one): MobileNetV2/V3,
+  EfficientNet, MNASNet, RegNet ``features[i]`` / stages. (A Sequential of bare layers, e.g.
+  VGG's, has no block to pick: name the blocks.)
 
 Or ``blocks=[names]``: any submodules, not nested in one another, that are not bare layers of
 a kind :func:`convpeft.lean_activations` swaps (a single conv/BN/activation gains nothing: its
@@ -155,6 +155,11 @@ def _is_container(m: nn.Module) -> bool:
     return any(True for _ in m.children())
 
 
+def _is_block(m: nn.Module) -> bool:
+    """Several layers with parameters (an adapter wrapping one layer is not a block)."""
+    return _has_params(m) and _is_container(m) and not hasattr(m, "base_layer")
+
+
 def detect_blocks(model: nn.Module) -> tuple[list[str], str]:
     """``(names, how)``: the blocks :func:`checkpoint_blocks` picks by default (see the module
     docstring). ``ValueError`` if there is none."""
@@ -170,7 +175,7 @@ def detect_blocks(model: nn.Module) -> tuple[list[str], str]:
     for name, m in model.named_modules():
         if not isinstance(m, nn.Sequential):
             continue
-        kids = [c for c in m.children() if _has_params(c) and _is_container(c)]
+        kids = [c for c in m.children() if _is_block(c)]
         if len(kids) < 2:
             continue
         n = sum(p.numel() for p in m.parameters())
@@ -182,8 +187,7 @@ def detect_blocks(model: nn.Module) -> tuple[list[str], str]:
             "Sequential with at least two container children holding parameters); pass "
             "blocks=[names of submodules], e.g. blocks=['features.1', 'features.2']")
     seq = model.get_submodule(best)
-    names = [f"{best}.{c}" if best else c for c, m in seq.named_children()
-             if _has_params(m) and _is_container(m)]
+    names = [f"{best}.{c}" if best else c for c, m in seq.named_children() if _is_block(m)]
     return names, f"children of {best or 'the model'}"
 
 
@@ -200,8 +204,8 @@ def _check_blocks(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
             raise ValueError(f"no submodule named {n!r} in {type(model).__name__}"
                              + (f" (close: {', '.join(close)})" if close else ""))
         m = modules[n]
-        if isinstance(m, _BARE) or (not _is_container(m) and type(m).__module__.startswith(
-                "torch.nn")):
+        if isinstance(m, _BARE) or hasattr(m, "base_layer") or (
+                not _is_container(m) and type(m).__module__.startswith("torch.nn")):
             raise ValueError(f"block {n!r} is a bare {type(m).__name__}: checkpointing one layer "
                              "saves nothing (its input is kept either way); name a block that "
                              "contains several layers")
@@ -227,6 +231,8 @@ def checkpoint_blocks(model: nn.Module, *, blocks: Sequence[str] | None = None
     else the children of the largest ``nn.Sequential`` of blocks). Calling it again replaces
     the previous choice. On error the model is left as it was.
     """
+    if isinstance(blocks, str):
+        raise TypeError(f"blocks must be a list of module names, not the string {blocks!r}")
     if blocks is None:
         names, source = detect_blocks(model)
     else:
