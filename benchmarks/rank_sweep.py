@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lean", action="store_true",
                    help="memory-lean activations (convpeft.lean_activations; exact): frozen "
                    "convs/BN and ReLU-like activations save only what backward needs")
+    t.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing of each backbone block (exact; one extra "
+                   "forward of the blocks per update), recorded in the checkpoint column")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     o = p.add_argument_group("output")
@@ -250,6 +253,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         profile_repeat=a.profile_repeat,
         device=device,
         lean=a.lean,
+        checkpoint=a.checkpoint,
     )
     if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
         raise ValueError("--epochs must be >= 0, --batch-size >= 1, --resolution >= 8")
@@ -428,7 +432,7 @@ def method_config(cfg: Config, settings: SweepSettings):
         kw["bn"] = settings.bn
     if settings.lr is not None:
         kw["lr"] = settings.lr
-    return MethodConfig(cfg.method, lean=settings.lean, **kw)
+    return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint, **kw)
 
 
 def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> dict:
@@ -524,6 +528,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "replay_per_class": s.replay_per_class if cfg.task == "new_classes" else None,
         "small_input": s.small_input,
         "lean": s.lean,
+        "checkpoint": s.checkpoint,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),
         # present in every row (None under --profile-only or on failure): a uniform table

@@ -54,6 +54,7 @@ class SweepSettings:
     profile_repeat: int = 3
     device: str = "cpu"
     lean: bool = False  # convpeft.lean_activations on every prepared model
+    checkpoint: bool = False  # convpeft.checkpoint_blocks on every prepared model
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
@@ -63,7 +64,8 @@ class SweepSettings:
         d = asdict(self)
         for k in ("data_root", "device"):
             d.pop(k)
-        for k in ("replay_per_class", "lean"):  # off: keys of earlier results stay valid
+        # off: keys of earlier results stay valid
+        for k in ("replay_per_class", "lean", "checkpoint"):
             if not d[k]:
                 d.pop(k)
         blob = json.dumps(d, sort_keys=True, default=str)

@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 __all__ = ["CheckpointReport", "checkpoint_blocks", "detect_blocks", "recomputing",
-           "restore_checkpointing"]
+           "resolve_blocks", "restore_checkpointing"]
 
 _MARK = "_convpeft_checkpoint"  # attribute on a checkpointed block: its name in the model
 _STATE = threading.local()
@@ -223,6 +223,29 @@ def _check_blocks(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     return out
 
 
+def resolve_blocks(model: nn.Module, blocks: Sequence[str] | None = None
+                   ) -> tuple[list[str], str]:
+    """``(names, how chosen)`` that :func:`checkpoint_blocks` would wrap, checked, without
+    touching the model (``ValueError``/``TypeError`` saying what to change otherwise)."""
+    if isinstance(blocks, str):
+        raise TypeError(f"blocks must be a list of module names, not the string {blocks!r}")
+    names, source = detect_blocks(model) if blocks is None else (list(blocks), "given")
+    previous = [(n, m) for n, m in model.named_modules() if _MARK in m.__dict__]
+    for _, m in previous:  # checked against the plain model
+        _restore(m)
+    try:
+        _check_blocks(model, names)
+    finally:
+        for n, m in previous:
+            _wrap(m, n)
+    return names, source
+
+
+def _wrap(m: nn.Module, name: str) -> None:
+    m.forward = types.MethodType(_checkpointed_forward, m)
+    setattr(m, _MARK, name)
+
+
 def checkpoint_blocks(model: nn.Module, *, blocks: Sequence[str] | None = None
                       ) -> CheckpointReport:
     """Run each block of ``model`` under activation checkpointing (see :mod:`convpeft.checkpoint`),
@@ -231,28 +254,13 @@ def checkpoint_blocks(model: nn.Module, *, blocks: Sequence[str] | None = None
     else the children of the largest ``nn.Sequential`` of blocks). Calling it again replaces
     the previous choice. On error the model is left as it was.
     """
-    if isinstance(blocks, str):
-        raise TypeError(f"blocks must be a list of module names, not the string {blocks!r}")
-    if blocks is None:
-        names, source = detect_blocks(model)
-    else:
-        names, source = list(blocks), "given"
-    previous = [(n, m) for n, m in model.named_modules() if _MARK in m.__dict__]
-    for _, m in previous:  # re-deciding: check against the plain model
-        _restore(m)
-    try:
-        modules = _check_blocks(model, names)
-    except BaseException:
-        for n, m in previous:
-            m.forward = types.MethodType(_checkpointed_forward, m)
-            setattr(m, _MARK, n)
-        raise
-    order = {id(m): i for i, m in enumerate(model.modules())}
-    pairs = sorted(zip(names, modules, strict=True), key=lambda nm: order[id(nm[1])])
+    names, source = resolve_blocks(model, blocks)
+    restore_checkpointing(model)
+    modules = dict(model.named_modules())
+    order = {n: i for i, n in enumerate(modules)}
     report = CheckpointReport(source=source)
-    for n, m in pairs:
-        m.forward = types.MethodType(_checkpointed_forward, m)
-        setattr(m, _MARK, n)
+    for n in sorted(names, key=order.__getitem__):
+        _wrap(modules[n], n)
         report.blocks.append(n)
-        report._modules.append(m)
+        report._modules.append(modules[n])
     return report

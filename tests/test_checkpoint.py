@@ -202,3 +202,36 @@ def test_profiler_counts_recompute_and_analytic_matches(method, bn_train, lean) 
         assert an.flops_forward == meas.flops_forward
         assert an.flops_backward == meas.flops_backward
         assert abs(an.memory_peak / meas.memory_peak - 1) < 0.05
+
+
+def test_method_config_checkpoint_and_bad_names_leave_model_untouched() -> None:
+    from convpeft.methods import MethodConfig, prepare
+
+    prep = prepare(_resnet(), MethodConfig("lora", rank=2, checkpoint=True, lean=True))
+    assert prep.extra["checkpoint"].blocks == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    prep = prepare(_resnet(), MethodConfig("lora", rank=2, checkpoint=["layer2.0"]))
+    assert prep.extra["checkpoint"].blocks == ["layer2.0"]
+    model = _resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no submodule named 'layer9'"):
+        prepare(model, MethodConfig("lora", rank=2, checkpoint=["layer9"]))
+    assert not any(hasattr(m, "base_layer") for m in model.modules())  # no adapter applied
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="list of module names"):
+        MethodConfig("lora", checkpoint="layer1")
+
+
+def test_profile_cli_checkpoint_flag(capsys) -> None:
+    import json
+
+    from convpeft.profile import main
+
+    argv = ["--model", "resnet18", "--method", "lora-fa", "--bn", "freeze", "--lean",
+            "--batch", "2", "--resolution", "32", "--analytic", "--no-torch", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--checkpoint"]) == 0
+    ckpt = json.loads(capsys.readouterr().out)
+    assert ckpt["flops_forward"] > plain["flops_forward"]  # the blocks' forward, again
+    assert ckpt["flops_backward"] == plain["flops_backward"]
