@@ -191,10 +191,14 @@ def test_profiler_counts_recompute_and_analytic_matches(method, bn_train, lean) 
     ckpt = copy.deepcopy(plain)
     blocks = checkpoint_blocks(ckpt).blocks
     p_meas, p_an = _profiles(plain, x, y, per_layer=True)
-    c_meas, c_an = _profiles(ckpt, x, y)
-    block_fwd = sum(r["forward"] for r in p_meas.per_layer
-                    if any(r["name"] == b or r["name"].startswith(b + ".") for b in blocks))
+    p_fwd = {r["name"]: r["forward"] for r in p_meas.per_layer}
+    c_meas, c_an = _profiles(ckpt, x, y, per_layer=True)
+    in_blocks = {r["name"]: r["forward"] for r in p_meas.per_layer
+                 if any(r["name"] == b or r["name"].startswith(b + ".") for b in blocks)}
+    block_fwd = sum(in_blocks.values())
     assert block_fwd > 0
+    for r in c_meas.per_layer:  # the recomputed forward is booked to the layer that ran it
+        assert r["forward"] == in_blocks.get(r["name"], 0) + p_fwd.get(r["name"], 0), r["name"]
     assert c_meas.flops_forward == p_meas.flops_forward + block_fwd
     assert c_meas.flops_backward_input == p_meas.flops_backward_input
     assert c_meas.flops_backward_weight == p_meas.flops_backward_weight

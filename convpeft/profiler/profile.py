@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from convpeft.checkpoint import recomputing
 from convpeft.layer_kinds import layer_kind
 from convpeft.profiler.flop_counter import FlopCounter, FlopTally
 from convpeft.profiler.memory import (
@@ -221,7 +222,8 @@ class _LayerTracker:
             todo.extend(nf for nf, _ in node.next_functions if nf is not None)
 
     def layer_of(self) -> str | None:
-        if self.phase == "backward":
+        # a checkpointed block recomputing in backward runs module hooks: the stack is right
+        if self.phase == "backward" and not recomputing():
             node = torch._C._current_autograd_node()
             return None if node is None else node.metadata.get(_LAYER_KEY)
         return self.stack[-1] if self.stack else None
