@@ -37,6 +37,17 @@ def rank_of(row: dict) -> int | None:
     return None if v in (None, "") else int(v)
 
 
+def variant_of(row: dict) -> str:
+    """How a row's update ran: ``"plain"``, ``"lean"``, ``"ckpt"`` or ``"lean + ckpt"``
+    (the ``lean``/``checkpoint`` columns; rows from before they existed are plain)."""
+    lean, ckpt = bool(row.get("lean")), bool(row.get("checkpoint"))
+    return {(False, False): "plain", (True, False): "lean", (False, True): "ckpt",
+            (True, True): "lean + ckpt"}[(lean, ckpt)]
+
+
+VARIANTS = ("plain", "lean", "ckpt", "lean + ckpt")
+
+
 def method_label(method: str) -> str:
     """Display name of a method ("LoRA", "full FT"); the name itself if it is not registered
     (rows of a method registered only in the run that wrote them)."""

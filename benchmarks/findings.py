@@ -6,6 +6,13 @@
    correctly (``flops_forward + flops_backward``, grouped/depthwise convs right) and as torch's
    ``FlopCounterMode`` counts it (``flops_torch``). Optimizer arithmetic is left out of both so
    the two counters cover the same work.
+3. Lean / checkpointed updates (rows with ``lean`` or ``checkpoint`` set, e.g. ``--lean`` and
+   ``--checkpoint`` sweeps written into the same ``--out``): each method's peak against full
+   FT's plain peak both ways, with BN in train mode (the study's baseline) and with BN frozen,
+   where the rows hold that reference.
+
+Claims 1 and 2 use plain rows only (neither lean nor checkpointed), so mixing variants in one
+results file does not change them.
 
     python -m benchmarks.findings results/rank_sweep/results.jsonl
 
@@ -18,7 +25,16 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from benchmarks.common import MIB, method_label, num, rank_of, read_results, results_parser
+from benchmarks.common import (
+    MIB,
+    VARIANTS,
+    method_label,
+    num,
+    rank_of,
+    read_results,
+    results_parser,
+    variant_of,
+)
 
 ADAPTERS = ("lora", "dora")
 """The methods both claims are about."""
@@ -143,11 +159,57 @@ def findings_markdown(rows: Sequence[dict]) -> str:
         lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev}, BN policy {bn!r}.")
     lines.append("")
 
+    plain = [r for r in rows if variant_of(r) == "plain"]
     lines += _section("## 1. Peak-memory saving of LoRA/DoRA vs full fine-tuning",
-                      memory_savings(rows), lambda recs: _memory_lines(rows, recs))
+                      memory_savings(plain), lambda recs: _memory_lines(plain, recs))
     lines += _section("## 2. FLOP reduction of LoRA/DoRA vs full fine-tuning (forward + backward)",
-                      flop_reductions(rows), lambda recs: _flop_lines(rows, recs))
+                      flop_reductions(plain), lambda recs: _flop_lines(plain, recs))
+    lean = lean_savings(rows)
+    if lean:
+        lines += ["## 3. Lean and checkpointed updates vs full fine-tuning", ""]
+        lines += _lean_lines(lean)
+        lines.append("")
     return "\n".join(lines)
+
+
+def lean_savings(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, method, rank, bn, variant) of the lean and/or
+    checkpointed rows: its peak, and its saving vs full FT's *plain* peak with BN train and with
+    BN frozen (None where the rows hold no such reference)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in ok:
+        p = num(r.get("memory_peak"))
+        if p is not None:
+            acc[(r["model"], r.get("dataset"), r["task"], r["method"], rank_of(r),
+                 r.get("bn"), variant_of(r))].append(p)
+    peak = {k: sum(v) / len(v) for k, v in acc.items()}
+    out = []
+    for (model, ds, task, method, rank, bn, var), p in sorted(peak.items(), key=str):
+        if var == "plain":
+            continue
+        ref = {b: peak.get((model, ds, task, "full", None, b, "plain")) for b in ("train",
+                                                                                 "freeze")}
+        out.append(dict(model=model, dataset=ds, task=task, method=method, rank=rank, bn=bn,
+                        variant=var, peak=p,
+                        saving_bn_train=(1 - p / ref["train"]) if ref["train"] else None,
+                        saving_bn_frozen=(1 - p / ref["freeze"]) if ref["freeze"] else None))
+    return out
+
+
+def _lean_lines(recs: list[dict]) -> list[str]:
+    lines = ["Saving of the peak vs full FT's plain update with BN train | with BN frozen "
+             "(n/a: no such full-FT row in the results):", "",
+             "| model | task | method | rank | BN | variant | peak [MiB] | vs full FT, BN train "
+             "| vs full FT, BN frozen |", "|---|---|---|---:|---|---|---:|---:|---:|"]
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for r in sorted(recs, key=lambda r: (str(r["model"]), str(r["task"]), str(r["method"]),
+                                         r["rank"] or 0, order[r["variant"]])):
+        lines.append(f"| {r['model']} | {r['task']} | {method_label(r['method'])} | "
+                     f"{'' if r['rank'] is None else r['rank']} | {r['bn']} | {r['variant']} | "
+                     f"{r['peak'] / MIB:.1f} | {_pct(r['saving_bn_train'])} | "
+                     f"{_pct(r['saving_bn_frozen'])} |")
+    return lines
 
 
 def _section(title: str, recs: list[dict], body: Callable[[list[dict]], list[str]]) -> list[str]:

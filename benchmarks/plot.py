@@ -5,7 +5,10 @@
 Per (model, dataset, task):
   ``flops_<model>_<task>``     rank vs FLOPs per update (one line per ranked method; full FT,
                                head and BitFit as horizontal reference lines)
-  ``memory_<model>_<task>``    rank vs peak memory, stacked by what is live at the peak
+  ``memory_<model>_<task>``    rank vs peak memory, stacked by what is live at the peak (of the
+                               plain updates); where the rows also hold lean / checkpointed
+                               updates (``lean``/``checkpoint`` columns) their peaks are marked
+                               on the same bars
   ``accuracy_<model>_<task>``  rank vs target accuracy (zero-shot and full FT reference lines)
   ``pareto_<model>_<task>``    accuracy vs peak memory over all configurations, Pareto front
 Across models:
@@ -33,11 +36,13 @@ from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     MIB,
+    VARIANTS,
     method_label,
     num,
     rank_of,
     read_results,
     results_parser,
+    variant_of,
 )
 from convpeft.methods import list_methods  # noqa: E402
 
@@ -180,11 +185,28 @@ def plot_flops(rows, model, dataset, task) -> plt.Figure | None:
     return fig
 
 
+VARIANT_MARKERS = {"lean": dict(marker="D", color="#c44e52"),
+                   "ckpt": dict(marker="^", color="#8172b2"),
+                   "lean + ckpt": dict(marker="v", color="#dd8452")}
+
+
 def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
-    """Stacked bars of what is live at the peak, one panel per method (ranked ones over rank)."""
+    """Stacked bars of what is live at the peak, one panel per method (ranked ones over rank),
+    for the plain updates (or the one variant present); the peaks of the other variants
+    (lean, checkpointed) as markers on the same bars."""
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_variant[variant_of(r)].append(r)
+    base = "plain" if "plain" in by_variant else next(v for v in VARIANTS if v in by_variant)
+    others = {v: _mean_by(by_variant[v], "memory_peak") for v in VARIANTS
+              if v != base and v in by_variant}
+    rows = by_variant[base]
     cats = [c for c in MEMORY_CATEGORIES if any(f"memory_by_category_{c}" in r for r in rows)]
     means = {c: _mean_by(rows, f"memory_by_category_{c}") for c in cats}
     peak = _mean_by(rows, "memory_peak")
+    for v in others.values():  # a (method, rank) only a variant has gets an empty bar
+        for k in v:
+            peak.setdefault(k, 0.0)
     if not peak:
         return None
     ranked, refs = _methods_in(peak)
@@ -209,6 +231,12 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
             bottom = [b + hh for b, hh in zip(bottom, h, strict=True)]
         if not cats:  # profile without a breakdown: the peak alone
             ax.bar(x, [peak[k] / MIB for k in keys], color="#999999", label="peak")
+        for v, vpeak in others.items():
+            pts = [(i, vpeak[k] / MIB) for i, k in enumerate(keys) if k in vpeak]
+            if pts:
+                ax.scatter([i for i, _ in pts], [h for _, h in pts], s=28, zorder=3,
+                           edgecolors="black", linewidths=0.5, label=f"{v} peak",
+                           **VARIANT_MARKERS[v])
         if full_peak is not None:
             ax.axhline(full_peak / MIB, color="black", ls="--", lw=1, label="full FT peak")
         ax.set_xticks(x)
@@ -216,10 +244,14 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
         ax.set_title(method_label(title) if title != "baselines" else "no-rank methods", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("memory live at the peak [MiB]")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 7), fontsize=8,
-               bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(f"Peak memory of one update, by category\n{_title(model, dataset, task)}",
+    legend: dict[str, object] = {}  # every panel's entries (variant markers may be in any)
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="upper center",
+               ncol=min(len(legend), 7), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    what = "" if base == "plain" else f" ({base})"
+    fig.suptitle(f"Peak memory of one update{what}, by category\n{_title(model, dataset, task)}",
                  fontsize=10, y=1.1)
     return fig
 

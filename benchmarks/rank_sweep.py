@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision of fine-tuning and of the profiled update "
                    "(torch.autocast; fp32 master weights; fp16 needs CUDA and gets a "
                    "GradScaler), recorded in the amp column (default: off = fp32)")
+    t.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing of each backbone block (exact; one extra "
+                   "forward of the blocks per update), recorded in the checkpoint column")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     o = p.add_argument_group("output")
@@ -256,6 +259,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         device=device,
         lean=a.lean,
         amp=a.amp,
+        checkpoint=a.checkpoint,
     )
     check_amp(settings.amp, settings.device)  # fp16 on the CPU: refused before anything runs
     if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
@@ -435,7 +439,7 @@ def method_config(cfg: Config, settings: SweepSettings):
         kw["bn"] = settings.bn
     if settings.lr is not None:
         kw["lr"] = settings.lr
-    return MethodConfig(cfg.method, lean=settings.lean, **kw)
+    return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint, **kw)
 
 
 def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> dict:
@@ -533,6 +537,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "small_input": s.small_input,
         "lean": s.lean,
         "amp": s.amp,
+        "checkpoint": s.checkpoint,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),
         # present in every row (None under --profile-only or on failure): a uniform table

@@ -55,6 +55,7 @@ class SweepSettings:
     device: str = "cpu"
     lean: bool = False  # convpeft.lean_activations on every prepared model
     amp: str = "off"  # convpeft.amp: fine-tuning and the profiled update under autocast
+    checkpoint: bool = False  # convpeft.checkpoint_blocks on every prepared model
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
@@ -64,7 +65,8 @@ class SweepSettings:
         d = asdict(self)
         for k in ("data_root", "device"):
             d.pop(k)
-        for k in ("replay_per_class", "lean"):  # off: keys of earlier results stay valid
+        # off: keys of earlier results stay valid
+        for k in ("replay_per_class", "lean", "checkpoint"):
             if not d[k]:
                 d.pop(k)
         if d["amp"] == "off":  # likewise

@@ -9,6 +9,7 @@ from .adapters import (
     merge_adapters,
     save_adapters,
 )
+from .checkpoint import CheckpointReport, checkpoint_blocks, restore_checkpointing
 from .export import check_onnx, export_executorch, export_onnx, onnx_op_counts
 from .lean import LeanReport, lean_activations, restore_activations
 from .planner import PlanRow
@@ -31,11 +32,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterReport",
+    "CheckpointReport",
     "LeanReport",
     "PlanRow",
     "adapter_state_dict",
     "apply_adapters",
     "check_onnx",
+    "checkpoint_blocks",
     "export_executorch",
     "export_onnx",
     "load_adapter_state_dict",
@@ -45,5 +48,6 @@ __all__ = [
     "onnx_op_counts",
     "plan",
     "restore_activations",
+    "restore_checkpointing",
     "save_adapters",
 ]

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterConfig, apply_adapters
+from .checkpoint import checkpoint_blocks, resolve_blocks
 from .lean import lean_activations
 from .models import get_head
 from .optim import GaLoreSettings, galore_optimizer
@@ -85,6 +86,9 @@ class MethodConfig:
     :class:`~convpeft.optim.GaLoreSettings`: ``update_proj_gap``, ``scale``, ``proj_type``) for
     galore. Their ``method``/``rank``/``target``/``exclude``/``freeze_a`` come from this config
     (:meth:`adapter_config`, :meth:`galore_settings`); setting them there too is refused.
+    ``checkpoint=True`` runs :func:`convpeft.checkpoint_blocks` on the prepared model (blocks
+    auto-detected; a list of module names picks them; exact, one extra forward of those
+    blocks per update; the report is in ``PreparedMethod.extra["checkpoint"]``).
     """
 
     name: str
@@ -96,11 +100,17 @@ class MethodConfig:
     exclude: list[str] | None = None
     train_head: bool = True
     lean: bool = False
+    checkpoint: bool | list[str] = False
     adapter: AdapterConfig | None = None
     galore: GaLoreSettings | None = None
 
     def __post_init__(self) -> None:
         spec = get_method(self.name)
+        ck = self.checkpoint
+        if not (isinstance(ck, bool) or (isinstance(ck, (list, tuple)) and ck
+                                         and all(isinstance(n, str) for n in ck))):
+            raise ValueError("checkpoint must be True/False or a non-empty list of module names "
+                             f"(got {ck!r})")
         if self.bn not in BN_POLICIES:
             raise ValueError(f"bn must be one of {', '.join(BN_POLICIES)} (got {self.bn!r})")
         for key, value, kind in (("adapter", self.adapter, AdapterConfig),
@@ -327,6 +337,9 @@ def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
     """
     cfg = MethodConfig(config) if isinstance(config, str) else config
     spec = get_method(cfg.name)
+    if cfg.checkpoint:  # checked first: a bad block name leaves the model untouched
+        blocks = None if cfg.checkpoint is True else list(cfg.checkpoint)
+        resolve_blocks(model, blocks)
     opt, report = spec.setup(model, cfg)
     if cfg.bn in ("freeze", "stats"):
         frozen_now = [p for _, m in bn_modules(model) for p in m.parameters(recurse=False)
@@ -344,6 +357,8 @@ def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
         report = {"trainable": _trainable_names(model), "trainable_params": count_trainable(model),
                   "total_params": sum(p.numel() for p in model.parameters())}
     extra = {}
+    if cfg.checkpoint:
+        extra["checkpoint"] = checkpoint_blocks(model, blocks=blocks)
     if cfg.lean:  # after freezing: frozen layers save only what backward needs (exact)
         extra["lean"] = lean_activations(model)
     return PreparedMethod(model, opt, cfg, report, count_trainable(model),

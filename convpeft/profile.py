@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default="conv", help="layers adapted/projected")
     ap.add_argument("--lean", action="store_true",
                     help="memory-lean activations (convpeft.lean_activations; exact)")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="activation checkpointing of the backbone's blocks "
+                    "(convpeft.checkpoint_blocks; exact; recomputes their forward)")
     ap.add_argument("--update-proj-gap", type=int, default=200, help="GaLore refresh period")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5, help="timed updates")
@@ -97,7 +100,8 @@ def prepare_model(args: argparse.Namespace):
                         small_input=args.small_input)
     galore = GaLoreSettings(update_proj_gap=args.update_proj_gap)
     cfg = MethodConfig(args.method, rank=args.rank, bn=args.bn, target=args.target,
-                       lean=args.lean, galore=galore if args.method == "galore" else None)
+                       lean=args.lean, checkpoint=args.checkpoint,
+                       galore=galore if args.method == "galore" else None)
     prep = prepare(model, cfg)
     prep.model.to(args.device)
     prep.train_mode()

@@ -8,14 +8,16 @@ CNN is frozen (head-only, BitFit, LoRA/DoRA, BN frozen) that is most of the acti
 * a BatchNorm in eval mode with a frozen (or no) affine saves its input, though it is the
   per-channel affine map ``y = x * s + t`` whose input gradient is ``grad_y * s``;
 * ReLU, ReLU6, LeakyReLU and Hardtanh save a full fp32 tensor where one bit per element
-  (where the gradient passes, or which slope applies) carries the same information.
+  (where the gradient passes, or which slope applies) carries the same information;
+* MaxPool2d saves its input and int64 argmax indices, though backward reads only the indices,
+  and the argmax's offset inside its window fits one byte (:mod:`.pool`).
 
 :func:`lean_activations` swaps, in place, the ``forward`` of such modules for one that runs
 through a small autograd Function saving only that: the (already resident) frozen weight, the
-per-channel scale, or a packed 1-bit mask (32x smaller than fp32). Outputs and every gradient
-are those of the plain model (the same kernels run, in the same order). Nothing is
-re-parameterised: ``state_dict`` keys and values are unchanged, and :meth:`LeanReport.undo`
-(or :func:`restore_activations`) puts the plain ``forward`` back.
+per-channel scale, a packed 1-bit mask (32x smaller than fp32), or a byte per pooled output.
+Outputs and every gradient are those of the plain model (the same kernels run, in the same
+order). Nothing is re-parameterised: ``state_dict`` keys and values are unchanged, and
+:meth:`LeanReport.undo` (or :func:`restore_activations`) puts the plain ``forward`` back.
 
 What stays plain, and why:
 
@@ -45,7 +47,7 @@ the gradient and stay as they are (so does MobileNetV3's Hardsigmoid, which only
 ``(N, C, 1, 1)`` tensors).
 
 Layout: :mod:`.functions` (conv, pad and norm Functions), :mod:`.masks` (1-bit masks and the
-activation Functions), :mod:`.model`
+activation Functions), :mod:`.pool` (max pooling), :mod:`.model`
 (:func:`lean_activations`, :class:`LeanReport`, :func:`restore_activations`), :mod:`.saved`
 (:func:`saved_bytes_by_layer`).
 
@@ -56,7 +58,8 @@ predicts the memory of lean updates.
 from .functions import frozen_conv2d, pad2d
 from .masks import pack_mask, unpack_mask
 from .model import LeanReport, LeanRow, lean_activations, restore_activations
+from .pool import max_pool2d_lean
 from .saved import saved_bytes_by_layer
 
-__all__ = ["LeanReport", "LeanRow", "frozen_conv2d", "lean_activations", "pack_mask", "pad2d",
-           "restore_activations", "saved_bytes_by_layer", "unpack_mask"]
+__all__ = ["LeanReport", "LeanRow", "frozen_conv2d", "lean_activations", "max_pool2d_lean",
+           "pack_mask", "pad2d", "restore_activations", "saved_bytes_by_layer", "unpack_mask"]

@@ -20,6 +20,7 @@ from ..conv_variants import registered_conv_variant
 from ..layer_kinds import layer_kind
 from .functions import channel_affine, frozen_conv2d, pad2d
 from .masks import clamp_masked, leaky_relu_masked
+from .pool import max_pool2d_lean, pool_offsets_fit
 from .saved import saved_bytes_by_layer
 
 __all__ = ["LeanReport", "LeanRow", "lean_activations", "restore_activations"]
@@ -111,6 +112,13 @@ def _leaky_forward(self: nn.LeakyReLU, x: torch.Tensor) -> torch.Tensor:
     return leaky_relu_masked(x, float(self.negative_slope), self.inplace)
 
 
+def _pool_forward(self: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+    if not _records(x) or x.dim() != 4:
+        return nn.MaxPool2d.forward(self, x)
+    return max_pool2d_lean(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                           self.ceil_mode)
+
+
 # exact types: a subclass's forward may do more than the op we replace it with
 _LEAN_FORWARDS: dict[type, tuple[str, Callable]] = {
     nn.Conv2d: ("conv", _conv_forward),
@@ -119,12 +127,13 @@ _LEAN_FORWARDS: dict[type, tuple[str, Callable]] = {
     nn.ReLU6: ("act", _clamp_forward),
     nn.Hardtanh: ("act", _clamp_forward),
     nn.LeakyReLU: ("act", _leaky_forward),
+    nn.MaxPool2d: ("pool", _pool_forward),
 }
 
 
 @dataclass
 class LeanRow:
-    """One layer: ``action`` is ``"conv"``, ``"norm"``, ``"act"`` when made lean, else
+    """One layer: ``action`` is ``"conv"``, ``"norm"``, ``"act"``, ``"pool"`` when made lean, else
     ``"plain"`` with ``reason``. ``kind`` uses :mod:`convpeft.layer_kinds` for convs.
     ``plain_bytes``/``lean_bytes``: what the layer itself saved for backward in one forward of
     the ``example_input`` (``None`` without one)."""
@@ -179,10 +188,15 @@ def _restore(m: nn.Module) -> None:
 
 
 def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
-                  convs: bool, norms: bool, activations: bool) -> str:
+                  convs: bool, norms: bool, activations: bool, pools: bool) -> str:
     action = "conv" if isinstance(m, nn.Conv2d) else _LEAN_FORWARDS[type(m)][0]
-    if not {"conv": convs, "norm": norms, "act": activations}[action]:
+    if not {"conv": convs, "norm": norms, "act": activations, "pool": pools}[action]:
         return f"{action}s=False"
+    if action == "pool":
+        if m.return_indices:
+            return "return_indices=True (the caller gets the int64 indices anyway)"
+        if not pool_offsets_fit(m.kernel_size):
+            return "kernel window over 256 positions (offsets do not fit a byte)"
     if action == "conv":
         if registered_conv_variant(m) is None:
             return ("nn.Conv2d subclass with its own forward, not registered in "
@@ -204,11 +218,11 @@ def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
 
 
 def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True,
-                     activations: bool = True,
+                     activations: bool = True, pools: bool = True,
                      example_input: torch.Tensor | None = None) -> LeanReport:
-    """Make ``model``'s frozen convs, eval-mode BatchNorms with a frozen scale, and ReLU /
-    ReLU6 / LeakyReLU / Hardtanh save only what backward needs (see :mod:`convpeft.lean`),
-    in place. Outputs and gradients are unchanged.
+    """Make ``model``'s frozen convs, eval-mode BatchNorms with a frozen scale, ReLU /
+    ReLU6 / LeakyReLU / Hardtanh and MaxPool2d save only what backward needs (see
+    :mod:`convpeft.lean`), in place. Outputs and gradients are unchanged.
 
     Decided per layer *now*: freeze parameters first (BN train/eval is checked per call). A
     layer unfrozen later warns once and runs its plain forward; calling this again
@@ -228,7 +242,7 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
         if spec is None:
             continue
         action, fwd = spec
-        reason = _plain_reason(name, m, adapted_bases, convs, norms, activations)
+        reason = _plain_reason(name, m, adapted_bases, convs, norms, activations, pools)
         kind = layer_kind(m) if action == "conv" else None
         if reason:
             report.rows.append(LeanRow(name, type(m).__name__, "plain", kind, reason))

@@ -23,6 +23,10 @@ weight standardisation (``StdConv2d``/``ScaledStdConv2d``) is a batch norm over 
 it lands in the elementwise figure (``6 * weight.numel()`` forward, ``8 *`` backward where the
 weight trains).
 
+A checkpointed block (:mod:`convpeft.checkpoint`) re-runs its forward during backward; those
+ops are booked as forward work (``flops_forward``, elementwise ``forward``), so a checkpointed
+update's forward figure is the plain one plus the recomputed blocks' forward.
+
 Elementwise work is tallied separately and never added to the figures above (see
 :data:`BN_FORWARD_PER_ELEMENT` and :func:`elementwise_flops` for the per-op rules): one FLOP per
 output element of each pointwise op (in-place optimizer updates included), one per *input* element
@@ -43,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry as _TORCH_FLOP_REGISTRY
 
+from convpeft.checkpoint import recomputing
 from convpeft.flops import FLOPS_PER_MAC, svd_flops
 from convpeft.profiler.memory import storage_key
 
@@ -249,6 +254,8 @@ class FlopCounter:
         """Add the FLOPs of one dispatched op to the tally."""
         t = self.tally
         phase = self.phase
+        if phase == "backward" and recomputing():
+            phase = "forward"  # a checkpointed block re-running its forward: forward work
         if self.torch_flops:
             formula = _TORCH_FLOP_REGISTRY.get(getattr(func, "overloadpacket", None))
             if formula is not None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from convpeft.checkpoint import recomputing
 from convpeft.layer_kinds import layer_kind
 
 _LAYER_KEY = "convpeft_layer"
@@ -65,7 +66,8 @@ class LayerTracker:
             todo.extend(nf for nf, _ in node.next_functions if nf is not None)
 
     def layer_of(self) -> str | None:
-        if self.phase == "backward":
+        # a checkpointed block recomputing in backward runs module hooks: the stack is right
+        if self.phase == "backward" and not recomputing():
             node = torch._C._current_autograd_node()
             return None if node is None else node.metadata.get(_LAYER_KEY)
         return self.stack[-1] if self.stack else None
