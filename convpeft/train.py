@@ -51,13 +51,15 @@ __all__ = [
     "default_device",
     "deterministic_torch",
     "evaluate",
+    "recalibrate_bn",
     "finetune",
     "pretrain",
     "state_dict_sha256",
 ]
 
 # Bump when the pretraining recipe changes, so stale cached weights are not reused.
-# 2: deterministic algorithms, fixed thread count, forked RNG; key names torch/threads/backend
+# 2: deterministic algorithms, fixed thread count, forked RNG; key names torch/threads/backend;
+#    BN running statistics recalibrated on the source data after the last epoch
 _RECIPE_VERSION = 2
 PRETRAIN_DEFAULTS = {"epochs": 5, "lr": 3e-3, "batch_size": 64, "weight_decay": 1e-4,
                      "augment_shift": 2, "threads": 2}
@@ -217,6 +219,33 @@ def _batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- pretrain
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
+                   device: torch.device) -> int:
+    """Replace every BatchNorm's running statistics by the exact average over ``data`` (one
+    pass in train mode, no gradients, momentum ``None`` = cumulative average); returns the
+    number of BN layers. After a short one-cycle run the running averages still remember the
+    first steps' weights, and a depthwise-separable net evaluated with them can collapse to one
+    class; the recalibrated statistics are those of the final weights. Modes and momenta are
+    restored."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, _ in data.batches(batch_size, device=device):
+        model(x)
+    for m, mom in zip(bns, momenta, strict=True):
+        m.momentum = mom
+    model.train(was_training)
+    return len(bns)
+
+
 def _cache_error(path: Path, e: OSError) -> OSError:
     return OSError(f"cannot write the pretrain cache {path} ({e.strerror or e}); set "
                    f"$CONVPEFT_CACHE to a writable folder or pass use_cache=False")
@@ -259,7 +288,8 @@ def pretrain(
     ``task`` defaults to ``build_task("shift", dataset, seed=seed, resolution=resolution)``
     (its source split is the clean training set). Recipe: AdamW, one-cycle LR schedule (with
     at least 8 steps; constant ``lr`` otherwise),
-    ``batch_size``, random translations of up to ``augment_shift`` pixels, under
+    ``batch_size``, random translations of up to ``augment_shift`` pixels, then the BN
+    statistics recalibrated on the source data (:func:`recalibrate_bn`); all under
     :func:`deterministic_torch` with ``threads`` intra-op threads (None: the current count).
     The returned model (eval mode, on ``device``) carries ``model.pretrain_info``: a dict with
     ``cached`` (bool), ``path``, ``key``, ``config`` (what the key hashes), ``train_time_s``
@@ -323,6 +353,8 @@ def pretrain(
                                          generator=g, device=device, scheduler=sched,
                                          augment_shift=augment_shift, bar=bar)
                 history.append({"epoch": ep + 1, "loss": loss, "train_acc": acc})
+        if epochs:
+            recalibrate_bn(model, task.source_train, batch_size=batch_size, device=device)
         train_time = time.perf_counter() - start
         model.eval()
         source_test_acc = evaluate(model, task.source_test, device=device)
