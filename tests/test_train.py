@@ -208,3 +208,22 @@ def test_pretrain_is_deterministic_and_keyed_by_what_changes_the_weights():
     assert len(keys) == 4
     with pytest.raises(ValueError, match="threads must be >= 1"):
         pretrain("mobilenet_v3_small", "digits", **{**kw, "threads": 0})
+
+
+def test_recalibrate_bn_sets_the_exact_statistics_and_restores_modes(shift_task):
+    from convpeft.train import recalibrate_bn
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.3), torch.nn.Flatten())
+    model.eval()
+    data = shift_task.target_train
+    assert recalibrate_bn(model, data, batch_size=7, device=torch.device("cpu")) == 1
+    bn = model[0]
+    x = data.float_images()
+    # cumulative average of per-batch means over one pass = the data's channel mean here
+    # (7 does not divide the dataset, so batches differ in size: the average is per batch)
+    means = torch.stack([xb.mean(dim=(0, 2, 3)) for xb, _ in data.batches(7)])
+    assert torch.allclose(bn.running_mean, means.mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=2e-2)
+    assert bn.momentum == 0.3 and not model.training
+    assert recalibrate_bn(torch.nn.Linear(2, 2), data, batch_size=8,
+                          device=torch.device("cpu")) == 0
