@@ -222,7 +222,8 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
         name = f"{model}, {task}" + (f" ({ds}, settings {sig})" if several else "")
         best = max(recs, key=lambda r: r["target"].mean)
         zs = [r["zero_shot"] for r in recs if r["zero_shot"] is not None]
-        zs_txt = f" (zero-shot {zs[0].format()})" if zs else ""
+        zs_txt = ("" if not zs else f" (zero-shot {100 * zs[0].mean:.1f}%, one seed)"
+                  if zs[0].low is None else f" (zero-shot {zs[0].format()})")
         if best["target"].low is None:
             lines.append(f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
                          f"{best['target'].format()}; no intervals, no ranking.")

@@ -21,7 +21,8 @@ findings must not rank what the seeds cannot separate.
 :func:`summarize` folds the rows (one per configuration and seed) into one record per
 configuration group: ``(model, dataset, task, method, rank, settings_signature)``, every field
 of :data:`INTERVAL_METRICS` as ``_mean``, ``_sd``, ``_ci_low``, ``_ci_high`` and the cost
-columns of :data:`COST_COLUMNS` (seed-independent: a sweep profiles once per configuration).
+columns of :data:`COST_COLUMNS` (seed-independent: a sweep profiles once per configuration;
+their value, or the mean where rows of several runs differ).
 ``results_summary.csv`` beside ``results.csv`` holds that table (:func:`write_summary_csv`).
 """
 
@@ -206,9 +207,10 @@ def summarize(rows: Iterable[dict], confidence: float = CONFIDENCE) -> list[dict
             rec[f"{m}_sd"] = iv.sd if iv else None
             rec[f"{m}_ci_low"] = iv.low if iv else None
             rec[f"{m}_ci_high"] = iv.high if iv else None
-        for c in COST_COLUMNS:
-            vals = [v for v in (_num(r.get(c)) for r in ok) if v is not None]
-            rec[c] = sum(vals) / len(vals) if vals else None
+        for c in COST_COLUMNS:  # equal over seeds (one profile per configuration): kept as is
+            vals = [r.get(c) for r in ok if _num(r.get(c)) is not None]
+            rec[c] = (None if not vals else vals[0] if len(set(vals)) == 1
+                      else sum(map(float, vals)) / len(vals))
         out.append(rec)
     return out
 
