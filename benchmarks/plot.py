@@ -260,6 +260,13 @@ def _seed_counts(ivs: dict) -> str:
     return f"mean over {n} seed(s)" + (", 95% t-interval" if ns[-1] > 1 else "")
 
 
+def _clamp_percent(ax) -> None:
+    """Keep an accuracy axis within 0..100% (a wide interval over few seeds may reach past
+    them; its bar is then cut at the frame, the interval itself is unchanged)."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -2.0), min(hi, 102.0))
+
+
 def plot_accuracy(rows, model, dataset, task) -> plt.Figure | None:
     """Rank vs target accuracy (mean over seeds, 95% interval bars); zero-shot (no update) and
     the no-rank methods (full FT, ...) as reference lines with their interval as a band."""
@@ -281,6 +288,7 @@ def plot_accuracy(rows, model, dataset, task) -> plt.Figure | None:
         if zs.low is not None:
             ax.axhspan(100 * zs.low, 100 * zs.high, color="gray", alpha=0.1, lw=0)
     ax.set_ylabel(f"target test accuracy [%]\n({_seed_counts(ivs)})")
+    _clamp_percent(ax)
     ax.set_title(f"Accuracy after adaptation\n{_title(model, dataset, task)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -331,6 +339,7 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
                     color="red")
     ax.set_xlabel("peak memory of one update [MiB]")
     ax.set_ylabel(f"target test accuracy [%]\n({_seed_counts(acc)})")
+    _clamp_percent(ax)
     ax.set_title(f"Accuracy vs memory (up-left is better)\n{_title(model, dataset, task)}",
                  fontsize=10)
     ax.grid(alpha=0.3)
