@@ -14,9 +14,14 @@
 Claims 1 and 2 use plain rows only (neither lean nor checkpointed), so mixing variants in one
 results file does not change them.
 
+4. Accuracy: target accuracy per configuration as the mean over seeds with its 95% Student-t
+   interval (:mod:`benchmarks.stats`). Methods are ranked only where their intervals do not
+   overlap; overlapping ones are called *indistinguishable*, and one seed ranks nothing.
+
     python -m benchmarks.findings results/rank_sweep/results.jsonl
 
-Every number comes from the rows (means over seeds); nothing is hard-coded.
+Every number comes from the rows (means over seeds); nothing is hard-coded. Cost figures do not
+depend on the seed (a sweep profiles once per configuration); accuracies do.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from benchmarks.common import (
     results_parser,
     variant_of,
 )
+from benchmarks.stats import CONFIDENCE, Interval, compare, interval
 
 ADAPTERS = ("lora", "dora")
 """The methods both claims are about."""
@@ -169,6 +175,10 @@ def findings_markdown(rows: Sequence[dict]) -> str:
         lines += ["## 3. Lean and checkpointed updates vs full fine-tuning", ""]
         lines += _lean_lines(lean)
         lines.append("")
+    acc = accuracy_intervals(rows)
+    if acc:
+        lines += [f"## 4. Accuracy after adaptation: mean over seeds, "
+                  f"{100 * CONFIDENCE:.0f}% t-interval", "", *_accuracy_lines(acc), ""]
     return "\n".join(lines)
 
 
@@ -209,6 +219,109 @@ def _lean_lines(recs: list[dict]) -> list[str]:
                      f"{'' if r['rank'] is None else r['rank']} | {r['bn']} | {r['variant']} | "
                      f"{r['peak'] / MIB:.1f} | {_pct(r['saving_bn_train'])} | "
                      f"{_pct(r['saving_bn_frozen'])} |")
+
+
+def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, settings, method, rank) with a target accuracy:
+    ``target``/``source``/``zero_shot`` :class:`~benchmarks.stats.Interval` over the seeds of
+    its ``ok`` rows (``source``/``zero_shot`` None when absent) and ``seeds``."""
+    vals: dict[tuple, dict[str, list]] = {}
+    for r in rows:
+        if r.get("status") != "ok" or num(r.get("target_acc")) is None:
+            continue
+        k = (r["model"], r.get("dataset"), r["task"], r.get("settings_signature"), r["method"],
+             rank_of(r))
+        d = vals.setdefault(k, {"target_acc": [], "source_acc": [], "zero_shot_acc": [],
+                                "seed": []})
+        for f in ("target_acc", "source_acc", "zero_shot_acc"):
+            if num(r.get(f)) is not None:
+                d[f].append(num(r.get(f)))
+        d["seed"].append(r.get("seed"))
+    out = []
+    for (model, ds, task, sig, method, rank), d in sorted(
+            vals.items(), key=lambda kv: tuple(str(x) for x in kv[0][:5]) + (
+                -1 if kv[0][5] is None else kv[0][5],)):
+        out.append(dict(
+            model=model, dataset=ds, task=task, signature=sig, method=method, rank=rank,
+            seeds=sorted(s for s in d["seed"] if s is not None),
+            target=interval(d["target_acc"]),
+            source=interval(d["source_acc"]) if d["source_acc"] else None,
+            zero_shot=interval(d["zero_shot_acc"]) if d["zero_shot_acc"] else None,
+        ))
+    return out
+
+
+def _config_label(rec: dict) -> str:
+    rank = "" if rec["rank"] is None else f" r={rec['rank']}"
+    return method_label(rec["method"]) + rank
+
+
+def _verdict(a: Interval, b: Interval) -> str:
+    """How ``a`` compares with ``b``: "above", "below", "indistinguishable from", or "not
+    comparable (1 seed) with"."""
+    c = compare(a, b)
+    return {1: "above", -1: "below", 0: "indistinguishable from",
+            None: "not comparable (1 seed) with"}[c]
+
+
+def _accuracy_lines(acc: list[dict]) -> list[str]:
+    """Per (model, task): the best configuration, which ones its interval cannot separate from
+    it, which lie below; each ranked method vs full FT per rank; then the table."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in acc:
+        groups.setdefault((r["model"], r["dataset"], r["task"], r["signature"]), []).append(r)
+    several = len({(m, t) for m, _, t, _ in groups}) < len(groups)
+    ns = sorted({r["target"].n for r in acc})
+    n_txt = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
+    lines = [f"Target test accuracy, mean over {n_txt} seed(s) with its {100 * CONFIDENCE:.0f}% "
+             "Student-t interval. A configuration is ranked above another only where the two "
+             "intervals do not overlap; where they overlap the two are *indistinguishable* at "
+             "this number of seeds.", ""]
+    if ns[0] < 2:
+        lines += ["Some configurations have one seed only: they get no interval and are not "
+                  "ranked (run the sweep with `--seeds 3` or more).", ""]
+    for (model, ds, task, sig), recs in groups.items():
+        name = f"{model}, {task}" + (f" ({ds}, settings {sig})" if several else "")
+        best = max(recs, key=lambda r: r["target"].mean)
+        zs = [r["zero_shot"] for r in recs if r["zero_shot"] is not None]
+        zs_txt = ("" if not zs else f" (zero-shot {100 * zs[0].mean:.1f}%, one seed)"
+                  if zs[0].low is None else f" (zero-shot {zs[0].format()})")
+        if best["target"].low is None:
+            lines.append(f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
+                         f"{best['target'].format()}; no intervals, no ranking.")
+            continue
+        others = sorted((r for r in recs if r is not best), key=lambda r: -r["target"].mean)
+        same = [r for r in others if compare(r["target"], best["target"]) in (0, None)]
+        below = [r for r in others if compare(r["target"], best["target"]) == -1]
+        text = (f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
+                f"{best['target'].format()}")
+        text += ("; indistinguishable from it: " + ", ".join(_config_label(r) for r in same)
+                 if same else "; every other configuration is below it")
+        if below and same:
+            text += "; below it (intervals separate): " + ", ".join(
+                _config_label(r) for r in below)
+        lines.append(text + ".")
+        full = next((r for r in recs if r["method"] == "full" and r["rank"] is None), None)
+        if full is None:
+            continue
+        ranked = [r for r in recs if r["rank"] is not None]
+        for method in dict.fromkeys(r["method"] for r in ranked):
+            parts = [f"r={r['rank']} {_verdict(r['target'], full['target'])}"
+                     for r in ranked if r["method"] == method]
+            lines.append(f"  - {method_label(method)} vs full FT: " + ", ".join(parts) + ".")
+    lines += ["", "Target accuracy [%], mean [95% interval] over seeds:", ""]
+    ranks = sorted({r["rank"] for r in acc if r["rank"] is not None})
+    cols = (["no rank"] if any(r["rank"] is None for r in acc) else []) + [f"r={k}"
+                                                                           for k in ranks]
+    lines += ["| model | task | method | " + " | ".join(cols) + " |",
+              "|---|---|---|" + "---:|" * len(cols)]
+    rows_: dict[tuple, dict] = {}
+    for r in acc:
+        rows_.setdefault((r["model"], r["task"], r["signature"], r["method"]), {})[r["rank"]] = r
+    for (model, task, _, method), by_rank in rows_.items():
+        keys = ([None] if "no rank" in cols else []) + ranks
+        cells = [by_rank[k]["target"].format(unit="") if k in by_rank else "" for k in keys]
+        lines.append(f"| {model} | {task} | {method_label(method)} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -9,13 +9,16 @@ Per (model, dataset, task):
                                plain updates); where the rows also hold lean / checkpointed
                                updates (``lean``/``checkpoint`` columns) their peaks are marked
                                on the same bars
-  ``accuracy_<model>_<task>``  rank vs target accuracy (zero-shot and full FT reference lines)
-  ``pareto_<model>_<task>``    accuracy vs peak memory over all configurations, Pareto front
+  ``accuracy_<model>_<task>``  rank vs target accuracy, mean over seeds with 95% t-interval
+                               error bars (no-rank methods and zero-shot: line + shaded band)
+  ``pareto_<model>_<task>``    mean accuracy (95% interval bars) vs peak memory per
+                               configuration, Pareto front of the means
 Across models:
   ``flop_counters``            our FLOP count vs torch's FlopCounterMode for the same updates,
                                per model (depthwise vs standard nets)
 
 Only rows with ``status == "ok"`` are drawn; accuracy plots are skipped for profile-only runs.
+Intervals are :func:`benchmarks.stats.interval` (Student t over seeds); one seed draws none.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     results_parser,
     variant_of,
 )
+from benchmarks.stats import Interval, interval  # noqa: E402
 from convpeft.methods import list_methods  # noqa: E402
 
 MEMORY_CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
@@ -104,6 +108,16 @@ def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], f
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
+def _interval_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], Interval]:
+    """Mean and 95% t-interval of ``field`` per (method, rank) over seeds."""
+    acc: dict[tuple[str, int | None], list[float]] = defaultdict(list)
+    for r in rows:
+        v = num(r.get(field))
+        if v is not None:
+            acc[(str(r["method"]), rank_of(r))].append(v)
+    return {k: interval(v) for k, v in acc.items()}
+
+
 def _ranks(rows: Sequence[dict]) -> list[int]:
     return sorted({int(r["rank"]) for r in rows if r.get("rank") not in (None, "")})
 
@@ -134,20 +148,36 @@ def _methods_in(means: dict[tuple[str, int | None], float]) -> tuple[list[str], 
 
 
 def _rank_figure(rows: Sequence[dict], means: dict[tuple[str, int | None], float],
-                 y: Callable[[float], float], ref_suffix: str = ""):
+                 y: Callable[[float], float], ref_suffix: str = "",
+                 intervals: dict[tuple[str, int | None], Interval] | None = None):
     """A figure with a line over rank per ranked method and a horizontal line per reference
-    method, values mapped through ``y`` (unit scaling); returns ``(fig, ax)``."""
+    method, values mapped through ``y`` (unit scaling); returns ``(fig, ax)``. With
+    ``intervals``, ranked points get error bars and reference lines a shaded band."""
     ranked, refs = _methods_in(means)
+    intervals = intervals or {}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m in ranked:
         pts = sorted((r, v) for (mm, r), v in means.items() if mm == m and r is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [y(p[1]) for p in pts], label=method_label(m),
-                    **_style(m))
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [y(p[1]) for p in pts]
+        ivs = [intervals.get((m, r)) for r, _ in pts]
+        if any(iv is not None and iv.low is not None for iv in ivs):
+            err = [[0.0 if iv is None or iv.low is None else yy - y(iv.low)
+                    for iv, yy in zip(ivs, ys, strict=True)],
+                   [0.0 if iv is None or iv.high is None else y(iv.high) - yy
+                    for iv, yy in zip(ivs, ys, strict=True)]]
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=method_label(m), **_style(m))
+        else:
+            ax.plot(xs, ys, label=method_label(m), **_style(m))
     for m in refs:
         v = means.get((m, None))
         if v is not None:
-            ax.axhline(y(v), label=method_label(m) + ref_suffix, lw=1.5, **_style(m))
+            st = _style(m)
+            ax.axhline(y(v), label=method_label(m) + ref_suffix, lw=1.5, **st)
+            iv = intervals.get((m, None))
+            if iv is not None and iv.low is not None:
+                ax.axhspan(y(iv.low), y(iv.high), color=st.get("color"), alpha=0.1, lw=0)
     _rank_axis(ax, _ranks(rows))
     return fig, ax
 
@@ -256,17 +286,41 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
     return fig
 
 
+def _seed_counts(ivs: dict) -> str:
+    ns = sorted({iv.n for iv in ivs.values()})
+    n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return f"mean over {n} seed(s)" + (", 95% t-interval" if ns[-1] > 1 else "")
+
+
+def _clamp_percent(ax) -> None:
+    """Keep an accuracy axis within 0..100% (a wide interval over few seeds may reach past
+    them; its bar is then cut at the frame, the interval itself is unchanged)."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -2.0), min(hi, 102.0))
+
+
 def plot_accuracy(rows, model, dataset, task) -> plt.Figure | None:
-    """Rank vs target accuracy; zero-shot (no update) and full FT as reference lines."""
-    acc = _mean_by(rows, "target_acc")
-    if not acc:
+    """Rank vs target accuracy (mean over seeds, 95% interval bars); zero-shot (no update) and
+    the no-rank methods (full FT, ...) as reference lines with their interval as a band."""
+    ivs = _interval_by(rows, "target_acc")
+    if not ivs:
         return None
-    fig, ax = _rank_figure(rows, acc, lambda v: 100 * v)
-    zs = [v for v in (num(r.get("zero_shot_acc")) for r in rows) if v is not None]
-    if zs:
-        ax.axhline(100 * sum(zs) / len(zs), color="gray", ls=(0, (1, 3)), lw=2,
+    acc = {k: iv.mean for k, iv in ivs.items()}
+    fig, ax = _rank_figure(rows, acc, lambda v: 100 * v, intervals=ivs)
+    # one zero-shot value per (source model, seed): the mean over seeds of the group's value
+    zs_by_seed: dict = defaultdict(list)
+    for r in rows:
+        v = num(r.get("zero_shot_acc"))
+        if v is not None:
+            zs_by_seed[r.get("seed")].append(v)
+    if zs_by_seed:
+        zs = interval([sum(v) / len(v) for v in zs_by_seed.values()])
+        ax.axhline(100 * zs.mean, color="gray", ls=(0, (1, 3)), lw=2,
                    label="zero-shot (no update)")
-    ax.set_ylabel("target test accuracy [%]")
+        if zs.low is not None:
+            ax.axhspan(100 * zs.low, 100 * zs.high, color="gray", alpha=0.1, lw=0)
+    ax.set_ylabel(f"target test accuracy [%]\n({_seed_counts(ivs)})")
+    _clamp_percent(ax)
     ax.set_title(f"Accuracy after adaptation\n{_title(model, dataset, task)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -287,24 +341,28 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
-    """Target accuracy vs peak memory, every configuration; the Pareto front marked."""
-    pts, labels, methods = [], [], []
-    for r in rows:
-        a, m = num(r.get("target_acc")), num(r.get("memory_peak"))
-        if a is None or m is None:
-            continue
-        pts.append((m / MIB, 100 * a))
-        rank = r.get("rank")
-        labels.append(method_label(r["method"]) + ("" if rank in (None, "") else f" r{int(rank)}"))
-        methods.append(r["method"])
-    if not pts:
+    """Mean target accuracy (95% interval bars) vs peak memory per configuration; the Pareto
+    front of the means marked."""
+    acc = _interval_by(rows, "target_acc")
+    mem = _mean_by(rows, "memory_peak")
+    keys = [k for k in acc if k in mem]
+    if not keys:
         return None
+    pts = [(mem[k] / MIB, 100 * acc[k].mean) for k in keys]
+    labels = [method_label(m) + ("" if r is None else f" r{r}") for m, r in keys]
+    methods = [m for m, _ in keys]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in dict.fromkeys(methods):
         idx = [i for i, mm in enumerate(methods) if mm == m]
         st = _style(m)
         ax.scatter([pts[i][0] for i in idx], [pts[i][1] for i in idx], label=method_label(m),
                    color=st.get("color"), marker=st.get("marker") or "D", s=36, zorder=3)
+        bars = [(i, acc[keys[i]]) for i in idx if acc[keys[i]].low is not None]
+        if bars:
+            ax.errorbar([pts[i][0] for i, _ in bars], [pts[i][1] for i, _ in bars],
+                        yerr=[[pts[i][1] - 100 * iv.low for i, iv in bars],
+                              [100 * iv.high - pts[i][1] for i, iv in bars]],
+                        fmt="none", ecolor=st.get("color"), capsize=2, lw=1, zorder=2)
     front = pareto_front(pts)
     ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="red",
             lw=1.2, zorder=2, label="Pareto front")
@@ -312,7 +370,8 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
         ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(4, -10), fontsize=7,
                     color="red")
     ax.set_xlabel("peak memory of one update [MiB]")
-    ax.set_ylabel("target test accuracy [%]")
+    ax.set_ylabel(f"target test accuracy [%]\n({_seed_counts(acc)})")
+    _clamp_percent(ax)
     ax.set_title(f"Accuracy vs memory (up-left is better)\n{_title(model, dataset, task)}",
                  fontsize=10)
     ax.grid(alpha=0.3)

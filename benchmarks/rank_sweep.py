@@ -1,6 +1,6 @@
 """The rank sweep: backbones x tasks x methods x ranks, each run measured for cost and accuracy.
 
-    python -m benchmarks.rank_sweep                 # offline default grid (digits), ~10 min CPU
+    python -m benchmarks.rank_sweep                 # offline default grid (digits, 3 seeds)
     python -m benchmarks.rank_sweep --profile-only  # cost of every update, no training, ~1-2 min
     python -m benchmarks.rank_sweep --preset paper --data-root ~/data   # the study's grid
 
@@ -11,19 +11,26 @@ For every configuration (model, task, method, rank, seed) the sweep
 2. prepares a copy with the method (adapters, frozen parameters, optimizer) and fine-tunes it on
    the target split, measuring zero-shot / target / source accuracy;
 3. profiles ONE update at ``--batch-size`` with :func:`convpeft.profiler.profile_update`
-   (FLOPs split by pass, true peak memory by category, time; torch's FlopCounterMode figure);
+   (FLOPs split by pass, true peak memory by category, time; torch's FlopCounterMode figure) —
+   once per configuration, not per seed: what an update costs depends on shapes only, so the
+   other seeds' rows copy the profile columns (``profile_seed`` says which seed measured them;
+   a resumed sweep reuses a profile already on disk);
 4. saves the trainable tensors with safetensors to measure the adapter's size on disk;
 
-and appends one row to ``--out``/results.{jsonl,csv}. A configuration that raises (including
-out-of-memory) is recorded with ``status="failed"`` and its error, and the sweep goes on.
-Ctrl-C stops after writing what is finished; rerunning the same command resumes (finished keys
-are skipped). At the end the plots (``--plots``) and the findings (``findings.md``) are written.
+and appends one row per (configuration, seed) to ``--out``/results.{jsonl,csv}; a rerun resumes
+per seed. ``results_summary.csv`` folds the seeds: accuracies as mean and 95% t-interval per
+configuration (:mod:`benchmarks.stats`). A configuration that raises (including out-of-memory)
+is recorded with ``status="failed"`` and its error, and the sweep goes on. Ctrl-C stops after
+writing what is finished; rerunning the same command resumes (finished keys are skipped). At
+the end the plots (``--plots``, intervals as error bars) and the findings (``findings.md``:
+methods ranked only where their intervals separate) are written.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import os
 import signal
@@ -79,6 +86,25 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
 
 
+def _seeds(s: str) -> list[int]:
+    """``--seeds``: ``"N"`` = the first N seeds (0..N-1); a comma-separated list = exactly those
+    seeds (``"7,"`` is seed 7 alone)."""
+    if "," not in s:
+        try:
+            n = int(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"expected a number of seeds N or a comma-separated list, got {s!r}") from e
+        if n < 1:
+            raise argparse.ArgumentTypeError(
+                f"--seeds {s}: the number of seeds must be >= 1 (one given seed k: '{s},')")
+        return list(range(n))
+    seeds = _int_list(s)
+    if not seeds or any(x < 0 for x in seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {s!r}: seeds must be integers >= 0")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.rank_sweep",
@@ -104,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tasks", type=_csv_list, default=None,
                    help=f"comma-separated tasks from {','.join(ALL_TASKS)}: shift = clean -> "
                    "corrupted images; new_classes = learn held-out classes")
-    g.add_argument("--seeds", type=_int_list, default=None,
-                   help="comma-separated seeds (data split, init, training order)")
+    g.add_argument("--seeds", type=_seeds, default=None,
+                   help="N (the first N seeds, 0..N-1) or a comma-separated list of seeds, e.g. "
+                   "'0,1,2' ('7,' = seed 7 alone). A seed draws the data split, the source "
+                   "model's pretraining, init and training order; accuracies are reported as "
+                   "means with 95%% t-intervals over the seeds, which needs at least 2 "
+                   "(preset's seeds if omitted)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=None,
                    help="dataset for every task (digits, cifar10, cifar100, ...), or per task "
@@ -319,6 +349,23 @@ class SourceCache:
         self._sources: dict[tuple, object] = {}
         # (model, dataset, task, seed) -> zero-shot (target, source) accuracy of the source model
         self.zero_shot: dict[tuple, tuple[float, float]] = {}
+        # (model, dataset, task, method, rank) -> the profile columns of that configuration,
+        # measured at one seed and copied into the rows of the others (see profile_columns)
+        self.profiles: dict[tuple, dict] = {}
+
+    def profile_key(self, cfg: Config) -> tuple:
+        """What one update's cost depends on within a sweep: everything but the seed."""
+        return (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.method, cfg.rank)
+
+    def reuse_profiles(self, rows: Sequence[dict], keys: set[str]) -> int:
+        """Remember the profile columns of the ``ok`` rows whose key is in ``keys`` (this
+        sweep's grid, so the same settings), so a resumed sweep profiles no configuration
+        twice. Returns how many configurations that covers."""
+        for r in rows:
+            if r.get("status") == "ok" and r.get("key") in keys:
+                pk = (r["model"], r["dataset"], r["task"], r["method"], r.get("rank"))
+                self.profiles.setdefault(pk, profile_columns(r))
+        return len(self.profiles)
 
     def task(self, cfg: Config):
         from convpeft.data import build_task
@@ -396,10 +443,32 @@ class SourceCache:
             "source_cpu_time_s": time.process_time() - c0,
             "source_cached": pinfo.get("cached"),
             "source_test_acc": pinfo.get("source_test_acc"),
+            # equal across machines exactly when the source weights are bit-identical
+            "source_weights_sha256": pinfo.get("weights_sha256"),
             "n_convs": len(kinds),
             "n_depthwise_convs": sum(k == "depthwise" for k in kinds),
         }
         return model.cpu(), info
+
+
+_PROFILE_EXTRA = ("profile_time_s", "profile_seed", "trainable_params", "total_params",
+                  "adapter_bytes", "bn_stats_bytes", "galore_projected_weights",
+                  "galore_fallback_weights", "galore_plain_adamw")
+
+
+def profile_columns(row: dict) -> dict:
+    """The columns of ``row`` that one profiled update determines (FLOPs, memory, step time,
+    parameter counts, adapter size on disk; the flattened :class:`UpdateProfile` fields and
+    their nested ``memory_by_category_*``-style children): the same for every seed of a
+    configuration. ``profile_seed`` defaults to the row's seed for rows written before it
+    existed."""
+    from convpeft.profiler import UpdateProfile
+
+    names = [f.name for f in dataclasses.fields(UpdateProfile)]
+    out = {k: v for k, v in row.items()
+           if k in _PROFILE_EXTRA or any(k == f or k.startswith(f + "_") for f in names)}
+    out.setdefault("profile_seed", row.get("seed"))
+    return out
 
 
 def _trainable_bytes(model: torch.nn.Module, bn_policy: str | None) -> tuple[int, int]:
@@ -447,12 +516,10 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
 
     The profiled update runs on its own freshly prepared copy of the source model: what one
     update costs does not depend on the weights' values, and this way the profiler's extra
-    optimizer steps can never leak into the fine-tuned model whose accuracy is reported.
+    optimizer steps can never leak into the fine-tuned model whose accuracy is reported. For
+    the same reason it runs once per configuration: a later seed copies the profile columns
+    from ``sources.profiles`` (``profile_seed`` names the seed that measured them).
     """
-    from convpeft.methods import prepare
-    from convpeft.models import expand_head
-    from convpeft.profiler import profile_update
-
     dev = torch.device(settings.device)
     task = sources.task(cfg)
     source, info = sources.source(cfg)
@@ -463,28 +530,12 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     mcfg = method_config(cfg, settings)
     row["bn"], row["lr"] = mcfg.bn, mcfg.resolved_lr
 
-    # --- cost of one update at the training batch size, on real target images
-    model = copy.deepcopy(source)
-    if task.num_new_classes:
-        expand_head(model, task.num_new_classes)
-    model.to(dev)
-    torch.manual_seed(cfg.seed)
-    prepared = prepare(model, mcfg)
-    x, y = next(task.target_train.batches(settings.batch_size, shuffle=False, device=dev))
-    prepared.train_mode()  # the BN policy decides what the update saves/updates
-    t0 = time.perf_counter()
-    prof = profile_update(prepared.model, prepared.optimizer, x, y,
-                          warmup=1, repeat=settings.profile_repeat, amp=settings.amp)
-    row["profile_time_s"] = time.perf_counter() - t0
-    row.update(flatten(prof.to_dict()))
-    trained = prepared.model
-    row["trainable_params"] = int(prepared.trainable_params)
-    row["total_params"] = int(sum(p.numel() for p in prepared.model.parameters()))
-    if hasattr(prepared.report, "fallback"):  # GaLore: weights whose rank made it plain AdamW
-        n_proj, n_fb = len(prepared.report.projected), len(prepared.report.fallback)
-        row["galore_projected_weights"], row["galore_fallback_weights"] = n_proj, n_fb
-        # rank >= the smaller side of every targeted weight: this row is plain AdamW
-        row["galore_plain_adamw"] = n_proj == 0 and n_fb > 0
+    # --- cost of one update at the training batch size, on real target images: once per
+    # configuration (the first seed that gets here), copied into the rows of the other seeds
+    pkey = sources.profile_key(cfg)
+    if pkey not in sources.profiles:
+        sources.profiles[pkey] = _profile(cfg, settings, source, task, mcfg, dev)
+    row.update(sources.profiles[pkey])
 
     # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
     if not settings.profile_only:
@@ -508,10 +559,42 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
         if res.history:
             row["final_train_loss"] = res.history[-1].get("loss")
         if res.model is not None:
-            trained = res.model
-    row["adapter_bytes"], row["bn_stats_bytes"] = _trainable_bytes(trained, mcfg.bn)
-    del model, prepared, trained
+            row["adapter_bytes"], row["bn_stats_bytes"] = _trainable_bytes(res.model, mcfg.bn)
     return row
+
+
+def _profile(cfg: Config, settings: SweepSettings, source: torch.nn.Module, task, mcfg,
+             dev: torch.device) -> dict:
+    """Profile one update of ``cfg`` on a prepared copy of ``source``: the row's profile
+    columns (:func:`profile_columns`), the adapter size on disk included."""
+    from convpeft.methods import prepare
+    from convpeft.models import expand_head
+    from convpeft.profiler import profile_update
+
+    model = copy.deepcopy(source)
+    if task.num_new_classes:
+        expand_head(model, task.num_new_classes)
+    model.to(dev)
+    torch.manual_seed(cfg.seed)
+    prepared = prepare(model, mcfg)
+    x, y = next(task.target_train.batches(settings.batch_size, shuffle=False, device=dev))
+    prepared.train_mode()  # the BN policy decides what the update saves/updates
+    t0 = time.perf_counter()
+    prof = profile_update(prepared.model, prepared.optimizer, x, y,
+                          warmup=1, repeat=settings.profile_repeat, amp=settings.amp)
+    out: dict = {"profile_time_s": time.perf_counter() - t0, "profile_seed": cfg.seed}
+    out.update(flatten(prof.to_dict()))
+    out["trainable_params"] = int(prepared.trainable_params)
+    out["total_params"] = int(sum(p.numel() for p in prepared.model.parameters()))
+    if hasattr(prepared.report, "fallback"):  # GaLore: weights whose rank made it plain AdamW
+        n_proj, n_fb = len(prepared.report.projected), len(prepared.report.fallback)
+        out["galore_projected_weights"], out["galore_fallback_weights"] = n_proj, n_fb
+        # rank >= the smaller side of every targeted weight: this row is plain AdamW
+        out["galore_plain_adamw"] = n_proj == 0 and n_fb > 0
+    # the size of what a device must receive: shapes only, like the rest of the profile
+    out["adapter_bytes"], out["bn_stats_bytes"] = _trainable_bytes(prepared.model, mcfg.bn)
+    del model, prepared
+    return out
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -592,6 +675,7 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
         f"{len(todo)} to run) -> {plan.out}")
     env = environment_metadata(s.device)
     sources = SourceCache(s)
+    sources.reuse_profiles(store.rows, {c.key(s) for c in plan.configs})
     errlog = plan.out / "errors.log"
     interrupted = False
     bar = tqdm(total=len(todo), desc="configs", unit="cfg", dynamic_ncols=True,

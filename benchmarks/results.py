@@ -7,6 +7,10 @@ Layout under ``--out``::
     results.csv     the same rows as a table, always REBUILT from the JSONL (never appended):
                     atomically (tmp file + rename) after each row and when a store is opened,
                     so a truncated, garbage-appended or deleted CSV is repaired by any rerun
+    results_summary.csv
+                    one row per configuration group (the key without the seed): accuracies as
+                    mean, standard deviation and 95% t-interval over seeds, and the cost columns
+                    (:mod:`benchmarks.stats`); rebuilt from the JSONL with results.csv
     findings.md     the markdown summary (benchmarks.findings), also rebuilt from the JSONL
     .results.lock   an advisory ``flock`` lock: appends and rebuilds hold it, so two sweeps
                     writing into one folder at once interleave whole rows and lose none
@@ -32,6 +36,8 @@ import subprocess
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from benchmarks.stats import SUMMARY_NAME, write_summary_csv
 
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
@@ -315,6 +321,7 @@ class ResultsStore:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / JSONL_NAME
         self.csv_path = self.out_dir / CSV_NAME
+        self.summary_path = self.out_dir / SUMMARY_NAME
         with locked(self.out_dir):
             self._repair_jsonl()
             self._reload()
@@ -325,6 +332,7 @@ class ResultsStore:
         self._rows: list[dict] = dedupe(read_jsonl(self.jsonl_path))
         if self._rows or self.csv_path.exists():
             write_csv(self.csv_path, self._rows)
+            write_summary_csv(self.summary_path, self._rows)
 
     def _repair_jsonl(self) -> None:
         # A hard kill can leave a torn last line without newline; the next append would glue

@@ -2,13 +2,23 @@
 
 * :func:`pretrain` trains the source model on ``task.source_train`` and caches its weights under
   ``$CONVPEFT_CACHE`` (default ``$XDG_CACHE_HOME/convpeft``, i.e. ``~/.cache/convpeft``), keyed by
-  a hash of everything the weights depend on; a cache hit loads instead of training.
+  a hash of everything the weights depend on (recipe, task and a fingerprint of its source
+  data, seed, torch version, the thread count and the CPU's SIMD level or GPU that ran it); a
+  cache hit loads instead of training. Pretraining runs under :func:`deterministic_torch`.
 * :func:`finetune` adapts a copy of a model to ``task.target_train`` with a method from
   :mod:`convpeft.methods` and measures zero-shot (before any update), target and source accuracy.
 * :func:`evaluate` is top-1 accuracy.
 
 Runs are repeatable on the CPU for a seed (parameter init, adapter init, shuffling, augmentation
-all come from seeded generators). CUDA is used when available unless ``device`` says otherwise.
+all come from seeded generators). Pretraining goes further (:func:`deterministic_torch`):
+deterministic algorithms where torch has them and a fixed intra-op thread count
+(``PRETRAIN_DEFAULTS["threads"]``, restored afterwards), inside a forked RNG so a cache hit and
+a miss leave the caller's global RNG alike. The same torch, thread count and CPU kind
+(``torch.backends.cpu.get_cpu_capability()``) then give bit-identical source weights
+(``pretrain_info["weights_sha256"]`` says so); another CPU model may round differently in its
+vectorised kernels, and training amplifies that, so accuracies agree across machines only
+within their seed intervals while FLOPs and memory agree exactly.
+CUDA is used when available unless ``device`` says otherwise.
 
 Mixed precision (``finetune(..., amp="bf16"|"fp16")``, :mod:`convpeft.amp`): forward and loss
 under ``torch.autocast``, fp32 master weights and optimizer state; fp16 (CUDA only) scales the
@@ -45,19 +55,81 @@ __all__ = [
     "FinetuneResult",
     "resolve_cache_dir",
     "default_device",
+    "deterministic_torch",
     "evaluate",
+    "recalibrate_bn",
     "finetune",
     "pretrain",
+    "state_dict_sha256",
 ]
 
 # Bump when the pretraining recipe changes, so stale cached weights are not reused.
-_RECIPE_VERSION = 1
+# 2: deterministic algorithms, fixed thread count, forked RNG; key names torch/threads/backend;
+#    BN running statistics recalibrated on the source data after the last epoch
+_RECIPE_VERSION = 2
 PRETRAIN_DEFAULTS = {"epochs": 5, "lr": 3e-3, "batch_size": 64, "weight_decay": 1e-4,
-                     "augment_shift": 2}
+                     "augment_shift": 2, "threads": 2}
+"""``threads``: intra-op threads during pretraining (a reduction split over another number of
+threads sums in another order, so the thread count changes the weights); 2 fits a laptop and
+CI, a bigger machine only pretrains a little slower than it could."""
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def deterministic_torch(threads: int | None = None):
+    """Run the block as reproducibly as torch allows; yields the intra-op thread count used.
+
+    Sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
+    deterministic implementation warns instead of failing), cuDNN deterministic without
+    autotuning, and ``torch.set_num_threads(threads)`` when ``threads`` is given. Everything is
+    restored on exit, exceptions included. What it cannot fix: another torch version, or a CPU
+    whose vectorised kernels (AVX2 vs AVX-512, ...) round differently.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None to keep {torch.get_num_threads()}), "
+                         f"got {threads}")
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.get_num_threads(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark)
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield torch.get_num_threads()
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.set_num_threads(prev[2])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[3], prev[4]
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes, in order): equal on two
+    machines exactly when their weights are bit-identical."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _data_fingerprint(ds: ImageDataset) -> str:
+    """Short SHA-256 of a dataset's images and labels (what the source model is trained on)."""
+    h = hashlib.sha256(ds.images.contiguous().numpy().tobytes())
+    h.update(ds.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _backend(device: torch.device) -> str:
+    """The hardware kind whose kernels decide the rounding: the CPU's SIMD level, or the GPU."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{device.type}:{torch.backends.cpu.get_cpu_capability()}"
 
 
 def resolve_cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -163,6 +235,33 @@ def _batches_per_epoch(n: int, batch_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- pretrain
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
+                   device: torch.device) -> int:
+    """Replace every BatchNorm's running statistics by the exact average over ``data`` (one
+    pass in train mode, no gradients, momentum ``None`` = cumulative average); returns the
+    number of BN layers. After a short one-cycle run the running averages still remember the
+    first steps' weights, and a depthwise-separable net evaluated with them can collapse to one
+    class; the recalibrated statistics are those of the final weights. Modes and momenta are
+    restored."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x, _ in data.batches(batch_size, device=device):
+        model(x)
+    for m, mom in zip(bns, momenta, strict=True):
+        m.momentum = mom
+    model.train(was_training)
+    return len(bns)
+
+
 def _cache_error(path: Path, e: OSError) -> OSError:
     return OSError(f"cannot write the pretrain cache {path} ({e.strerror or e}); set "
                    f"$CONVPEFT_CACHE to a writable folder or pass use_cache=False")
@@ -189,6 +288,7 @@ def pretrain(
     batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
     weight_decay: float = PRETRAIN_DEFAULTS["weight_decay"],
     augment_shift: int = PRETRAIN_DEFAULTS["augment_shift"],
+    threads: int | None = PRETRAIN_DEFAULTS["threads"],
     seed: int = 0,
     weights: str | None = None,
     small_input: bool = True,
@@ -204,21 +304,30 @@ def pretrain(
     ``task`` defaults to ``build_task("shift", dataset, seed=seed, resolution=resolution)``
     (its source split is the clean training set). Recipe: AdamW, one-cycle LR schedule (with
     at least 8 steps; constant ``lr`` otherwise),
-    ``batch_size``, random translations of up to ``augment_shift`` pixels. The returned model
-    (eval mode, on ``device``) carries ``model.pretrain_info``: a dict with ``cached`` (bool),
-    ``path``, ``key``, ``config``, ``train_time_s`` (of the run that made the weights) and
-    ``source_test_acc``.
+    ``batch_size``, random translations of up to ``augment_shift`` pixels, then the BN
+    statistics recalibrated on the source data (:func:`recalibrate_bn`); all under
+    :func:`deterministic_torch` with ``threads`` intra-op threads (None: the current count).
+    The returned model (eval mode, on ``device``) carries ``model.pretrain_info``: a dict with
+    ``cached`` (bool), ``path``, ``key``, ``config`` (what the key hashes), ``train_time_s``
+    (of the run that made the weights), ``source_test_acc`` and ``weights_sha256``
+    (:func:`state_dict_sha256`: compare it across machines).
     """
     if task is None:
         task = build_task("shift", dataset, seed=seed, resolution=resolution, data_root=data_root)
     elif task.dataset != dataset:
         raise ValueError(f"task is on {task.dataset!r} but dataset={dataset!r}")
     device = torch.device(device) if device is not None else default_device()
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None for the current count), got {threads}")
     config = {
         "recipe": _RECIPE_VERSION, "model": model_name, "weights": weights,
         "small_input": small_input, "num_classes": task.source_num_classes,
-        "task": task.source_config(), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "task": task.source_config(), "data": _data_fingerprint(task.source_train),
+        "epochs": epochs, "lr": lr, "batch_size": batch_size,
         "weight_decay": weight_decay, "augment_shift": augment_shift, "seed": seed,
+        "torch": torch.__version__, "backend": _backend(device),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "deterministic": True,
     }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     folder = resolve_cache_dir(cache_dir)
@@ -240,27 +349,33 @@ def pretrain(
 
     if use_cache:  # fail before minutes of training, not after
         _check_cache_writable(folder, path)
-    torch.manual_seed(seed)
-    model = build_model(model_name, task.source_num_classes, weights=weights,
-                        small_input=small_input).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * _batches_per_epoch(len(task.source_train), batch_size)
-    # one-cycle needs a few steps per phase; a tiny run just uses the constant peak LR
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                                 pct_start=0.25) if steps >= 8 else None)
-    g = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    history = []
-    with _progress(steps, f"pretrain {model_name}", progress) as bar:
-        for ep in range(epochs):
-            loss, acc = _train_epoch(model, opt, task.source_train, batch_size=batch_size,
-                                     generator=g, device=device, scheduler=sched,
-                                     augment_shift=augment_shift, bar=bar)
-            history.append({"epoch": ep + 1, "loss": loss, "train_acc": acc})
-    train_time = time.perf_counter() - start
-    model.eval()
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()
+                   ] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), deterministic_torch(threads):
+        torch.manual_seed(seed)
+        model = build_model(model_name, task.source_num_classes, weights=weights,
+                            small_input=small_input).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        steps = epochs * _batches_per_epoch(len(task.source_train), batch_size)
+        # one-cycle needs a few steps per phase; a tiny run just uses the constant peak LR
+        sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                     pct_start=0.25) if steps >= 8 else None)
+        g = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        history = []
+        with _progress(steps, f"pretrain {model_name}", progress) as bar:
+            for ep in range(epochs):
+                loss, acc = _train_epoch(model, opt, task.source_train, batch_size=batch_size,
+                                         generator=g, device=device, scheduler=sched,
+                                         augment_shift=augment_shift, bar=bar)
+                history.append({"epoch": ep + 1, "loss": loss, "train_acc": acc})
+        if epochs:
+            recalibrate_bn(model, task.source_train, batch_size=batch_size, device=device)
+        train_time = time.perf_counter() - start
+        model.eval()
+        source_test_acc = evaluate(model, task.source_test, device=device)
     info = {"config": config, "key": key, "train_time_s": train_time, "history": history,
-            "source_test_acc": evaluate(model, task.source_test, device=device)}
+            "source_test_acc": source_test_acc, "weights_sha256": state_dict_sha256(model)}
     if use_cache:
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -2,8 +2,10 @@
 
 The tiny grid: MobileNetV2 (small_input) on digits at 8x8, shift task, full FT and LoRA at
 ranks 1 and 2, one short epoch on 5 images per class, the source model pretrained for one epoch
-(cached in a per-session folder). A second model, SqueezeNet, cannot run on 8x8 images (its
-pooling shrinks the map to nothing): real failing configurations next to the good ones.
+(cached in a per-session folder), one seed (the default grid's several seeds are tested with
+--profile-only, where a seed costs little). A second model, SqueezeNet, cannot run on 8x8
+images (its pooling shrinks the map to nothing): real failing configurations next to the good
+ones.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def tiny(models: str = "mobilenet_v2,squeezenet1_0", methods: str = "full,lora",
         "--models", models, "--tasks", "shift", "--methods", methods, "--ranks", ranks,
         "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "1", "--few-shot", "5",
         "--test-per-class", "10", "--batch-size", "16", "--profile-repeat", "1", "--device", "cpu",
-        "--formats", "png,svg",
+        "--formats", "png,svg", "--seeds", "1",  # one seed: seed 0
     ]
 
 
@@ -128,8 +130,11 @@ def test_help_explains_every_flag(capsys):
 def test_presets_and_bad_flags(capsys):
     assert rank_sweep.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "48 configurations" in out  # 2 models x 2 tasks x (3 + 3 methods x 3 ranks)
-    assert rank_sweep.main(["--preset", "paper", "--seeds", "0", "--dry-run"]) == 0
+    n_seeds = len(PRESETS["default"].seeds)
+    assert n_seeds >= 3  # enough seeds for an interval on every accuracy
+    # 2 models x 2 tasks x (3 + 3 methods x 3 ranks) x seeds
+    assert f"{48 * n_seeds} configurations" in out
+    assert rank_sweep.main(["--preset", "paper", "--seeds", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "|cifar10|shift|" in out and "|cifar100|new_classes|" in out
     assert "resnet50|cifar10|shift|lora|64|" in out
@@ -138,6 +143,18 @@ def test_presets_and_bad_flags(capsys):
         with pytest.raises(SystemExit) as e:
             rank_sweep.main([*bad, "--dry-run"])
         assert e.value.code == 2
+
+
+def test_seeds_flag_takes_a_count_or_a_list(capsys):
+    parse = rank_sweep.build_parser().parse_args
+    assert parse(["--seeds", "3"]).seeds == [0, 1, 2]
+    assert parse(["--seeds", "0,4,2"]).seeds == [0, 4, 2]
+    assert parse(["--seeds", "7,"]).seeds == [7]
+    for bad, why in (("0", "must be >= 1"), ("x", "number of seeds"), ("1,-2", ">= 0")):
+        with pytest.raises(SystemExit) as e:
+            parse(["--seeds", bad])
+        assert e.value.code == 2
+        assert why in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- results I/O
@@ -262,6 +279,37 @@ def test_resume_skips_finished_rows(sweep, cache_dir, monkeypatch, capsys):
             assert after[k]["finished_at"] >= r["finished_at"]
     assert len(read_jsonl(sweep["out"] / "results.jsonl")) == n_lines + 3
     assert len(load_results(sweep["out"] / "results.csv")) == 6
+
+
+def test_seeds_resume_one_by_one_and_share_one_profile(tmp_path, capsys):
+    """One row per (configuration, seed); a later seed copies the first seed's profile instead
+    of profiling again, also when it runs in a later, resumed sweep; the summary CSV folds the
+    seeds into one row per configuration."""
+    out = tmp_path / "seeds"
+    base = [*tiny("mobilenet_v2", "head,lora", "2"), "--profile-only", "--out", str(out),
+            "--no-plots"]
+    assert rank_sweep.main([*base, "--seeds", "1,"]) == 0
+    first = {(r["method"], r["seed"]): r for r in load_results(out)}
+    assert set(first) == {("head", 1), ("lora", 1)}
+    assert rank_sweep.main([*base, "--seeds", "3"]) == 0
+    assert "(2 already done, 4 to run)" in capsys.readouterr().out
+    rows = load_results(out)
+    assert len(rows) == 6 and len({r["key"] for r in rows}) == 6
+    by = {(r["method"], r["seed"]): r for r in rows}
+    for m in ("head", "lora"):
+        assert by[(m, 1)] == first[(m, 1)]  # untouched by the resumed sweep
+        for seed in (0, 2):  # profiled by seed 1's row in the earlier sweep, not again
+            r = by[(m, seed)]
+            assert r["profile_seed"] == 1 and r["status"] == "ok"
+            for k in ("flops_total", "flops_torch", "memory_peak", "step_time_s",
+                      "profile_time_s", "memory_by_category_activations", "trainable_params",
+                      "adapter_bytes"):
+                assert r[k] == first[(m, 1)][k], k
+    with (out / "results_summary.csv").open(newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert [(s["method"], s["n_seeds"], s["seeds"]) for s in summary] == [
+        ("head", "3", "0 1 2"), ("lora", "3", "0 1 2")]
+    assert float(summary[1]["flops_total"]) == by[("lora", 0)]["flops_total"]
 
 
 def test_profile_only_measures_cost_without_accuracy(tmp_path):

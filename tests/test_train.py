@@ -1,4 +1,5 @@
-"""Training loop: loss goes down, runs repeat for a seed, pretraining is cached, evaluation."""
+"""Training loop: loss goes down, runs repeat for a seed, pretraining is cached (keyed by what
+changes the weights) and deterministic, evaluation."""
 
 import json
 
@@ -8,7 +9,14 @@ import torch
 from convpeft.data import build_task
 from convpeft.methods import MethodConfig
 from convpeft.models import build_model, get_head
-from convpeft.train import evaluate, finetune, pretrain, resolve_cache_dir
+from convpeft.train import (
+    deterministic_torch,
+    evaluate,
+    finetune,
+    pretrain,
+    resolve_cache_dir,
+    state_dict_sha256,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -158,3 +166,71 @@ def test_unwritable_pretrain_cache_is_named(tmp_path):
     with pytest.raises(OSError, match="cannot write the pretrain cache .*not_a_folder"):
         pretrain("mobilenet_v3_small", "digits", task=task, epochs=1, batch_size=64,
                  device="cpu", progress=False, small_input=True, cache_dir=blocker)
+
+
+def _torch_state() -> tuple:
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+
+def test_deterministic_torch_sets_and_restores_the_global_state():
+    before = _torch_state()
+    with deterministic_torch(threads=3) as n:
+        assert n == 3 == torch.get_num_threads()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert _torch_state() == before
+    with pytest.raises(RuntimeError, match="boom"), deterministic_torch(threads=2):
+        raise RuntimeError("boom")
+    assert _torch_state() == before
+    with pytest.raises(ValueError, match="threads must be >= 1"), deterministic_torch(threads=0):
+        pass
+    assert _torch_state() == before
+
+
+def test_pretrain_is_deterministic_and_keyed_by_what_changes_the_weights():
+    task = _small_tests(build_task("new_classes", resolution=8, source_classes=[0, 1]))
+    kw = dict(task=task, epochs=1, batch_size=64, seed=0, device="cpu", progress=False,
+              small_input=True, use_cache=False)
+    state, rng = _torch_state(), torch.random.get_rng_state()
+    a = pretrain("mobilenet_v3_small", "digits", **kw)
+    # the caller's thread count, flags and global RNG are as they were
+    assert _torch_state() == state and torch.equal(torch.random.get_rng_state(), rng)
+    b = pretrain("mobilenet_v3_small", "digits", **kw)
+    assert a.pretrain_info["key"] == b.pretrain_info["key"]
+    assert a.pretrain_info["weights_sha256"] == b.pretrain_info["weights_sha256"]
+    assert a.pretrain_info["weights_sha256"] == state_dict_sha256(b)
+    cfg = a.pretrain_info["config"]
+    assert cfg["torch"] == torch.__version__ and cfg["threads"] == 2  # PRETRAIN_DEFAULTS
+    assert cfg["backend"] == f"cpu:{torch.backends.cpu.get_cpu_capability()}"
+    assert len(cfg["data"]) == 16 and cfg["deterministic"] is True
+    # each of these changes the weights, so each changes the key
+    keys = {a.pretrain_info["key"]}
+    for extra in ({"threads": 1}, {"seed": 1}):
+        keys.add(pretrain("mobilenet_v3_small", "digits", **{**kw, **extra}).pretrain_info["key"])
+    other = _small_tests(build_task("new_classes", resolution=8, source_classes=[0, 2]))
+    keys.add(pretrain("mobilenet_v3_small", "digits", **{**kw, "task": other}).pretrain_info["key"])
+    assert len(keys) == 4
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        pretrain("mobilenet_v3_small", "digits", **{**kw, "threads": 0})
+
+
+def test_recalibrate_bn_sets_the_exact_statistics_and_restores_modes(shift_task):
+    from convpeft.train import recalibrate_bn
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.3), torch.nn.Flatten())
+    model.eval()
+    data = shift_task.target_train
+    assert recalibrate_bn(model, data, batch_size=7, device=torch.device("cpu")) == 1
+    bn = model[0]
+    x = data.float_images()
+    # cumulative average of per-batch means over one pass = the data's channel mean here
+    # (7 does not divide the dataset, so batches differ in size: the average is per batch)
+    means = torch.stack([xb.mean(dim=(0, 2, 3)) for xb, _ in data.batches(7)])
+    assert torch.allclose(bn.running_mean, means.mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=2e-2)
+    assert bn.momentum == 0.3 and not model.training
+    assert recalibrate_bn(torch.nn.Linear(2, 2), data, batch_size=8,
+                          device=torch.device("cpu")) == 0
