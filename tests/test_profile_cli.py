@@ -84,3 +84,15 @@ def test_lean_flag_lowers_the_analytic_peak(capsys):
     lean = json.loads(capsys.readouterr().out)
     assert lean["memory_peak"] < 0.6 * plain["memory_peak"]
     assert lean["flops_forward"] == plain["flops_forward"]
+
+
+@pytest.mark.parametrize("module", ["convpeft.profiler", "convpeft.profile"])
+def test_cli_runs_as_a_module(module):
+    """``python -m convpeft.profiler`` is the CLI; ``convpeft.profile`` stays an alias."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m convpeft.profiler" in out.stdout
