@@ -12,8 +12,10 @@ The floor (:func:`update_floor`) is what any exact update of that method must ho
 whatever it saves or recomputes: the resident state (parameters, buffers, optimizer state,
 the batch) plus, at the worst layer ``L`` of backward, the gradient of ``L``'s output and of
 its input (backward kernels read the one while writing the other) plus the parameter gradients
-already computed by then (those of ``L`` and every layer after it); and never less than the
-resident state plus all parameter gradients (alive together when ``step`` starts). It ignores
+already computed by then (those of ``L`` and every layer after it); never less than the
+resident state plus all parameter gradients (alive together when ``step`` starts), nor than
+the resident state plus the largest input + output of one layer in forward (an in-place layer
+counts once), which binds where little or nothing of the backbone trains (head only). It ignores
 every saved activation (checkpointing could recompute them), a residual branch's pending
 gradient and kernel scratch, so it is a lower bound, not a target one can reach exactly.
 Each row's ``above floor`` is its peak over its method's floor.
@@ -85,8 +87,9 @@ def update_floor(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     Layers are the leaf modules, an adapter wrapper counting as one layer. Returns bytes:
     ``resident`` (params + buffers + optimizer state, after one warm-up step, + the batch),
-    ``grads`` (all trainable parameters), ``pair`` and ``pair_layer`` (the worst layer's
-    output + input gradients), and ``floor``."""
+    ``grads`` (all trainable parameters), ``forward_pair`` (the largest input + output of one
+    layer in forward), ``pair`` and ``pair_layer`` (the binding layer's output + input
+    gradients, or its forward input + output, marked ``(forward)``), and ``floor``."""
     m, opt = meta_copy(model, optimizer)
     x = torch.empty(tuple(input_shape), device="meta")
     y = torch.empty(input_shape[:1], dtype=torch.long, device="meta")
@@ -99,13 +102,20 @@ def update_floor(model: nn.Module, optimizer: torch.optim.Optimizer,
                   n.startswith(a + ".") for a, w in m.named_modules()
                   if a and hasattr(w, "base_layer")))]
     seen: list[tuple[str, int, int]] = []  # (name, pair bytes, own grad bytes), forward order
+    fwd = [0, ""]  # the largest input + output of one layer in forward, and where
 
     def hook(name: str):
         def record(mod: nn.Module, args, out) -> None:
-            gin = sum(_nbytes(a) for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+            ins = [a for a in args if isinstance(a, torch.Tensor)]
+            gin = sum(_nbytes(a) for a in ins if a.requires_grad)
             gout = _nbytes(out) if isinstance(out, torch.Tensor) and out.requires_grad else 0
             own = sum(_nbytes(p) for p in mod.parameters() if p.requires_grad)
             seen.append((name, gin + gout, own))
+            if isinstance(out, torch.Tensor):  # an in-place op's output is its input
+                both = sum(map(_nbytes, ins)) + (0 if any(out is a for a in ins)
+                                                 else _nbytes(out))
+                if both > fwd[0]:
+                    fwd[:] = [both, name]
         return record
 
     handles = [mod.register_forward_hook(hook(n)) for n, mod in layers]
@@ -123,8 +133,10 @@ def update_floor(model: nn.Module, optimizer: torch.optim.Optimizer,
         after += own
         if pair + after > best:
             best, best_pair, best_layer = pair + after, pair, name
+    if fwd[0] > max(best, grads):  # a forward transient is the binding one
+        best_pair, best_layer = fwd[0], f"{fwd[1]} (forward)"
     return {"resident": resident, "grads": grads, "pair": best_pair, "pair_layer": best_layer,
-            "floor": resident + max(best, grads)}
+            "forward_pair": fwd[0], "floor": resident + max(best, grads, fwd[0])}
 
 
 def run(models: Sequence[str], batch: int, resolution: int, rank: int, measure: bool) -> list:
