@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,17 +17,6 @@ from benchmarks.results import load_results
 from convpeft.methods import get_method, list_methods
 
 MIB = 2**20
-
-
-def num(v: Any) -> float | None:
-    """A finite float, or None (missing, empty CSV cell, NaN)."""
-    if v is None or v == "":
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def rank_of(row: dict) -> int | None:

@@ -98,24 +98,24 @@ def _group(rows: Sequence[dict]) -> dict[tuple[str, str, str], list[dict]]:
     return dict(groups)
 
 
-def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], float]:
-    """Mean of ``field`` per (method, rank) over seeds (missing values skipped)."""
+def _values_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], list[float]]:
+    """The values of ``field`` per (method, rank) over seeds (missing values skipped)."""
     acc: dict[tuple[str, int | None], list[float]] = defaultdict(list)
     for r in rows:
         v = num(r.get(field))
         if v is not None:
             acc[(str(r["method"]), rank_of(r))].append(v)
-    return {k: sum(v) / len(v) for k, v in acc.items()}
+    return acc
+
+
+def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], float]:
+    """Mean of ``field`` per (method, rank) over seeds."""
+    return {k: sum(v) / len(v) for k, v in _values_by(rows, field).items()}
 
 
 def _interval_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], Interval]:
     """Mean and 95% t-interval of ``field`` per (method, rank) over seeds."""
-    acc: dict[tuple[str, int | None], list[float]] = defaultdict(list)
-    for r in rows:
-        v = num(r.get(field))
-        if v is not None:
-            acc[(str(r["method"]), rank_of(r))].append(v)
-    return {k: interval(v) for k, v in acc.items()}
+    return {k: interval(v) for k, v in _values_by(rows, field).items()}
 
 
 def _ranks(rows: Sequence[dict]) -> list[int]:

@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from benchmarks.stats import SUMMARY_NAME, write_summary_csv
+from benchmarks.stats import SUMMARY_NAME, write_csv_atomic, write_summary_csv
 
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
@@ -283,16 +283,7 @@ def column_order(rows: Iterable[dict]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write all rows atomically: a tmp file renamed over ``path`` (never a half-written CSV)."""
-    cols = column_order(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_csv_atomic(path, rows, column_order(rows))
 
 
 @contextlib.contextmanager

@@ -67,6 +67,17 @@ COST_COLUMNS: tuple[str, ...] = (
 """Seed-independent cost columns copied into the summary (mean over the group's rows)."""
 
 
+def num(v: object) -> float | None:
+    """A finite float, or None (missing, empty CSV cell, NaN)."""
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
 def t_cdf_two_sided(t: float, df: int) -> float:
     """``P(|T| <= t)`` for Student's t with ``df`` (integer >= 1) degrees of freedom.
 
@@ -162,16 +173,6 @@ def compare(a: Interval, b: Interval) -> int | None:
     return 0
 
 
-def _num(v) -> float | None:
-    if v is None or v == "" or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _rank(v) -> int | None:
     return None if v in (None, "") else int(v)
 
@@ -201,14 +202,14 @@ def summarize(rows: Iterable[dict], confidence: float = CONFIDENCE) -> list[dict
         rec.update(n_seeds=len(ok), seeds=" ".join(map(str, seeds)),
                    n_failed=len(grp) - len(ok))
         for m in INTERVAL_METRICS:
-            vals = [v for v in (_num(r.get(m)) for r in ok) if v is not None]
+            vals = [v for v in (num(r.get(m)) for r in ok) if v is not None]
             iv = interval(vals, confidence) if vals else None
             rec[f"{m}_mean"] = iv.mean if iv else None
             rec[f"{m}_sd"] = iv.sd if iv else None
             rec[f"{m}_ci_low"] = iv.low if iv else None
             rec[f"{m}_ci_high"] = iv.high if iv else None
         for c in COST_COLUMNS:  # equal over seeds (one profile per configuration): kept as is
-            vals = [r.get(c) for r in ok if _num(r.get(c)) is not None]
+            vals = [r.get(c) for r in ok if num(r.get(c)) is not None]
             rec[c] = (None if not vals else vals[0] if len(set(vals)) == 1
                       else sum(map(float, vals)) / len(vals))
         out.append(rec)
@@ -225,26 +226,31 @@ def summary_columns() -> list[str]:
 
 def interval_of(rec: dict, metric: str) -> Interval | None:
     """The :class:`Interval` of ``metric`` stored in a summary record (None without values)."""
-    mean = _num(rec.get(f"{metric}_mean"))
+    mean = num(rec.get(f"{metric}_mean"))
     if mean is None:
         return None
-    lo, hi = _num(rec.get(f"{metric}_ci_low")), _num(rec.get(f"{metric}_ci_high"))
+    lo, hi = num(rec.get(f"{metric}_ci_low")), num(rec.get(f"{metric}_ci_high"))
     n = int(rec.get("n_seeds") or 0)
-    return Interval(mean, n, _num(rec.get(f"{metric}_sd")), lo, hi)
+    return Interval(mean, n, num(rec.get(f"{metric}_sd")), lo, hi)
+
+
+def write_csv_atomic(path: Path, rows: Iterable[dict], cols: list[str]) -> None:
+    """Write ``rows`` (columns ``cols``, None as an empty cell) to ``path`` through a tmp file
+    renamed over it, so a reader never sees a half-written CSV."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_summary_csv(path: Path, rows: Iterable[dict]) -> list[dict]:
     """Write :func:`summarize` of ``rows`` to ``path`` atomically (tmp file + rename); returns
     the records written."""
     recs = summarize(rows)
-    cols = summary_columns()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in recs:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_csv_atomic(path, recs, summary_columns())
     return recs

@@ -186,6 +186,16 @@ def _torch_export_onnx(m: nn.Module, inputs: tuple[torch.Tensor, ...], path: Pat
             torch.onnx.export(m, inputs, str(path), **kw)
 
 
+def _place_if_close(tmp: Path, target: Path, err: float, rtol: float, what: str,
+                    hint: str = "") -> None:
+    """Move the verified file ``tmp`` over ``target`` if ``err <= rtol``; else refuse (NaN
+    fails too) and leave ``target`` as it was."""
+    if not err <= rtol:
+        raise ValueError(f"{what} differs from PyTorch: relative error {err:.3g} > rtol={rtol:g}; "
+                         f"nothing was written to {str(target)!r}.{hint}")
+    os.replace(tmp, target)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -220,12 +230,8 @@ def export_onnx(
     tmp = Path(tmp_name)
     try:
         _torch_export_onnx(m, inputs, tmp, opset)
-        err = relative_error(_run_onnx(tmp, inputs), want)
-        if not err <= rtol:
-            raise ValueError(
-                f"the exported graph differs from PyTorch: relative error {err:.3g} > rtol={rtol:g}"
-                f"; nothing was written to {str(target)!r}. Try another opset")
-        os.replace(tmp, target)
+        _place_if_close(tmp, target, relative_error(_run_onnx(tmp, inputs), want), rtol,
+                        "the exported graph", " Try another opset.")
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -267,12 +273,8 @@ def export_executorch(
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.buffer)
         method = runtime.Runtime.get().load_program(str(tmp)).load_method("forward")
-        err = relative_error(_outputs(method.execute(list(inputs))), want)
-        if not err <= rtol:
-            raise ValueError(
-                f"the ExecuTorch program differs from PyTorch: relative error {err:.3g} > "
-                f"rtol={rtol:g}; nothing was written to {str(target)!r}")
-        os.replace(tmp, target)
+        _place_if_close(tmp, target, relative_error(_outputs(method.execute(list(inputs))), want),
+                        rtol, "the ExecuTorch program")
     finally:
         tmp.unlink(missing_ok=True)
     return target
