@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.results import load_results
+from benchmarks.stats import num as num  # re-exported: the benchmarks parse numbers with it
 from convpeft.methods import get_method, list_methods
 
 MIB = 2**20
