@@ -15,8 +15,9 @@ Claims 1 and 2 use plain rows only (neither lean nor checkpointed), so mixing va
 results file does not change them.
 
 4. (3. without lean rows) Accuracy: target accuracy per configuration as the mean over seeds
-   with its 95% Student-t interval (:mod:`benchmarks.stats`). Methods are ranked only where their intervals do not
-   overlap; overlapping ones are called *indistinguishable*, and one seed ranks nothing.
+   with its 95% Student-t interval (:mod:`benchmarks.stats`). Methods are ranked only where
+   their intervals do not overlap; overlapping ones are called *indistinguishable*, and one
+   seed ranks nothing.
 
     python -m benchmarks.findings results/rank_sweep/results.jsonl
 
