@@ -259,11 +259,9 @@ def _config_label(rec: dict) -> str:
 
 
 def _verdict(a: Interval, b: Interval) -> str:
-    """How ``a`` compares with ``b``: "above", "below", "indistinguishable from", or "not
-    comparable (1 seed) with"."""
-    c = compare(a, b)
-    return {1: "above", -1: "below", 0: "indistinguishable from",
-            None: "not comparable (1 seed) with"}[c]
+    """How ``a`` compares with ``b``: "above", "below", "indistinguishable" (the intervals
+    overlap), or "no interval" (one seed)."""
+    return {1: "above", -1: "below", 0: "indistinguishable", None: "no interval"}[compare(a, b)]
 
 
 def _accuracy_lines(acc: list[dict]) -> list[str]:

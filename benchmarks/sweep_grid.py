@@ -155,7 +155,8 @@ PRESETS: dict[str, Preset] = {
     # with 3 seeds so that every accuracy carries a 95% t-interval. A seed pays for its own
     # source models (the digits split and the pretraining depend on it), so the per-seed work
     # is a third of the former one-seed default's: digits at 12x12 (the 8x8 originals lose
-    # nothing; at 8x8 MobileNetV2 collapses to one class), 2 pretraining epochs (the BN
+    # nothing; at 8x8 MobileNetV2's source model fell to one class, measured at 3
+    # epochs before BN recalibration), 2 pretraining epochs (the BN
     # statistics recalibrated after them, convpeft.train.recalibrate_bn), 20 target images per
     # class, 2 epochs, 20 test images per class. ResNet18's small_input stem keeps full
     # resolution through layer1, so it dominates the budget. Contrast at severity 3 is a real

@@ -317,7 +317,7 @@ def test_profile_only_measures_cost_without_accuracy(tmp_path):
     rc = rank_sweep.main(["--models", "resnet18", "--tasks", "new_classes", "--methods",
                           "head,dora", "--ranks", "2", "--resolution", "8", "--batch-size", "8",
                           "--profile-repeat", "1", "--profile-only", "--out", str(out),
-                          "--no-plots"])
+                          "--no-plots", "--seeds", "1"])
     assert rc == 0
     rows = load_results(out)
     assert [r["method"] for r in rows] == ["head", "dora"]
@@ -387,7 +387,8 @@ def test_notebook_executes(sweep, tmp_path, monkeypatch):
 
 def test_exit_status_when_every_configuration_fails(tmp_path, capsys):
     rc = rank_sweep.main(["--models", "squeezenet1_0", "--tasks", "shift", "--methods", "head",
-                          "--resolution", "8", "--out", str(tmp_path), "--no-plots"])
+                          "--resolution", "8", "--out", str(tmp_path), "--no-plots",
+                          "--seeds", "1"])
     assert rc == 1
     assert "every configuration failed" in capsys.readouterr().err
     assert [r["status"] for r in load_results(tmp_path)] == ["failed"]

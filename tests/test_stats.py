@@ -117,7 +117,7 @@ def test_findings_rank_only_where_intervals_separate():
     assert "highest mean full FT 82.0% [77.0, 87.0]" in line
     assert "indistinguishable from it: LoRA r=4" in line
     assert "below it (intervals separate): LoRA r=1" in line
-    assert "  - LoRA vs full FT: r=1 below, r=4 indistinguishable from." in md
+    assert "  - LoRA vs full FT: r=1 below, r=4 indistinguishable." in md
     assert "| m | shift | LoRA |  | 52.0 [47.0, 57.0] | 81.0 [76.0, 86.0] |" in md
 
 
@@ -125,7 +125,7 @@ def test_findings_say_indistinguishable_when_every_interval_overlaps():
     rows = [r for r in _accuracy_rows() if r["rank"] != 1]
     md = findings_markdown(rows)
     assert "indistinguishable from it: LoRA r=4." in md
-    assert "below it" not in md and "r=4 indistinguishable from" in md
+    assert "below it" not in md and "r=4 indistinguishable." in md
 
 
 def test_findings_with_one_seed_rank_nothing():
