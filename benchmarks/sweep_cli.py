@@ -1,0 +1,281 @@
+"""The rank sweep's command line: its options, and the checked :class:`SweepPlan` they become
+(grid, settings, output folders, executor), refused in one line before anything runs.
+:mod:`benchmarks.rank_sweep` runs the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.sweep_grid import (
+    ALL_TASKS,
+    BN_POLICIES,
+    DEFAULT_METHODS,
+    PRESETS,
+    Config,
+    SweepSettings,
+    expand_grid,
+    parse_dataset,
+)
+from convpeft.amp import AMP_MODES, check_amp
+from convpeft.methods import list_methods
+from convpeft.models import TESTED_MODELS, list_models
+
+DEFAULT_OUT = "results/rank_sweep"
+DEFAULT_PLOTS = "plots"
+
+
+def _csv_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv_list(s)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
+
+
+def _seeds(s: str) -> list[int]:
+    """``--seeds``: ``"N"`` = the first N seeds (0..N-1); a comma-separated list = exactly those
+    seeds (``"7,"`` is seed 7 alone)."""
+    if "," not in s:
+        try:
+            n = int(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"expected a number of seeds N or a comma-separated list, got {s!r}") from e
+        if n < 1:
+            raise argparse.ArgumentTypeError(
+                f"--seeds {s}: the number of seeds must be >= 1 (one given seed k: '{s},')")
+        return list(range(n))
+    seeds = _int_list(s)
+    if not seeds or any(x < 0 for x in seeds):
+        raise argparse.ArgumentTypeError(f"--seeds {s!r}: seeds must be integers >= 0")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.rank_sweep",
+        description="Rank sweep: fine-tune and profile every (model, task, method, rank, seed) "
+        "of a grid; write results (CSV + JSONL), plots and a findings summary. Flags override "
+        "the chosen --preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("grid")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="base grid: 'default' = offline digits grid for a laptop CPU; 'paper' = "
+                   "the study's grid (MobileNetV2/V3, ResNet18/34/50; CIFAR-10 -> CIFAR-10-C "
+                   "shift and CIFAR-100 new classes; ranks 1..64; needs --data-root)")
+    g.add_argument("--models", type=_csv_list, default=None,
+                   help="comma-separated torchvision model names, e.g. mobilenet_v2,resnet18 "
+                   "(preset's list if omitted)")
+    g.add_argument("--methods", type=_csv_list, default=None,
+                   help=f"comma-separated methods from {','.join(list_methods())} "
+                   f"(default grid: {','.join(DEFAULT_METHODS)})")
+    g.add_argument("--ranks", type=_int_list, default=None,
+                   help="comma-separated ranks for the low-rank methods (lora, dora, galore); "
+                   "full/head/bitfit run once per model/task/seed")
+    g.add_argument("--tasks", type=_csv_list, default=None,
+                   help=f"comma-separated tasks from {','.join(ALL_TASKS)}: shift = clean -> "
+                   "corrupted images; new_classes = learn held-out classes")
+    g.add_argument("--seeds", type=_seeds, default=None,
+                   help="N (the first N seeds, 0..N-1) or a comma-separated list of seeds, e.g. "
+                   "'0,1,2' ('7,' = seed 7 alone). A seed draws the data split, the source "
+                   "model's pretraining, init and training order; accuracies are reported as "
+                   "means with 95%% t-intervals over the seeds, which needs at least 2 "
+                   "(preset's seeds if omitted)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default=None,
+                   help="dataset for every task (digits, cifar10, cifar100, ...), or per task "
+                   "as 'shift=cifar10,new_classes=cifar100'")
+    d.add_argument("--data-root", default=None,
+                   help="folder with the CIFAR / CIFAR-10-C files (never downloaded here)")
+    d.add_argument("--corruption", default=None,
+                   help="corruption of the shift task (see convpeft.data.list_corruptions()); "
+                   "default: the task's documented default")
+    d.add_argument("--severity", type=int, default=None,
+                   help="corruption severity 1..5 (default: the task's default)")
+    d.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels the data is resized to")
+    d.add_argument("--few-shot", type=int, default=None,
+                   help="keep N target-training images per class (smaller = faster)")
+    d.add_argument("--test-per-class", type=int, default=None,
+                   help="evaluate on at most N test images per class (a stratified subset, "
+                   "fixed by the seed; smaller = faster, noisier accuracies)")
+    d.add_argument("--replay-per-class", type=int, default=0,
+                   help="new_classes: mix N source-class training images per old class into the "
+                   "adaptation data, so the old classes are not simply forgotten (default: 0)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per configuration")
+    t.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="epochs of source pretraining (cached; default: convpeft.train's)")
+    t.add_argument("--pretrain-batch-size", type=int, default=None,
+                   help="batch size of source pretraining (default: convpeft.train's)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="batch size of fine-tuning AND of the profiled update")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate for every method (default: each method's own default)")
+    t.add_argument("--bn", choices=BN_POLICIES, default=None,
+                   help="batch-norm policy: train = update stats + affine; freeze = eval-mode BN; "
+                   "stats = adapt running stats only (default: convpeft.methods' default)")
+    t.add_argument("--no-small-input", action="store_true",
+                   help="keep the ImageNet stem (by default the stem is adapted to small images)")
+    t.add_argument("--lean", action="store_true",
+                   help="memory-lean activations (convpeft.lean_activations; exact): frozen "
+                   "convs/BN and ReLU-like activations save only what backward needs")
+    t.add_argument("--amp", choices=AMP_MODES, default="off",
+                   help="mixed precision of fine-tuning and of the profiled update "
+                   "(torch.autocast; fp32 master weights; fp16 needs CUDA and gets a "
+                   "GradScaler), recorded in the amp column (default: off = fp32)")
+    t.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing of each backbone block (exact; one extra "
+                   "forward of the blocks per update), recorded in the checkpoint column")
+    t.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=DEFAULT_OUT,
+                   help="results folder (results.jsonl, results.csv, findings.md); reruns resume")
+    o.add_argument("--plots", default=DEFAULT_PLOTS, help="folder for the figures")
+    o.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
+    o.add_argument("--formats", default="png,svg", help="figure formats")
+    o.add_argument("--profile-only", action="store_true",
+                   help="measure the cost of one update per configuration without pretraining "
+                   "or fine-tuning (no accuracies)")
+    o.add_argument("--profile-repeat", type=int, default=2,
+                   help="timed updates per profile (median time reported)")
+    o.add_argument("--dry-run", action="store_true",
+                   help="print the configurations that would run and exit")
+    return p
+
+
+@dataclass
+class SweepPlan:
+    configs: list[Config]
+    settings: SweepSettings
+    out: Path
+    plots: Path | None
+    formats: list[str]
+
+
+def _figure_formats() -> set[str]:
+    """File formats matplotlib can save (png, svg, pdf, ...)."""
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
+
+
+def _check_writable_dir(path: Path, flag: str, fix: str = "pass a folder you can write") -> None:
+    """Refuse, before any configuration runs, a folder that cannot hold the outputs: a path
+    that is a file (or under one), or a folder this process cannot write into. Leaves nothing
+    behind: the nearest existing ancestor is what is checked, by creating and removing a
+    probe file in it (``os.access`` alone says yes to root on a read-only mount)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder; {fix}")
+    why = None
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = "permission denied"
+    else:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=probe, prefix=".convpeft-write-probe-")
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        else:
+            os.close(fd)
+            os.unlink(tmp)
+    if why is not None:
+        raise ValueError(f"{flag} {path}: {probe} is not writable ({why}); {fix}")
+
+
+def plan_from_args(a: argparse.Namespace) -> SweepPlan:
+    """Merge the preset with the flags; validate what can be validated before running."""
+    pre = PRESETS[a.preset]
+    models = a.models if a.models is not None else pre.models
+    methods = a.methods if a.methods is not None else pre.methods
+    ranks = a.ranks if a.ranks is not None else pre.ranks
+    tasks = a.tasks if a.tasks is not None else pre.tasks
+    seeds = a.seeds if a.seeds is not None else pre.seeds
+    bad = [m for m in methods if m not in list_methods()]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(list_methods())}")
+    bad = [t for t in tasks if t not in ALL_TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; choose from {', '.join(ALL_TASKS)}")
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if not models or not methods or not tasks or not seeds:
+        raise ValueError("--models, --methods, --tasks and --seeds must each name at least one")
+    if a.severity is not None and not 1 <= a.severity <= 5:
+        raise ValueError(f"--severity must be in 1..5, got {a.severity}")
+    dataset = parse_dataset(a.dataset, tasks) if a.dataset else {t: pre.dataset[t] for t in tasks}
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = SweepSettings(
+        dataset=dataset,
+        corruption=a.corruption if a.corruption is not None else pre.extra.get("corruption"),
+        severity=a.severity if a.severity is not None else pre.extra.get("severity"),
+        epochs=a.epochs if a.epochs is not None else pre.epochs,
+        pretrain_epochs=a.pretrain_epochs if a.pretrain_epochs is not None
+        else pre.extra.get("pretrain_epochs"),
+        pretrain_batch_size=a.pretrain_batch_size if a.pretrain_batch_size is not None
+        else pre.extra.get("pretrain_batch_size"),
+        batch_size=a.batch_size if a.batch_size is not None else pre.batch_size,
+        resolution=a.resolution if a.resolution is not None else pre.resolution,
+        bn=a.bn,
+        lr=a.lr,
+        small_input=not a.no_small_input,
+        data_root=a.data_root,
+        few_shot=a.few_shot if a.few_shot is not None else pre.extra.get("few_shot"),
+        test_per_class=a.test_per_class if a.test_per_class is not None
+        else pre.extra.get("test_per_class"),
+        replay_per_class=a.replay_per_class,
+        profile_only=a.profile_only,
+        profile_repeat=a.profile_repeat,
+        device=device,
+        lean=a.lean,
+        amp=a.amp,
+        checkpoint=a.checkpoint,
+    )
+    check_amp(settings.amp, settings.device)  # fp16 on the CPU: refused before anything runs
+    if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
+        raise ValueError("--epochs must be >= 0, --batch-size >= 1, --resolution >= 8")
+    if (settings.few_shot is not None and settings.few_shot < 1) or (
+            settings.test_per_class is not None and settings.test_per_class < 1):
+        raise ValueError("--few-shot and --test-per-class must be >= 1")
+    if settings.replay_per_class < 0:
+        raise ValueError("--replay-per-class must be >= 0")
+    unknown = [m for m in models if m not in set(list_models())]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: use torchvision classification models, "
+                         f"e.g. {', '.join(TESTED_MODELS)} (all: convpeft.models.list_models())")
+    plots = None if a.no_plots else Path(a.plots)
+    formats = _csv_list(a.formats)
+    if plots is not None:
+        supported = _figure_formats()
+        bad = [f for f in formats if f not in supported]
+        if bad or not formats:
+            raise ValueError(f"unknown --formats {bad or a.formats!r}; choose from "
+                             f"{', '.join(sorted(supported))}")
+    _check_writable_dir(Path(a.out), "--out")
+    if plots is not None:
+        _check_writable_dir(plots, "--plots")
+    if not settings.profile_only:  # source models are pretrained once and cached there
+        from convpeft.train import resolve_cache_dir
+
+        _check_writable_dir(resolve_cache_dir(), "pretrain cache",
+                            "set $CONVPEFT_CACHE to a folder you can write")
+    return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
+                     plots, formats)
+
+
