@@ -276,7 +276,9 @@ class AdapterLayer(nn.Module):
         """
         return self._resolve(x_shape, training, input_grad, device)[0]
 
-    def _resolve(self, x_shape, training, input_grad, device) -> tuple[str, str]:
+    def _resolve(self, x_shape: tuple[int, ...], training: bool | None, input_grad: bool,
+                 device: str | None) -> tuple[str, str]:
+        """``(mode, reason)``; reason: fixed | dropout | lora-fa | cuda | flops | memory."""
         if self.mode != "auto":
             return self.mode, "fixed"
         if training is None:
