@@ -221,6 +221,7 @@ def _lean_lines(recs: list[dict]) -> list[str]:
                      f"{'' if r['rank'] is None else r['rank']} | {r['bn']} | {r['variant']} | "
                      f"{r['peak'] / MIB:.1f} | {_pct(r['saving_bn_train'])} | "
                      f"{_pct(r['saving_bn_frozen'])} |")
+    return lines
 
 
 def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
