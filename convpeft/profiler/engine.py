@@ -85,18 +85,13 @@ class CudaProbe:
 @dataclass
 class DevicePeak:
     """The allocator's peak over an update: ``raw`` as read, ``peak`` without the bytes that were
-    not this update's (other tensors on the device), the tensor bytes the tracker saw live in the
-    op that reached it (``tensors``, at clock tick ``tick``) and the rest
-    (``workspace = peak - tensors``: kernel scratch, allocator rounding)."""
+    not this update's (other tensors on the device), and the tracker's clock ``tick`` right after
+    the op that reached it; the tensors live then are the tracker's to say
+    (:meth:`MemoryTracker.live_at`), the rest is workspace (kernel scratch, allocator rounding)."""
 
     raw: int
     peak: int
-    tensors: int
     tick: int
-
-    @property
-    def workspace(self) -> int:
-        return max(0, self.peak - self.tensors)
 
 
 @dataclass
@@ -132,14 +127,12 @@ class Instrument(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.counter.record(func, args, kwargs, out)
         tracker = self.tracker
-        before = tracker.current
         tracker.on_output(out, func)
         if probe is not None:
             # the op peaked with its inputs and its (new) outputs live, plus its scratch
             raw = probe.peak()
             if self.device_peak is None or raw > self.device_peak.raw:
                 self.device_peak = DevicePeak(raw=raw, peak=raw - self.foreign,
-                                              tensors=max(before, tracker.current),
                                               tick=tracker.tick)
         return out
 
