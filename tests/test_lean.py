@@ -97,16 +97,17 @@ def test_mask_round_trip(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_activation_gradient_at_the_kinks(act, dtype, chunk, monkeypatch):
     """The mask must say exactly where torch's backward passes the gradient, kinks included
-    (0, -0, the clamp bounds, and their nearest floats on either side); ``chunk=16`` packs and
-    unpacks 89 elements in 6 passes, the last one partial."""
+    (0, -0, the clamp bounds, and their nearest floats on either side, NaN of either sign);
+    ``chunk=16`` packs and unpacks 91 elements in 6 passes, the last one partial."""
     monkeypatch.setattr("convpeft.lean.masks.CHUNK", chunk)
     module = ACTS[act]()
     lo, hi = {"relu6": (0.0, 6.0), "hardtanh": (-0.5, 0.5)}.get(act.split("_")[0], (0.0, None))
     points = [lo, -0.0, 0.0] + ([hi] if hi is not None else [])
     t = torch.tensor(points, dtype=dtype)
     kinks = torch.cat([t, torch.nextafter(t, t + 1), torch.nextafter(t, t - 1),
-                       torch.tensor([-3.0, 3.0, 7.0, 1e-40, -1e-40], dtype=dtype)])
-    x0 = torch.cat([kinks, torch.randn(37, dtype=dtype)])  # 52 + 37: not a multiple of 8
+                       torch.tensor([-3.0, 3.0, 7.0, 1e-40, -1e-40], dtype=dtype),
+                       torch.tensor([math.nan, -math.nan], dtype=dtype)])
+    x0 = torch.cat([kinks, torch.randn(37, dtype=dtype)])  # 54 + 37: not a multiple of 8
     gy = torch.rand_like(x0) + 0.5
     grads = []
     for lean in (False, True):
@@ -118,8 +119,9 @@ def test_activation_gradient_at_the_kinks(act, dtype, chunk, monkeypatch):
         y = m(x * 1)  # not a leaf, so in-place variants may write into it
         y.backward(gy)
         grads.append((y.detach(), x.grad))
-    assert torch.equal(grads[0][0], grads[1][0])
-    assert torch.equal(grads[0][1], grads[1][1])
+    # bit-exact, NaN where torch has NaN
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=0, atol=0, equal_nan=True)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("bn", list(BN_MODES))
