@@ -15,9 +15,10 @@ Claims 1 and 2 use plain rows only (neither lean nor checkpointed), so mixing va
 results file does not change them.
 
 4. (3. without lean rows) Accuracy: target accuracy per configuration as the mean over seeds
-   with its 95% Student-t interval (:mod:`benchmarks.stats`). Methods are ranked only where
-   their intervals do not overlap; overlapping ones are called *indistinguishable*, and one
-   seed ranks nothing.
+   with its 95% Student-t interval (:mod:`benchmarks.stats`). Two configurations are ranked
+   only where the seeds separate them: paired over the seeds they share (the 95% interval of
+   the per-seed difference excludes zero), else by disjoint intervals; otherwise they are
+   called *indistinguishable*, and one seed ranks nothing.
 
     python -m benchmarks.findings results/rank_sweep/results.jsonl
 
@@ -41,7 +42,13 @@ from benchmarks.common import (
     results_parser,
     variant_of,
 )
-from benchmarks.stats import CONFIDENCE, Interval, compare, interval
+from benchmarks.stats import (
+    CONFIDENCE,
+    compare,
+    compare_paired,
+    interval,
+    paired_interval,
+)
 
 ADAPTERS = ("lora", "dora")
 """The methods both claims are about."""
@@ -227,7 +234,8 @@ def _lean_lines(recs: list[dict]) -> list[str]:
 def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
     """One record per (model, dataset, task, settings, method, rank) with a target accuracy:
     ``target``/``source``/``zero_shot`` :class:`~benchmarks.stats.Interval` over the seeds of
-    its ``ok`` rows (``source``/``zero_shot`` None when absent) and ``seeds``."""
+    its ``ok`` rows (``source``/``zero_shot`` None when absent), ``seeds`` and ``by_seed``
+    (seed -> target accuracy, for paired comparisons)."""
     vals: dict[tuple, dict[str, list]] = {}
     for r in rows:
         if r.get("status") != "ok" or num(r.get("target_acc")) is None:
@@ -235,11 +243,13 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
         k = (r["model"], r.get("dataset"), r["task"], r.get("settings_signature"), r["method"],
              rank_of(r))
         d = vals.setdefault(k, {"target_acc": [], "source_acc": [], "zero_shot_acc": [],
-                                "seed": []})
+                                "seed": [], "by_seed": {}})
         for f in ("target_acc", "source_acc", "zero_shot_acc"):
             if num(r.get(f)) is not None:
                 d[f].append(num(r.get(f)))
         d["seed"].append(r.get("seed"))
+        if r.get("seed") not in (None, ""):
+            d["by_seed"][int(r["seed"])] = num(r["target_acc"])
     out = []
     for (model, ds, task, sig, method, rank), d in sorted(
             vals.items(), key=lambda kv: tuple(str(x) for x in kv[0][:5]) + (
@@ -247,7 +257,7 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
         out.append(dict(
             model=model, dataset=ds, task=task, signature=sig, method=method, rank=rank,
             seeds=sorted(s for s in d["seed"] if s is not None),
-            target=interval(d["target_acc"]),
+            target=interval(d["target_acc"]), by_seed=d["by_seed"],
             source=interval(d["source_acc"]) if d["source_acc"] else None,
             zero_shot=interval(d["zero_shot_acc"]) if d["zero_shot_acc"] else None,
         ))
@@ -259,10 +269,22 @@ def _config_label(rec: dict) -> str:
     return method_label(rec["method"]) + rank
 
 
-def _verdict(a: Interval, b: Interval) -> str:
-    """How ``a`` compares with ``b``: "above", "below", "indistinguishable" (the intervals
-    overlap), or "no interval" (one seed)."""
-    return {1: "above", -1: "below", 0: "indistinguishable", None: "no interval"}[compare(a, b)]
+def separation(a: dict, b: dict) -> int | None:
+    """Do the seeds separate record ``a``'s target accuracy from ``b``'s? ``1`` above, ``-1``
+    below, ``0`` indistinguishable, None without intervals. Paired over the seeds both ran
+    (same split, source model and sample per seed) when they share two or more; else by
+    disjoint intervals (see :mod:`benchmarks.stats`)."""
+    diff = paired_interval(a.get("by_seed", {}), b.get("by_seed", {}))
+    if diff is not None:
+        return compare_paired(diff)
+    return compare(a["target"], b["target"])
+
+
+def _verdict(a: dict, b: dict) -> str:
+    """How record ``a`` compares with ``b``: "above", "below", "indistinguishable", or
+    "no interval" (one seed)."""
+    return {1: "above", -1: "below", 0: "indistinguishable",
+            None: "no interval"}[separation(a, b)]
 
 
 def _accuracy_lines(acc: list[dict]) -> list[str]:
@@ -275,9 +297,12 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
     ns = sorted({r["target"].n for r in acc})
     n_txt = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     lines = [f"Target test accuracy, mean over {n_txt} seed(s) with its {100 * CONFIDENCE:.0f}% "
-             "Student-t interval. A configuration is ranked above another only where the two "
-             "intervals do not overlap; where they overlap the two are *indistinguishable* at "
-             "this number of seeds.", ""]
+             "Student-t interval. A configuration is ranked above another only where the seeds "
+             "separate them: configurations run on the same seeds share, seed by seed, the data "
+             "split, source model and few-shot sample, so they are compared paired (the "
+             f"{100 * CONFIDENCE:.0f}% interval of the per-seed difference must exclude zero), "
+             "others by disjoint intervals. Otherwise the two are *indistinguishable* at this "
+             "number of seeds.", ""]
     if ns[0] < 2:
         lines += ["Some configurations have one seed only: they get no interval and are not "
                   "ranked (run the sweep with `--seeds 3` or more).", ""]
@@ -292,14 +317,14 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
                          f"{best['target'].format()}; no intervals, no ranking.")
             continue
         others = sorted((r for r in recs if r is not best), key=lambda r: -r["target"].mean)
-        same = [r for r in others if compare(r["target"], best["target"]) in (0, None)]
-        below = [r for r in others if compare(r["target"], best["target"]) == -1]
+        same = [r for r in others if separation(r, best) in (0, None)]
+        below = [r for r in others if separation(r, best) == -1]
         text = (f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
                 f"{best['target'].format()}")
         text += ("; indistinguishable from it: " + ", ".join(_config_label(r) for r in same)
                  if same else "; every other configuration is below it")
         if below and same:
-            text += "; below it (intervals separate): " + ", ".join(
+            text += "; below it (the seeds separate them): " + ", ".join(
                 _config_label(r) for r in below)
         lines.append(text + ".")
         full = next((r for r in recs if r["method"] == "full" and r["rank"] is None), None)
@@ -307,7 +332,7 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
             continue
         ranked = [r for r in recs if r["rank"] is not None]
         for method in dict.fromkeys(r["method"] for r in ranked):
-            parts = [f"r={r['rank']} {_verdict(r['target'], full['target'])}"
+            parts = [f"r={r['rank']} {_verdict(r, full)}"
                      for r in ranked if r["method"] == method]
             lines.append(f"  - {method_label(method)} vs full FT: " + ", ".join(parts) + ".")
     lines += ["", "Target accuracy [%], mean [95% interval] over seeds:", ""]

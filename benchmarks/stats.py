@@ -13,10 +13,15 @@ never reaches beyond the smallest and largest observed value and covers far less
 One seed gives no interval (``None``). The t quantile is computed here in closed form for
 integer degrees of freedom (no SciPy needed; :func:`t_quantile`).
 
-Two configurations are *ranked* only when their intervals do not overlap
-(:func:`compare`); otherwise they are *indistinguishable* at this number of seeds. Disjoint 95%
-intervals are a conservative test (stricter than a 5% two-sample test), which is the point:
-findings must not rank what the seeds cannot separate.
+Two configurations are *ranked* only when the seeds separate them; otherwise they are
+*indistinguishable* at this number of seeds. Configurations of one sweep that ran on the same
+seeds share, seed by seed, the data split, the source model and the few-shot sample, and most
+of the spread over seeds is that shared part (a weak source model lowers every method alike).
+So the test is **paired** where it can be (:func:`paired_interval`, :func:`compare_paired`):
+the 95% t-interval of the per-seed differences ``a_s - b_s`` must exclude zero. Where fewer than
+two seeds are shared, the marginal intervals must not overlap (:func:`compare`), a stricter
+test. Both are 5%-level tests of "no difference"; neither corrects for the many pairs a
+findings page compares, so a ranking is a statement about this grid, not a p-value.
 
 :func:`summarize` folds the rows (one per configuration and seed) into one record per
 configuration group: ``(model, dataset, task, method, rank, settings_signature)``, every field
@@ -31,7 +36,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +48,9 @@ __all__ = [
     "SUMMARY_NAME",
     "Interval",
     "compare",
+    "compare_paired",
     "interval",
+    "paired_interval",
     "summarize",
     "summary_columns",
     "t_cdf_two_sided",
@@ -169,6 +176,28 @@ def compare(a: Interval, b: Interval) -> int | None:
     if a.low > b.high:
         return 1
     if a.high < b.low:
+        return -1
+    return 0
+
+
+def paired_interval(a: Mapping[object, float], b: Mapping[object, float],
+                    confidence: float = CONFIDENCE) -> Interval | None:
+    """Interval of the per-seed difference ``a[s] - b[s]`` over the seeds both have (mappings
+    seed -> value); None when they share fewer than two seeds (no interval to test with)."""
+    common = [s for s in a if s in b]
+    if len(common) < 2:
+        return None
+    return interval([a[s] - b[s] for s in common], confidence)
+
+
+def compare_paired(diff: Interval | None) -> int | None:
+    """``1`` if the interval of ``a - b`` lies wholly above zero, ``-1`` wholly below, ``0``
+    if it contains zero (indistinguishable); ``None`` without an interval."""
+    if diff is None or diff.low is None:
+        return None
+    if diff.low > 0:
+        return 1
+    if diff.high < 0:
         return -1
     return 0
 

@@ -12,7 +12,9 @@ from benchmarks.findings import findings_markdown
 from benchmarks.stats import (
     Interval,
     compare,
+    compare_paired,
     interval,
+    paired_interval,
     summarize,
     summary_columns,
     t_cdf_two_sided,
@@ -116,7 +118,7 @@ def test_findings_rank_only_where_intervals_separate():
     line = next(ln for ln in md.splitlines() if ln.startswith("- **m, shift**"))
     assert "highest mean full FT 82.0% [77.0, 87.0]" in line
     assert "indistinguishable from it: LoRA r=4" in line
-    assert "below it (intervals separate): LoRA r=1" in line
+    assert "below it (the seeds separate them): LoRA r=1" in line
     assert "  - LoRA vs full FT: r=1 below, r=4 indistinguishable." in md
     assert "| m | shift | LoRA |  | 52.0 [47.0, 57.0] | 81.0 [76.0, 86.0] |" in md
 
@@ -133,3 +135,31 @@ def test_findings_with_one_seed_rank_nothing():
     md = findings_markdown(rows)
     assert "no intervals, no ranking" in md and "`--seeds 3`" in md
     assert "below" not in md.split("## 3.")[1]
+
+
+def test_paired_interval_uses_the_shared_seeds_only():
+    a = {0: 0.60, 1: 0.80, 2: 0.70, 5: 0.10}
+    b = {0: 0.55, 1: 0.74, 2: 0.66, 3: 0.90}
+    d = paired_interval(a, b)  # seeds 0, 1, 2: differences 0.05, 0.06, 0.04
+    assert d.n == 3 and d.mean == pytest.approx(0.05)
+    assert d.low == pytest.approx(0.05 - 4.302653 * 0.01 / math.sqrt(3), abs=1e-7)
+    assert compare_paired(d) == 1 and compare_paired(paired_interval(b, a)) == -1
+    assert paired_interval({0: 0.5, 1: 0.6}, {1: 0.4, 2: 0.3}) is None  # one shared seed
+    assert compare_paired(None) is None
+    assert compare_paired(paired_interval({0: 0.5, 1: 0.7}, {0: 0.6, 1: 0.6})) == 0
+
+
+def test_findings_pair_configurations_that_share_seeds():
+    """Spread over seeds that two configurations share (a weak source model lowers both) hides
+    a consistent gap from disjoint-interval tests; the paired test sees it. Without shared
+    seeds the same numbers are compared by their intervals and stay indistinguishable."""
+    base = (0.60, 0.80, 0.70)
+    rows = [_row("m", "shift", "full", None, s, a) for s, a in enumerate(base)]
+    rows += [_row("m", "shift", "lora", 4, s, a - 0.03 - 0.001 * s) for s, a in enumerate(base)]
+    md = findings_markdown(rows)
+    line = next(ln for ln in md.splitlines() if ln.startswith("- **m, shift**"))
+    assert "every other configuration is below it" in line
+    assert "  - LoRA vs full FT: r=4 below." in md
+    shifted = [dict(r, seed=r["seed"] + 10) if r["method"] == "lora" else r for r in rows]
+    md = findings_markdown(shifted)
+    assert "indistinguishable from it: LoRA r=4" in md and "r=4 indistinguishable." in md
