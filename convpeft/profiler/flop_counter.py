@@ -162,27 +162,72 @@ def matmul_op_flops(func: object, args: tuple) -> int:
     raise KeyError(func)
 
 
-def elementwise_flops(func: object, args: tuple, kwargs: dict, out: object) -> int:
-    """The elementwise FLOPs we tally for one op that is not a conv/matmul/SVD (see module doc)."""
-    if func in _FREE_OPS or getattr(func, "is_view", False):
-        return 0
-    name = getattr(func, "__name__", "")
-    if name.startswith("_foreach_"):
-        # one FLOP per element of the tensor list being updated (optimizer arithmetic)
-        first = args[0] if args else []
-        return sum(_numel(t) for t in first) if isinstance(first, (list, tuple)) else 0
-    if func in _BN_FORWARD_OPS:
-        return BN_FORWARD_PER_ELEMENT * _numel(args[0])
-    if func in _BN_BACKWARD_OPS:
-        return BN_BACKWARD_PER_ELEMENT * _numel(args[1])
-    if func in _SOFTMAX_OPS:
-        return SOFTMAX_PER_ELEMENT * _numel(args[0])
-    if func in _REDUCTION_OPS:
-        return _numel(args[0])
+def _foreach_rule(args: tuple, out: object) -> int:
+    # one FLOP per element of the tensor list being updated (optimizer arithmetic)
+    first = args[0] if args else []
+    return sum(_numel(t) for t in first) if isinstance(first, (list, tuple)) else 0
+
+
+def _pointwise_rule(args: tuple, out: object) -> int:
     outs = _tensors(out)
     if not outs or not any(t.is_floating_point() for t in outs):
         return 0  # integer/bool bookkeeping (indices, masks)
     return max(t.numel() for t in outs)
+
+
+def _elementwise_rule(func: object):
+    """The rule :func:`elementwise_flops` applies to ``func``: a callable ``(args, out) -> int``,
+    or None for an op without arithmetic (views, copies, creation)."""
+    if func in _FREE_OPS or getattr(func, "is_view", False):
+        return None
+    if getattr(func, "__name__", "").startswith("_foreach_"):
+        return _foreach_rule
+    if func in _BN_FORWARD_OPS:
+        return lambda args, out: BN_FORWARD_PER_ELEMENT * _numel(args[0])
+    if func in _BN_BACKWARD_OPS:
+        return lambda args, out: BN_BACKWARD_PER_ELEMENT * _numel(args[1])
+    if func in _SOFTMAX_OPS:
+        return lambda args, out: SOFTMAX_PER_ELEMENT * _numel(args[0])
+    if func in _REDUCTION_OPS:
+        return lambda args, out: _numel(args[0])
+    return _pointwise_rule
+
+
+def elementwise_flops(func: object, args: tuple, kwargs: dict, out: object) -> int:
+    """The elementwise FLOPs we tally for one op that is not a conv/matmul/SVD (see module doc)."""
+    rule = _op_info(func).rule
+    return 0 if rule is None else rule(args, out)
+
+
+# What record() needs to know about an op, worked out once per op: the profiler sees thousands
+# of ops per update but only a few dozen distinct ones, and an OpOverload hashes in Python.
+_CONV, _CONV_BACKWARD, _MATMUL, _SVD, _OTHER = range(5)
+
+
+@dataclass(frozen=True)
+class _OpInfo:
+    func: object  # kept so the id() this is cached under cannot be reused
+    kind: int
+    rule: object  # elementwise rule (see _elementwise_rule), None: no arithmetic
+    name: str
+    torch_formula: object  # torch FlopCounterMode's formula, or None
+    accumulates: bool  # addmm/baddbmm/addmv: an elementwise add on top of the product
+
+
+_OP_INFO: dict[int, _OpInfo] = {}
+
+
+def _op_info(func: object) -> _OpInfo:
+    info = _OP_INFO.get(id(func))
+    if info is None:
+        kind = (_CONV if func is aten.convolution.default
+                else _CONV_BACKWARD if func is aten.convolution_backward.default
+                else _MATMUL if func in _MATMUL_OPS else _SVD if func in _SVD_OPS else _OTHER)
+        info = _OP_INFO[id(func)] = _OpInfo(
+            func, kind, _elementwise_rule(func) if kind == _OTHER else None, str(func),
+            _TORCH_FLOP_REGISTRY.get(getattr(func, "overloadpacket", None)),
+            func in (aten.addmm.default, aten.baddbmm.default, aten.addmv.default))
+    return info
 
 
 @dataclass
@@ -253,22 +298,31 @@ class FlopCounter:
     def record(self, func: object, args: tuple, kwargs: dict, out: object) -> None:
         """Add the FLOPs of one dispatched op to the tally."""
         t = self.tally
+        info = _op_info(func)
+        kind = info.kind
         phase = self.phase
         if phase == "backward" and recomputing():
             phase = "forward"  # a checkpointed block re-running its forward: forward work
-        if self.torch_flops:
-            formula = _TORCH_FLOP_REGISTRY.get(getattr(func, "overloadpacket", None))
-            if formula is not None:
-                t.torch += int(formula(*args, **kwargs, out_val=out))
+        if self.torch_flops and info.torch_formula is not None:
+            t.torch += int(info.torch_formula(*args, **kwargs, out_val=out))
         layer = self.layer_of() if self.layer_of is not None else None
         fw = bi = bw = ew = 0
-        if func is aten.convolution.default:
+        if kind == _OTHER:
+            if func is aten._to_copy.default and self._is_param(args[0]):
+                self._add_param_copy(out)
+            rule = info.rule
+            if rule is None:  # views, copies, creation: nothing to add anywhere
+                return
+            ew = rule(args, out)
+            if ew:
+                t.elementwise_by_op[info.name] += ew
+        elif kind == _CONV:
             x, w, bias = args[0], args[1], args[2]
             transposed = bool(args[6]) if len(args) > 6 else bool(kwargs.get("transposed", False))
             fw = conv_forward_flops(x.shape, w.shape, out.shape, transposed)
             if bias is not None:
                 ew = out.numel()  # bias add
-        elif func is aten.convolution_backward.default:
+        elif kind == _CONV_BACKWARD:
             grad_out, x, w = args[0], args[1], args[2]
             transposed = bool(args[7])
             mask = args[10]
@@ -277,20 +331,19 @@ class FlopCounter:
             bw = f if mask[1] else 0
             if mask[2]:
                 ew = grad_out.numel()  # bias gradient is a reduction over grad_out
-        elif func in _MATMUL_OPS:
+        elif kind == _MATMUL:
             f = matmul_op_flops(func, args)
-            if func in (aten.addmm.default, aten.baddbmm.default, aten.addmv.default):
+            if info.accumulates:
                 ew = _numel(out)  # the bias/accumulator add
             if phase == "backward":
-                operands = args[1:3] if func in (aten.addmm.default, aten.baddbmm.default,
-                                                 aten.addmv.default) else args[0:2]
+                operands = args[1:3] if info.accumulates else args[0:2]
                 if any(self._is_param(o) for o in operands):
                     bi = f
                 else:
                     bw = f
             else:
                 fw = f
-        elif func in _SVD_OPS:
+        else:  # _SVD
             a = args[0]
             m, n = a.shape[-2], a.shape[-1]
             f = svd_flops(m, n) * math.prod(a.shape[:-2])
@@ -298,12 +351,6 @@ class FlopCounter:
                 t.optimizer_svd += f
             else:
                 fw = f
-        else:
-            if func is aten._to_copy.default and self._is_param(args[0]):
-                self._add_param_copy(out)
-            ew = elementwise_flops(func, args, kwargs, out)
-            if ew:
-                t.elementwise_by_op[str(func)] += ew
         if phase == "optimizer":
             # anything the optimizer multiplies (GaLore projections) is optimizer work
             t.optimizer += fw + bi + bw

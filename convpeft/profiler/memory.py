@@ -89,7 +89,8 @@ class MemoryTracker:
         self._cat: dict[int, str] = {}  # record id -> category known at registration
         self._saved: set[int] = set()  # record ids saved for backward
         self._refs: list[weakref.ref] = []
-        self._alias: dict[object, bool] = {}  # op -> returns a view/alias of an input
+        # id(op) -> (returns a view/alias of an input, op)
+        self._alias: dict[int, tuple[bool, object]] = {}
         self._t = 0
         self.current = 0
         self.peak = 0
@@ -149,10 +150,14 @@ class MemoryTracker:
                 # a view/alias of something we never registered existed before the update
                 pre = False
                 if func is not None:
-                    pre = self._alias.get(func)
+                    # keyed by id: an OpOverload hashes in Python; the entry keeps func alive
+                    pre = self._alias.get(id(func))
                     if pre is None:
-                        pre = self._alias[func] = bool(getattr(func, "is_view", False) or any(
+                        pre = bool(getattr(func, "is_view", False) or any(
                             r.alias_info is not None for r in func._schema.returns))
+                        self._alias[id(func)] = (pre, func)
+                    else:
+                        pre = pre[0]
                 self._register(t, None, preexisting=pre)
 
     def mark_saved(self, t: torch.Tensor) -> None:
