@@ -55,7 +55,7 @@ def _setup():
     return model, opt, x, y, held
 
 
-@pytest.mark.parametrize("spike_at", [3, 10, 25])
+@pytest.mark.parametrize("spike_at", [3, 10, 20])
 def test_device_peak_above_tensors_gains_a_workspace_category(spike_at):
     model, opt, x, y, held = _setup()
     probe = ScriptedAllocator(held, foreign=10**9, spike=50 * 2**20, spike_at=spike_at)
@@ -142,3 +142,48 @@ def test_profiler_imports_run_one_way():
     """engine <- analytic <- profile: neither lower module imports a higher one."""
     assert not {"profile", "analytic"} & _imports(PROFILER / "engine.py")
     assert "profile" not in _imports(PROFILER / "analytic.py")
+
+
+def test_ops_that_allocate_nothing_are_not_probed():
+    """Views, in-place and out= ops return an alias of an input: no storage, no scratch, so
+    the engine neither resets nor reads the allocator around them (a CUDA read costs more
+    than the op)."""
+    from convpeft.profiler.memory import MemoryTracker
+
+    aten = torch.ops.aten
+    tracker = MemoryTracker()
+    assert tracker.returns_alias(aten.view.default)
+    assert tracker.returns_alias(aten.add_.Tensor)
+    assert tracker.returns_alias(aten.add.out)
+    assert not tracker.returns_alias(aten.add.Tensor)
+    assert not tracker.returns_alias(aten.convolution.default)
+    tracker.stop()
+    model, opt, x, y, held = _setup()
+    counted = ScriptedAllocator(held, foreign=0, spike=0, spike_at=-1)
+    run_instrumented(model, opt, x, y, nn.CrossEntropyLoss(), probe=counted)
+    total = ScriptedAllocator(held, foreign=0, spike=0, spike_at=-1)
+    from convpeft.profiler import engine
+
+    class _ProbeAll(engine.Instrument):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            total.reset_peak()
+            return func(*args, **(kwargs or {}))
+
+    model2, opt2, x2, y2, _ = _setup()
+    with _ProbeAll(None, None):
+        nn.CrossEntropyLoss()(model2(x2), y2).backward()
+        opt2.step()
+    assert 0 < counted.resets < total.resets
+
+
+def test_cuda_probe_reads_the_nested_allocator_statistics(monkeypatch):
+    from convpeft.profiler.engine import CudaProbe
+
+    stats = {"allocated_bytes": {"all": {"current": 1000, "peak": 5000}}}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda d: stats)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(d))
+    probe = CudaProbe(torch.device("cuda", 0))
+    probe.reset_peak()
+    assert calls == [torch.device("cuda", 0)]
+    assert (probe.current(), probe.peak()) == (1000, 5000)

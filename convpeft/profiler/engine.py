@@ -67,19 +67,25 @@ class AllocatorProbe(Protocol):
 
 
 class CudaProbe:
-    """:class:`AllocatorProbe` of one CUDA device (``torch.cuda.*memory_allocated``)."""
+    """:class:`AllocatorProbe` of one CUDA device: the caching allocator's ``allocated_bytes``
+    (what ``torch.cuda.max_memory_allocated``/``memory_allocated`` report). Read per op, so it
+    takes the nested statistics as they come from C++ (``memory_stats_as_nested_dict``) rather
+    than the flattened dict those two helpers build in Python on every call."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+
+    def _allocated(self) -> dict:
+        return torch.cuda.memory_stats_as_nested_dict(self.device)["allocated_bytes"]["all"]
 
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> int:
-        return int(torch.cuda.max_memory_allocated(self.device))
+        return int(self._allocated()["peak"])
 
     def current(self) -> int:
-        return int(torch.cuda.memory_allocated(self.device))
+        return int(self._allocated()["current"])
 
 
 @dataclass
@@ -121,12 +127,14 @@ class Instrument(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        probe = self.probe
+        tracker = self.tracker
+        # an op returning a view or alias of an input (views, in-place, out=) allocates nothing
+        # (no storage, no kernel scratch), so it cannot raise the device peak: not probed
+        probe = self.probe if self.probe is not None and not tracker.returns_alias(func) else None
         if probe is not None:
             probe.reset_peak()
         out = func(*args, **kwargs)
         self.counter.record(func, args, kwargs, out)
-        tracker = self.tracker
         tracker.on_output(out, func)
         if probe is not None:
             # the op peaked with its inputs and its (new) outputs live, plus its scratch

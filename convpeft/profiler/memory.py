@@ -148,17 +148,20 @@ class MemoryTracker:
                 if key in self._live:
                     continue
                 # a view/alias of something we never registered existed before the update
-                pre = False
-                if func is not None:
-                    # keyed by id: an OpOverload hashes in Python; the entry keeps func alive
-                    pre = self._alias.get(id(func))
-                    if pre is None:
-                        pre = bool(getattr(func, "is_view", False) or any(
-                            r.alias_info is not None for r in func._schema.returns))
-                        self._alias[id(func)] = (pre, func)
-                    else:
-                        pre = pre[0]
+                pre = func is not None and self.returns_alias(func)
                 self._register(t, None, preexisting=pre)
+
+    def returns_alias(self, func: object) -> bool:
+        """Does aten op ``func`` return a view or alias of an input (a view op, an in-place or
+        ``out=`` op)? Such an op allocates no new storage. Cached per op."""
+        # keyed by id: an OpOverload hashes in Python; the entry keeps func alive
+        hit = self._alias.get(id(func))
+        if hit is None:
+            schema = getattr(func, "_schema", None)
+            hit = self._alias[id(func)] = (bool(getattr(func, "is_view", False) or (
+                schema is not None and any(r.alias_info is not None for r in schema.returns))),
+                func)
+        return hit[0]
 
     def mark_saved(self, t: torch.Tensor) -> None:
         """Called from the ``saved_tensors_hooks`` pack hook: ``t`` is kept for backward."""
