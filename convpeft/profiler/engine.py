@@ -130,7 +130,9 @@ class Instrument(TorchDispatchMode):
         tracker = self.tracker
         # an op returning a view or alias of an input (views, in-place, out=) allocates nothing
         # (no storage, no kernel scratch), so it cannot raise the device peak: not probed
-        probe = self.probe if self.probe is not None and not tracker.returns_alias(func) else None
+        probe = self.probe
+        if probe is not None and tracker.returns_alias(func):
+            probe = None
         if probe is not None:
             probe.reset_peak()
         out = func(*args, **kwargs)
@@ -242,14 +244,15 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
     device = inputs.device
     if probe is None and device.type == "cuda":
         probe = CudaProbe(device)
-    param_keys = {storage_key(p) for p in model.parameters()}
+    params = list(model.parameters())
+    param_keys = {storage_key(p) for p in params}
     layers = LayerTracker(model) if per_layer else None
     counter = FlopCounter(param_keys, layer_of=layers.layer_of if layers else None,
                           torch_flops=compare_torch)
     tracker = MemoryTracker()
-    tracker.add_existing(model.parameters(), "params")
+    tracker.add_existing(params, "params")
     tracker.add_existing(model.buffers(), "buffers")
-    tracker.add_existing([p.grad for p in model.parameters() if p.grad is not None], "grads")
+    tracker.add_existing([p.grad for p in params if p.grad is not None], "grads")
     tracker.add_existing(state_tensors(optimizer), "optimizer")
     tracker.add_existing([inputs, targets], None)
     sync(device)

@@ -210,11 +210,36 @@ class _OpInfo:
     kind: int
     rule: object  # elementwise rule (see _elementwise_rule), None: no arithmetic
     name: str
-    torch_formula: object  # torch FlopCounterMode's formula, or None
+    torch_formula: object  # torch FlopCounterMode's formula (see _torch_formula), or None
     accumulates: bool  # addmm/baddbmm/addmv: an elementwise add on top of the product
 
 
 _OP_INFO: dict[int, _OpInfo] = {}
+
+
+def _shapes(x: object) -> object:
+    """``x`` with every tensor replaced by its shape (what torch's flop formulas take)."""
+    if isinstance(x, torch.Tensor):
+        return x.shape
+    if isinstance(x, (list, tuple)):
+        return type(x)(_shapes(e) for e in x)
+    if isinstance(x, dict):
+        return {k: _shapes(v) for k, v in x.items()}
+    return x
+
+
+def _torch_formula(func: object):
+    """torch FlopCounterMode's formula for ``func`` as ``(args, kwargs, out) -> flops``, or None.
+    The registry's entries map tensors to shapes through pytree on every call; calling the
+    function they wrap (``__wrapped__``) with shapes mapped here gives the same figure cheaper."""
+    formula = _TORCH_FLOP_REGISTRY.get(getattr(func, "overloadpacket", None))
+    if formula is None:
+        return None
+    raw = getattr(formula, "__wrapped__", None)
+    if raw is None:
+        return lambda args, kwargs, out: formula(*args, **kwargs, out_val=out)
+    return lambda args, kwargs, out: raw(*_shapes(args), out_shape=_shapes(out),
+                                         **_shapes(kwargs))
 
 
 def _op_info(func: object) -> _OpInfo:
@@ -225,7 +250,7 @@ def _op_info(func: object) -> _OpInfo:
                 else _MATMUL if func in _MATMUL_OPS else _SVD if func in _SVD_OPS else _OTHER)
         info = _OP_INFO[id(func)] = _OpInfo(
             func, kind, _elementwise_rule(func) if kind == _OTHER else None, str(func),
-            _TORCH_FLOP_REGISTRY.get(getattr(func, "overloadpacket", None)),
+            _torch_formula(func),
             func in (aten.addmm.default, aten.baddbmm.default, aten.addmv.default))
     return info
 
@@ -304,7 +329,7 @@ class FlopCounter:
         if phase == "backward" and recomputing():
             phase = "forward"  # a checkpointed block re-running its forward: forward work
         if self.torch_flops and info.torch_formula is not None:
-            t.torch += int(info.torch_formula(*args, **kwargs, out_val=out))
+            t.torch += int(info.torch_formula(args, kwargs, out))
         layer = self.layer_of() if self.layer_of is not None else None
         fw = bi = bw = ew = 0
         if kind == _OTHER:

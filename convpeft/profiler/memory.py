@@ -100,7 +100,10 @@ class MemoryTracker:
     # -- registration ---------------------------------------------------------------------------
     def _register(self, t: torch.Tensor, category: str | None, preexisting: bool) -> int | None:
         s = t.untyped_storage()
-        key = _key(s)
+        return self._register_storage(s, _key(s), category, preexisting)
+
+    def _register_storage(self, s: torch.UntypedStorage, key: int, category: str | None,
+                          preexisting: bool) -> int | None:
         rid = self._live.get(key)
         if rid is not None:
             if category is not None:
@@ -144,12 +147,13 @@ class MemoryTracker:
             return
         for t in outs:
             if isinstance(t, torch.Tensor):
-                key = storage_key(t)
+                s = t.untyped_storage()
+                key = _key(s)
                 if key in self._live:
                     continue
                 # a view/alias of something we never registered existed before the update
                 pre = func is not None and self.returns_alias(func)
-                self._register(t, None, preexisting=pre)
+                self._register_storage(s, key, None, pre)
 
     def returns_alias(self, func: object) -> bool:
         """Does aten op ``func`` return a view or alias of an input (a view op, an in-place or
