@@ -1,10 +1,10 @@
 """The plan for people: a table (:func:`format_plan`, what the CLI prints) and a figure.
 
-Both take the rows as :func:`convpeft.planner.plan` returns them (best first) and read only
-their fields, so rows loaded back from ``--json`` output render the same way. The table gives
-the peak broken down by category in MiB (what to shrink when a configuration misses), the
-figure the max batch over rank per method (dashed / dotted: lean). Matplotlib is imported only
-when plotting, so planning does not need it.
+Both take the rows as :func:`convpeft.planner.plan` returns them (best first).
+The table gives the peak broken down by category in MiB (what to shrink when a
+configuration misses) and says which rows were capped or start at batch 2; the figure shows the
+max batch over rank per method (dashed / dotted: lean). Matplotlib is imported only when
+plotting, so planning does not need it.
 """
 
 from __future__ import annotations
