@@ -7,8 +7,9 @@
 For every configuration (method, rank, lean) it prints the largest batch whose update fits the
 budget, the predicted peak and what is live at that moment, FLOPs per image and trainable
 parameters, best first; ``--batch N`` says fits / does not fit at batch ``N`` instead. All of it
-is predicted from shapes on meta tensors (:mod:`convpeft.planner` explains the search and the
-budget units), so it takes seconds per configuration whatever the model and batch size.
+is predicted from shapes on meta tensors (:mod:`convpeft.planner.search` explains the search,
+:mod:`convpeft.planner.budget` the budget units), so it takes seconds per configuration whatever
+the model and batch size.
 
 This module is also what ``convpeft.plan`` is: ``convpeft.plan(model, budget, ...)`` calls
 :func:`convpeft.planner.plan`. A package cannot hold both a function and a submodule named

@@ -1,13 +1,15 @@
 """LoRA and DoRA adapters for every Conv2d geometry (standard, pointwise, grouped, depthwise)
 and for nn.Linear; see :mod:`convpeft.adapters.lora` for the factorisation and the two
-computation modes, :mod:`convpeft.adapters.dora` for DoRA, :mod:`convpeft.adapters.state` for
+computation modes, :mod:`convpeft.adapters.layer` for what every wrapper shares (the choice of
+mode, merging), :mod:`convpeft.adapters.dora` for DoRA, :mod:`convpeft.adapters.state` for
 saving/loading and :mod:`convpeft.adapters.peft_format` for peft's directory format."""
 
 from .config import AdapterConfig
 from .config import scaling as scaling
 from .dora import DoRAConv2d, DoRALinear
 from .dora import DoRAConvFunction as DoRAConvFunction
-from .lora import AdapterLayer, LoRAConv2d, LoRALinear
+from .layer import AdapterLayer
+from .lora import LoRAConv2d, LoRALinear
 from .model import (
     AdapterReport,
     AdapterRow,

@@ -34,7 +34,10 @@ from torch.autograd.function import once_differentiable
 from ..amp import autocast_dtype, cast, no_autocast
 from ..flops import pair
 from .config import AdapterConfig
-from .lora import _NORM_EPS, AdapterLayer, LoRAConv2d, LoRALinear
+from .layer import AdapterLayer
+from .lora import LoRAConv2d, LoRALinear
+
+_NORM_EPS = 1e-12
 
 _conv_backward = torch.ops.aten.convolution_backward.default
 

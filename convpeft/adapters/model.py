@@ -27,7 +27,8 @@ from ..layer_kinds import (
 )
 from .config import AdapterConfig
 from .dora import DoRAConv2d, DoRALinear
-from .lora import AdapterLayer, LoRAConv2d, LoRALinear
+from .layer import AdapterLayer
+from .lora import LoRAConv2d, LoRALinear
 
 _CLASSES = {
     ("lora", "conv"): LoRAConv2d,
@@ -70,7 +71,7 @@ def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None =
 class AdapterRow:
     """One adapted layer: ``shape`` is the base weight's, ``layer_params`` its element count.
     ``last_mode``/``mode_reason``: what the layer's last forward computed in and why (see
-    :meth:`convpeft.adapters.lora.AdapterLayer.resolve_mode`); a report taken after a forward
+    :meth:`convpeft.adapters.layer.AdapterLayer.resolve_mode`); a report taken after a forward
     (``adapter_report(model)``) shows what ``mode="auto"`` chose per layer."""
 
     name: str

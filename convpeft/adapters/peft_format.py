@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora import AdapterLayer
+from .layer import AdapterLayer
 from .model import adapter_layers
 
 PREFIX = "base_model.model."

@@ -1,0 +1,138 @@
+"""What every rank-sweep plot shares: method styles, per-(method, rank) means over seeds, and
+the rank figure.
+
+Most plots are "a value over rank": one line per ranked method (LoRA, DoRA, GaLore, ...) on a
+log2 rank axis with a tick at every swept rank, and the methods without a rank (full FT, head,
+BitFit) as horizontal reference lines. :func:`_rank_figure` draws that once for all of them,
+from means keyed by ``(method, rank)`` over seeds (:func:`_mean_by`, or :func:`_interval_by`
+for 95% t-intervals); each plot kind (:mod:`benchmarks.plot_flops`,
+:mod:`benchmarks.plot_memory`, :mod:`benchmarks.plot_accuracy`) only maps units and labels.
+A method keeps its colour and marker (:data:`METHOD_STYLE`) in every plot. Importing this
+module selects matplotlib's file-only Agg backend.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+
+from benchmarks.common import method_label, num, rank_of  # noqa: E402
+from benchmarks.stats import Interval, interval  # noqa: E402
+from convpeft.methods import list_methods  # noqa: E402
+
+METHOD_STYLE = {
+    "full": dict(color="black", ls="--"),
+    "head": dict(color="#8172b3", ls=":"),
+    "bitfit": dict(color="#937860", ls="-."),
+    "lora": dict(color="#4c72b0", marker="o"),
+    "lora-fa": dict(color="#64b5cd", marker="v"),
+    "dora": dict(color="#dd8452", marker="s"),
+    "galore": dict(color="#55a868", marker="^"),
+}
+
+
+def _style(method: str) -> dict:
+    return dict(METHOD_STYLE.get(method, dict(marker="x")))
+
+
+def _flops_scale(values: Sequence[float]) -> tuple[float, str]:
+    """Divisor and unit so the largest value reads as a small number."""
+    top = max((v for v in values if v), default=1.0)
+    for div, unit in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
+        if top >= div:
+            return div, unit
+    return 1.0, "FLOP"
+
+
+def _values_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], list[float]]:
+    """The values of ``field`` per (method, rank) over seeds (missing values skipped)."""
+    acc: dict[tuple[str, int | None], list[float]] = defaultdict(list)
+    for r in rows:
+        v = num(r.get(field))
+        if v is not None:
+            acc[(str(r["method"]), rank_of(r))].append(v)
+    return acc
+
+
+def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], float]:
+    """Mean of ``field`` per (method, rank) over seeds."""
+    return {k: sum(v) / len(v) for k, v in _values_by(rows, field).items()}
+
+
+def _interval_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], Interval]:
+    """Mean and 95% t-interval of ``field`` per (method, rank) over seeds."""
+    return {k: interval(v) for k, v in _values_by(rows, field).items()}
+
+
+def _ranks(rows: Sequence[dict]) -> list[int]:
+    return sorted({int(r["rank"]) for r in rows if r.get("rank") not in (None, "")})
+
+
+def _rank_axis(ax, ranks: Sequence[int]) -> None:
+    """log2 rank axis with a tick at every swept rank."""
+    if ranks:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(list(ranks)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(r) for r in ranks])
+        lo, hi = min(ranks), max(ranks)
+        ax.set_xlim(lo / 1.5, hi * 1.5)
+    ax.set_xlabel("rank")
+
+
+def _methods_in(means: dict[tuple[str, int | None], float]) -> tuple[list[str], list[str]]:
+    """(ranked methods, unranked reference methods) present, in the plots' order (that of
+    ``METHOD_STYLE``); methods it does not style come last, ranked if their rows have ranks."""
+    order = list(METHOD_STYLE)
+    present = {m for m, _ in means}
+    ranked_names = set(list_methods(ranked=True))
+    ranked = [m for m in order if m in present and m in ranked_names]
+    ranked += sorted(m for m in present - set(order) if any(k[1] is not None for k in means
+                                                             if k[0] == m))
+    refs = [m for m in order if m in present and m not in ranked_names]
+    return ranked, refs
+
+
+def _rank_figure(rows: Sequence[dict], means: dict[tuple[str, int | None], float],
+                 y: Callable[[float], float], ref_suffix: str = "",
+                 intervals: dict[tuple[str, int | None], Interval] | None = None):
+    """A figure with a line over rank per ranked method and a horizontal line per reference
+    method, values mapped through ``y`` (unit scaling); returns ``(fig, ax)``. With
+    ``intervals``, ranked points get error bars and reference lines a shaded band."""
+    ranked, refs = _methods_in(means)
+    intervals = intervals or {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in ranked:
+        pts = sorted((r, v) for (mm, r), v in means.items() if mm == m and r is not None)
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [y(p[1]) for p in pts]
+        ivs = [intervals.get((m, r)) for r, _ in pts]
+        if any(iv is not None and iv.low is not None for iv in ivs):
+            err = [[0.0 if iv is None or iv.low is None else yy - y(iv.low)
+                    for iv, yy in zip(ivs, ys, strict=True)],
+                   [0.0 if iv is None or iv.high is None else y(iv.high) - yy
+                    for iv, yy in zip(ivs, ys, strict=True)]]
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=method_label(m), **_style(m))
+        else:
+            ax.plot(xs, ys, label=method_label(m), **_style(m))
+    for m in refs:
+        v = means.get((m, None))
+        if v is not None:
+            st = _style(m)
+            ax.axhline(y(v), label=method_label(m) + ref_suffix, lw=1.5, **st)
+            iv = intervals.get((m, None))
+            if iv is not None and iv.low is not None:
+                ax.axhspan(y(iv.low), y(iv.high), color=st.get("color"), alpha=0.1, lw=0)
+    _rank_axis(ax, _ranks(rows))
+    return fig, ax
+
+
+def _title(model: str, dataset: str, task: str) -> str:
+    return f"{model} — {dataset}, task: {task}"

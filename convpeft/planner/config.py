@@ -1,0 +1,126 @@
+"""What the planner plans: configurations (method, rank, lean) and the models set up for them.
+
+A :class:`PlanConfig` is one row of the plan before it is evaluated. :func:`expand_configs`
+spans them the way the rank sweep does (ranked methods once per rank, the others once, each
+plain and/or lean), and :func:`build_configured` builds a fresh model prepared for one of them
+with :func:`convpeft.methods.prepare` -- on the meta device by default, so neither weights nor
+activations are allocated. The optimizer can be swapped (:data:`OPTIMIZERS`) because its state
+is a large part of the peak; GaLore is refused with another one since it brings its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_RANKS: tuple[int, ...] = (1, 4, 16)
+"""The rank sweep's default ranks."""
+OPTIMIZERS: dict[str, str] = {
+    "adamw": "AdamW (the methods' default; two state tensors per trainable parameter)",
+    "adam": "Adam (same state as AdamW)",
+    "sgd": "SGD without momentum (no optimizer state)",
+    "sgdm": "SGD with momentum 0.9 (one state tensor per trainable parameter)",
+}
+LEAN_CHOICES = ("off", "on", "both")
+_GALORE_OPTIMIZER = ("galore brings its own projected AdamW; use optimizer 'adamw' or drop galore "
+                     "from the methods (got optimizer {!r})")
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """One planned configuration; ``rank`` is None for methods without one."""
+
+    method: str
+    rank: int | None
+    lean: bool
+
+    @property
+    def label(self) -> str:
+        """e.g. ``lora r4 lean`` or ``full``."""
+        r = f" r{self.rank}" if self.rank is not None else ""
+        return f"{self.method}{r}{' lean' if self.lean else ''}"
+
+
+def _lean_options(lean: bool | str) -> tuple[bool, ...]:
+    if isinstance(lean, bool):
+        return (lean,)
+    if lean not in LEAN_CHOICES:
+        raise ValueError(f"lean must be True, False or one of {', '.join(LEAN_CHOICES)} "
+                         f"(got {lean!r})")
+    return {"off": (False,), "on": (True,), "both": (False, True)}[lean]
+
+
+def expand_configs(methods: Sequence[str] | None = None,
+                   ranks: Sequence[int] = DEFAULT_RANKS,
+                   lean: bool | str = False, optimizer: str = "adamw") -> list[PlanConfig]:
+    """Every (method, rank, lean) to plan: ranked methods once per rank, the others once;
+    ``methods=None`` means every registered method (:func:`convpeft.methods.list_methods`),
+    less galore when ``optimizer`` is not AdamW (galore brings its own). Duplicates are
+    dropped. ``ValueError`` for an unknown method, a rank below 1, no rank for a ranked method,
+    or galore asked for with another optimizer."""
+    from convpeft.methods import get_method, list_methods
+
+    default = methods is None
+    methods = list(dict.fromkeys(list_methods() if default else methods))
+    ranks = list(dict.fromkeys(ranks))
+    if not methods:
+        raise ValueError(f"no method to plan; name some of {', '.join(list_methods())}")
+    for m in methods:
+        get_method(m)
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise ValueError(f"ranks must be integers >= 1 (got {bad})")
+    if optimizer != "adamw" and "galore" in methods:
+        if not default:
+            raise ValueError(_GALORE_OPTIMIZER.format(optimizer))
+        methods.remove("galore")
+    ranked = [m for m in methods if get_method(m).ranked]
+    if ranked and not ranks:
+        raise ValueError(f"no rank given for the ranked method(s) {', '.join(ranked)}")
+    out = []
+    for le in _lean_options(lean):
+        for m in methods:
+            for r in (ranks if m in ranked else [None]):
+                out.append(PlanConfig(m, r, le))
+    return out
+
+
+def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *,
+                     bn: str = "train", optimizer: str = "adamw", num_classes: int = 10,
+                     small_input: bool = False, device: str | torch.device = "meta",
+                     ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A fresh ``model`` set up for ``config`` in training mode, and its optimizer.
+
+    ``model`` is a torchvision name (:func:`convpeft.models.build_model`, random init) or a
+    zero-argument callable returning a fresh ``nn.Module``; either is built under
+    ``torch.device(device)`` (``"meta"``: no memory, for :func:`plan`; ``"cpu"`` to run it).
+    The method comes from :func:`convpeft.methods.prepare`; ``optimizer`` other than
+    ``"adamw"`` replaces the AdamW it builds by the same parameters and learning rate.
+    """
+    from convpeft.methods import MethodConfig, prepare
+    from convpeft.models import build_model
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if optimizer != "adamw" and config.method == "galore":
+        raise ValueError(_GALORE_OPTIMIZER.format(optimizer))
+    kw: dict[str, Any] = {"rank": config.rank} if config.rank is not None else {}
+    cfg = MethodConfig(config.method, bn=bn, lean=config.lean, **kw)
+    with torch.device(device):
+        net = (build_model(model, num_classes, small_input=small_input) if isinstance(model, str)
+               else model())
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"the model factory must return an nn.Module (got {type(net).__name__})")
+    prep = prepare(net, cfg)
+    prep.train_mode()
+    opt = prep.optimizer
+    if optimizer != "adamw":
+        params = [p for p in net.parameters() if p.requires_grad]
+        lr = cfg.resolved_lr
+        opt = {"adam": lambda: torch.optim.Adam(params, lr=lr),
+               "sgd": lambda: torch.optim.SGD(params, lr=lr),
+               "sgdm": lambda: torch.optim.SGD(params, lr=lr, momentum=0.9)}[optimizer]()
+    return net, opt

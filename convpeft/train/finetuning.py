@@ -1,0 +1,165 @@
+"""Adapting a source model to a task with one method, and what came of it.
+
+:func:`finetune` copies the model (the caller's stays untouched), expands the head for new
+classes, measures the zero-shot accuracies (or takes them from the caller: a sweep runs many
+methods from one source model), prepares the method (:func:`convpeft.methods.prepare`) and
+trains at a constant learning rate, so methods are compared at their own rate only. The
+outcome is a :class:`FinetuneResult`: accuracies, forgetting, the share of a shift's drop won
+back, parameter counts and timings, JSON-able without the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..amp import check_amp, grad_scaler
+from ..data import Task
+from ..methods import MethodConfig, prepare
+from ..models import expand_head, get_head
+from .evaluation import evaluate
+from .loop import _batches_per_epoch, _progress, _train_epoch, default_device
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome of one adaptation run. ``to_dict()`` is flat-ish and JSON-able (no model).
+
+    Accuracies are in [0, 1]. ``zero_shot_acc``/``zero_shot_source_acc``: the source model
+    before any update (for new_classes, with the freshly expanded head). ``forgetting`` =
+    ``zero_shot_source_acc - source_acc``. ``recovered_fraction`` (shift only) = share of the
+    shift's drop (clean minus zero-shot) won back. ``train_time_s``: the optimisation steps only;
+    ``wall_time_s``: the whole call incl. evaluations. ``amp``: the training compute dtype
+    ("off" = fp32).
+    """
+
+    method: str
+    bn: str
+    task: dict
+    config: dict
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    device: str
+    history: list[dict]
+    zero_shot_acc: float
+    zero_shot_source_acc: float
+    target_acc: float
+    source_acc: float
+    forgetting: float
+    recovered_fraction: float | None
+    trainable_params: int
+    total_params: int
+    train_time_s: float
+    wall_time_s: float
+    report: dict = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    amp: str = "off"
+
+    def to_dict(self) -> dict:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                if f.name != "model"}
+
+
+def _report_dict(report: Any) -> dict:
+    if report is None:
+        return {}
+    if isinstance(report, dict):
+        return {k: v for k, v in report.items() if k != "trainable"}
+    to_dict = getattr(report, "to_dict", None)
+    return to_dict() if callable(to_dict) else {"repr": str(report)}
+
+
+def finetune(
+    model: nn.Module,
+    method: str | MethodConfig,
+    task: Task,
+    *,
+    epochs: int = 2,
+    lr: float | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    copy_model: bool = True,
+    eval_every_epoch: bool = True,
+    keep_model: bool = True,
+    zero_shot: tuple[float, float] | None = None,
+    amp: str = "off",
+) -> FinetuneResult:
+    """Adapt ``model`` to ``task.target_train`` with ``method``; see :class:`FinetuneResult`.
+
+    ``method``: a name from :func:`convpeft.methods.list_methods` or a ``MethodConfig``;
+    ``lr`` overrides its learning rate. For new_classes the head is expanded first (old rows
+    kept exactly) when it still has ``task.source_num_classes`` outputs. ``copy_model`` (default)
+    leaves the caller's model untouched. Constant LR (no schedule) so that methods are compared at
+    their own learning rate only. ``zero_shot``: the ``(target, source)`` test accuracies of this
+    same model and seed before any update, when the caller already has them (a sweep runs many
+    methods from one source model): the two baseline evaluations are then skipped. ``amp``
+    ("off", "bf16", "fp16"; see the module docstring) is checked against ``device`` before
+    anything runs: fp16 on the CPU is refused.
+    """
+    t_call = time.perf_counter()
+    cfg = MethodConfig(method) if isinstance(method, str) else copy.copy(method)
+    if lr is not None:
+        cfg.lr = lr
+    device = torch.device(device) if device is not None else default_device()
+    check_amp(amp, device)
+    if copy_model:
+        model = copy.deepcopy(model)
+    model.to(device)
+    # new head rows, adapter init and anything else drawn from the global RNG follow ``seed``
+    torch.manual_seed(seed)
+    _, head = get_head(model)
+    if task.num_new_classes and head.out_features == task.source_num_classes:
+        expand_head(model, task.num_new_classes)
+    elif head.out_features != task.num_classes:
+        raise ValueError(f"model head has {head.out_features} outputs; the task needs "
+                         f"{task.source_num_classes} (source) or {task.num_classes}")
+
+    if zero_shot is None:
+        zero_shot = (evaluate(model, task.target_test, device=device),
+                     evaluate(model, task.source_test, device=device))
+    zero_shot, zero_shot_src = (float(a) for a in zero_shot)
+
+    prepared = prepare(model, cfg)
+    scaler = grad_scaler(device, amp)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    steps = epochs * _batches_per_epoch(len(task.target_train), batch_size)
+    train_time = 0.0
+    with _progress(steps, f"finetune {cfg.name}", progress) as bar:
+        for ep in range(epochs):
+            start = time.perf_counter()
+            loss, acc = _train_epoch(model, prepared.optimizer, task.target_train,
+                                     batch_size=batch_size, generator=g, device=device,
+                                     train_mode=prepared.train_mode, bar=bar, amp=amp,
+                                     scaler=scaler)
+            dt = time.perf_counter() - start
+            train_time += dt
+            row = {"epoch": ep + 1, "loss": loss, "train_acc": acc, "time_s": dt}
+            if eval_every_epoch or ep == epochs - 1:
+                row["target_acc"] = evaluate(model, task.target_test, device=device)
+            history.append(row)
+    model.eval()
+    target_acc = history[-1]["target_acc"] if history else zero_shot
+    source_acc = evaluate(model, task.source_test, device=device)
+    recovered = None
+    if task.kind == "shift" and zero_shot_src - zero_shot > 1e-9:
+        recovered = (target_acc - zero_shot) / (zero_shot_src - zero_shot)
+    return FinetuneResult(
+        method=cfg.name, bn=cfg.bn, task=task.config(), config=cfg.to_dict(), epochs=epochs,
+        batch_size=batch_size, lr=cfg.resolved_lr, seed=seed, device=str(device),
+        history=history, zero_shot_acc=zero_shot, zero_shot_source_acc=zero_shot_src,
+        target_acc=target_acc, source_acc=source_acc, forgetting=zero_shot_src - source_acc,
+        recovered_fraction=recovered, trainable_params=prepared.trainable_params,
+        total_params=prepared.total_params, train_time_s=train_time,
+        wall_time_s=time.perf_counter() - t_call, report=_report_dict(prepared.report),
+        model=model if keep_model else None, amp=amp,
+    )
