@@ -31,14 +31,16 @@ def _write_data(root):
     write_cifar100(root, n_train=300, n_test=100, balanced=True)
 
 
-def test_paper_preset_runs_end_to_end_on_real_format_files(tmp_path, monkeypatch, capsys):
+def test_paper_preset_runs_end_to_end_on_real_format_files(tmp_path, monkeypatch, capsys,
+                                                          one_thread):
     monkeypatch.setenv("CONVPEFT_CACHE", str(tmp_path / "cache"))
     data, out = tmp_path / "data", tmp_path / "out"
     _write_data(data)
     rc = rank_sweep.main([
         "--preset", "paper", "--data-root", str(data), "--models", "mobilenet_v2",
         "--methods", "full,lora", "--ranks", "1", "--seeds", "1", "--resolution", "8",
-        "--epochs", "1", "--pretrain-epochs", "1", "--profile-repeat", "1",
+        "--epochs", "1", "--pretrain-epochs", "1", "--batch-size", "8",
+        "--pretrain-batch-size", "16", "--profile-repeat", "1",
         "--out", str(out), "--no-plots"])
     assert rc == 0, capsys.readouterr()
     with open(out / "results.csv") as f:
