@@ -123,7 +123,7 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--models", "--methods", "--ranks", "--tasks", "--dataset", "--data-root",
                  "--corruption", "--severity", "--epochs", "--batch-size", "--resolution",
                  "--seeds", "--bn", "--out", "--plots", "--profile-only", "--device",
-                 "--preset"):
+                 "--preset", "--target"):
         assert flag in text, flag
 
 
