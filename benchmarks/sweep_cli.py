@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers the adapters (and GaLore) take, recorded in the target column "
                    "and the row key: conv = every conv (the 'default' and 'paper' presets); "
                    "standard = groups=1 convs only, what peft accepts (the 'study' preset); "
-                   "see convpeft.layer_kinds for the other kinds")
+                   "see convpeft.layer_kinds for the other kinds (preset's if omitted)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=None,
                    help="dataset for every task (digits, cifar10, cifar100, ...), or per task "
