@@ -37,6 +37,28 @@ def variant_of(row: dict) -> str:
 VARIANTS = ("plain", "lean", "ckpt", "lean + ckpt")
 
 
+def target_of(row: dict) -> str:
+    """The layers a row's adapters took (the ``target`` column, a :mod:`convpeft.layer_kinds`
+    target); rows from before the column existed had them on every conv."""
+    return row.get("target") or "conv"
+
+
+def uses_target(row: dict) -> bool:
+    """Whether the row's method puts anything on the ``target`` layers (the ranked methods:
+    adapters, GaLore); full FT, head only and BitFit cost the same whatever the target."""
+    m = row.get("method")
+    return m not in list_methods() or get_method(m).ranked
+
+
+def primary_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rows of one adapter target, for the per-method tables and plots: where rows with
+    adapters on every conv (``conv``) exist, rows of other targets whose method uses one are left
+    out (they are compared in findings.md's study section instead); otherwise all rows."""
+    if any(uses_target(r) and target_of(r) == "conv" for r in rows):
+        return [r for r in rows if not uses_target(r) or target_of(r) == "conv"]
+    return list(rows)
+
+
 def method_label(method: str) -> str:
     """Display name of a method ("LoRA", "full FT"); the name itself if it is not registered
     (rows of a method registered only in the run that wrote them)."""

@@ -12,7 +12,13 @@
    where the rows hold that reference.
 
 Claims 1 and 2 use plain rows only (neither lean nor checkpointed), so mixing variants in one
-results file does not change them.
+results file does not change them; claims 1-4 use the rows of one adapter target
+(:func:`benchmarks.common.primary_rows`: every conv where such rows exist).
+
+Last, always: "The study's claims, reproduced and corrected" (:mod:`benchmarks.study_findings`):
+the study's FLOP saving (adapters on standard convs, torch's counter) next to the correct one
+and to adapters on every conv, and the memory saving plain and lean; or the commands that
+produce the rows it needs.
 
 4. (3. without lean rows) Accuracy: target accuracy per configuration as the mean over seeds
    with its 95% Student-t interval (:mod:`benchmarks.stats`). Two configurations are ranked
@@ -31,15 +37,18 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from benchmarks.common import (
     MIB,
     VARIANTS,
     method_label,
     num,
+    primary_rows,
     rank_of,
     read_results,
     results_parser,
+    target_of,
     variant_of,
 )
 from benchmarks.stats import (
@@ -49,6 +58,7 @@ from benchmarks.stats import (
     interval,
     paired_interval,
 )
+from benchmarks.study_findings import study_lines
 
 ADAPTERS = ("lora", "dora")
 """The methods both claims are about."""
@@ -158,8 +168,9 @@ def _per_model_summary(recs: list[dict], field: str) -> dict[str, tuple[float, f
     return {m: (min(v), sum(v) / len(v), max(v)) for m, v in by.items() if v}
 
 
-def findings_markdown(rows: Sequence[dict]) -> str:
-    """The markdown summary (both claims), or a note saying what the rows lack."""
+def findings_markdown(rows: Sequence[dict], out: str = "OUT") -> str:
+    """The markdown summary (both claims, the study's claims corrected), or notes saying what
+    the rows lack; ``out`` is the results folder the suggested commands write into."""
     lines = ["# Rank sweep findings", ""]
     n_ok = sum(r.get("status") == "ok" for r in rows)
     n_fail = sum(r.get("status") == "failed" for r in rows)
@@ -171,6 +182,13 @@ def findings_markdown(rows: Sequence[dict]) -> str:
                      r.get("bn")) for r in rows if r.get("status") == "ok"}, key=str)
     for bs, res, dev, bn in setup:
         lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev}, BN policy {bn!r}.")
+    targets = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
+    study_rows, rows = rows, primary_rows(rows)
+    main = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
+    if targets != ["conv"] and targets:
+        lines.append(f"Adapters on {', '.join(f'`{t}`' for t in main)} layers in the sections "
+                     "before the last, which compares the rows of every target "
+                     f"({', '.join(f'`{t}`' for t in targets)}).")
     lines.append("")
 
     plain = [r for r in rows if variant_of(r) == "plain"]
@@ -188,6 +206,8 @@ def findings_markdown(rows: Sequence[dict]) -> str:
         n = 4 if lean else 3  # sections are numbered as they appear
         lines += [f"## {n}. Accuracy after adaptation: mean over seeds, "
                   f"{100 * CONFIDENCE:.0f}% t-interval", "", *_accuracy_lines(acc), ""]
+    n_sections = 2 + bool(lean) + bool(acc)
+    lines += study_lines(study_rows, out, number=n_sections + 1)
     return "\n".join(lines)
 
 
@@ -417,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = read_results(a.results)
     if rows is None:
         return 2
-    print(findings_markdown(rows))
+    folder = Path(a.results)
+    print(findings_markdown(rows, str(folder if folder.is_dir() else folder.parent)))
     return 0
 
 

@@ -65,9 +65,11 @@ CONFIGS = [  # (label, method, bn, lean, checkpointed)
 
 
 def prepared(model_name: str, method: str, bn: str, lean: bool, rank: int,
-             ckpt: bool = False):
+             ckpt: bool = False, target: str = "conv"):
+    """``model_name`` (ImageNet stem, 10 classes) prepared for ``method`` with adapters on the
+    ``target`` layers (:mod:`convpeft.layer_kinds`), in train mode, lean/checkpointed if asked."""
     model = build_model(model_name, 10)
-    p = prepare(model, MethodConfig(method, rank=rank, bn=bn))
+    p = prepare(model, MethodConfig(method, rank=rank, bn=bn, target=target))
     p.train_mode()
     if lean:
         lean_activations(p.model)

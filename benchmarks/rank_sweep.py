@@ -3,6 +3,7 @@
     python -m benchmarks.rank_sweep                 # offline default grid (digits, 3 seeds)
     python -m benchmarks.rank_sweep --profile-only  # cost of every update, no training, ~1-2 min
     python -m benchmarks.rank_sweep --preset paper --data-root ~/data   # the study's grid
+    python -m benchmarks.rank_sweep --preset study  # the study's cost setup (standard convs)
 
 For every configuration (model, task, method, rank, seed) the sweep
 
@@ -82,6 +83,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "lean": s.lean,
         "amp": s.amp,
         "checkpoint": s.checkpoint,
+        "target": s.target,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),
         # present in every row (None under --profile-only or on failure): a uniform table
@@ -185,11 +187,13 @@ def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
     from benchmarks.findings import findings_markdown
 
     if plan.plots is not None:
+        from benchmarks.common import primary_rows
         from benchmarks.plot import make_plots
 
-        files = make_plots(rows, plan.plots, plan.formats)
+        # one adapter target per plot (the study's standard-conv rows are in findings.md)
+        files = make_plots(primary_rows(rows), plan.plots, plan.formats)
         log(f"{len(files)} plot files -> {plan.plots}")
-    md = findings_markdown(rows)
+    md = findings_markdown(rows, str(plan.out))
     _write_atomic(plan.out / "findings.md", md + "\n")
     if plan.plots is not None:
         _write_atomic(plan.plots / "findings.md", md + "\n")

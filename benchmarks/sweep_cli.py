@@ -24,6 +24,7 @@ from benchmarks.sweep_grid import (
     parse_dataset,
 )
 from convpeft.amp import AMP_MODES, check_amp
+from convpeft.layer_kinds import TARGETS
 from convpeft.methods import list_methods
 from convpeft.models import TESTED_MODELS, list_models
 
@@ -73,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="base grid: 'default' = offline digits grid for a laptop CPU; 'paper' = "
                    "the study's grid (MobileNetV2/V3, ResNet18/34/50; CIFAR-10 -> CIFAR-10-C "
-                   "shift and CIFAR-100 new classes; ranks 1..64; needs --data-root)")
+                   "shift and CIFAR-100 new classes; ranks 1..64; needs --data-root); 'study' "
+                   "= the study's cost setup, to reproduce and correct its FLOP/memory claims: "
+                   "full/LoRA/DoRA on MobileNetV2, MobileNetV3-small, ResNet18, adapters on "
+                   "standard (groups=1) convs only, batch 32 x 224x224, ImageNet stem, ranks "
+                   "1..64, one seed, cost only (implies --profile-only; offline: digits images "
+                   "feed the profiled batch). Accuracy with the study's adapters: --preset "
+                   "default --target standard")
     g.add_argument("--models", type=_csv_list, default=None,
                    help="comma-separated torchvision model names, e.g. mobilenet_v2,resnet18 "
                    "(preset's list if omitted)")
@@ -92,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's pretraining, init and training order; accuracies are reported as "
                    "means with 95%% t-intervals over the seeds, which needs at least 2 "
                    "(preset's seeds if omitted)")
+    g.add_argument("--target", choices=TARGETS, default=None,
+                   help="layers the adapters (and GaLore) take, recorded in the target column "
+                   "and the row key: conv = every conv (the 'default' and 'paper' presets); "
+                   "standard = groups=1 convs only, what peft accepts (the 'study' preset); "
+                   "see convpeft.layer_kinds for the other kinds (preset's if omitted)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=None,
                    help="dataset for every task (digits, cifar10, cifar100, ...), or per task "
@@ -127,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-norm policy: train = update stats + affine; freeze = eval-mode BN; "
                    "stats = adapt running stats only (default: convpeft.methods' default)")
     t.add_argument("--no-small-input", action="store_true",
-                   help="keep the ImageNet stem (by default the stem is adapted to small images)")
+                   help="keep the ImageNet stem (by default the stem is adapted to small images; "
+                   "the 'study' preset keeps it, at 224x224)")
     t.add_argument("--lean", action="store_true",
                    help="memory-lean activations (convpeft.lean_activations; exact): frozen "
                    "convs/BN and ReLU-like activations save only what backward needs")
@@ -234,18 +247,19 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         resolution=a.resolution if a.resolution is not None else pre.resolution,
         bn=a.bn,
         lr=a.lr,
-        small_input=not a.no_small_input,
+        small_input=not a.no_small_input and pre.extra.get("small_input", True),
         data_root=a.data_root,
         few_shot=a.few_shot if a.few_shot is not None else pre.extra.get("few_shot"),
         test_per_class=a.test_per_class if a.test_per_class is not None
         else pre.extra.get("test_per_class"),
         replay_per_class=a.replay_per_class,
-        profile_only=a.profile_only,
+        profile_only=a.profile_only or pre.extra.get("profile_only", False),
         profile_repeat=a.profile_repeat,
         device=device,
         lean=a.lean,
         amp=a.amp,
         checkpoint=a.checkpoint,
+        target=a.target if a.target is not None else pre.target,
     )
     check_amp(settings.amp, settings.device)  # fp16 on the CPU: refused before anything runs
     if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:

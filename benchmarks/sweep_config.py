@@ -205,7 +205,8 @@ def method_config(cfg: Config, settings: SweepSettings):
         kw["bn"] = settings.bn
     if settings.lr is not None:
         kw["lr"] = settings.lr
-    return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint, **kw)
+    return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint,
+                        target=settings.target, **kw)
 
 
 def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> dict:

@@ -5,9 +5,10 @@ the methods registered with ``ranked=True`` (LoRA, LoRA-FA, DoRA, GaLore:
 ``convpeft.methods.list_methods(ranked=True)``); the others (full fine-tuning, head-only, BitFit)
 run once per (model, task, seed) with ``rank=None``.
 
-The *settings* (dataset, corruption, epochs, batch size, ...) are shared by every configuration
-of a sweep. They are part of each result row's resume key, so rerunning into the same output
-folder with different settings does not silently reuse rows computed under the old ones.
+The *settings* (dataset, corruption, epochs, batch size, adapter target, ...) are shared by
+every configuration of a sweep. They are part of each result row's resume key, so rerunning
+into the same output folder with different settings does not silently reuse rows computed
+under the old ones.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class SweepSettings:
     lean: bool = False  # convpeft.lean_activations on every prepared model
     amp: str = "off"  # convpeft.amp: fine-tuning and the profiled update under autocast
     checkpoint: bool = False  # convpeft.checkpoint_blocks on every prepared model
+    # the layers the adapters (and GaLore) take, a convpeft.layer_kinds target: "conv" (every
+    # conv, ours) or "standard" (groups == 1 convs only, the study's: peft refuses depthwise)
+    target: str = "conv"
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
@@ -71,6 +75,8 @@ class SweepSettings:
                 d.pop(k)
         if d["amp"] == "off":  # likewise
             d.pop("amp")
+        if d["target"] == "conv":  # likewise
+            d.pop("target")
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -148,6 +154,7 @@ class Preset:
     batch_size: int
     resolution: int
     extra: dict = field(default_factory=dict)
+    target: str = "conv"  # the adapters' layers (SweepSettings.target); --target overrides
 
 
 PRESETS: dict[str, Preset] = {
@@ -187,6 +194,28 @@ PRESETS: dict[str, Preset] = {
         epochs=10,
         batch_size=64,
         resolution=32,
+    ),
+    # The study's own setup, to reproduce its cost claims and correct them (findings.md, "The
+    # study's claims, reproduced and corrected"): adapters on the groups=1 convs only (peft
+    # refuses depthwise ranks not divisible by the channel count, so that is what a peft-based
+    # study can adapt), MobileNetV2/V3-small and ResNet18 with the ImageNet stem at 224x224,
+    # batch 32, the paper grid's ranks. Cost only (profile_only: one update per configuration,
+    # no training); the digits images, upsampled, only feed the profiled batch, so it runs
+    # offline. Seeds do not change a cost: one seed. Rerun with --target conv (adapters on every
+    # conv) and --lean into the same --out to get every column of the comparison.
+    "study": Preset(
+        models=["mobilenet_v2", "mobilenet_v3_small", "resnet18"],
+        tasks=["shift"],
+        methods=["full", "lora", "dora"],
+        ranks=[1, 2, 4, 8, 16, 32, 64],
+        seeds=[0],
+        dataset={"shift": "digits", "new_classes": "digits"},
+        epochs=0,
+        batch_size=32,
+        resolution=224,
+        extra={"profile_only": True, "small_input": False, "corruption": "contrast",
+               "severity": 3},
+        target="standard",
     ),
 }
 

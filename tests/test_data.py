@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from cifar_files import cifar_arrays, write_cifar10, write_cifar10c, write_cifar100, write_pickle
 
 from convpeft.data import build_task, corrupt, load_dataset
 from convpeft.data.datasets import ImageDataset
@@ -47,37 +48,6 @@ def test_unknown_dataset_and_split():
 
 
 # ----------------------------------------------------------------------------- CIFAR files
-def _write_pickle(path, obj, protocol=2):
-    """Protocol 2, as the official (Python 2) release was written."""
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=protocol)
-
-
-def _cifar_arrays(n, seed, n_classes):
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-            rng.integers(0, n_classes, size=n).tolist())
-
-
-def write_cifar10(root, n_per_batch=4, protocol=2):
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    written = {}
-    for i in range(1, 6):
-        data, labels = _cifar_arrays(n_per_batch, i, 10)
-        written[f"data_batch_{i}"] = (data, labels)
-        batch = {b"batch_label": b"x", b"labels": labels, b"data": data,
-                 b"filenames": [b"f"] * len(labels)}
-        _write_pickle(base / f"data_batch_{i}", batch, protocol)
-    data, labels = _cifar_arrays(10, 99, 10)
-    written["test_batch"] = (data, labels)
-    _write_pickle(base / "test_batch", {b"labels": labels, b"data": data}, protocol)
-    _write_pickle(base / "batches.meta", {b"label_names": [
-        b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-        b"ship", b"truck"], b"num_vis": 3072}, protocol)
-    return written
-
-
 # protocol 2 is the official release's; a copy re-saved by Python 3 is read as well
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_cifar10_real_format(tmp_path, protocol):
@@ -96,17 +66,10 @@ def test_cifar10_real_format(tmp_path, protocol):
 
 
 def test_cifar100_real_format(tmp_path):
-    base = tmp_path / "cifar-100-python"
-    base.mkdir()
-    for split, n in (("train", 12), ("test", 6)):
-        data, fine = _cifar_arrays(n, n, 100)
-        _write_pickle(base / split, {b"data": data, b"fine_labels": fine,
-                                     b"coarse_labels": [0] * n})
-    _write_pickle(base / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-                                  b"coarse_label_names": [b"x"] * 20})
+    write_cifar100(tmp_path)
     tr = load_dataset("cifar100", split="train", data_root=tmp_path)
     assert len(tr) == 12 and tr.num_classes == 100 and tr.classes[7] == "c7"
-    assert tr.labels.tolist() == _cifar_arrays(12, 12, 100)[1]
+    assert tr.labels.tolist() == cifar_arrays(12, 12, 100)[1]
 
 
 def test_cifar_missing_files_say_what_is_expected(tmp_path):
@@ -119,14 +82,11 @@ def test_cifar_missing_files_say_what_is_expected(tmp_path):
 
 
 def test_cifar10c_official_npy(tmp_path):
-    folder = tmp_path / "CIFAR-10-C"
-    folder.mkdir()
     n = 3
     arr = np.stack([np.full((32, 32, 3), 10 * s + i, dtype=np.uint8)
                     for s in range(5) for i in range(n)])
     labels = np.tile(np.array([1, 2, 3], dtype=np.uint8), 5)
-    np.save(folder / "fog.npy", arr)
-    np.save(folder / "labels.npy", labels)
+    folder = write_cifar10c(tmp_path, "fog", arr, labels)
     ds = load_dataset("cifar10c", split="test", data_root=tmp_path, corruption="fog", severity=4)
     assert ds.images.shape == (3, 3, 32, 32) and ds.info["source"] == str(folder)
     assert ds.images[:, 0, 0, 0].tolist() == [30, 31, 32] and ds.labels.tolist() == [1, 2, 3]
@@ -247,7 +207,7 @@ def test_hostile_cifar_pickle_is_refused_and_never_runs(tmp_path, where, how):
     pickle.loads(pickle.dumps(payload))  # the payload is real: a plain load makes the marker
     assert marker.exists()
     marker.unlink()
-    _write_pickle(tmp_path / "cifar-10-batches-py" / where,
+    write_pickle(tmp_path / "cifar-10-batches-py" / where,
                   {b"labels": [0], b"data": payload})
     with pytest.raises(ValueError, match=f"{where} is not a CIFAR python-release file "
                                          r"\(refused global [\w.]+\)"):
@@ -258,6 +218,6 @@ def test_hostile_cifar_pickle_is_refused_and_never_runs(tmp_path, where, how):
 
 def test_cifar_pickle_that_is_not_a_dict_is_refused(tmp_path):
     write_cifar10(tmp_path)
-    _write_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", [1, 2, 3])
+    write_pickle(tmp_path / "cifar-10-batches-py" / "test_batch", [1, 2, 3])
     with pytest.raises(ValueError, match="a list, expected a dict"):
         load_dataset("cifar10", split="test", data_root=tmp_path)

@@ -123,7 +123,7 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--models", "--methods", "--ranks", "--tasks", "--dataset", "--data-root",
                  "--corruption", "--severity", "--epochs", "--batch-size", "--resolution",
                  "--seeds", "--bn", "--out", "--plots", "--profile-only", "--device",
-                 "--preset"):
+                 "--preset", "--target"):
         assert flag in text, flag
 
 
@@ -255,7 +255,7 @@ def test_plots_produced(sweep):
 def test_findings_are_computed_from_the_rows(sweep):
     md = (sweep["out"] / "findings.md").read_text()
     rows = load_results(sweep["out"])
-    assert md.strip() == findings_markdown(rows).strip()
+    assert md.strip() == findings_markdown(rows, str(sweep["out"])).strip()
     full = next(r for r in rows if r["method"] == "full" and r["status"] == "ok")
     lora1 = next(r for r in rows if r["method"] == "lora" and r["rank"] == 1)
     saving = 1 - lora1["memory_peak"] / full["memory_peak"]
