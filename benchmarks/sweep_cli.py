@@ -310,7 +310,11 @@ def _check_executor(a: argparse.Namespace) -> None:
         return
     if a.cpus_per_task <= 0 or a.gpus_per_task <= 0:
         raise ValueError("--cpus-per-task and --gpus-per-task must be > 0")
-    if importlib.util.find_spec("ray") is None:
+    if not _ray_installed():
         raise ValueError(RAY_MISSING)
+
+
+def _ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
 
 
