@@ -17,8 +17,12 @@ For every configuration (model, task, method, rank, seed) the sweep
    a resumed sweep reuses a profile already on disk);
 4. saves the trainable tensors with safetensors to measure the adapter's size on disk;
 
-and appends one row per (configuration, seed) to ``--out``/results.{jsonl,csv}; a rerun resumes
-per seed. ``results_summary.csv`` folds the seeds: accuracies as mean and 95% t-interval per
+and appends one row per (configuration, seed) to ``--out``/results.{jsonl,csv}. The
+configurations run one after another in this process, or as Ray tasks with ``--executor ray
+[--address ADDR]`` (:mod:`benchmarks.sweep_executor`: the source model built once per group and
+shared through Ray's object store, the same rows but for the time columns); either way this
+process alone writes the rows, in the grid's order. A rerun resumes per seed.
+``results_summary.csv`` folds the seeds: accuracies as mean and 95% t-interval per
 configuration (:mod:`benchmarks.stats`). A configuration that raises (including out-of-memory)
 is recorded with ``status="failed"`` and its error, and the sweep goes on. Ctrl-C stops after
 writing what is finished; rerunning the same command resumes (finished keys are skipped). At

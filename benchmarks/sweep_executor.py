@@ -16,9 +16,9 @@ are, whichever executor ran them.
   1. one *group* task per (model, dataset, task, seed) builds the task data and the source
      model (pretrained or loaded from the pretrain disk cache of the node it runs on; random
      init under ``--profile-only``); the model goes into the object store;
-  2. one *profile* task per configuration not yet profiled (every seed but the seed), on the
-     first seed's source model — what sequential runs measure once and copy into the other
-     seeds' rows (``profile_seed``); a resumed sweep reuses the profiles on disk, like
+  2. one *profile* task per configuration not yet profiled, once for all its seeds, on the
+     first seed's source model — what a sequential run measures once and copies into the
+     other seeds' rows (``profile_seed``); a resumed sweep reuses the profiles on disk, like
      sequential;
   3. one *configuration* task per (configuration, seed), started once its group's source model
      and its profile exist: fine-tuning and evaluation, exactly :func:`attempt` over a
