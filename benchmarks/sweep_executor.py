@@ -49,6 +49,7 @@ from __future__ import annotations
 import gc
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import NamedTuple
@@ -219,6 +220,11 @@ class RayExecutor:
         self._started = False
 
     def __enter__(self):
+        return self
+
+    def _connect(self):
+        """Ray, initialised: connected to ``address``, or a local Ray started here (once a
+        configuration is to run: a rerun with nothing left starts none)."""
         import signal
 
         ray = _require_ray()
@@ -235,7 +241,7 @@ class RayExecutor:
             except (ValueError, TypeError):  # not the main thread / not a Python handler
                 pass
         self._ray = ray
-        return self
+        return ray
 
     def __exit__(self, *exc) -> None:
         if self._started:
@@ -243,13 +249,16 @@ class RayExecutor:
             self._started = False
 
     def run(self, todo: Sequence[Config], sources: SourceCache, note: Note) -> Iterator[Result]:
-        ray = self._ray
+        if not todo:
+            return
+        ray = self._connect()
         s = sources.s
         opts = {"num_cpus": self.cpus_per_task, "max_retries": 0,
                 "num_gpus": self.gpus_per_task if s.device.startswith("cuda") else 0}
         group_fn, profile_fn, config_fn = (ray.remote(f).options(**opts) for f in (
             _group_task, _profile_task, _config_task))
-        groups: dict = {}
+        groups: dict = {}  # group key -> its source model's ref, while configurations need it
+        left: Counter = Counter(sources.group_key(c) for c in todo)
         profiles: dict = dict(sources.profiles)  # reused from disk (a resumed sweep)
         index: dict = {}
         note(f"submitting {len(todo)} configurations to Ray")
@@ -269,7 +278,12 @@ class RayExecutor:
                 note(f"{len(pending)} configurations running or queued on Ray")
                 ready, pending = ray.wait(pending, num_returns=1)
                 for ref in ready:
-                    yield (index[ref], *self._get(ref))
+                    i = index.pop(ref)
+                    gk = sources.group_key(todo[i])
+                    left[gk] -= 1
+                    if not left[gk]:  # the object store may drop this source model now
+                        del groups[gk]
+                    yield (i, *self._get(ref))
         finally:  # Ctrl-C (or an error in the runner): nothing left behind on the cluster
             for ref in [*pending, *(r for r in profiles.values() if isinstance(r, ray.ObjectRef)),
                         *groups.values()]:
