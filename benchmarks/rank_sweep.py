@@ -18,8 +18,12 @@ For every configuration (model, task, method, rank, seed) the sweep
    a resumed sweep reuses a profile already on disk);
 4. saves the trainable tensors with safetensors to measure the adapter's size on disk;
 
-and appends one row per (configuration, seed) to ``--out``/results.{jsonl,csv}; a rerun resumes
-per seed. ``results_summary.csv`` folds the seeds: accuracies as mean and 95% t-interval per
+and appends one row per (configuration, seed) to ``--out``/results.{jsonl,csv}. The
+configurations run one after another in this process, or as Ray tasks with ``--executor ray
+[--address ADDR]`` (:mod:`benchmarks.sweep_executor`: the source model built once per group and
+shared through Ray's object store, the same rows but for the time columns); either way this
+process alone writes the rows, in the grid's order. A rerun resumes per seed.
+``results_summary.csv`` folds the seeds: accuracies as mean and 95% t-interval per
 configuration (:mod:`benchmarks.stats`). A configuration that raises (including out-of-memory)
 is recorded with ``status="failed"`` and its error, and the sweep goes on. Ctrl-C stops after
 writing what is finished; rerunning the same command resumes (finished keys are skipped). At
@@ -29,16 +33,13 @@ methods ranked only where their intervals separate) are written.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from benchmarks.results import (
@@ -50,10 +51,8 @@ from benchmarks.results import (
     read_jsonl,
 )
 from benchmarks.sweep_cli import SweepPlan, build_parser, plan_from_args
-from benchmarks.sweep_config import (
-    SourceCache,
-    run_config,
-)
+from benchmarks.sweep_config import SourceCache
+from benchmarks.sweep_executor import make_executor
 from benchmarks.sweep_grid import (
     Config,
     SweepSettings,
@@ -128,7 +127,11 @@ def summary_line(row: dict) -> str:
 
 
 def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
-    """Run (or resume) the planned sweep. Returns (the rows of this grid, interrupted?)."""
+    """Run (or resume) the planned sweep. Returns (the rows of this grid, interrupted?).
+
+    ``plan.executor`` runs the configurations (:mod:`benchmarks.sweep_executor`); this process
+    alone writes their rows, in the grid's order, whichever finishes first. On Ctrl-C the
+    results that have arrived are written too (out of order: every row stands alone)."""
     s = plan.settings
     store = ResultsStore(plan.out)
     done = store.done_keys()
@@ -141,35 +144,35 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
     sources.reuse_profiles(store.rows, {c.key(s) for c in plan.configs})
     errlog = plan.out / "errors.log"
     interrupted = False
+    arrived: dict[int, tuple[dict, str | None]] = {}
     bar = tqdm(total=len(todo), desc="configs", unit="cfg", dynamic_ncols=True,
                disable=not todo)
+
+    def write(i: int) -> None:
+        fields, tb = arrived.pop(i)
+        row = _base_row(todo[i], s, env)
+        row.update(fields)
+        if tb is not None:
+            with errlog.open("a") as f:
+                f.write(f"== {row['key']}\n{tb}\n")
+        store.add(row)
+        bar.write(summary_line(row))
+
     try:
-        for cfg in todo:
-            row = _base_row(cfg, s, env)
-            if sources.has_source(cfg) or s.profile_only:
-                bar.set_postfix_str(f"{cfg.model} {cfg.task} {cfg.label}")
-            else:  # the first config of a group pays for the source model (cached on disk)
-                bar.set_postfix_str(f"{cfg.model} {cfg.task}: source model (pretrain or cache)")
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                row.update(run_config(cfg, s, sources))
-                row["status"], row["error"] = "ok", None
-            except Exception as e:  # isolate: record and go on (OOM included)
-                row["status"] = "failed"
-                row["error"] = f"{type(e).__name__}: {e}"[:1000]
-                with errlog.open("a") as f:
-                    f.write(f"== {row['key']}\n{traceback.format_exc()}\n")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            row["wall_time_s"] = time.perf_counter() - t0
-            row["cpu_time_s"] = time.process_time() - c0  # all threads of this process
-            row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            store.add(row)
-            bar.write(summary_line(row))
-            bar.update(1)
-            gc.collect()
+        with make_executor(plan.executor, address=plan.address,
+                           cpus_per_task=plan.cpus_per_task,
+                           gpus_per_task=plan.gpus_per_task) as executor:
+            nxt = 0
+            for i, fields, tb in executor.run(todo, sources, bar.set_postfix_str):
+                arrived[i] = (fields, tb)
+                bar.update(1)
+                while nxt in arrived:
+                    write(nxt)
+                    nxt += 1
     except KeyboardInterrupt:
         interrupted = True
+        for i in sorted(arrived):
+            write(i)
     finally:
         bar.close()
     keys = {c.key(s) for c in plan.configs}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.sweep_executor import EXECUTORS, RAY_MISSING
 from benchmarks.sweep_grid import (
     ALL_TASKS,
     BN_POLICIES,
@@ -153,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "forward of the blocks per update), recorded in the checkpoint column")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    x = p.add_argument_group("execution")
+    x.add_argument("--executor", choices=EXECUTORS, default="sequential",
+                   help="sequential = one configuration after another in this process; ray = "
+                   "each configuration as a Ray task, the source model pretrained once per "
+                   "(model, dataset, task, seed) by one task and shared through Ray's object "
+                   "store; this process alone writes the rows, identical to a sequential "
+                   "run's but for the timing columns (needs pip install -e \".[ray]\")")
+    x.add_argument("--address", default=None,
+                   help="with --executor ray: the Ray cluster to connect to (e.g. 'auto' on a "
+                   "node of a running cluster, or HEAD_IP:6379); default: start a local "
+                   "Ray on this machine's CPUs/GPUs and stop it afterwards")
+    x.add_argument("--cpus-per-task", type=float, default=1,
+                   help="with --executor ray: CPUs each task reserves (its torch thread count "
+                   "stays this process's, as in a sequential run, so the rows match)")
+    x.add_argument("--gpus-per-task", type=float, default=1,
+                   help="with --executor ray and a cuda --device: GPUs each task reserves (a "
+                   "fraction such as 0.5 shares a GPU between tasks)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=DEFAULT_OUT,
                    help="results folder (results.jsonl, results.csv, findings.md); reruns resume")
@@ -176,6 +195,10 @@ class SweepPlan:
     out: Path
     plots: Path | None
     formats: list[str]
+    executor: str = "sequential"  # benchmarks.sweep_executor.EXECUTORS
+    address: str | None = None  # Ray cluster (None: a local Ray)
+    cpus_per_task: float = 1
+    gpus_per_task: float = 1
 
 
 def _figure_formats() -> set[str]:
@@ -289,7 +312,23 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
 
         _check_writable_dir(resolve_cache_dir(), "pretrain cache",
                             "set $CONVPEFT_CACHE to a folder you can write")
+    _check_executor(a)
     return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
-                     plots, formats)
+                     plots, formats, a.executor, a.address, a.cpus_per_task, a.gpus_per_task)
+
+
+def _check_executor(a: argparse.Namespace) -> None:
+    if a.executor != "ray":
+        if a.address is not None:
+            raise ValueError("--address names a Ray cluster: it needs --executor ray")
+        return
+    if a.cpus_per_task <= 0 or a.gpus_per_task <= 0:
+        raise ValueError("--cpus-per-task and --gpus-per-task must be > 0")
+    if not _ray_installed():
+        raise ValueError(RAY_MISSING)
+
+
+def _ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
 
 

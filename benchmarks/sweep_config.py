@@ -36,9 +36,11 @@ def _cap_per_class(ds, n: int, seed: int):
 
 
 class SourceCache:
-    """Per (dataset, task, seed): the task data; per (model, dataset, task, seed): the source
-    model — each built once and shared by all methods/ranks of that group. A group whose
-    construction failed remembers the error, so its configurations fail fast with it."""
+    """Per (dataset, task, seed): the task data; per (model, dataset, task, seed) — a *group*,
+    :meth:`group_key` — the source model: each built once and shared by all methods/ranks of
+    that group. A group whose construction failed remembers the error, so its configurations
+    fail fast with it. A group built in another process (a Ray task,
+    :mod:`benchmarks.sweep_executor`) is handed in with :meth:`adopt`."""
 
     def __init__(self, settings: SweepSettings):
         self.s = settings
@@ -93,15 +95,27 @@ class SourceCache:
             raise t
         return t
 
-    def _source_key(self, cfg: Config) -> tuple:
+    def group_key(self, cfg: Config) -> tuple:
+        """What the source model depends on: (model, dataset, task, seed)."""
         return (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.seed)
 
     def has_source(self, cfg: Config) -> bool:
-        return self._source_key(cfg) in self._sources
+        return self.group_key(cfg) in self._sources
+
+    def adopt(self, cfg: Config, entry) -> None:
+        """Use ``entry`` — what :meth:`source` returns, or the exception that building it
+        raised — as the source of ``cfg``'s group (built elsewhere, e.g. by a Ray task)."""
+        self._sources[self.group_key(cfg)] = entry
+
+    def forget_sources(self) -> None:
+        """Drop the source models and task data held so far (a long-lived worker's memory)."""
+        self._sources.clear()
+        self._tasks.clear()
+        self.zero_shot.clear()
 
     def source(self, cfg: Config):
         """(source model on the CPU, extra row fields) for ``cfg``'s group."""
-        key = self._source_key(cfg)
+        key = self.group_key(cfg)
         if key not in self._sources:
             try:
                 self._sources[key] = self._build_source(cfg)
@@ -146,6 +160,20 @@ class SourceCache:
             "n_depthwise_convs": sum(k == "depthwise" for k in kinds),
         }
         return model.cpu(), info
+
+    def profile(self, cfg: Config) -> dict:
+        """The profile columns of ``cfg``'s configuration: measured by the first seed that asks
+        (:func:`_profile`), then the same dict for the other seeds. A stored exception (a
+        failure measured elsewhere for this very configuration) is raised."""
+        pkey = self.profile_key(cfg)
+        if pkey not in self.profiles:
+            source, _ = self.source(cfg)
+            self.profiles[pkey] = _profile(cfg, self.s, source, self.task(cfg),
+                                           method_config(cfg, self.s), torch.device(self.s.device))
+        prof = self.profiles[pkey]
+        if isinstance(prof, BaseException):
+            raise prof
+        return prof
 
 
 _PROFILE_EXTRA = ("profile_time_s", "profile_seed", "trainable_params", "total_params",
@@ -230,10 +258,7 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
 
     # --- cost of one update at the training batch size, on real target images: once per
     # configuration (the first seed that gets here), copied into the rows of the other seeds
-    pkey = sources.profile_key(cfg)
-    if pkey not in sources.profiles:
-        sources.profiles[pkey] = _profile(cfg, settings, source, task, mcfg, dev)
-    row.update(sources.profiles[pkey])
+    row.update(sources.profile(cfg))
 
     # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
     if not settings.profile_only:
@@ -244,7 +269,7 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
         torch.manual_seed(cfg.seed)
         # The zero-shot baseline depends on (source model, task, seed) only: evaluate it once
         # per group and hand it to the group's other methods.
-        zs_key = sources._source_key(cfg)
+        zs_key = sources.group_key(cfg)
         res = finetune(source, mcfg, task, epochs=settings.epochs,
                        batch_size=settings.batch_size, seed=cfg.seed, device=dev,
                        progress=False, copy_model=True, eval_every_epoch=False,

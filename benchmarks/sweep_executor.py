@@ -1,0 +1,312 @@
+"""Where the rank sweep's configurations run: one after another in this process, or as Ray tasks.
+
+An *executor* takes the configurations still to run and yields ``(index, fields, traceback)``
+for each as it finishes — in any order; ``fields`` are the row's result columns (what
+:func:`attempt` returns: :func:`~benchmarks.sweep_config.run_config`'s columns, ``status``,
+``error`` and the timing columns), ``traceback`` the text for ``errors.log`` of a failed one.
+The runner (:func:`benchmarks.rank_sweep.run_sweep`) alone writes rows: it adds the common
+columns, appends rows to the JSONL in the grid's order (a result that arrives early waits for
+the ones before it), and keeps the progress bar, resume, failure isolation and Ctrl-C as they
+are, whichever executor ran them.
+
+* :class:`SequentialExecutor` (``--executor sequential``, the default): each configuration in
+  this process, sharing one :class:`~benchmarks.sweep_config.SourceCache`.
+* :class:`RayExecutor` (``--executor ray [--address ADDR]``): a DAG of Ray tasks —
+
+  1. one *group* task per (model, dataset, task, seed) builds the task data and the source
+     model (pretrained or loaded from the pretrain disk cache of the node it runs on; random
+     init under ``--profile-only``); the model goes into the object store;
+  2. one *profile* task per configuration not yet profiled, once for all its seeds, on the
+     first seed's source model — what a sequential run measures once and copies into the
+     other seeds' rows (``profile_seed``); a resumed sweep reuses the profiles on disk, like
+     sequential;
+  3. one *configuration* task per (configuration, seed), started once its group's source model
+     and its profile exist: fine-tuning and evaluation, exactly :func:`attempt` over a
+     per-worker :class:`~benchmarks.sweep_config.SourceCache` into which the group's source
+     model and the profile are adopted.
+
+  Every task reserves ``--cpus-per-task`` CPUs (default 1) and, with a CUDA ``--device``,
+  ``--gpus-per-task`` GPUs (default 1; Ray picks the GPU, so ``cuda:N`` becomes ``cuda``
+  there). Each runs with the driver's intra-op thread count (``torch.get_num_threads()``,
+  what a sequential run uses and ``env_threads`` records) and seeds exactly as the sequential
+  path does, so its rows are identical to a sequential run's except the wall-clock columns
+  (:data:`TIMING_COLUMNS`) and ``source_cached`` (whether the pretrain cache already held the
+  source model). A task that raises gives a ``failed`` row with its error and the remote
+  traceback in ``errors.log``; one Ray could not run at all (its worker died) gives a failed
+  row naming Ray's error. Without ``--address`` a local Ray is started (all CPUs of this
+  machine, no dashboard) and shut down afterwards; with one, ``ray.init(address=ADDR)``
+  connects to that cluster, and every node needs this repository installed and the data
+  under ``--data-root``. An already initialised Ray (a test's) is used as it is. Ctrl-C
+  cancels the outstanding tasks; the rows finished so far are written.
+
+  One difference from sequential remains, where sequential retries: when the profile of a
+  configuration fails for its first seed, that seed's row fails with the error and each other
+  seed profiles on its own (sequential lets the second seed measure and the third copy).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import NamedTuple
+
+import torch
+
+from benchmarks.sweep_config import SourceCache, run_config
+from benchmarks.sweep_grid import Config, SweepSettings
+
+EXECUTORS = ("sequential", "ray")
+
+TIMING_COLUMNS = frozenset({
+    "wall_time_s", "cpu_time_s", "finished_at", "source_time_s", "source_cpu_time_s",
+    "train_time_s", "profile_time_s", "step_time_s", "step_time_iqr_s", "step_cpu_time_s",
+    "instrumented_time_s", "instrumented_cpu_time_s",
+})
+"""The columns that are wall-clock or CPU times (or a timestamp): they differ between any two
+runs, so an executor's rows are compared with a sequential run's on every other column."""
+
+RAY_MISSING = ('--executor ray needs Ray, an optional extra: pip install -e ".[ray]" '
+               '(or pip install "ray>=2.9")')
+
+Result = tuple[int, dict, "str | None"]
+Note = Callable[[str], object]
+
+
+def attempt(cfg: Config, s: SweepSettings, sources: SourceCache) -> tuple[dict, str | None]:
+    """Run one configuration, isolated: ``(fields, traceback)``. ``fields`` holds
+    :func:`run_config`'s columns and ``status="ok"``, or ``status="failed"`` and the
+    ``error`` (out-of-memory included); both get ``wall_time_s``, ``cpu_time_s`` (all threads
+    of this process) and ``finished_at``. ``traceback`` is None unless it failed."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    tb = None
+    try:
+        fields = run_config(cfg, s, sources)
+        fields["status"], fields["error"] = "ok", None
+    except Exception as e:  # isolate: record and go on
+        fields = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:1000]}
+        tb = traceback.format_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    fields["wall_time_s"] = time.perf_counter() - t0
+    fields["cpu_time_s"] = time.process_time() - c0
+    fields["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    gc.collect()
+    return fields, tb
+
+
+class SequentialExecutor:
+    """Each configuration in this process, in the grid's order (the default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def run(self, todo: Sequence[Config], sources: SourceCache, note: Note) -> Iterator[Result]:
+        for i, cfg in enumerate(todo):
+            if sources.has_source(cfg) or sources.s.profile_only:
+                note(f"{cfg.model} {cfg.task} {cfg.label}")
+            else:  # the first config of a group pays for the source model (cached on disk)
+                note(f"{cfg.model} {cfg.task}: source model (pretrain or cache)")
+            fields, tb = attempt(cfg, sources.s, sources)
+            yield i, fields, tb
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+class _Failed(NamedTuple):
+    """An exception a Ray task caught, with its traceback text (tracebacks do not pickle)."""
+
+    exc: BaseException
+    tb: str
+
+
+class _RemoteTraceback(Exception):
+    """Carries a remote traceback as the ``__cause__`` of the re-raised exception, so
+    ``traceback.format_exc()`` on the worker that re-raises it shows where it came from."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        return _Failed(e, traceback.format_exc())
+
+
+def _unwrap(value):
+    """A task's :class:`_Failed` as its exception (remote traceback attached), else as is."""
+    if isinstance(value, _Failed):
+        value.exc.__cause__ = _RemoteTraceback(f'\n"""\n{value.tb}"""')
+        return value.exc
+    return value
+
+
+_WORKER: SourceCache | None = None  # one per Ray worker process, reused by its tasks
+_WORKER_GROUPS = 4  # source models a worker keeps before it forgets them
+
+
+def _worker_sources(s: SweepSettings, threads: int) -> SourceCache:
+    """This worker process's SourceCache for ``s`` (task data and zero-shot accuracies cached
+    like in a sequential run), with the driver's thread count set."""
+    global _WORKER
+    torch.set_num_threads(threads)
+    if s.device.startswith("cuda"):  # Ray exposes the task's GPU(s) only: cuda:N -> cuda
+        s = replace(s, device="cuda")
+    if _WORKER is None or _WORKER.s != s:
+        _WORKER = SourceCache(s)
+    return _WORKER
+
+
+def _group_task(cfg: Config, s: SweepSettings, threads: int):
+    """Ray task: the source model of ``cfg``'s group (model on the CPU, info) or _Failed."""
+    sources = _worker_sources(s, threads)
+    return _catch(sources.source, cfg)
+
+
+def _with_group(cfg: Config, s: SweepSettings, threads: int, group) -> SourceCache:
+    sources = _worker_sources(s, threads)
+    if not sources.has_source(cfg) and len(sources._sources) >= _WORKER_GROUPS:
+        sources.forget_sources()
+    sources.adopt(cfg, _unwrap(group))
+    return sources
+
+
+def _profile_task(cfg: Config, s: SweepSettings, threads: int, group):
+    """Ray task: the profile columns of ``cfg``'s configuration (measured at ``cfg.seed``)."""
+    sources = _with_group(cfg, s, threads, group)
+    sources.profiles.clear()
+    return _catch(sources.profile, cfg)
+
+
+def _config_task(cfg: Config, s: SweepSettings, threads: int, group, profile, profiler: bool):
+    """Ray task: :func:`attempt` of ``cfg`` with its group's source model and its profile.
+    A failed profile fails ``cfg`` only if ``cfg`` measured it (``profiler``, as in a
+    sequential run); another seed then profiles on its own."""
+    sources = _with_group(cfg, s, threads, group)
+    sources.profiles.clear()
+    profile = _unwrap(profile)
+    if profiler or not isinstance(profile, BaseException):
+        sources.profiles[sources.profile_key(cfg)] = profile
+    return attempt(cfg, sources.s, sources)
+
+
+def _require_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError(RAY_MISSING) from e
+    return ray
+
+
+class RayExecutor:
+    """Configurations as Ray tasks (see the module docstring for the task graph)."""
+
+    def __init__(self, address: str | None = None, *, cpus_per_task: float = 1,
+                 gpus_per_task: float = 1, threads: int | None = None):
+        self.address = address
+        self.cpus_per_task = cpus_per_task
+        self.gpus_per_task = gpus_per_task
+        self.threads = threads or torch.get_num_threads()
+        self._ray = None
+        self._started = False
+
+    def __enter__(self):
+        return self
+
+    def _connect(self):
+        """Ray, initialised: connected to ``address``, or a local Ray started here (once a
+        configuration is to run: a rerun with nothing left starts none)."""
+        import signal
+
+        ray = _require_ray()
+        if not ray.is_initialized():
+            # ray.init installs a SIGTERM handler of its own; keep the runner's
+            sigterm = signal.getsignal(signal.SIGTERM)
+            if self.address is not None:
+                ray.init(address=self.address)
+            else:
+                ray.init(include_dashboard=False)
+            self._started = True
+            try:
+                signal.signal(signal.SIGTERM, sigterm)
+            except (ValueError, TypeError):  # not the main thread / not a Python handler
+                pass
+        self._ray = ray
+        return ray
+
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+    def run(self, todo: Sequence[Config], sources: SourceCache, note: Note) -> Iterator[Result]:
+        if not todo:
+            return
+        ray = self._connect()
+        s = sources.s
+        opts = {"num_cpus": self.cpus_per_task, "max_retries": 0,
+                "num_gpus": self.gpus_per_task if s.device.startswith("cuda") else 0}
+        group_fn, profile_fn, config_fn = (ray.remote(f).options(**opts) for f in (
+            _group_task, _profile_task, _config_task))
+        groups: dict = {}  # group key -> its source model's ref, while configurations need it
+        left: Counter = Counter(sources.group_key(c) for c in todo)
+        profiles: dict = dict(sources.profiles)  # reused from disk (a resumed sweep)
+        index: dict = {}
+        note(f"submitting {len(todo)} configurations to Ray")
+        for i, cfg in enumerate(todo):
+            gk = sources.group_key(cfg)
+            if gk not in groups:
+                groups[gk] = group_fn.remote(cfg, s, self.threads)
+            pk, profiler = sources.profile_key(cfg), False
+            if pk not in profiles:
+                profiles[pk] = profile_fn.remote(cfg, s, self.threads, groups[gk])
+                profiler = True
+            ref = config_fn.remote(cfg, s, self.threads, groups[gk], profiles[pk], profiler)
+            index[ref] = i
+        pending = list(index)
+        try:
+            while pending:
+                note(f"{len(pending)} configurations running or queued on Ray")
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    i = index.pop(ref)
+                    gk = sources.group_key(todo[i])
+                    left[gk] -= 1
+                    if not left[gk]:  # the object store may drop this source model now
+                        del groups[gk]
+                    yield (i, *self._get(ref))
+        finally:  # Ctrl-C (or an error in the runner): nothing left behind on the cluster
+            for ref in [*pending, *(r for r in profiles.values() if isinstance(r, ray.ObjectRef)),
+                        *groups.values()]:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished, or Ray is going away
+                    pass
+
+    def _get(self, ref) -> tuple[dict, str | None]:
+        try:
+            return self._ray.get(ref)
+        except Exception as e:  # Ray could not run the task (its worker died, ...)
+            msg = f"{type(e).__name__}: {e}"
+            return ({"status": "failed", "error": msg[:1000], "wall_time_s": None,
+                     "cpu_time_s": None, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                    msg)
+
+
+def make_executor(name: str, *, address: str | None = None, cpus_per_task: float = 1,
+                  gpus_per_task: float = 1):
+    """The executor called ``name`` (one of :data:`EXECUTORS`)."""
+    if name == "sequential":
+        return SequentialExecutor()
+    if name == "ray":
+        return RayExecutor(address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task)
+    raise ValueError(f"unknown executor {name!r}; choose from {', '.join(EXECUTORS)}")
