@@ -39,7 +39,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import read_results, results_parser  # noqa: E402
+from benchmarks.common import primary_rows, read_results, results_parser  # noqa: E402
 from benchmarks.plot_accuracy import pareto_front as pareto_front  # noqa: E402
 from benchmarks.plot_accuracy import plot_accuracy, plot_pareto  # noqa: E402
 from benchmarks.plot_flops import plot_flop_counters, plot_flops  # noqa: E402
@@ -78,10 +78,13 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
 def make_plots(
     rows: Sequence[dict], plots_dir: str | os.PathLike, formats: Sequence[str] = ("png", "svg")
 ) -> list[Path]:
-    """Draw every plot the rows support into ``plots_dir``; returns the files written."""
+    """Draw every plot the rows support into ``plots_dir``; returns the files written. Rows of
+    one adapter target are drawn (:func:`~benchmarks.common.primary_rows`: every conv where such
+    rows exist), so a folder that also holds the study's standard-conv rows is not averaged
+    over targets; findings.md compares the targets."""
     out_dir = Path(plots_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ok = _ok(rows)
+    ok = _ok(primary_rows(rows))
     written: list[Path] = []
     for (model, dataset, task), grp in sorted(_group(ok).items()):
         stem = f"{_slug(model)}_{_slug(dataset)}_{_slug(task)}"

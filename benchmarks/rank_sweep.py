@@ -190,11 +190,10 @@ def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
     from benchmarks.findings import findings_markdown
 
     if plan.plots is not None:
-        from benchmarks.common import primary_rows
         from benchmarks.plot import make_plots
 
-        # one adapter target per plot (the study's standard-conv rows are in findings.md)
-        files = make_plots(primary_rows(rows), plan.plots, plan.formats)
+        # make_plots draws one adapter target (the study's standard-conv rows: findings.md)
+        files = make_plots(rows, plan.plots, plan.formats)
         log(f"{len(files)} plot files -> {plan.plots}")
     md = findings_markdown(rows, str(plan.out))
     _write_atomic(plan.out / "findings.md", md + "\n")

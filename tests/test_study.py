@@ -136,3 +136,20 @@ def test_memory_claim_saving_shrinks_with_the_batch():
     assert s[(32, "LoRA")] < 0.1 < s[(1, "LoRA")]  # claim A at batch 32, not at batch 1
     assert s[(32, "LoRA, lean")] > s[(32, "LoRA")]
     assert s[(32, "LoRA, lean, BN frozen")] > s[(32, "LoRA, lean")]
+
+
+def test_plots_draw_one_adapter_target(tmp_path, monkeypatch):
+    """``python -m benchmarks.plot`` on a folder holding the study's rows draws the rows with
+    adapters on every conv: no figure averages standard-conv and every-conv rows."""
+    import benchmarks.plot as plot
+
+    seen: list[dict] = []
+    for name in ("plot_flops", "plot_memory", "plot_accuracy", "plot_pareto"):
+        monkeypatch.setattr(plot, name, lambda grp, *a: seen.extend(grp))
+    monkeypatch.setattr(plot, "plot_flop_counters", lambda rows: seen.extend(rows))
+    assert plot.make_plots(SYNTHETIC, tmp_path) == []
+    assert seen and {r["target"] for r in seen if r["method"] == "lora"} == {"conv"}
+    seen.clear()
+    standard_only = [r for r in SYNTHETIC if r["target"] == "standard" or r["method"] == "full"]
+    plot.make_plots(standard_only, tmp_path)  # nothing else to draw: its own target is kept
+    assert {r["target"] for r in seen if r["method"] == "lora"} == {"standard"}
