@@ -337,8 +337,9 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
                          f"{best['target'].format()}; no intervals, no ranking.")
             continue
         others = sorted((r for r in recs if r is not best), key=lambda r: -r["target"].mean)
-        same = [r for r in others if separation(r, best) in (0, None)]
-        below = [r for r in others if separation(r, best) == -1]
+        sep = [separation(r, best) for r in others]  # one paired comparison per record
+        same = [r for r, v in zip(others, sep, strict=True) if v in (0, None)]
+        below = [r for r, v in zip(others, sep, strict=True) if v == -1]
         text = (f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
                 f"{best['target'].format()}")
         text += ("; indistinguishable from it: " + ", ".join(_config_label(r) for r in same)
