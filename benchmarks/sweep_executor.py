@@ -102,9 +102,15 @@ class SequentialExecutor:
     """Each configuration in this process, in the grid's order (the default)."""
 
     def __enter__(self):
+        # attempt() collects cycles after every configuration; with torch, torchvision and
+        # galore imported that is ~460k tracked objects, 0.16 s a collection (24 s of the
+        # default sweep). Freezing what exists now (imports, the sweep's own state) keeps them
+        # out of every later collection; the configurations' own objects are still collected.
+        gc.freeze()
         return self
 
     def __exit__(self, *exc) -> None:
+        gc.unfreeze()
         return None
 
     def run(self, todo: Sequence[Config], sources: SourceCache, note: Note) -> Iterator[Result]:
