@@ -92,14 +92,16 @@ def test_mask_round_trip(shape):
     assert torch.equal(unpack_mask(packed, m.shape), m)
 
 
-@pytest.mark.parametrize("chunk", [16, CHUNK])
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act,saves", [(a, s) for a in ACTS for s in ("mask16", "mask", "output")
+                                       if not (s == "output" and a.startswith("leaky"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_activation_gradient_at_the_kinks(act, dtype, chunk, monkeypatch):
+def test_activation_gradient_at_the_kinks(act, dtype, saves, monkeypatch):
     """The mask must say exactly where torch's backward passes the gradient, kinks included
     (0, -0, the clamp bounds, and their nearest floats on either side, NaN of either sign);
-    ``chunk=16`` packs and unpacks 91 elements in 6 passes, the last one partial."""
-    monkeypatch.setattr("convpeft.lean.masks.CHUNK", chunk)
+    ``mask16`` packs and unpacks 91 elements in 6 passes of 16, the last one partial.
+    ``output``: a clamp whose consumer saves its output (convpeft.lean.probe) reads the flags
+    off that output instead, exactly as well (LeakyReLU always keeps a mask)."""
+    monkeypatch.setattr("convpeft.lean.masks.CHUNK", 16 if saves == "mask16" else CHUNK)
     module = ACTS[act]()
     lo, hi = {"relu6": (0.0, 6.0), "hardtanh": (-0.5, 0.5)}.get(act.split("_")[0], (0.0, None))
     points = [lo, -0.0, 0.0] + ([hi] if hi is not None else [])
@@ -115,6 +117,7 @@ def test_activation_gradient_at_the_kinks(act, dtype, chunk, monkeypatch):
         if lean:
             lean_activations(nn.Sequential(m))
             assert m._convpeft_lean == "act"
+            m._convpeft_lean_shared = saves == "output"  # what the probe sets
         x = x0.clone().requires_grad_(True)
         y = m(x * 1)  # not a leaf, so in-place variants may write into it
         y.backward(gy)

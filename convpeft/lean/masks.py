@@ -122,7 +122,7 @@ class _Clamp(torch.autograd.Function):
     ``nn.ReLU(inplace=True)`` does."""
 
     @staticmethod
-    def forward(ctx, x, lo, hi, inplace):
+    def forward(ctx, x, lo, hi, inplace, keep_output):
         if inplace:
             ctx.mark_dirty(x)
             y = x.clamp_(lo, hi) if hi is not None else x.clamp_min_(lo)
@@ -134,13 +134,21 @@ class _Clamp(torch.autograd.Function):
         else:
             def passes(one, c):
                 return _aten.hardtanh_backward(one, c, lo, hi)
-        ctx.save_for_backward(_chunked_flags(y, passes))
+        ctx.passes, ctx.keep_output = passes, keep_output
+        # keep_output: the consumer saves y anyway (an adapted or trainable conv), so saving
+        # y too costs nothing while a mask would add 1/32 of it; backward reads the flags off
+        # y with the same kernel (lo < y < hi iff lo < x < hi, NaN passing in both)
+        ctx.save_for_backward(y if keep_output else _chunked_flags(y, passes))
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (packed,) = ctx.saved_tensors
-        return _chunked_grad(gy, packed, _passes_where_positive), None, None, None
+        (saved,) = ctx.saved_tensors
+        if ctx.keep_output:
+            gx = ctx.passes(gy, saved)
+        else:
+            gx = _chunked_grad(gy, saved, _passes_where_positive)
+        return gx, None, None, None, None
 
 
 class _LeakyReLU(torch.autograd.Function):
@@ -169,9 +177,12 @@ class _LeakyReLU(torch.autograd.Function):
         return _chunked_grad(gy, packed, backward), None, None
 
 
-def clamp_masked(x: torch.Tensor, lo: float, hi: float | None, inplace: bool = False):
-    """``clamp(x, lo, hi)`` (``hi=None``: ReLU) saving a 1-bit mask for backward."""
-    return _Clamp.apply(x, lo, hi, inplace)
+def clamp_masked(x: torch.Tensor, lo: float, hi: float | None, inplace: bool = False,
+                 keep_output: bool = False):
+    """``clamp(x, lo, hi)`` (``hi=None``: ReLU) saving a 1-bit mask for backward, or, with
+    ``keep_output``, its output (free when the next layer saves that tensor anyway; ReLU6 and
+    Hardtanh would otherwise keep their input)."""
+    return _Clamp.apply(x, lo, hi, inplace, keep_output)
 
 
 def leaky_relu_masked(x: torch.Tensor, slope: float, inplace: bool = False):

@@ -16,17 +16,20 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..amp import autocast_dtype
 from ..conv_variants import registered_conv_variant
 from ..layer_kinds import layer_kind
 from .functions import channel_affine, frozen_conv2d, pad2d
 from .masks import clamp_masked, leaky_relu_masked
 from .pool import max_pool2d_lean, pool_offsets_fit
+from .probe import outputs_saved_downstream
 from .saved import saved_bytes_by_layer
 
 __all__ = ["LeanReport", "LeanRow", "lean_activations", "restore_activations"]
 
 _MARK = "_convpeft_lean"  # attribute on a lean module: what was done ("conv", "norm", "act")
 _NAME = "_convpeft_lean_name"  # its name in the model, for the unfrozen-later warning
+_SHARED = "_convpeft_lean_shared"  # on a clamp activation: save the output, not a mask
 _WARNED = "_convpeft_lean_warned"
 
 
@@ -101,9 +104,13 @@ def _norm_forward(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 def _clamp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not _records(x):
         return type(self).forward(self, x)
+    # its consumer saves the output anyway (.probe) - unless autocast will hand the consumer
+    # a cast copy (an input not in the autocast dtype), which the probe, run without
+    # autocast, cannot see: then the mask, as everywhere else
+    keep = getattr(self, _SHARED, False) and autocast_dtype(x) in (None, x.dtype)
     if isinstance(self, nn.ReLU):
-        return clamp_masked(x, 0.0, None, self.inplace)
-    return clamp_masked(x, float(self.min_val), float(self.max_val), self.inplace)
+        return clamp_masked(x, 0.0, None, self.inplace, keep)
+    return clamp_masked(x, float(self.min_val), float(self.max_val), self.inplace, keep)
 
 
 def _leaky_forward(self: nn.LeakyReLU, x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +152,14 @@ class LeanRow:
     reason: str = ""
     plain_bytes: int | None = None
     lean_bytes: int | None = None
+    saves: str = ""  # what a lean layer keeps for backward (see _SAVES)
+
+
+# what each lean action keeps for backward (besides resident parameters)
+_SAVES = {"conv": "nothing (its frozen weight)", "norm": "nothing (per-channel scale)",
+          "act": "1-bit mask", "pool": "1 byte per output (argmax offset)"}
+_SHARED_SAVES = "its output, which the next layer saves anyway (no mask)"
+_CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 
 
 @dataclass
@@ -158,6 +173,7 @@ class LeanReport:
     rows: list[LeanRow] = field(default_factory=list)
     plain_bytes: dict[str, int] = field(default_factory=dict)
     lean_bytes: dict[str, int] = field(default_factory=dict)
+    probe_error: str | None = None  # why no activation shares its output (masks everywhere)
     _modules: list[nn.Module] = field(default_factory=list, repr=False)
 
     @property
@@ -183,7 +199,7 @@ class LeanReport:
 def _restore(m: nn.Module) -> None:
     if getattr(m, _MARK, None) is not None:
         m.__dict__.pop("forward", None)
-        for attr in (_MARK, _NAME, _WARNED):
+        for attr in (_MARK, _NAME, _WARNED, _SHARED):
             m.__dict__.pop(attr, None)
 
 
@@ -218,7 +234,7 @@ def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
 
 
 def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True,
-                     activations: bool = True, pools: bool = True,
+                     activations: bool = True, pools: bool = True, share_outputs: bool = True,
                      example_input: torch.Tensor | None = None) -> LeanReport:
     """Make ``model``'s frozen convs, eval-mode BatchNorms with a frozen scale, ReLU /
     ReLU6 / LeakyReLU / Hardtanh and MaxPool2d save only what backward needs (see
@@ -226,8 +242,12 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
 
     Decided per layer *now*: freeze parameters first (BN train/eval is checked per call). A
     layer unfrozen later warns once and runs its plain forward; calling this again
-    re-decides. ``example_input`` (a real tensor, e.g. ``torch.randn(2, 3, 224, 224)``) also
-    measures the bytes each layer saves for backward, plain and lean, into the report.
+    re-decides. ``share_outputs``: a ReLU / ReLU6 / Hardtanh whose output the next layer
+    saves anyway (an adapted or trainable conv) saves that output instead of a mask, found by
+    one forward on a meta copy (:mod:`.probe`, input ``example_input``'s shape or
+    ``(2, C, 64, 64)``; ``report.probe_error`` says why not, if it failed: masks everywhere).
+    ``example_input`` (a real tensor, e.g. ``torch.randn(2, 3, 224, 224)``) also measures the
+    bytes each layer saves for backward, plain and lean, into the report.
     ``report.undo()`` (or :func:`restore_activations`) restores every plain forward.
     """
     restore_activations(model)
@@ -251,7 +271,13 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
         setattr(m, _MARK, action)
         setattr(m, _NAME, name)
         report._modules.append(m)
-        report.rows.append(LeanRow(name, type(m).__name__, action, kind))
+        report.rows.append(LeanRow(name, type(m).__name__, action, kind, saves=_SAVES[action]))
+    if share_outputs:
+        try:
+            _share_outputs(model, report, example_input)
+        except BaseException:
+            report.undo()  # interrupted: leave the model as it was
+            raise
     if example_input is not None:
         try:
             report.lean_bytes = saved_bytes_by_layer(model, example_input)
@@ -262,6 +288,27 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
             r.plain_bytes = plain.get(r.name, 0)
             r.lean_bytes = report.lean_bytes.get(r.name, 0)
     return report
+
+
+def _share_outputs(model: nn.Module, report: LeanReport,
+                   example_input: torch.Tensor | None) -> None:
+    modules = dict(model.named_modules())
+    clamps = [r.name for r in report.rows
+              if r.action == "act" and type(modules[r.name]) in _CLAMPS]
+    if not clamps:
+        return
+    try:
+        shared = outputs_saved_downstream(
+            model, clamps, None if example_input is None else tuple(example_input.shape))
+    except Exception as e:  # noqa: BLE001 - any failure: keep the masks (always exact)
+        report.probe_error = (f"{type(e).__name__}: {e}"[:300] + " (every activation keeps a "
+                              "mask; pass example_input=<a batch the model accepts> so that "
+                              "the probe can run)")
+        return
+    for r in report.rows:
+        if r.name in shared:
+            setattr(modules[r.name], _SHARED, True)
+            r.saves = _SHARED_SAVES
 
 
 def restore_activations(model: nn.Module) -> int:
