@@ -49,8 +49,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-__all__ = ["CheckpointReport", "checkpoint_blocks", "detect_blocks", "recomputing",
-           "resolve_blocks", "restore_checkpointing"]
+__all__ = ["CheckpointReport", "checkpoint_blocks", "detect_blocks", "in_checkpointed_block",
+           "recomputing", "resolve_blocks", "restore_checkpointing"]
 
 _MARK = "_convpeft_checkpoint"  # attribute on a checkpointed block: its name in the model
 _STATE = threading.local()
@@ -64,6 +64,22 @@ def recomputing() -> bool:
     """True while a checkpointed block re-runs its forward during backward (this thread).
     The profiler's FLOP counter uses it to book that work as forward FLOPs."""
     return getattr(_STATE, "depth", 0) > 0
+
+
+def in_checkpointed_block() -> bool:
+    """True while a checkpointed block runs, in its first forward or its recomputation (this
+    thread): what a layer saves must be the same in both (torch checks it), and
+    :mod:`convpeft.lean` keeps its activation masks there."""
+    return getattr(_STATE, "inside", 0) > 0
+
+
+@contextlib.contextmanager
+def _inside() -> Iterator[None]:
+    _STATE.inside = getattr(_STATE, "inside", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.inside -= 1
 
 
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
@@ -87,7 +103,8 @@ def _recompute_context(block: nn.Module) -> Iterator[None]:
                     m._buffers[b] = t.clone()
     _STATE.depth = getattr(_STATE, "depth", 0) + 1
     try:
-        yield
+        with _inside():
+            yield
     finally:
         _STATE.depth -= 1
         for m, b, t in swapped:
@@ -110,7 +127,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     meta = any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args)
     return _torch_checkpoint(
         plain, self, *args, use_reentrant=False, preserve_rng_state=not meta,
-        context_fn=lambda: (contextlib.nullcontext(), _recompute_context(self)), **kwargs)
+        context_fn=lambda: (_inside(), _recompute_context(self)), **kwargs)
 
 
 @dataclass

@@ -132,3 +132,40 @@ def test_probe_on_torchvision_models_with_adapters_everywhere():
     # the model itself was not touched: still on CPU, no hooks left
     assert all(p.device.type == "cpu" for p in m.parameters())
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+
+
+def test_a_checkpointed_block_keeps_its_masks():
+    """Inside a checkpointed block only that block's masks are alive at once, and sharing
+    would hold each output one layer longer: the masks stay (the same in forward and in the
+    recomputation, or torch's checkpoint would refuse), outside blocks sharing stays."""
+    from convpeft import checkpoint_blocks
+    from convpeft.profiler import analytic_profile
+
+    def peak(share: bool, ckpt: bool) -> int:
+        torch.manual_seed(0)
+        m = mobilenet_v2(num_classes=10)
+        apply_adapters(m, "lora", 4, target="conv", trainable=["^classifier\\."])
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.eval()
+        lean_activations(m, share_outputs=share)
+        if ckpt:
+            checkpoint_blocks(m)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+        return analytic_profile(m, opt, (8, 3, 64, 64), compare_torch=False).memory_peak
+
+    assert peak(True, False) < peak(False, False)  # sharing pays without checkpointing
+    assert peak(True, True) == peak(False, True)  # and is switched off inside blocks
+    net = _net("relu6_inplace", trainable_second=True)
+    plain = nn.Sequential(nn.Sequential(*net[:5]), *net[5:])  # block 0: conv .. ReLU6
+    lean = copy.deepcopy(plain)
+    rows = {r.name: r.saves for r in lean_activations(lean).rows}
+    assert rows["0.2"] == SHARED  # what the probe found; the block overrides it at run time
+    checkpoint_blocks(lean, blocks=["0"])
+    x = torch.randn(2, 3, 6, 6)
+    gx0, g0 = _grads(plain, x)
+    gx1, g1 = _grads(lean, x)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6)

@@ -5,7 +5,11 @@ for backward. In a ResNet with adapters on every conv, each ReLU feeds an adapte
 saves its input for the adapter's ``A``: the output is pinned anyway and the mask is pure
 overhead (1/32 more memory, two more passes). There the activation should save its output
 itself (the same storage, no extra bytes), which also spares ReLU6 / Hardtanh from keeping
-their *input*, as torch's own backward would.
+their *input*, as torch's own backward would. Not quite free: the output then lives until the
+activation's own backward, one layer past the consumer's, so one extra tensor is alive there;
+that beats a mask per layer held from forward to backward, except inside a checkpointed block,
+where only one block's masks are alive at a time and the lean forward keeps them
+(:func:`convpeft.checkpoint.in_checkpointed_block`).
 
 Who saves what depends on the graph, not on the module tree, so :func:`outputs_saved_downstream`
 runs the (already lean) model once on a meta copy, which computes nothing and allocates
