@@ -15,6 +15,9 @@ CNN is frozen (head-only, BitFit, LoRA/DoRA, BN frozen) that is most of the acti
 :func:`lean_activations` swaps, in place, the ``forward`` of such modules for one that runs
 through a small autograd Function saving only that: the (already resident) frozen weight, the
 per-channel scale, a packed 1-bit mask (32x smaller than fp32), or a byte per pooled output.
+A ReLU / ReLU6 / Hardtanh whose output the next layer saves anyway (an adapted or trainable
+conv keeps its input) keeps that output instead of a mask, which would only add 1/32 of it;
+one forward of a meta copy finds them (:mod:`.probe`), and checkpointed blocks keep masks.
 Outputs and every gradient are those of the plain model (the same kernels run, in the same
 order). Nothing is re-parameterised: ``state_dict`` keys and values are unchanged, and
 :meth:`LeanReport.undo` (or :func:`restore_activations`) puts the plain ``forward`` back.
@@ -47,7 +50,8 @@ the gradient and stay as they are (so does MobileNetV3's Hardsigmoid, which only
 ``(N, C, 1, 1)`` tensors).
 
 Layout: :mod:`.functions` (conv, pad and norm Functions), :mod:`.masks` (1-bit masks and the
-activation Functions), :mod:`.pool` (max pooling), :mod:`.model`
+activation Functions), :mod:`.pool` (max pooling), :mod:`.probe` (which activations' outputs
+are saved downstream), :mod:`.model`
 (:func:`lean_activations`, :class:`LeanReport`, :func:`restore_activations`), :mod:`.saved`
 (:func:`saved_bytes_by_layer`).
 
