@@ -108,9 +108,8 @@ def run(
     ``method`` is ``"adamw"`` (torch.optim.AdamW, all params), ``"adamw_galore_torch"``
     (galore-torch's AdamW, no projection) or ``"galore"``.
     """
-    from galore_torch import GaLoreAdamW
-
     from convpeft.optim import galore_optimizer
+    from convpeft.optim.upstream import GaLoreAdamW
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)

@@ -409,3 +409,16 @@ def test_deepcopy_keeps_summary_and_state():
     train_step(model2, opt2, *batch(9))
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_importing_galore_shows_no_bitsandbytes_kernel_warning_and_restores_its_logger():
+    """bitsandbytes logs a 4-bit CPU kernel warning at import on AVX512-BF16 CPUs (never used
+    here): convpeft.optim.upstream quiets that one logger during the import, then restores it."""
+    import subprocess
+    import sys
+
+    code = ("import logging, convpeft.optim.galore; "
+            "print(logging.getLogger('bitsandbytes.backends.cpu.ops').level)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "0"  # NOTSET again: later warnings of that logger still show
+    assert "gemm_4bit" not in r.stderr and "kernels" not in r.stderr, r.stderr

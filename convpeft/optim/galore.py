@@ -62,7 +62,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
-from galore_torch import GaLoreAdamW
 from torch import nn
 
 from convpeft.layer_kinds import check_target, layer_kind, select_layers
@@ -79,6 +78,7 @@ from .projector import (
     will_refresh,
 )
 from .summary import ROLES, GaLoreSummary
+from .upstream import GaLoreAdamW
 
 ParamsArg = nn.Module | Iterable[Any]
 

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from galore_torch.galore_projector import GaLoreProjector
+
+from .upstream import GaLoreProjector
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 """Projection types of galore-torch's ``GaLoreProjector``."""
