@@ -169,3 +169,17 @@ def test_a_checkpointed_block_keeps_its_masks():
     assert g0.keys() == g1.keys()
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_probe_leaves_rng_buffers_and_modes_alone():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Conv2d(8, 4, 3)).train()
+    net[0].requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    report = lean_activations(net)
+    assert report.probe_error is None
+    assert torch.equal(torch.get_rng_state(), rng)  # the meta forward drew no random numbers
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # BN stats
+    assert net.training and all(m.training for m in net.modules())

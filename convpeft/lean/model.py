@@ -161,7 +161,7 @@ class LeanRow:
 
 
 # what each lean action keeps for backward (besides resident parameters)
-_SAVES = {"conv": "nothing (its frozen weight)", "norm": "nothing (per-channel scale)",
+_SAVES = {"conv": "its weight only, no input", "norm": "nothing (per-channel scale)",
           "act": "1-bit mask", "pool": "1 byte per output (argmax offset)"}
 _SHARED_SAVES = "its output, which the next layer saves anyway (no mask)"
 _CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
