@@ -72,8 +72,10 @@ def study_claims(rows: Sequence[dict]) -> list[dict]:
     ``mem_<target>_<variant>`` for target standard/conv and variant plain/lean."""
     m = _means(rows)
     out = []
+    # setups and methods by name, ranks by value (as text, 16 would sort before 2)
     keys = sorted({(s, meth, rank) for (s, meth, rank, _, _) in m
-                   if meth in ADAPTERS and rank is not None}, key=str)
+                   if meth in ADAPTERS and rank is not None},
+                  key=lambda k: (str(k[0]), k[1], int(k[2])))
     for setup, method, rank in keys:
         full = m.get((setup, "full", None, None, "plain"), {})
         if not full:

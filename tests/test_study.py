@@ -153,3 +153,8 @@ def test_plots_draw_one_adapter_target(tmp_path, monkeypatch):
     standard_only = [r for r in SYNTHETIC if r["target"] == "standard" or r["method"] == "full"]
     plot.make_plots(standard_only, tmp_path)  # nothing else to draw: its own target is kept
     assert {r["target"] for r in seen if r["method"] == "lora"} == {"standard"}
+
+
+def test_study_records_come_in_rank_order():
+    rows = [_row("full")] + [_row("lora", "standard", rank=r) for r in (16, 2, 64, 1, 8)]
+    assert [rec["rank"] for rec in study_claims(rows)] == [1, 2, 8, 16, 64]
