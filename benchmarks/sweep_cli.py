@@ -32,6 +32,16 @@ from convpeft.models import TESTED_MODELS, list_models
 
 DEFAULT_OUT = "results/rank_sweep"
 DEFAULT_PLOTS = "plots"
+"""Where the default grid's figures go (the committed ones). Another ``--out`` draws into
+``OUT/plots`` unless ``--plots`` says otherwise, so that, say, the study preset run into
+``results/study`` never overwrites the committed default figures and findings."""
+
+
+def default_plots_dir(out: str | Path) -> Path:
+    """``--plots`` when not given: ``plots/`` for the default ``--out``, else ``OUT/plots``."""
+    if Path(out) == Path(DEFAULT_OUT):
+        return Path(DEFAULT_PLOTS)
+    return Path(out) / "plots"
 
 
 def _csv_list(s: str) -> list[str]:
@@ -175,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default=DEFAULT_OUT,
                    help="results folder (results.jsonl, results.csv, findings.md); reruns resume")
-    o.add_argument("--plots", default=DEFAULT_PLOTS, help="folder for the figures")
+    o.add_argument("--plots", default=None,
+                   help=f"folder for the figures and a copy of findings.md (default: "
+                   f"{DEFAULT_PLOTS}/ with the default --out, else OUT/plots)")
     o.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
     o.add_argument("--formats", default="png,svg", help="figure formats")
     o.add_argument("--profile-only", action="store_true",
@@ -296,7 +308,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}: use torchvision classification models, "
                          f"e.g. {', '.join(TESTED_MODELS)} (all: convpeft.models.list_models())")
-    plots = None if a.no_plots else Path(a.plots)
+    plots = None if a.no_plots else (Path(a.plots) if a.plots else default_plots_dir(a.out))
     formats = _csv_list(a.formats)
     if plots is not None:
         supported = _figure_formats()

@@ -443,6 +443,25 @@ def _assert_one_line_error(capsys, *needles: str) -> None:
         assert n in err, err
 
 
+def test_figures_go_to_plots_only_for_the_default_out(tmp_path, monkeypatch):
+    """The committed plots/ hold the default grid's figures: another --out (the study preset
+    into results/study, say) draws into OUT/plots unless --plots names a folder."""
+    from benchmarks.sweep_cli import DEFAULT_OUT, build_parser, plan_from_args
+
+    monkeypatch.chdir(tmp_path)
+
+    def plots_of(*argv: str) -> Path | None:
+        return plan_from_args(build_parser().parse_args([*argv, "--profile-only"])).plots
+
+    assert plots_of() == Path("plots")
+    assert plots_of("--out", DEFAULT_OUT + "/") == Path("plots")
+    assert plots_of("--out", "results/study") == Path("results/study/plots")
+    assert plots_of("--preset", "study", "--out", "o") == Path("o/plots")
+    assert plots_of("--out", "o", "--plots", "figs") == Path("figs")
+    assert plots_of("--out", "o", "--no-plots") is None
+    assert "OUT/plots" in build_parser().format_help()
+
+
 @pytest.mark.parametrize("flag", ["--out", "--plots"])
 def test_file_shaped_output_folder_is_refused_before_running(flag, tmp_path, capsys):
     f = tmp_path / "a_file"
