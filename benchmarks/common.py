@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from benchmarks.results import load_results
@@ -63,6 +64,25 @@ def method_label(method: str) -> str:
     """Display name of a method ("LoRA", "full FT"); the name itself if it is not registered
     (rows of a method registered only in the run that wrote them)."""
     return get_method(method).label if method in list_methods() else method
+
+
+DEFAULT_OUT = "results/rank_sweep"
+"""The rank sweep's results folder when ``--out`` is not given."""
+DEFAULT_PLOTS = "plots"
+"""Where the default grid's figures go: the committed ones."""
+
+
+def default_plots_dir(results: str | Path) -> Path:
+    """Where figures go when ``--plots`` is not given, for a results folder or file: ``plots/``
+    for the default grid's (``results/rank_sweep``, or the committed copies in ``plots/``),
+    else ``<results folder>/plots``, so that another grid (the study preset run into
+    ``results/study``, say) never overwrites the committed figures and findings."""
+    folder = Path(results)
+    if folder.suffix in (".jsonl", ".csv"):
+        folder = folder.parent
+    if folder in (Path(DEFAULT_OUT), Path(DEFAULT_PLOTS)):
+        return Path(DEFAULT_PLOTS)
+    return folder / "plots"
 
 
 def results_parser(prog: str, description: str) -> argparse.ArgumentParser:

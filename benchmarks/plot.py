@@ -1,6 +1,9 @@
 """Plots of a rank sweep, from its results file alone.
 
-    python -m benchmarks.plot results/rank_sweep/results.jsonl [--plots plots/] [--formats png,svg]
+    python -m benchmarks.plot results/rank_sweep/results.jsonl [--plots DIR] [--formats png,svg]
+
+Figures go to ``plots/`` for the default grid's results (``results/rank_sweep`` or the committed
+``plots/*.csv``), else to ``plots/`` inside the results folder (``--plots`` chooses).
 
 Per (model, dataset, task):
   ``flops_<model>_<task>``     rank vs FLOPs per update (one line per ranked method; full FT,
@@ -39,7 +42,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import primary_rows, read_results, results_parser  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    default_plots_dir,
+    primary_rows,
+    read_results,
+    results_parser,
+)
 from benchmarks.plot_accuracy import pareto_front as pareto_front  # noqa: E402
 from benchmarks.plot_accuracy import plot_accuracy, plot_pareto  # noqa: E402
 from benchmarks.plot_flops import plot_flop_counters, plot_flops  # noqa: E402
@@ -109,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Regenerate all rank-sweep plots from a results file (.jsonl or .csv) or a results "
         "folder.",
     )
-    p.add_argument("--plots", default="plots", help="output folder for the figures "
-                   "(default: plots/)")
+    p.add_argument("--plots", default=None, help="output folder for the figures (default: "
+                   "plots/ for results/rank_sweep or plots/*.csv, else RESULTS_FOLDER/plots)")
     p.add_argument("--formats", default="png,svg",
                    help="comma-separated figure formats (default: png,svg)")
     a = p.parse_args(argv)
@@ -118,9 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rows is None:
         return 2
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
-    files = make_plots(rows, a.plots, formats)
+    plots = Path(a.plots) if a.plots else default_plots_dir(a.results)
+    files = make_plots(rows, plots, formats)
     n_ok = len(_ok(rows))
-    print(f"{len(files)} files from {n_ok} ok rows (of {len(rows)}) -> {a.plots}")
+    print(f"{len(files)} files from {n_ok} ok rows (of {len(rows)}) -> {plots}")
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import DEFAULT_OUT, DEFAULT_PLOTS, default_plots_dir
 from benchmarks.sweep_executor import EXECUTORS, RAY_MISSING
 from benchmarks.sweep_grid import (
     ALL_TASKS,
@@ -29,19 +30,6 @@ from convpeft.amp import AMP_MODES, check_amp
 from convpeft.layer_kinds import TARGETS
 from convpeft.methods import list_methods
 from convpeft.models import TESTED_MODELS, list_models
-
-DEFAULT_OUT = "results/rank_sweep"
-DEFAULT_PLOTS = "plots"
-"""Where the default grid's figures go (the committed ones). Another ``--out`` draws into
-``OUT/plots`` unless ``--plots`` says otherwise, so that, say, the study preset run into
-``results/study`` never overwrites the committed default figures and findings."""
-
-
-def default_plots_dir(out: str | Path) -> Path:
-    """``--plots`` when not given: ``plots/`` for the default ``--out``, else ``OUT/plots``."""
-    if Path(out) == Path(DEFAULT_OUT):
-        return Path(DEFAULT_PLOTS)
-    return Path(out) / "plots"
 
 
 def _csv_list(s: str) -> list[str]:

@@ -460,6 +460,13 @@ def test_figures_go_to_plots_only_for_the_default_out(tmp_path, monkeypatch):
     assert plots_of("--out", "o", "--plots", "figs") == Path("figs")
     assert plots_of("--out", "o", "--no-plots") is None
     assert "OUT/plots" in build_parser().format_help()
+    # python -m benchmarks.plot RESULTS follows the same rule for its results file or folder
+    from benchmarks.common import default_plots_dir
+
+    assert default_plots_dir("results/rank_sweep/results.jsonl") == Path("plots")
+    assert default_plots_dir("plots/rank_sweep_default.csv") == Path("plots")
+    assert default_plots_dir("results/study") == Path("results/study/plots")
+    assert default_plots_dir("results/study/results.csv") == Path("results/study/plots")
 
 
 @pytest.mark.parametrize("flag", ["--out", "--plots"])
