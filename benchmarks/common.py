@@ -80,7 +80,8 @@ def default_plots_dir(results: str | Path) -> Path:
     folder = Path(results)
     if folder.suffix in (".jsonl", ".csv"):
         folder = folder.parent
-    if folder in (Path(DEFAULT_OUT), Path(DEFAULT_PLOTS)):
+    # resolved, so that an absolute or ./-prefixed spelling of the default folder counts too
+    if folder.resolve() in (Path(DEFAULT_OUT).resolve(), Path(DEFAULT_PLOTS).resolve()):
         return Path(DEFAULT_PLOTS)
     return folder / "plots"
 

@@ -455,6 +455,7 @@ def test_figures_go_to_plots_only_for_the_default_out(tmp_path, monkeypatch):
 
     assert plots_of() == Path("plots")
     assert plots_of("--out", DEFAULT_OUT + "/") == Path("plots")
+    assert plots_of("--out", str(tmp_path / DEFAULT_OUT)) == Path("plots")  # absolute spelling
     assert plots_of("--out", "results/study") == Path("results/study/plots")
     assert plots_of("--preset", "study", "--out", "o") == Path("o/plots")
     assert plots_of("--out", "o", "--plots", "figs") == Path("figs")
