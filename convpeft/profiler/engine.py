@@ -30,9 +30,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from convpeft.amp import autocast
+from convpeft.profiler.cpu_trace import CpuTrace
 from convpeft.profiler.flop_counter import FlopCounter, FlopTally
 from convpeft.profiler.layer_tracker import LayerTracker
 from convpeft.profiler.memory import MemoryReport, MemoryTracker, state_tensors, storage_key
+from convpeft.profiler.scratch import OpShape, ScratchModel, op_features
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,7 +111,12 @@ class InstrumentedRun:
     wall_s: float
     cpu_s: float
     flops_torch: int | None  # torch's FlopCounterMode total for the same ops
-    device_peak: DevicePeak | None  # allocator reading (CUDA or an injected probe)
+    device_peak: DevicePeak | None  # allocator reading (CUDA, CPU trace, injected probe) or
+    # the scratch model's prediction (analytic)
+    tensor_peak: int = 0  # the tensor-level peak (live storages only)
+    # each op's shapes and measured excess (bytes held beyond its outputs), from the CPU trace
+    # or the allocator probe: what :func:`convpeft.calibrate` fits the scratch model to
+    op_scratch: list[tuple[OpShape | None, int]] | None = None
 
 
 class Instrument(TorchDispatchMode):
@@ -117,12 +124,17 @@ class Instrument(TorchDispatchMode):
     with a probe, reading the allocator's peak around each op."""
 
     def __init__(self, counter: FlopCounter, tracker: MemoryTracker,
-                 probe: AllocatorProbe | None = None, foreign: int = 0) -> None:
+                 probe: AllocatorProbe | None = None, foreign: int = 0,
+                 trace: CpuTrace | None = None, scratch: ScratchModel | None = None) -> None:
         super().__init__()
         self.counter = counter
         self.tracker = tracker
         self.probe = probe
         self.foreign = foreign  # allocator bytes that are not this update's (other tensors)
+        self.trace = trace  # CPU allocator trace: markers per op, peak found after the run
+        self.scratch = scratch  # analytic: predicted kernel scratch per op
+        self.op_features: list[OpShape | None] = []  # per traced op (CPU trace)
+        self.probe_samples: list[tuple[OpShape | None, int]] = []  # per probed op: excess
         self.device_peak: DevicePeak | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -135,12 +147,27 @@ class Instrument(TorchDispatchMode):
             probe = None
         if probe is not None:
             probe.reset_peak()
-        out = func(*args, **kwargs)
+        trace = self.trace
+        if trace is not None and not tracker.returns_alias(func):
+            with trace.marker(func):
+                out = func(*args, **kwargs)
+            tracker.on_output(out, func)
+            trace.set_tick(tracker.tick)
+            self.op_features.append(op_features(func, args, kwargs, out))
+        else:
+            out = func(*args, **kwargs)
+            tracker.on_output(out, func)
         self.counter.record(func, args, kwargs, out)
-        tracker.on_output(out, func)
+        if self.scratch is not None and not tracker.returns_alias(func):
+            # the op peaks with its inputs and outputs live plus its scratch (predicted)
+            raw = tracker.current + self.scratch.predict(op_features(func, args, kwargs, out))
+            if self.device_peak is None or raw > self.device_peak.raw:
+                self.device_peak = DevicePeak(raw=raw, peak=raw, tick=tracker.tick)
         if probe is not None:
             # the op peaked with its inputs and its (new) outputs live, plus its scratch
             raw = probe.peak()
+            self.probe_samples.append((op_features(func, args, kwargs, out),
+                                       max(0, raw - probe.current())))
             if self.device_peak is None or raw > self.device_peak.raw:
                 self.device_peak = DevicePeak(raw=raw, peak=raw - self.foreign,
                                               tick=tracker.tick)
@@ -238,12 +265,22 @@ def sync(device: torch.device) -> None:
 def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
                      targets: torch.Tensor, loss_fn: LossFn, *, per_layer: bool = False,
                      compare_torch: bool = True,
-                     probe: AllocatorProbe | None = None, amp: str = "off") -> InstrumentedRun:
+                     probe: AllocatorProbe | None = None, amp: str = "off",
+                     trace: bool = False, scratch: ScratchModel | None = None
+                     ) -> InstrumentedRun:
     """Run ONE update under the instrumentation. ``probe`` defaults to the CUDA allocator when
-    ``inputs`` live on CUDA (None elsewhere)."""
+    ``inputs`` live on CUDA (None elsewhere). ``trace=True`` (CPU) reads the CPU allocator
+    through :class:`~convpeft.profiler.cpu_trace.CpuTrace`; ``scratch`` (analytic, meta tensors)
+    predicts the device peak as the tensors live at each op plus its modelled scratch."""
     device = inputs.device
     if probe is None and device.type == "cuda":
         probe = CudaProbe(device)
+    if trace and (device.type != "cpu" or probe is not None):
+        raise ValueError("trace=True reads the CPU allocator: the batch must be on the CPU and "
+                         "no other allocator probe given")
+    # the update starts with zero_grad; doing it before tracking starts means no pre-existing
+    # block is freed while a CPU trace runs (the profiler cannot see such frees)
+    optimizer.zero_grad(set_to_none=True)
     params = list(model.parameters())
     param_keys = {storage_key(p) for p in params}
     layers = LayerTracker(model) if per_layer else None
@@ -258,7 +295,9 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
     sync(device)
     # what the allocator holds beyond the tracked storages (other models, caches) is not ours
     foreign = max(0, probe.current() - tracker.current) if probe is not None else 0
-    instrument = Instrument(counter, tracker, probe, foreign)
+    resident = tracker.current  # live when tracking starts: the CPU trace counts from here
+    cpu_trace = CpuTrace() if trace else None
+    instrument = Instrument(counter, tracker, probe, foreign, trace=cpu_trace, scratch=scratch)
 
     def set_phase(ph: str) -> None:
         counter.phase = ph
@@ -276,6 +315,8 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
             if layers is not None:
                 stack.enter_context(layers)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            if cpu_trace is not None:
+                stack.enter_context(cpu_trace)
             stack.enter_context(instrument)
             set_phase("forward")
             optimizer.zero_grad(set_to_none=True)
@@ -293,6 +334,14 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
         tracker.stop()
     cats = tracker.classify(model, optimizer, extra_grads=grad_records)
     dpeak = instrument.device_peak
+    op_scratch = None
+    if cpu_trace is not None:
+        res = cpu_trace.result()
+        tick = cpu_trace.ticks[res.peak_marker] if res.peak_marker >= 0 else 0
+        dpeak = DevicePeak(raw=resident + res.peak, peak=resident + res.peak, tick=tick)
+        op_scratch = [(instrument.op_features[o.index], o.excess) for o in res.ops]
+    elif instrument.probe_samples:
+        op_scratch = instrument.probe_samples
     if dpeak is None:
         memory = tracker.report(cats)
     elif dpeak.peak > tracker.peak:
@@ -305,4 +354,4 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
         counter.tally.layer_kinds = layers.kinds
     return InstrumentedRun(tally=counter.tally, memory=memory, wall_s=wall, cpu_s=cpu,
                            flops_torch=counter.tally.torch if compare_torch else None,
-                           device_peak=dpeak)
+                           device_peak=dpeak, tensor_peak=tracker.peak, op_scratch=op_scratch)

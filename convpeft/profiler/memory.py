@@ -22,7 +22,8 @@ Categories, decided at the end of the update by identity, first match wins:
 Storage ids are ``untyped_storage()._cdata`` (the C++ StorageImpl address), which also works for
 meta tensors, so the analytic mode runs the very same tracker without any data.
 Only storages returned by aten ops are seen: scratch space a kernel allocates and frees inside
-itself (e.g. oneDNN reorders) is not, which is why a CPU allocator trace can peak a little higher.
+itself (e.g. oneDNN reorders) is not; the device's peak adds it (:mod:`.cpu_trace` on the CPU,
+the allocator probe of :mod:`.engine` on CUDA, :mod:`.scratch` when predicted).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
-#: on a device whose allocator is read (CUDA), the bytes beyond the tensors live at the peak:
-#: kernel workspaces (cuDNN/cuBLAS) that an op allocates and frees inside itself
-WORKSPACE = "workspace"
+#: where the device's allocator is read (the CPU trace, CUDA) or predicted (analytic), the bytes
+#: beyond the tensors live at the device's peak: kernel scratch that an op allocates and frees
+#: inside itself (oneDNN's blocked-layout copies on the CPU, cuDNN/cuBLAS workspaces on CUDA)
+SCRATCH = "scratch"
+WORKSPACE = SCRATCH  # the name this category had before it was measured on the CPU too
 
 
 def _key(storage: torch.UntypedStorage) -> int:
@@ -271,7 +274,7 @@ class MemoryTracker:
             cmax[cat] = max(cmax[cat], cur[cat])
         peak = self.peak
         if workspace is not None:
-            by_cat[WORKSPACE] = cmax[WORKSPACE] = workspace
+            by_cat[SCRATCH] = cmax[SCRATCH] = workspace
             peak = sum(by_cat.values())
         return MemoryReport(peak=peak, by_category=by_cat, category_max=cmax,
                             baseline=baseline, num_storages=len(self._records))

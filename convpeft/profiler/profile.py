@@ -12,9 +12,13 @@ torch's ``FlopCounterMode`` figure (``flops_torch``) comes from torch's own per-
 applied in the same pass. The model and optimizer are really updated ``warmup + 1 + repeat``
 times.
 
-Memory is tensor-level (what ops return) except on CUDA, where the allocator is read around
-every op and ``memory_peak`` is the device's peak for the update, with the kernel workspaces
-beyond the live tensors as a ``workspace`` category (see :mod:`.engine`).
+Memory is the device's: ``memory_peak`` is the allocator's peak over the instrumented update
+(on the CPU from torch.profiler's allocation trace, :mod:`.cpu_trace`; on CUDA from the caching
+allocator read around every op), with the bytes beyond the live tensors at that moment as a
+``scratch`` category (kernel scratch: oneDNN's blocked-layout copies on the CPU, cuDNN/cuBLAS
+workspaces on CUDA). The tensor-level peak (what ops return, exact and device-independent) is
+``memory_peak_tensors``. :func:`analytic_profile` predicts the device peak from shapes with the
+per-op scratch model of :mod:`.scratch` for the device it names (``memory_model`` says which).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from convpeft.profiler.engine import (
     warm_up,
 )
 from convpeft.profiler.flop_counter import FlopTally
-from convpeft.profiler.memory import allocator_peak_cpu, state_tensors
+from convpeft.profiler.scratch import ScratchModel, scratch_model
+from convpeft.profiler.scratch import device_name as scratch_device_name
 
 
 @dataclass
@@ -59,14 +64,17 @@ class UpdateProfile:
       ``_backward`` and ``_optimizer`` fields.
     * ``flops_torch``: torch's ``FlopCounterMode`` total for the same update (None if not run),
       to show where it differs (it charges grouped-conv weight gradients as dense).
-    * ``memory_peak``: true simultaneous peak of live storage bytes during the update (params,
-      buffers, state and batch included); ``memory_by_category``: what was live at that moment;
-      ``memory_category_max``: each category's OWN maximum over the update (these do not happen at
-      the same moment and must not be summed into a peak). ``memory_peak`` counts what ops
-      return (tensors); ``memory_peak_allocator`` is the allocator's own peak, which adds the
-      scratch kernels allocate and free inside one op: ``torch.cuda.max_memory_allocated``
-      during the instrumented update on CUDA, on CPU (``allocator_peak=True``) a torch.profiler
-      allocation trace of one extra update; None otherwise.
+    * ``memory_peak``: the device's peak during the update (params, buffers, state and batch
+      included): the allocator's, read during the instrumented update (CPU: torch.profiler's
+      allocation trace; CUDA: the caching allocator's allocated bytes), or, analytic, predicted
+      for the device named in ``memory_model``; tensor-level only with
+      ``allocator_peak=False``. ``memory_by_category``: what was live at that moment, the kernel
+      scratch beyond the live tensors as ``scratch``; ``memory_category_max``: each category's
+      OWN maximum over the update (these do not happen at the same moment and must not be
+      summed into a peak). ``memory_peak_tensors``: the tensor-level peak (what ops return;
+      exact, device-independent, what the analytic mode reproduces to the byte).
+      ``memory_peak_allocator``: the allocator's raw reading (other tensors on the device
+      included), None when no allocator was read. ``memory_model``: what ``memory_peak`` is.
     * ``step_time_s``: median wall time of the ``repeat`` timed updates; ``step_time_iqr_s``
       their inter-quartile range; ``instrumented_time_s``: the instrumented update. The
       ``*_cpu_time_s`` twins are this process's CPU time (all threads), steadier than wall time
@@ -109,6 +117,8 @@ class UpdateProfile:
     analytic: bool = False
     per_layer: list[dict] | None = field(default=None)
     amp: str = "off"
+    memory_peak_tensors: int = 0
+    memory_model: str = "tensor-level"
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (category dicts and per-layer rows stay nested)."""
@@ -147,15 +157,15 @@ def format_profile(p: UpdateProfile) -> str:
         f"  elementwise (apart) {_fmt_flops(p.flops_elementwise):>22}",
         f"  torch FlopCounter   {_fmt_flops(p.flops_torch):>22}",
         "",
-        "memory (bytes live at the simultaneous peak | each category's own max)",
+        f"memory (bytes live at the simultaneous peak | each category's own max; "
+        f"{p.memory_model})",
     ]
     for c in p.memory_by_category:
         lines.append(f"  {c:<12} {_fmt_bytes(p.memory_by_category[c]):>14} | "
                      f"{_fmt_bytes(p.memory_category_max[c]):>14}")
     lines.append(f"  {'PEAK':<12} {_fmt_bytes(p.memory_peak):>14}")
-    if p.memory_peak_allocator is not None:
-        lines.append(f"  {'allocator':<12} {_fmt_bytes(p.memory_peak_allocator):>14}"
-                     "   (incl. kernel scratch)")
+    lines.append(f"  {'tensors':<12} {_fmt_bytes(p.memory_peak_tensors):>14}"
+                 "   (tensor-level peak: what ops return)")
     if p.step_time_s is not None:
         lines += ["", f"time per update: {p.step_time_s * 1e3:.2f} ms "
                       f"(IQR {p.step_time_iqr_s * 1e3:.2f} ms)"]
@@ -181,7 +191,7 @@ def profile_update(
     per_layer: bool = False,
     compare_torch: bool = True,
     analytic: bool = False,
-    allocator_peak: bool = False,
+    allocator_peak: bool | None = None,
     amp: str = "off",
 ) -> UpdateProfile:
     """Profile one training update of ``model`` with ``optimizer`` on ``inputs`` (N, C, H, W)
@@ -191,9 +201,10 @@ def profile_update(
     (a little slower). ``compare_torch`` also sums torch's ``FlopCounterMode`` formulas over the
     same ops (``flops_torch``). ``analytic=True`` forwards to :func:`analytic_profile` with the
     batch's shapes: no real compute, and the model/optimizer are not touched.
-    ``allocator_peak=True`` on CPU runs one extra update under torch.profiler to report the
-    allocator's peak including kernel scratch (``memory_peak_allocator``; always set on CUDA,
-    where ``memory_peak`` is the device's peak and ``memory_by_category`` has ``workspace``).
+    ``allocator_peak`` (default: on for CPU and CUDA) reads the device's allocator during the
+    instrumented update, so ``memory_peak`` is the device's peak with a ``scratch`` category;
+    on the CPU that runs the update under torch.profiler's memory trace (slower);
+    ``allocator_peak=False`` there gives the tensor-level figure alone.
     ``amp`` ("off", "bf16", "fp16"; fp16 on CUDA only) runs every update's forward and loss under
     ``torch.autocast`` in that dtype (no loss scaling: it changes no cost but an elementwise
     unscale); not with ``analytic=True``, which traces on the meta device where autocast
@@ -215,15 +226,14 @@ def profile_update(
     check_inputs(model, optimizer, inputs, targets)
     device = inputs.device
     refreshing = warm_up(model, optimizer, inputs, targets, loss_fn, warmup, amp=amp)
+    trace = device.type == "cpu" and allocator_peak is not False
+    if device.type == "cuda" and allocator_peak is False:
+        raise ValueError("allocator_peak=False on CUDA: the CUDA allocator is always read (it "
+                         "costs nothing there); memory_peak_tensors has the tensor-level figure")
     run = run_instrumented(model, optimizer, inputs, targets, loss_fn, per_layer=per_layer,
-                           compare_torch=compare_torch, amp=amp)
+                           compare_torch=compare_torch, amp=amp, trace=trace)
     # the allocator's own reading (everything on the device, like torch.cuda.max_memory_allocated)
     allocator = run.device_peak.raw if run.device_peak is not None else None
-    if allocator_peak and device.type == "cpu":
-        optimizer.zero_grad(set_to_none=True)
-        live = [*model.parameters(), *model.buffers(), *state_tensors(optimizer), inputs, targets]
-        allocator = allocator_peak_cpu(
-            lambda: plain_update(model, optimizer, inputs, targets, loss_fn, amp=amp), live)
 
     times, cpu_times = [], []
     for _ in range(repeat):
@@ -236,6 +246,10 @@ def profile_update(
     prof = _to_profile(model, optimizer, inputs, run, refreshing, allocator=allocator,
                        times=times, cpu_times=cpu_times)
     prof.amp = amp
+    if device.type == "cuda":
+        prof.memory_model = f"CUDA allocator ({scratch_device_name(device)})"
+    elif trace:
+        prof.memory_model = f"CPU allocator trace ({scratch_device_name(device)})"
     return prof
 
 
@@ -249,6 +263,8 @@ def analytic_profile(
     warmup: int = 1,
     per_layer: bool = False,
     compare_torch: bool = True,
+    device: str | torch.device | None = "cpu",
+    scratch: ScratchModel | None = None,
 ) -> UpdateProfile:
     """Predict :func:`profile_update`'s FLOPs and memory for a batch of ``input_shape``
     ``(N, C, H, W)`` without real data or compute; ``model``/``optimizer`` are left untouched.
@@ -256,18 +272,27 @@ def analytic_profile(
     ``optimizer`` is either an optimizer over ``model``'s parameters (it is copied with the model,
     state included) or a factory ``model -> optimizer`` called on the meta copy. Targets are
     class indices of shape ``(N,)`` unless ``targets`` is given (only its shape and dtype are
-    used). Step times are None. The figure is tensor-level: kernel workspaces (cuDNN/cuBLAS on
-    CUDA, oneDNN scratch on CPU) are not modelled, and no ``workspace`` category appears.
+    used). Step times are None. ``memory_peak`` predicts the device peak on ``device`` ("cpu" or
+    "cuda"): the tensor-level timeline plus each op's kernel scratch from ``scratch`` (default:
+    :func:`~convpeft.profiler.scratch.scratch_model` of that device: its calibration if
+    :func:`convpeft.calibrate` cached one, else the shipped default), as a ``scratch``
+    category; ``memory_model`` names the model. ``device=None`` gives the tensor-level figure
+    alone (exactly :func:`profile_update`'s ``memory_peak_tensors``).
     """
+    model_for = None
+    if device is not None:
+        model_for = scratch if scratch is not None else scratch_model(device)
     mmodel, mopt, x, y = meta_setup(model, optimizer, input_shape, targets)
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     check_inputs(mmodel, mopt, x, y)
     refreshing = warm_up(mmodel, mopt, x, y, loss_fn, warmup)
     run = run_instrumented(mmodel, mopt, x, y, loss_fn, per_layer=per_layer,
-                           compare_torch=compare_torch)
+                           compare_torch=compare_torch, scratch=model_for)
     prof = _to_profile(mmodel, mopt, x, run, refreshing, allocator=None, times=[], cpu_times=[])
     prof.analytic = True
     prof.device = "meta (analytic)"
+    prof.memory_model = ("tensor-level" if model_for is None else
+                         f"predicted for {torch.device(device).type} ({model_for.source})")
     return prof
 
 
@@ -317,6 +342,7 @@ def _to_profile(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torc
         memory_category_max=mem.category_max,
         memory_baseline=mem.baseline,
         memory_peak_allocator=allocator,
+        memory_peak_tensors=run.tensor_peak,
         step_time_s=step,
         step_time_iqr_s=iqr,
         instrumented_time_s=run.wall_s,

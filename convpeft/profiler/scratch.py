@@ -1,0 +1,261 @@
+"""Kernel scratch per op, modelled from shapes: how the analytic profiler predicts a device peak.
+
+A device holds more than the tensors an op returns. On the CPU, oneDNN (PyTorch's conv backend)
+reorders a conv's operands into a channel-blocked layout (``nChw16c`` on AVX-512 machines,
+``nChw8c`` on AVX2), computes there and reorders back; the blocked copies live only inside the
+op, so no tensor shows them, yet they set the peak of a memory-lean update (measured on
+MobileNetV2 LoRA lean + checkpointing: the largest depthwise conv's backward held its
+grad-output and grad-input in blocked form beside the tensors, 1.41x the tensor-level peak).
+On CUDA the same role is played by cuDNN/cuBLAS workspaces.
+
+The model gives each op an *excess* (bytes held at its own peak beyond what it returns), so the
+device peak is ``max over ops of (tensors live after the op + its excess)``. Ops are described
+from shapes only (:func:`op_features`, also on meta tensors); a conv is keyed by pass, layer kind
+(:mod:`convpeft.layer_kinds`) and whether it is strided, and its features are the byte sizes of
+its operands with channels padded to the layout's block ``B``:
+
+============  ==============================================================================
+pass          features (bytes; ``~`` = channel-padded to ``B``)
+============  ==============================================================================
+forward       ``max(~in + ~out - out, ~out)``, ``~weight``, ``~in``, ``~out``
+backward      ``~grad_out``, ``~grad_in`` (if asked), ``~in`` (if the weight grad is), ``~weight``
+other ops     bytes of the inputs, bytes of the outputs
+============  ==============================================================================
+
+Each key's coefficients are non-negative least squares over measured excesses
+(:func:`fit_scratch`); ``B`` is the one among 1, 8, 16 that fits best. The measurements come from
+:mod:`.cpu_trace` (every op of a few real updates); :func:`convpeft.calibrate` runs them on the
+device at hand and caches the model per (device name, torch version). A model ships for the CPU
+(fitted on the machine named in it); for CUDA no GPU measurement exists yet, so the default
+CUDA model predicts no workspace and says so (``source``) until ``calibrate(device="cuda")``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+BLOCKS = (1, 8, 16)
+_FAMILY = {"conv_fwd": 4, "conv_bwd": 4}  # features per conv pass; other ops have 2
+
+
+@dataclass(frozen=True)
+class OpShape:
+    """Shapes of one op, enough for its scratch: ``key`` (e.g. ``conv_bwd/depthwise/s2`` or an
+    aten op name), ``elem`` (bytes per element) and, for convs, ``n`` (batch), ``c_in``,
+    ``hw_in`` (H*W), ``c_out``, ``hw_out``, ``w`` (weight elements per output channel),
+    ``mask`` (backward's output mask: grad input, grad weight); other ops put their input and
+    output bytes in ``io``."""
+
+    key: str
+    elem: int = 4
+    n: int = 0
+    c_in: int = 0
+    hw_in: int = 0
+    c_out: int = 0
+    hw_out: int = 0
+    w: int = 0
+    mask: tuple[bool, bool] = (True, True)
+    io: tuple[int, int] = (0, 0)
+
+    @property
+    def family(self) -> str:
+        return self.key.split("/", 1)[0]
+
+
+def _nbytes(t: object) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _conv_kind(c_in: int, groups: int, kernel: tuple[int, ...]) -> str:
+    # the vocabulary of convpeft.layer_kinds, from the op's arguments instead of a module
+    if groups == 1:
+        return "pointwise" if all(k == 1 for k in kernel) else "standard"
+    return "depthwise" if groups == c_in else "grouped"
+
+
+def op_features(func: object, args: tuple, kwargs: dict, out: object) -> OpShape | None:
+    """The :class:`OpShape` of aten op ``func`` called with ``args`` and returning ``out``, or
+    None for an op that returns nothing new."""
+    name = getattr(func, "__name__", str(func))
+    if name in ("convolution.default", "convolution_backward.default"):
+        bwd = name.startswith("convolution_backward")
+        if bwd:
+            gout, x, weight = args[0], args[1], args[2]
+            stride, transposed, groups, mask = args[4], args[7], args[9], args[10]
+        else:
+            x, weight = args[0], args[1]
+            stride, transposed, groups = args[3], args[6], args[8]
+            gout = out
+            mask = (True, True)
+        if transposed or x.dim() != 4 or not isinstance(gout, torch.Tensor):
+            return OpShape(key=name, io=(sum(_nbytes(a) for a in args), _nbytes(out)))
+        kind = _conv_kind(x.shape[1], groups, tuple(weight.shape[2:]))
+        strided = "s2" if any(s > 1 for s in stride) else "s1"
+        return OpShape(key=f"{'conv_bwd' if bwd else 'conv_fwd'}/{kind}/{strided}",
+                       elem=x.element_size(), n=x.shape[0], c_in=x.shape[1],
+                       hw_in=x.shape[2] * x.shape[3], c_out=gout.shape[1],
+                       hw_out=gout.shape[2] * gout.shape[3],
+                       w=weight[0].numel(), mask=(bool(mask[0]), bool(mask[1])))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    ins = list(args) + list(kwargs.values())
+    return OpShape(key=name, io=(sum(_nbytes(a) for a in ins if isinstance(a, torch.Tensor)),
+                                 sum(_nbytes(o) for o in outs)))
+
+
+def features(s: OpShape, block: int) -> list[float]:
+    """The model's features of ``s`` with channels padded to ``block`` (module docstring)."""
+    if s.family not in _FAMILY:
+        return [float(s.io[0]), float(s.io[1])]
+
+    def pad(c: int) -> int:
+        return -(-c // block) * block
+
+    per = s.n * s.elem
+    xb = per * pad(s.c_in) * s.hw_in
+    y, yb = per * s.c_out * s.hw_out, per * pad(s.c_out) * s.hw_out
+    wb = pad(s.c_out) * s.w * s.elem
+    if s.family == "conv_fwd":
+        return [float(max(xb + yb - y, yb)), float(wb), float(xb), float(yb)]
+    return [float(yb), float(xb if s.mask[0] else 0), float(xb if s.mask[1] else 0), float(wb)]
+
+
+@dataclass
+class ScratchModel:
+    """Predicted excess bytes per op (see the module docstring). ``coef`` maps a key (or a
+    family, the fallback) to its feature coefficients; ``source`` says where the fit comes from
+    (device name, torch version, or that it is an uncalibrated default)."""
+
+    device: str
+    block: int = 1
+    coef: dict[str, list[float]] = field(default_factory=dict)
+    source: str = "uncalibrated: no kernel scratch modelled"
+
+    def predict(self, s: OpShape | None) -> int:
+        """Predicted excess of one op in bytes (0 for an op the model does not know)."""
+        if s is None:
+            return 0
+        c = self.coef.get(s.key) or self.coef.get(s.family)
+        if not c:
+            return 0
+        return int(sum(a * f for a, f in zip(c, features(s, self.block), strict=False)))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ScratchModel:
+        d = json.loads(text)
+        return cls(device=str(d["device"]), block=int(d["block"]),
+                   coef={str(k): [float(x) for x in v] for k, v in d["coef"].items()},
+                   source=str(d["source"]))
+
+
+def _nnls(rows: list[list[float]], ys: list[float]) -> list[float]:
+    import numpy as np
+    from scipy.optimize import nnls
+
+    a = np.asarray(rows, dtype=float)
+    scale = a.max(axis=0)
+    scale[scale == 0] = 1.0
+    x, _ = nnls(a / scale, np.asarray(ys, dtype=float))
+    return [float(v) for v in x / scale]
+
+
+def fit_scratch(samples: list[tuple[OpShape, int]], *, device: str, source: str,
+                min_excess: int = 0) -> ScratchModel:
+    """Fit a :class:`ScratchModel` to measured ``(shape, excess)`` pairs: per key and, as the
+    fallback for unseen keys, per conv family; the block from :data:`BLOCKS` with the least
+    total absolute error. Ops whose measured excess never exceeds ``min_excess`` get no term."""
+    best: tuple[float, ScratchModel] | None = None
+    groups: dict[str, list[tuple[OpShape, int]]] = {}
+    for s, e in samples:
+        groups.setdefault(s.key, []).append((s, e))
+        if s.family in _FAMILY:
+            groups.setdefault(s.family, []).append((s, e))
+    groups = {k: v for k, v in groups.items() if max(e for _, e in v) > min_excess}
+    for block in BLOCKS:
+        coef: dict[str, list[float]] = {}
+        err = 0.0
+        for key, rows in groups.items():
+            xs = [features(s, block) for s, _ in rows]
+            ys = [float(e) for _, e in rows]
+            coef[key] = _nnls(xs, ys)
+            if "/" in key or key not in _FAMILY:
+                err += sum(abs(sum(a * f for a, f in zip(coef[key], x, strict=False)) - y)
+                           for x, y in zip(xs, ys, strict=False))
+        model = ScratchModel(device=device, block=block, coef=coef, source=source)
+        if best is None or err < best[0] - 1e-9 * max(1.0, best[0]):
+            best = (err, model)
+    assert best is not None
+    return best[1]
+
+
+# -- shipped defaults and the calibration cache ----------------------------------------------
+_DEFAULTS = Path(__file__).with_name("scratch_defaults")
+
+
+def device_name(device: torch.device | str) -> str:
+    """A stable name of the device kind: the CPU model (``/proc/cpuinfo``) or the GPU's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        import platform
+        return platform.processor() or platform.machine() or "cpu"
+    return device.type
+
+
+def _cache_file(device: torch.device | str) -> Path:
+    from convpeft.train.cache import resolve_cache_dir
+
+    slug = "".join(ch if ch.isalnum() else "_" for ch in device_name(device))[:80]
+    return resolve_cache_dir() / "scratch" / f"{torch.device(device).type}-{slug}-" \
+        f"torch{torch.__version__.split('+')[0]}.json"
+
+
+def default_model(device: torch.device | str) -> ScratchModel:
+    """The shipped model for ``device``'s type (see the module docstring)."""
+    kind = torch.device(device).type
+    path = _DEFAULTS / f"{kind}.json"
+    if path.is_file():
+        return ScratchModel.from_json(path.read_text())
+    return ScratchModel(device=kind)
+
+
+def scratch_model(device: torch.device | str = "cpu") -> ScratchModel:
+    """The model the analytic profiler uses for ``device``: this device's calibration if
+    :func:`convpeft.calibrate` cached one for it (same device name and torch version), else the
+    shipped default for its type."""
+    path = _cache_file(device)
+    if path.is_file():
+        try:
+            return ScratchModel.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is ignored, not fatal: fall back to the default
+    return default_model(device)
+
+
+def save_calibration(model: ScratchModel, device: torch.device | str) -> Path:
+    """Write ``model`` to the calibration cache for ``device`` (atomically) and return the path."""
+    path = _cache_file(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(model.to_json())
+    tmp.replace(path)
+    return path
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    """``predicted / measured - 1`` (inf when nothing was measured)."""
+    return predicted / measured - 1 if measured else math.inf
