@@ -1,15 +1,20 @@
 """Command line: will fine-tuning this model fit on my device? The largest batch per method.
 
     python -m convpeft.plan --model mobilenet_v2 --resolution 224 --budget 512MiB \\
-        [--methods full,lora --ranks 4,8] [--lean [on|both]] [--bn freeze] [--optimizer sgdm] \\
+        [--methods full,lora --ranks 4,8] [--lean [on|both]] [--checkpoint [on|both]] \\
+        [--bn freeze] [--optimizer sgdm] [--device cpu|cuda] [--verify] \\
         [--batch 32] [--max-batch 4096] [--json] [--plot max_batch.png]
+    python -m convpeft.plan --calibrate [--device cpu|cuda]
 
-For every configuration (method, rank, lean) it prints the largest batch whose update fits the
-budget, the predicted peak and what is live at that moment, FLOPs per image and trainable
-parameters, best first; ``--batch N`` says fits / does not fit at batch ``N`` instead. All of it
-is predicted from shapes on meta tensors (:mod:`convpeft.planner.search` explains the search,
-:mod:`convpeft.planner.budget` the budget units), so it takes seconds per configuration whatever
-the model and batch size.
+For every configuration (method, rank, lean, checkpointed) it prints the largest batch whose
+update fits the budget, the predicted device peak and what is live at that moment (kernel
+scratch included), FLOPs per image and trainable parameters, best first; ``--batch N`` says
+fits / does not fit at batch ``N`` instead. All of it is predicted from shapes on meta tensors
+(:mod:`convpeft.planner.search` explains the search, :mod:`convpeft.planner.budget` the budget
+units, :mod:`convpeft.profiler.scratch` the device model), so it takes seconds per
+configuration whatever the model and batch size. ``--verify`` then runs real updates on the
+device at each planned batch and the next (:mod:`convpeft.planner.verify`); ``--calibrate``
+fits the device model to this machine and caches it (:func:`convpeft.calibrate`).
 
 This module is also what ``convpeft.plan`` is: ``convpeft.plan(model, budget, ...)`` calls
 :func:`convpeft.planner.plan`. A package cannot hold both a function and a submodule named
@@ -77,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mobilenet_v2",
                    help="torchvision classification model (convpeft.models.list_models())")
     p.add_argument("--resolution", type=int, default=224, help="input height = width")
-    p.add_argument("--budget", required=True,
+    p.add_argument("--budget", default=None,
                    help="memory for one update: bytes, or a number with a unit: kB/MB/GB/TB = "
                    "powers of 1000 (K/M/G/T alone the same: 300M = 300,000,000 bytes), "
-                   "KiB/MiB/GiB/TiB = powers of 1024 (512MiB = 536,870,912 bytes)")
+                   "KiB/MiB/GiB/TiB = powers of 1024 (512MiB = 536,870,912 bytes); required "
+                   "unless --calibrate")
     p.add_argument("--methods", type=_csv_list, default=None,
                    help=f"comma-separated methods from {','.join(list_methods())} "
                    "(default: all of them)")
@@ -90,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lean", nargs="?", const="on", default="off", choices=LEAN_CHOICES,
                    help="memory-lean activations (convpeft.lean_activations; exact): --lean = "
                    "on for every configuration, --lean both = plan each plain and lean")
+    p.add_argument("--checkpoint", nargs="?", const="on", default="off", choices=LEAN_CHOICES,
+                   help="checkpointed blocks (convpeft.checkpoint_blocks; exact, recomputes "
+                   "each block's forward in backward): --checkpoint = on for every "
+                   "configuration, --checkpoint both = plan each without and with")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="device the peak is predicted for (kernel scratch included; see "
+                   "--calibrate) and --verify runs on")
+    p.add_argument("--verify", action="store_true",
+                   help="run real updates on --device at each planned batch and the next one; "
+                   "step down while the measured peak exceeds the budget (CUDA: "
+                   "max_memory_reserved)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead of planning: fit the device's scratch model with a few small "
+                   "real updates on --device and cache it for this machine and torch version")
     p.add_argument("--bn", choices=BN_POLICIES, default="train",
                    help="batch-norm policy (convpeft.methods): train, freeze (eval-mode BN; lets "
                    "BN go lean), stats (AdaBN)")
@@ -142,7 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{i}/{total}] {row.label}: {what} ({row.evaluations} analytic profiles)",
               file=sys.stderr, flush=True)
 
+    if a.calibrate:
+        return _calibrate(parser, a.device)
     try:
+        if a.budget is None:
+            raise ValueError("--budget is required (e.g. --budget 512MiB), unless --calibrate")
         budget = parse_budget(a.budget)
         _check_plot(a.plot, a.batch)
         for flag in ("resolution", "batch", "max_batch", "num_classes"):
@@ -152,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = plan(a.model, budget, resolution=a.resolution, methods=a.methods, ranks=a.ranks,
                     lean=a.lean, bn=a.bn, optimizer=a.optimizer, batch=a.batch,
                     max_batch=a.max_batch, num_classes=a.num_classes,
-                    small_input=a.small_input, progress=None if a.quiet else progress)
+                    small_input=a.small_input, progress=None if a.quiet else progress,
+                    device=a.device, checkpoint=a.checkpoint, verify=a.verify)
         if a.plot is not None:
             plot_plan(rows, a.plot)
     except ValueError as e:  # one line, exit 2 (argparse's usage block would bury it)
@@ -163,6 +188,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_plan(rows))
         if a.plot is not None:
             print(f"plot: {a.plot}")
+    return 0
+
+
+def _calibrate(parser: argparse.ArgumentParser, device: str) -> int:
+    from convpeft.profiler.calibrate import calibrate
+
+    try:
+        c = calibrate(device)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {str(e).splitlines()[0]}\n")
+    print(f"scratch model for {device}: {c.model.source}; block {c.model.block}; cached at "
+          f"{c.path}")
+    for r in c.rows:
+        print(f"  {r['config']:<40} measured {r['measured'] / 2**20:8.1f} MiB  predicted "
+              f"{r['predicted'] / 2**20:8.1f} MiB  ({r['error']:+.2%})")
     return 0
 
 

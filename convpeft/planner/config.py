@@ -1,4 +1,5 @@
-"""What the planner plans: configurations (method, rank, lean) and the models set up for them.
+"""What the planner plans: configurations (method, rank, lean, checkpointed) and the models set up
+for them.
 
 A :class:`PlanConfig` is one row of the plan before it is evaluated. :func:`expand_configs`
 spans them the way the rank sweep does (ranked methods once per rank, the others once, each
@@ -26,37 +27,43 @@ OPTIMIZERS: dict[str, str] = {
     "sgdm": "SGD with momentum 0.9 (one state tensor per trainable parameter)",
 }
 LEAN_CHOICES = ("off", "on", "both")
+CHECKPOINT_CHOICES = LEAN_CHOICES
 _GALORE_OPTIMIZER = ("galore brings its own projected AdamW; use optimizer 'adamw' or drop galore "
                      "from the methods (got optimizer {!r})")
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """One planned configuration; ``rank`` is None for methods without one."""
+    """One planned configuration; ``rank`` is None for methods without one; ``checkpoint``:
+    the backbone's blocks are checkpointed (:func:`convpeft.checkpoint_blocks`)."""
 
     method: str
     rank: int | None
     lean: bool
+    checkpoint: bool = False
 
     @property
     def label(self) -> str:
-        """e.g. ``lora r4 lean`` or ``full``."""
+        """e.g. ``lora r4 lean ckpt`` or ``full``."""
         r = f" r{self.rank}" if self.rank is not None else ""
-        return f"{self.method}{r}{' lean' if self.lean else ''}"
+        return (f"{self.method}{r}{' lean' if self.lean else ''}"
+                f"{' ckpt' if self.checkpoint else ''}")
 
 
-def _lean_options(lean: bool | str) -> tuple[bool, ...]:
+def _lean_options(lean: bool | str, what: str = "lean") -> tuple[bool, ...]:
     if isinstance(lean, bool):
         return (lean,)
     if lean not in LEAN_CHOICES:
-        raise ValueError(f"lean must be True, False or one of {', '.join(LEAN_CHOICES)} "
+        raise ValueError(f"{what} must be True, False or one of {', '.join(LEAN_CHOICES)} "
                          f"(got {lean!r})")
     return {"off": (False,), "on": (True,), "both": (False, True)}[lean]
 
 
 def expand_configs(methods: Sequence[str] | None = None,
                    ranks: Sequence[int] = DEFAULT_RANKS,
-                   lean: bool | str = False, optimizer: str = "adamw") -> list[PlanConfig]:
-    """Every (method, rank, lean) to plan: ranked methods once per rank, the others once;
+                   lean: bool | str = False, optimizer: str = "adamw",
+                   checkpoint: bool | str = False) -> list[PlanConfig]:
+    """Every (method, rank, lean, checkpoint) to plan: ranked methods once per rank, the others
+    once; ``lean`` and ``checkpoint`` take True, False, "off", "on" or "both";
     ``methods=None`` means every registered method (:func:`convpeft.methods.list_methods`),
     less galore when ``optimizer`` is not AdamW (galore brings its own). Duplicates are
     dropped. ``ValueError`` for an unknown method, a rank below 1, no rank for a ranked method,
@@ -81,10 +88,11 @@ def expand_configs(methods: Sequence[str] | None = None,
     if ranked and not ranks:
         raise ValueError(f"no rank given for the ranked method(s) {', '.join(ranked)}")
     out = []
-    for le in _lean_options(lean):
-        for m in methods:
-            for r in (ranks if m in ranked else [None]):
-                out.append(PlanConfig(m, r, le))
+    for ck in _lean_options(checkpoint, "checkpoint"):
+        for le in _lean_options(lean):
+            for m in methods:
+                for r in (ranks if m in ranked else [None]):
+                    out.append(PlanConfig(m, r, le, ck))
     return out
 
 
@@ -108,7 +116,8 @@ def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *
     if optimizer != "adamw" and config.method == "galore":
         raise ValueError(_GALORE_OPTIMIZER.format(optimizer))
     kw: dict[str, Any] = {"rank": config.rank} if config.rank is not None else {}
-    cfg = MethodConfig(config.method, bn=bn, lean=config.lean, **kw)
+    cfg = MethodConfig(config.method, bn=bn, lean=config.lean, checkpoint=config.checkpoint,
+                       **kw)
     with torch.device(device):
         net = (build_model(model, num_classes, small_input=small_input) if isinstance(model, str)
                else model())

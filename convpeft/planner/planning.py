@@ -3,9 +3,12 @@
 :func:`plan` expands the configurations (:mod:`convpeft.planner.config`), builds each on the
 meta device and hands :func:`convpeft.planner.search.largest_fitting` a peak function backed by
 :func:`convpeft.profiler.analytic_profile` (:class:`_AnalyticPeak`, which keeps every profile so
-the row's figures are those of the planned batch without evaluating it again). The search
-starts at batch 1, or 2 where batch 1 cannot run (a train-mode BatchNorm on a 1x1 feature map).
-Rows come back best first so that the table and the CLI can print them as they are.
+the row's figures are those of the planned batch without evaluating it again). The peak is the
+*device's*, predicted for ``device`` (tensors plus each op's kernel scratch,
+:mod:`convpeft.profiler.scratch`), so a plan that says "fits" means the allocator stays within
+the budget; ``verify=True`` then checks that on the device (:mod:`convpeft.planner.verify`).
+The search starts at batch 1, or 2 where batch 1 cannot run (a train-mode BatchNorm on a 1x1
+feature map). Rows come back best first so that the table and the CLI can print them as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from .budget import parse_budget
 from .config import DEFAULT_RANKS, OPTIMIZERS, PlanConfig, build_configured, expand_configs
 from .search import largest_fitting
+from .verify import Verification, verify_row
 
 if TYPE_CHECKING:
     from convpeft.profiler import UpdateProfile
@@ -45,7 +49,12 @@ class PlanRow:
     ``flops_per_sample = flops_update / batch`` (rounded): per image at that batch, so work that
     does not grow with the batch (an adapter's ``B A`` product, GaLore's projections, in
     ``flops_optimizer``) is spread over it.
-    ``evaluations``: analytic profiles this row needed.
+    ``evaluations``: analytic profiles this row needed. ``checkpoint``: blocks checkpointed.
+    ``device``: the device kind the peak is predicted for; ``memory_model``: the scratch model
+    used (:mod:`convpeft.profiler.scratch`); ``memory_peak_tensors``: the tensor-level part.
+    ``verification``: with ``verify=True``, what real updates on the device measured
+    (:class:`~convpeft.planner.verify.Verification`; its ``batch`` replaces nothing: the row's
+    ``max_batch`` is what the verification settled on).
     """
 
     model: str
@@ -71,10 +80,19 @@ class PlanRow:
     total_params: int
     evaluations: int
     peaks: dict[int, int] = field(default_factory=dict, repr=False)  # every batch evaluated
+    checkpoint: bool = False
+    device: str = "cpu"
+    memory_model: str = ""
+    memory_peak_tensors: int = 0
+    verification: Verification | None = None
+
+    @property
+    def config(self) -> PlanConfig:
+        return PlanConfig(self.method, self.rank, self.lean, self.checkpoint)
 
     @property
     def label(self) -> str:
-        return PlanConfig(self.method, self.rank, self.lean).label
+        return self.config.label
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (``peaks`` keyed by batch as a string)."""
@@ -85,7 +103,7 @@ class PlanRow:
 
 def _row(config: PlanConfig, prof: UpdateProfile, *, model: str, resolution: int, bn: str,
          optimizer: str, budget: int, max_batch: int | None, min_batch: int, capped: bool,
-         peaks: dict[int, int]) -> PlanRow:
+         peaks: dict[int, int], device: str) -> PlanRow:
     n = prof.batch_size
     per_sample = round(prof.flops_total / n)
     return PlanRow(
@@ -96,15 +114,18 @@ def _row(config: PlanConfig, prof: UpdateProfile, *, model: str, resolution: int
         memory_by_category=dict(prof.memory_by_category), headroom=budget - prof.memory_peak,
         flops_per_sample=per_sample, flops_optimizer=prof.flops_optimizer,
         flops_update=prof.flops_total, trainable_params=prof.trainable_params,
-        total_params=prof.total_params, evaluations=len(peaks), peaks=dict(peaks))
+        total_params=prof.total_params, evaluations=len(peaks), peaks=dict(peaks),
+        checkpoint=config.checkpoint, device=device, memory_model=prof.memory_model,
+        memory_peak_tensors=prof.memory_peak_tensors)
 
 
 class _AnalyticPeak:
     """``peak(n)``: the analytic peak bytes of one update at batch ``n``; keeps each profile."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, resolution: int,
-                 what: str) -> None:
+                 what: str, device: str = "cpu", scratch=None) -> None:
         self.model, self.optimizer, self.resolution, self.what = model, optimizer, resolution, what
+        self.device, self.scratch = device, scratch
         self.profiles: dict[int, UpdateProfile] = {}
 
     def __call__(self, n: int) -> int:
@@ -114,7 +135,8 @@ class _AnalyticPeak:
             return self.profiles[n].memory_peak
         res = self.resolution
         try:
-            p = analytic_profile(self.model, self.optimizer, (n, 3, res, res), compare_torch=False)
+            p = analytic_profile(self.model, self.optimizer, (n, 3, res, res), compare_torch=False,
+                                 device=self.device, scratch=self.scratch)
         except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{self.what}, batch {n} x 3 x {res} x {res}: {first} (if the "
@@ -153,6 +175,10 @@ def plan(
     num_classes: int = 10,
     small_input: bool = False,
     progress: Callable[[int, int, PlanRow], None] | None = None,
+    device: str = "cpu",
+    checkpoint: bool | str = False,
+    verify: bool = False,
+    scratch=None,
 ) -> list[PlanRow]:
     """One :class:`PlanRow` per configuration: the largest batch whose update fits ``budget``.
 
@@ -163,6 +189,11 @@ def plan(
     (:func:`expand_configs`); ``bn`` and ``optimizer`` (:data:`OPTIMIZERS`) apply to all. With
     ``batch=N`` each row says whether batch ``N`` fits instead of searching. The search stops
     at ``max_batch``. ``progress(i, total, row)`` is called after each row.
+    ``device`` ("cpu" or "cuda") is what the peak is predicted for (kernel scratch included;
+    ``scratch`` overrides the model); ``checkpoint`` (like ``lean``) adds checkpointed
+    configurations. ``verify=True`` runs real updates on ``device`` at each planned batch and
+    the next one, and steps the batch down while the measured peak exceeds the budget (on
+    CUDA the criterion is ``max_memory_reserved``); each row keeps the measurements.
 
     Rows are sorted best first: largest max batch, then lowest peak (with ``batch``: fitting
     rows first, then lowest peak). ``ValueError`` (saying what to change) for bad arguments or a
@@ -193,15 +224,21 @@ def plan(
     else:
         raise ValueError(f"model must be a model name or a factory returning an nn.Module "
                          f"(got {type(model).__name__})")
-    configs = expand_configs(methods, ranks, lean, optimizer)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (got {device!r})")
+    if verify and device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("verify=True on device 'cuda' needs a CUDA GPU here; plan without "
+                         "verify, or verify on 'cpu'")
+    configs = expand_configs(methods, ranks, lean, optimizer, checkpoint)
 
     rows: list[PlanRow] = []
     for i, config in enumerate(configs):
         net, opt = build_configured(model, config, bn=bn, optimizer=optimizer,
                                     num_classes=num_classes, small_input=small_input)
-        peak = _AnalyticPeak(net, opt, resolution, f"{model_name} + {config.label}")
+        peak = _AnalyticPeak(net, opt, resolution, f"{model_name} + {config.label}", device,
+                             scratch)
         common = {"model": model_name, "resolution": resolution, "bn": bn,
-                  "optimizer": optimizer, "budget": budget_bytes}
+                  "optimizer": optimizer, "budget": budget_bytes, "device": device}
         if batch is not None:
             peak(batch)
             row = _row(config, peak.profiles[batch], max_batch=None, min_batch=1, capped=False,
@@ -211,6 +248,17 @@ def plan(
             best, peaks = largest_fitting(peak, budget_bytes, max_batch, lowest)
             row = _row(config, peak.profiles[max(best, lowest)], max_batch=best,
                        min_batch=lowest, capped=best == max_batch, peaks=peaks, **common)
+        if verify:
+            def build(c: PlanConfig = config):
+                return build_configured(model, c, bn=bn, optimizer=optimizer,
+                                        num_classes=num_classes, small_input=small_input,
+                                        device=device)
+            v = row.verification = verify_row(row, build, device=device,
+                                              num_classes=num_classes)
+            if row.max_batch is not None:
+                row.max_batch, row.fits = v.batch, v.fits
+            else:  # a fixed batch: does that batch fit when measured?
+                row.fits = v.measured[row.batch] <= budget_bytes
         rows.append(row)
         if progress is not None:
             progress(i + 1, len(configs), row)
@@ -218,6 +266,6 @@ def plan(
 
     def key(r: PlanRow) -> tuple:
         first = -r.max_batch if r.max_batch is not None else (not r.fits)
-        return first, r.memory_peak, order[PlanConfig(r.method, r.rank, r.lean)]
+        return first, r.memory_peak, order[r.config]
 
     return sorted(rows, key=key)

@@ -16,7 +16,8 @@ from .budget import format_bytes
 from .planning import PlanRow
 
 _CATS = (("params", "params"), ("grads", "grads"), ("optimizer", "optim"),
-         ("activations", "activ"), ("temporaries", "temps"), ("buffers", "bufs"))
+         ("activations", "activ"), ("temporaries", "temps"), ("buffers", "bufs"),
+         ("scratch", "scratch"))
 
 
 def format_plan(rows: Sequence[PlanRow]) -> str:
@@ -26,13 +27,15 @@ def format_plan(rows: Sequence[PlanRow]) -> str:
     r0 = rows[0]
     asked = r0.max_batch is None
     head = (f"{r0.model} at {r0.resolution}x{r0.resolution}, budget {format_bytes(r0.budget)} "
-            f"({r0.budget:,} bytes), BN {r0.bn}, {r0.optimizer}; predicted peak of one update "
-            f"(tensor level, MiB)")
+            f"({r0.budget:,} bytes), BN {r0.bn}, {r0.optimizer}; predicted device peak of one "
+            f"update (MiB; {r0.memory_model or 'tensor-level'})")
     if asked:
         head += f", batch {r0.batch}"
-    cols = (f"{'configuration':<18}{'fits' if asked else 'max batch':>10}{'peak':>9}"
+    verified = any(r.verification is not None for r in rows)
+    cols = (f"{'configuration':<23}{'fits' if asked else 'max batch':>10}{'peak':>9}"
             f"{'headroom':>10}" + "".join(f"{short:>8}" for _, short in _CATS)
-            + f"{'GFLOP/img':>10}{'trainable':>12}")
+            + f"{'GFLOP/img':>10}{'trainable':>12}"
+            + (f"  {'measured at batch (next)':<28}" if verified else ""))
     lines = [head, cols]
     for r in rows:
         if asked:
@@ -40,9 +43,18 @@ def format_plan(rows: Sequence[PlanRow]) -> str:
         else:
             first = f">={r.max_batch}" if r.capped else str(r.max_batch)
         mib = [r.memory_by_category.get(c, 0) / 2**20 for c, _ in _CATS]
-        lines.append(f"{r.label:<18}{first:>10}{r.memory_peak / 2**20:>9.1f}"
-                     f"{r.headroom / 2**20:>10.1f}" + "".join(f"{v:>8.1f}" for v in mib)
-                     + f"{r.flops_per_sample / 1e9:>10.3f}{r.trainable_params:>12,}")
+        line = (f"{r.label:<23}{first:>10}{r.memory_peak / 2**20:>9.1f}"
+                f"{r.headroom / 2**20:>10.1f}" + "".join(f"{v:>8.1f}" for v in mib)
+                + f"{r.flops_per_sample / 1e9:>10.3f}{r.trainable_params:>12,}")
+        v = r.verification
+        if v is not None:
+            at = v.batch if v.fits else min(v.measured)
+            text = f"{v.measured[at] / 2**20:.1f} MiB at {at}"
+            if v.next_fits is not None:
+                text += (f" ({v.measured[at + 1] / 2**20:.1f} at {at + 1}: "
+                         f"{'fits too' if v.next_fits else 'over'})")
+            line += f"  {text}"
+        lines.append(line)
     if not asked:
         none = [r.label for r in rows if r.max_batch == 0]
         if none:
@@ -56,6 +68,11 @@ def format_plan(rows: Sequence[PlanRow]) -> str:
         if capped:
             lines.append(f"larger batches may fit too (search capped at max batch): "
                          f"{', '.join(capped)}")
+    if verified:
+        stepped = [r.label for r in rows if r.verification is not None and r.verification.steps]
+        lines.append(f"measured: one real update per batch on {r0.device} "
+                     f"({rows[0].verification.criterion}); max batch is the largest measured to "
+                     "fit" + (f"; stepped down: {', '.join(stepped)}" if stepped else ""))
     return "\n".join(lines)
 
 

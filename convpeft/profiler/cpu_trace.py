@@ -25,6 +25,9 @@ so the update must not free pre-existing blocks it did not track: the engine cal
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +63,26 @@ class TraceResult:
     ops: list[OpExcess] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a moment: kineto logs a line to the C-level stderr at every
+    profiler start and stop ("profiler_start", a GPU-count error on CPU-only hosts), which would
+    interleave with a user's output once per profiled update."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class CpuTrace:
     """Context manager profiling the CPU allocator; :meth:`marker` brackets one op."""
 
@@ -72,14 +95,15 @@ class CpuTrace:
     def __enter__(self) -> CpuTrace:
         from torch.profiler import ProfilerActivity, profile
 
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # errors only (read at kineto's start)
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        # torch warns once per pre-existing block freed during the trace; the engine frees none
-        # it cares about (see the module docstring), so the warning is noise
-        self._prof.__enter__()
+        with quiet_stderr():
+            self._prof.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._prof.__exit__(*exc)
+        with quiet_stderr():
+            self._prof.__exit__(*exc)
 
     def marker(self, op: object) -> contextlib.AbstractContextManager:
         """A record-function scope named after the next marker index, for one op."""

@@ -100,6 +100,7 @@ class DevicePeak:
     raw: int
     peak: int
     tick: int
+    op: str = ""  # the aten op running at the peak
 
 
 @dataclass
@@ -162,7 +163,8 @@ class Instrument(TorchDispatchMode):
             # the op peaks with its inputs and outputs live plus its scratch (predicted)
             raw = tracker.current + self.scratch.predict(op_features(func, args, kwargs, out))
             if self.device_peak is None or raw > self.device_peak.raw:
-                self.device_peak = DevicePeak(raw=raw, peak=raw, tick=tracker.tick)
+                self.device_peak = DevicePeak(raw=raw, peak=raw, tick=tracker.tick,
+                                              op=str(func))
         if probe is not None:
             # the op peaked with its inputs and its (new) outputs live, plus its scratch
             raw = probe.peak()
@@ -170,7 +172,7 @@ class Instrument(TorchDispatchMode):
                                        max(0, raw - probe.current())))
             if self.device_peak is None or raw > self.device_peak.raw:
                 self.device_peak = DevicePeak(raw=raw, peak=raw - self.foreign,
-                                              tick=tracker.tick)
+                                              tick=tracker.tick, op=str(func))
         return out
 
 
@@ -337,8 +339,10 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
     op_scratch = None
     if cpu_trace is not None:
         res = cpu_trace.result()
-        tick = cpu_trace.ticks[res.peak_marker] if res.peak_marker >= 0 else 0
-        dpeak = DevicePeak(raw=resident + res.peak, peak=resident + res.peak, tick=tick)
+        at = res.peak_marker
+        tick = cpu_trace.ticks[at] if 0 <= at < len(cpu_trace.ticks) else 0
+        dpeak = DevicePeak(raw=resident + res.peak, peak=resident + res.peak, tick=tick,
+                           op=cpu_trace.names[at] if 0 <= at < len(cpu_trace.names) else "")
         op_scratch = [(instrument.op_features[o.index], o.excess) for o in res.ops]
     elif instrument.probe_samples:
         op_scratch = instrument.probe_samples

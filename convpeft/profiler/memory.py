@@ -28,6 +28,7 @@ the allocator probe of :mod:`.engine` on CUDA, :mod:`.scratch` when predicted).
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -319,8 +320,17 @@ def allocator_peak_cpu(run: Callable[[], None], live_before: Iterable[torch.Tens
 
     storages = {storage_key(t): t.untyped_storage().nbytes()
                 for t in live_before if isinstance(t, torch.Tensor)}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from convpeft.profiler.cpu_trace import quiet_stderr
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with quiet_stderr():
+        prof.__enter__()
+    try:
         run()
+    finally:
+        with quiet_stderr():
+            prof.__exit__(None, None, None)
     deltas: list[tuple[int, int]] = []
     todo = list(prof.profiler.kineto_results.experimental_event_tree())
     while todo:

@@ -74,7 +74,9 @@ class UpdateProfile:
       summed into a peak). ``memory_peak_tensors``: the tensor-level peak (what ops return;
       exact, device-independent, what the analytic mode reproduces to the byte).
       ``memory_peak_allocator``: the allocator's raw reading (other tensors on the device
-      included), None when no allocator was read. ``memory_model``: what ``memory_peak`` is.
+      included), None when no allocator was read. ``memory_model``: what ``memory_peak`` is;
+      ``memory_peak_op``: the aten op running at the device's peak ("" when the tensor-level
+      peak, between ops, is the higher one).
     * ``step_time_s``: median wall time of the ``repeat`` timed updates; ``step_time_iqr_s``
       their inter-quartile range; ``instrumented_time_s``: the instrumented update. The
       ``*_cpu_time_s`` twins are this process's CPU time (all threads), steadier than wall time
@@ -119,6 +121,7 @@ class UpdateProfile:
     amp: str = "off"
     memory_peak_tensors: int = 0
     memory_model: str = "tensor-level"
+    memory_peak_op: str = ""
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (category dicts and per-layer rows stay nested)."""
@@ -246,6 +249,8 @@ def profile_update(
     prof = _to_profile(model, optimizer, inputs, run, refreshing, allocator=allocator,
                        times=times, cpu_times=cpu_times)
     prof.amp = amp
+    if run.device_peak is not None and run.device_peak.peak >= run.tensor_peak:
+        prof.memory_peak_op = run.device_peak.op
     if device.type == "cuda":
         prof.memory_model = f"CUDA allocator ({scratch_device_name(device)})"
     elif trace:
@@ -291,8 +296,10 @@ def analytic_profile(
     prof = _to_profile(mmodel, mopt, x, run, refreshing, allocator=None, times=[], cpu_times=[])
     prof.analytic = True
     prof.device = "meta (analytic)"
+    if run.device_peak is not None and run.device_peak.peak >= run.tensor_peak:
+        prof.memory_peak_op = run.device_peak.op
     prof.memory_model = ("tensor-level" if model_for is None else
-                         f"predicted for {torch.device(device).type} ({model_for.source})")
+                         f"predicted for {torch.device(device).type}: {model_for.source}")
     return prof
 
 
