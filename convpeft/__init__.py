@@ -13,6 +13,7 @@ from .checkpoint import CheckpointReport, checkpoint_blocks, restore_checkpointi
 from .export import check_onnx, export_executorch, export_onnx, onnx_op_counts
 from .lean import LeanReport, lean_activations, restore_activations
 from .planner import PlanRow
+from .profiler.calibrate import Calibration, calibrate
 
 __version__ = "0.1.0"
 
@@ -32,11 +33,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterReport",
+    "Calibration",
     "CheckpointReport",
     "LeanReport",
     "PlanRow",
     "adapter_state_dict",
     "apply_adapters",
+    "calibrate",
     "check_onnx",
     "checkpoint_blocks",
     "export_executorch",

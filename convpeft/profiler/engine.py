@@ -10,11 +10,15 @@ into an :class:`~convpeft.profiler.profile.UpdateProfile` is :mod:`.profile`'s j
 The engine does not care whether tensors hold data: :mod:`.analytic` calls the same functions on
 a meta copy of the model, which is why analytic and measured figures agree.
 
-On CUDA the tensors an op returns are not all the device holds: cuDNN/cuBLAS allocate workspaces
-inside an op and free them before it returns. An :class:`AllocatorProbe` reads the allocator's
-own peak around every op, and the run records the largest one, with the tensor bytes live at that
-moment; the difference is the ``workspace`` category. The probe is injectable so that this logic
-is tested on machines without a GPU.
+The tensors an op returns are not all the device holds: cuDNN/cuBLAS workspaces on CUDA,
+oneDNN's blocked-layout copies on the CPU live inside an op and are freed before it returns. On
+CUDA an :class:`AllocatorProbe` reads the allocator's own peak around every op; on the CPU,
+which keeps no allocator statistics, :class:`~convpeft.profiler.cpu_trace.CpuTrace` brackets
+every op with a profiler marker and replays the allocation trace afterwards; on the meta device
+(analytic) a :class:`~convpeft.profiler.scratch.ScratchModel` predicts each op's scratch. Either
+way the run records the device's peak and the op's clock tick, so the tensors live at that
+moment are the tracker's to say, and the difference is the ``scratch`` category. The probe is
+injectable so that this logic is tested on machines without a GPU.
 """
 
 from __future__ import annotations
