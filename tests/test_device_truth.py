@@ -187,3 +187,19 @@ def test_cuda_device_peak_is_max_memory_allocated(lean):
     ours, theirs = prof.memory_peak - prof.memory_baseline, peak - base
     assert abs(ours / theirs - 1) < 0.03, (ours, theirs)
     assert prof.memory_model.startswith("CUDA allocator")
+
+
+def test_device_truth_quick_runs_and_writes_json(tmp_path, capsys):
+    from benchmarks import device_truth
+
+    out = tmp_path / "rows.json"
+    assert device_truth.main(["--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert len(rows) == 8 and data["summary"]["rows"] == 8
+    for r in rows:
+        assert r["measured"] > 0 and r["predicted"] >= r["tensors"] > 0
+        assert r["vs_full"] is not None
+    full = [r for r in rows if r["method"] == "full" and r["variant"] == "plain"]
+    assert all(r["vs_full"] == 1 for r in full)
+    assert "predicted within 3% of the measured device peak" in capsys.readouterr().out
