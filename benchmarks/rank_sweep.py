@@ -12,7 +12,8 @@ For every configuration (model, task, method, rank, seed) the sweep
 2. prepares a copy with the method (adapters, frozen parameters, optimizer) and fine-tunes it on
    the target split, measuring zero-shot / target / source accuracy;
 3. profiles ONE update at ``--batch-size`` with :func:`convpeft.profiler.profile_update`
-   (FLOPs split by pass, true peak memory by category, time; torch's FlopCounterMode figure) —
+   (FLOPs split by pass, true peak memory by category -- tensor-level on the CPU, the same on
+   every CPU model; the device's on CUDA --, time; torch's FlopCounterMode figure) —
    once per configuration, not per seed: what an update costs depends on shapes only, so the
    other seeds' rows copy the profile columns (``profile_seed`` says which seed measured them;
    a resumed sweep reuses a profile already on disk);

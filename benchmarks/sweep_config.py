@@ -303,8 +303,12 @@ def _profile(cfg: Config, settings: SweepSettings, source: torch.nn.Module, task
     x, y = next(task.target_train.batches(settings.batch_size, shuffle=False, device=dev))
     prepared.train_mode()  # the BN policy decides what the update saves/updates
     t0 = time.perf_counter()
+    # memory_peak in the rows is tensor-level on the CPU: exact and the same on every CPU
+    # model, so runs on two machines compare (benchmarks.compare_runs); what a device holds
+    # beyond it (oneDNN scratch) is benchmarks.device_truth's and the planner's subject
     prof = profile_update(prepared.model, prepared.optimizer, x, y,
-                          warmup=1, repeat=settings.profile_repeat, amp=settings.amp)
+                          warmup=1, repeat=settings.profile_repeat, amp=settings.amp,
+                          allocator_peak=None if dev.type == "cuda" else False)
     out: dict = {"profile_time_s": time.perf_counter() - t0, "profile_seed": cfg.seed}
     out.update(flatten(prof.to_dict()))
     out["trainable_params"] = int(prepared.trainable_params)
