@@ -91,9 +91,11 @@ def measure_row(model_name: str, method: str, variant: str, batch: int, resoluti
 
 
 def run(models: Sequence[str], methods: Sequence[str], variants: Sequence[str],
-        sizes: Sequence[tuple[int, int]], device: str, log=None) -> list[dict]:
-    """Every row of the matrix, with ``vs_full`` (measured / full FT's measured, same model and
-    size) filled in where full FT was measured."""
+        sizes: Sequence[tuple[int, int]], device: str, log=None,
+        configs: Sequence[tuple[str, str]] | None = None) -> list[dict]:
+    """Every row of the matrix (or, with ``configs``, those (method, variant) pairs only), with
+    ``vs_full`` (measured / full FT's measured, same model and size) filled in where full FT
+    (plain) was measured first."""
     if log is None:
         def log(line: str) -> None:
             print(line, flush=True)
@@ -107,15 +109,15 @@ def run(models: Sequence[str], methods: Sequence[str], variants: Sequence[str],
                 continue
         for batch, res in sizes:
             full = None
-            for method in methods:
-                for variant in variants:
-                    t0 = time.perf_counter()
-                    r = measure_row(model_name, method, variant, batch, res, device)
-                    if method == "full" and variant == "plain":
-                        full = r["measured"]
-                    r["vs_full"] = r["measured"] / full if full else None
-                    rows.append(r)
-                    log(format_row(r) + f"  [{time.perf_counter() - t0:.0f} s]")
+            pairs = configs or [(m, v) for m in methods for v in variants]
+            for method, variant in pairs:
+                t0 = time.perf_counter()
+                r = measure_row(model_name, method, variant, batch, res, device)
+                if method == "full" and variant == "plain":
+                    full = r["measured"]
+                r["vs_full"] = r["measured"] / full if full else None
+                rows.append(r)
+                log(format_row(r) + f"  [{time.perf_counter() - t0:.0f} s]")
     return rows
 
 
@@ -153,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--sizes", default=",".join(f"{b}x{r}" for b, r in SIZES),
                     help="comma-separated BATCHxRESOLUTION")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated METHOD:VARIANT pairs instead of --methods x --variants "
+                    "(e.g. full:plain,lora:lean,lora:lean+ckpt)")
     ap.add_argument("--quick", action="store_true",
                     help="MobileNetV2 and ResNet18, full/lora, plain and lean+ckpt, batch 2 x "
                     "64x64 (overrides the matrix options)")
@@ -171,10 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = [m for m in a.methods.split(",") if m]
         variants = [v for v in a.variants.split(",") if v]
         sizes = [_size(s) for s in a.sizes.split(",") if s]
+    configs = None
+    if a.configs and not a.quick:
+        configs = [tuple(c.split(":", 1)) for c in a.configs.split(",") if c]
+        if any(len(c) != 2 for c in configs):
+            ap.exit(2, f"{ap.prog}: error: --configs takes METHOD:VARIANT pairs\n")
+        variants = [v for _, v in configs]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         ap.exit(2, f"{ap.prog}: error: unknown variant(s) {bad}; use {', '.join(VARIANTS)}\n")
-    rows = run(models, methods, variants, sizes, a.device)
+    rows = run(models, methods, variants, sizes, a.device, configs=configs)
     s = summary(rows)
     print(f"{s['within_3pct']} of {s['rows']} rows predicted within 3% of the measured device "
           f"peak (largest error {s['max_abs_error']:.2%}); model: "
