@@ -1,12 +1,14 @@
 """Peak memory of one update: plain, memory-lean, checkpointed, and the floor under them.
 
 ``python -m benchmarks.lean_memory`` predicts with the analytic profiler (shapes only, no data)
-the peak of one AdamW update at batch 64 x 224x224 (``--batch``, ``--resolution``) for
-MobileNetV2 and ResNet18: full fine-tuning with BN in train mode (the study's baseline), full
-FT with BN frozen, and head / LoRA / LoRA-FA / DoRA (r=8, every conv, head trainable, BN
-frozen), each plain, lean (:func:`convpeft.lean_activations`) and lean + checkpointed
-(:func:`convpeft.checkpoint_blocks`). Ratios are against the baseline of the same run (and,
-``vs BN frozen``, against full FT with BN frozen).
+the device peak of one AdamW update on the CPU (the tensors plus each op's oneDNN scratch, from the
+shipped CPU scratch model of :mod:`convpeft.profiler.scratch`, so the figures are the same on
+every machine; ``benchmarks.device_truth`` measures them) at batch 64 x 224x224 (``--batch``,
+``--resolution``) for MobileNetV2 and ResNet18: full fine-tuning with BN in train mode (the
+study's baseline), full FT with BN frozen, and head / LoRA / LoRA-FA / DoRA (r=8, every conv,
+head trainable, BN frozen), each plain, lean (:func:`convpeft.lean_activations`) and lean +
+checkpointed (:func:`convpeft.checkpoint_blocks`). Ratios are against the baseline of the same
+run (and, ``vs BN frozen``, against full FT with BN frozen).
 
 The floor (:func:`update_floor`) is what any exact update of that method must hold at once,
 whatever it saves or recomputes: the resident state (parameters, buffers, optimizer state,
@@ -44,6 +46,7 @@ from convpeft.models import build_model
 from convpeft.profiler import analytic_profile, profile_update
 from convpeft.profiler.analytic import meta_copy
 from convpeft.profiler.memory import state_tensors
+from convpeft.profiler.scratch import default_model
 
 MiB = 2**20
 CONFIGS = [  # (label, method, bn, lean, checkpointed)
@@ -149,7 +152,8 @@ def run(models: Sequence[str], batch: int, resolution: int, rank: int, measure: 
         floors: dict[str, dict] = {}
         for label, method, bn, lean, ckpt in CONFIGS:
             p = prepared(name, method, bn, lean, rank, ckpt)
-            prof = analytic_profile(p.model, p.optimizer, shape, compare_torch=False)
+            prof = analytic_profile(p.model, p.optimizer, shape, compare_torch=False,
+                                    scratch=default_model("cpu"))
             base = base or prof.memory_peak
             if (method, bn) == ("full", "freeze"):
                 frozen = prof.memory_peak
@@ -158,6 +162,8 @@ def run(models: Sequence[str], batch: int, resolution: int, rank: int, measure: 
             floor = floors[(method, bn)]
             row = {"model": name, "config": label, "method": method, "bn": bn, "lean": lean,
                    "checkpoint": ckpt, "peak_mib": prof.memory_peak / MiB,
+                   "tensors_mib": prof.memory_peak_tensors / MiB,
+                   "peak_op": prof.memory_peak_op,
                    "ratio": prof.memory_peak / base,
                    "ratio_bn_frozen": prof.memory_peak / frozen if frozen else None,
                    "flops_total": prof.flops_total,
@@ -208,7 +214,7 @@ def _measure(name, method, bn, lean, rank, ckpt=False, batch=8, resolution=64) -
     p = prepared(name, method, bn, lean, rank, ckpt)
     a = analytic_profile(p.model, p.optimizer, tuple(x.shape), compare_torch=False)
     m = profile_update(p.model, p.optimizer, x, y,
-                       repeat=5, compare_torch=False)
+                       repeat=5, compare_torch=False)  # the device's: the allocator trace
     return {"small_measured_mib": m.memory_peak / MiB, "small_analytic_mib": a.memory_peak / MiB,
             "small_analytic_error": a.memory_peak / m.memory_peak - 1,
             "small_flops_exact": a.flops_total == m.flops_total}
@@ -228,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     rows = run(a.models.split(","), a.batch, a.resolution, a.rank, a.measure)
-    print(f"peak memory of one AdamW update, batch {a.batch} x {a.resolution}^2, "
-          f"adapter rank {a.rank} (analytic); x: vs full FT BN train | vs full FT BN frozen")
+    print(f"device peak of one AdamW update on the CPU, batch {a.batch} x {a.resolution}^2, "
+          f"adapter rank {a.rank} (predicted: tensors + oneDNN scratch, shipped CPU model); "
+          "x: vs full FT BN train | vs full FT BN frozen")
     for r in rows:
         extra = ""
         if a.measure:
