@@ -8,7 +8,7 @@ folder); each is folded over its seeds with :func:`benchmarks.stats.summarize`.
 What "reproduces" means here. The cost of an update depends on shapes only, so every cost
 column (FLOPs by pass, torch's count, peak memory, trainable parameters, adapter bytes; not the
 step time) must be **equal**. Accuracies are not bit-reproducible across CPU models (float
-rounding in pretraining, amplified by training; README, "Reproducibility"), so an accuracy
+rounding in pretraining, amplified by training; docs/reproducibility.md), so an accuracy
 reproduces when the rerun's mean over seeds lies inside the reference's 95% interval.
 
 Even a perfect reproduction puts some means outside: the rerun's mean is itself noisy, so

@@ -3,7 +3,7 @@
 A sweep runs every configuration at several seeds. On the offline default a seed draws the
 digits train/test split, the source model's pretraining, the few-shot sample, the new head rows
 and adapter init, and the batch order, so the spread over seeds covers everything that differs
-between two runs, two machines included (see README, "Reproducibility"). An accuracy is
+between two runs, two machines included (see docs/reproducibility.md). An accuracy is
 reported as the mean over seeds with a two-sided 95% **Student-t interval**::
 
     mean +- t(0.975, n - 1) * s / sqrt(n)        s: sample standard deviation (n - 1 in the divisor)
