@@ -123,6 +123,7 @@ def memory_savings(rows: Sequence[dict]) -> list[dict]:
     ok = [r for r in rows if r.get("status") == "ok"]
     peak = _means(ok, lambda r: num(r.get("memory_peak")))
     act = _means(ok, lambda r: num(r.get("memory_by_category_activations")))
+    act_max = _means(ok, lambda r: num(r.get("memory_category_max_activations")))
     out = []
     for (model, ds, task, method, rank), p in sorted(peak.items(), key=_sort_key):
         full = peak.get((model, ds, task, "full", None))
@@ -132,6 +133,7 @@ def memory_savings(rows: Sequence[dict]) -> list[dict]:
             model=model, dataset=ds, task=task, method=method, rank=rank,
             full_peak=full, peak=p, saving=1 - p / full,
             full_activation_share=(act.get((model, ds, task, "full", None)) or 0) / full,
+            full_activation_max=act_max.get((model, ds, task, "full", None)),
         ))
     return out
 
@@ -382,6 +384,20 @@ def _full_reference(recs: list[dict], *fields: str) -> dict[tuple[str, str], tup
     return {(r["model"], r["task"]): tuple(r[f] for f in fields) for r in recs}
 
 
+def activation_reason(mem: Sequence[dict], model: str) -> str:
+    """Why full FT's peak holds (almost) no activations, when it does not: the peak falls after
+    backward has freed them, in the optimizer step (parameters, gradients and the optimizer's
+    state all live). Empty when activations are part of the peak or were not recorded."""
+    recs = [r for r in mem if r["model"] == model]
+    share = _mean([r["full_activation_share"] for r in recs])
+    most = [r["full_activation_max"] for r in recs if r.get("full_activation_max")]
+    if share is None or share >= 0.005 or not most:
+        return ""
+    return (f" (full FT's peak falls in the optimizer step, after backward has freed the "
+            f"activations, which peaked earlier at {max(most) / MIB:.1f} MiB: parameters, "
+            "gradients and the optimizer's state are what is live then)")
+
+
 def _memory_lines(rows: Sequence[dict], mem: list[dict]) -> list[str]:
     lines = []
     summ = _per_model_summary(mem, "saving")
@@ -391,7 +407,7 @@ def _memory_lines(rows: Sequence[dict], mem: list[dict]) -> list[str]:
         lines.append(
             f"- **{m}** ({net_kind(rows, m)}): LoRA/DoRA peak is {_pct(lo)} to {_pct(hi)} "
             f"below full FT (mean {_pct(mean)}); activations are {_pct(share)} of "
-            "full FT's peak."
+            f"full FT's peak{activation_reason(mem, m)}."
         )
     lines += ["", "Full-FT peak per model and task:", ""]
     lines += ["| model | task | full FT peak [MiB] |", "|---|---|---:|"]
