@@ -18,15 +18,19 @@ Per (model, dataset, task):
                                updates (``lean``/``checkpoint`` columns) their peaks are marked
                                on the same bars
   ``accuracy_<model>_<task>``  rank vs target accuracy, mean over seeds with 95% t-interval
-                               error bars (no-rank methods and zero-shot: line + shaded band)
+                               error bars cut to 0..100% (no-rank methods and zero-shot: a
+                               line, its interval a bar right of the last rank)
   ``pareto_<model>_<task>``    mean accuracy (95% interval bars) vs peak memory per
-                               configuration, Pareto front of the means
+                               configuration, Pareto front of the means with the band of its
+                               members' intervals, rings round the configurations the seeds
+                               cannot separate from the most accurate one
 Across models:
   ``flop_counters``            our FLOP count vs torch's FlopCounterMode for the same updates,
                                per model (depthwise vs standard nets)
 
 Only rows with ``status == "ok"`` are drawn; accuracy plots are skipped for profile-only runs.
-Intervals are :func:`benchmarks.stats.interval` (Student t over seeds); one seed draws none.
+Intervals are :func:`benchmarks.stats.interval` (Student t over seeds, cut to 0..100%); one
+seed draws none. Legends sit beside the axes (or above the bars), never over the data.
 
 Each plot kind has its module (:mod:`benchmarks.plot_flops`, :mod:`benchmarks.plot_memory`,
 :mod:`benchmarks.plot_accuracy`; what they share is :mod:`benchmarks.plot_common`); this one
