@@ -68,28 +68,40 @@ def method_label(method: str) -> str:
 
 DEFAULT_OUT = "results/rank_sweep"
 """The rank sweep's results folder when ``--out`` is not given."""
-DEFAULT_PLOTS = "plots"
-"""Where the default grid's figures go: the committed ones."""
+REFERENCE_DIR = "plots"
+"""The committed reference run: its rows (``rank_sweep_default.csv``), their summary, figures and
+findings. Written only by ``python -m benchmarks.plot --reference``, never by a sweep."""
+REFERENCE_CSV = f"{REFERENCE_DIR}/rank_sweep_default.csv"
+"""The committed reference run's rows."""
+REFERENCE_SUMMARY_CSV = f"{REFERENCE_DIR}/rank_sweep_default_summary.csv"
+"""Their summary over seeds (:func:`benchmarks.stats.write_summary_csv`)."""
+REFERENCE_REDRAWN = "results/reference/plots"
+"""Where ``python -m benchmarks.plot plots/rank_sweep_default.csv`` draws without ``--plots``
+(ignored by git, like everything under ``results/``)."""
 
 
 def default_plots_dir(results: str | Path) -> Path:
-    """Where figures go when ``--plots`` is not given, for a results folder or file: ``plots/``
-    for the default grid's (``results/rank_sweep``, or the committed copies in ``plots/``),
-    else ``<results folder>/plots``, so that another grid (the study preset run into
-    ``results/study``, say) never overwrites the committed figures and findings."""
+    """Where figures (and the sweep's copy of findings.md) go when ``--plots`` is not given, for
+    a results folder or file: ``<results folder>/plots`` (``results/rank_sweep/plots`` for the
+    default sweep), and ``results/reference/plots`` for the committed rows in ``plots/``. Never
+    ``plots/`` itself: a run leaves the clone's tracked files alone; the committed figures are
+    redrawn only by ``python -m benchmarks.plot --reference``."""
     folder = Path(results)
     if folder.suffix in (".jsonl", ".csv"):
         folder = folder.parent
-    # resolved, so that an absolute or ./-prefixed spelling of the default folder counts too
-    if folder.resolve() in (Path(DEFAULT_OUT).resolve(), Path(DEFAULT_PLOTS).resolve()):
-        return Path(DEFAULT_PLOTS)
+    # resolved, so that an absolute or ./-prefixed spelling of plots/ counts too
+    if folder.resolve() == Path(REFERENCE_DIR).resolve():
+        return Path(REFERENCE_REDRAWN)
     return folder / "plots"
 
 
-def results_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser whose first argument is a results file or folder."""
+def results_parser(prog: str, description: str, optional: bool = False
+                   ) -> argparse.ArgumentParser:
+    """An argument parser whose first argument is a results file or folder (``optional``: it
+    may be left out, ``None`` then)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("results", help="results.jsonl / results.csv, or the folder holding them")
+    p.add_argument("results", nargs="?" if optional else None,
+                   help="results.jsonl / results.csv, or the folder holding them")
     return p
 
 

@@ -8,7 +8,7 @@ folder); each is folded over its seeds with :func:`benchmarks.stats.summarize`.
 What "reproduces" means here. The cost of an update depends on shapes only, so every cost
 column (FLOPs by pass, torch's count, peak memory, trainable parameters, adapter bytes; not the
 step time) must be **equal**. Accuracies are not bit-reproducible across CPU models (float
-rounding in pretraining, amplified by training; README, "Reproducibility"), so an accuracy
+rounding in pretraining, amplified by training; docs/reproducibility.md), so an accuracy
 reproduces when the rerun's mean over seeds lies inside the reference's 95% interval.
 
 Even a perfect reproduction puts some means outside: the rerun's mean is itself noisy, so
@@ -18,7 +18,8 @@ freedom, and a rerun mean falls outside with probability
 ``P(|T| > t(0.975, n - 1) / sqrt(2))``: 9.3% at 3 seeds, 14.4% at 10, 16.6% in the limit
 (:func:`chance_outside`; more seeds narrow the interval faster than the rerun's own noise).
 The verdict allows as many outside as a binomial draw at that rate reaches with 95%
-probability (:func:`allowed_outside`).
+probability (:func:`allowed_outside`). An accuracy's interval is cut to 0..100%
+(:mod:`benchmarks.stats`): a rerun's mean cannot fall in the cut part, so the rate holds.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ and to adapters on every conv, and the memory saving plain and lean; or the comm
 produce the rows it needs.
 
 4. (3. without lean rows) Accuracy: target accuracy per configuration as the mean over seeds
-   with its 95% Student-t interval (:mod:`benchmarks.stats`). Two configurations are ranked
-   only where the seeds separate them: paired over the seeds they share (the 95% interval of
-   the per-seed difference excludes zero), else by disjoint intervals; otherwise they are
-   called *indistinguishable*, and one seed ranks nothing.
+   with its 95% Student-t interval, cut to 0..100% (:mod:`benchmarks.stats`). Two
+   configurations are ranked only where the seeds separate them: paired over the seeds they
+   share (the 95% interval of the per-seed difference excludes zero), else by disjoint
+   intervals; otherwise they are called *indistinguishable*, and one seed ranks nothing.
 
     python -m benchmarks.findings results/rank_sweep/results.jsonl
 
@@ -55,7 +55,7 @@ from benchmarks.stats import (
     CONFIDENCE,
     compare,
     compare_paired,
-    interval,
+    metric_interval,
     paired_interval,
 )
 from benchmarks.study_findings import study_lines
@@ -123,6 +123,7 @@ def memory_savings(rows: Sequence[dict]) -> list[dict]:
     ok = [r for r in rows if r.get("status") == "ok"]
     peak = _means(ok, lambda r: num(r.get("memory_peak")))
     act = _means(ok, lambda r: num(r.get("memory_by_category_activations")))
+    act_max = _means(ok, lambda r: num(r.get("memory_category_max_activations")))
     out = []
     for (model, ds, task, method, rank), p in sorted(peak.items(), key=_sort_key):
         full = peak.get((model, ds, task, "full", None))
@@ -132,6 +133,7 @@ def memory_savings(rows: Sequence[dict]) -> list[dict]:
             model=model, dataset=ds, task=task, method=method, rank=rank,
             full_peak=full, peak=p, saving=1 - p / full,
             full_activation_share=(act.get((model, ds, task, "full", None)) or 0) / full,
+            full_activation_max=act_max.get((model, ds, task, "full", None)),
         ))
     return out
 
@@ -277,9 +279,11 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
         out.append(dict(
             model=model, dataset=ds, task=task, signature=sig, method=method, rank=rank,
             seeds=sorted(s for s in d["seed"] if s is not None),
-            target=interval(d["target_acc"]), by_seed=d["by_seed"],
-            source=interval(d["source_acc"]) if d["source_acc"] else None,
-            zero_shot=interval(d["zero_shot_acc"]) if d["zero_shot_acc"] else None,
+            target=metric_interval(d["target_acc"], "target_acc"), by_seed=d["by_seed"],
+            source=(metric_interval(d["source_acc"], "source_acc") if d["source_acc"]
+                    else None),
+            zero_shot=(metric_interval(d["zero_shot_acc"], "zero_shot_acc")
+                       if d["zero_shot_acc"] else None),
         ))
     return out
 
@@ -317,11 +321,13 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
     ns = sorted({r["target"].n for r in acc})
     n_txt = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     lines = [f"Target test accuracy, mean over {n_txt} seed(s) with its {100 * CONFIDENCE:.0f}% "
-             "Student-t interval. A configuration is ranked above another only where the seeds "
-             "separate them: configurations run on the same seeds share, seed by seed, the data "
-             "split, source model and few-shot sample, so they are compared paired (the "
-             f"{100 * CONFIDENCE:.0f}% interval of the per-seed difference must exclude zero), "
-             "others by disjoint intervals. Otherwise the two are *indistinguishable* at this "
+             "Student-t interval, cut to 0..100% (an accuracy's true mean lies there, so "
+             "the cut loses no coverage). A configuration is ranked above another only where "
+             "the seeds separate them: configurations run on the same seeds share, seed by "
+             "seed, the data split, source model and few-shot sample, so they are compared "
+             f"paired (the {100 * CONFIDENCE:.0f}% interval of the per-seed difference must "
+             "exclude zero), others by disjoint intervals. Otherwise the two are "
+             "*indistinguishable* at this "
              "number of seeds.", ""]
     if ns[0] < 2:
         lines += ["Some configurations have one seed only: they get no interval and are not "
@@ -382,6 +388,20 @@ def _full_reference(recs: list[dict], *fields: str) -> dict[tuple[str, str], tup
     return {(r["model"], r["task"]): tuple(r[f] for f in fields) for r in recs}
 
 
+def activation_reason(mem: Sequence[dict], model: str) -> str:
+    """Why full FT's peak holds (almost) no activations, when it does not: the peak falls after
+    backward has freed them, in the optimizer step (parameters, gradients and the optimizer's
+    state all live). Empty when activations are part of the peak or were not recorded."""
+    recs = [r for r in mem if r["model"] == model]
+    share = _mean([r["full_activation_share"] for r in recs])
+    most = [r["full_activation_max"] for r in recs if r.get("full_activation_max")]
+    if share is None or share >= 0.005 or not most:
+        return ""
+    return (f" (full FT's peak falls in the optimizer step, after backward has freed the "
+            f"activations, which peaked earlier at {max(most) / MIB:.1f} MiB: parameters, "
+            "gradients and the optimizer's state are what is live then)")
+
+
 def _memory_lines(rows: Sequence[dict], mem: list[dict]) -> list[str]:
     lines = []
     summ = _per_model_summary(mem, "saving")
@@ -391,7 +411,7 @@ def _memory_lines(rows: Sequence[dict], mem: list[dict]) -> list[str]:
         lines.append(
             f"- **{m}** ({net_kind(rows, m)}): LoRA/DoRA peak is {_pct(lo)} to {_pct(hi)} "
             f"below full FT (mean {_pct(mean)}); activations are {_pct(share)} of "
-            "full FT's peak."
+            f"full FT's peak{activation_reason(mem, m)}."
         )
     lines += ["", "Full-FT peak per model and task:", ""]
     lines += ["| model | task | full FT peak [MiB] |", "|---|---|---:|"]

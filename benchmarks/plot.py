@@ -1,9 +1,14 @@
 """Plots of a rank sweep, from its results file alone.
 
     python -m benchmarks.plot results/rank_sweep/results.jsonl [--plots DIR] [--formats png,svg]
+    python -m benchmarks.plot --reference    # redraw the committed plots/ from its CSV
 
-Figures go to ``plots/`` for the default grid's results (``results/rank_sweep`` or the committed
-``plots/*.csv``), else to ``plots/`` inside the results folder (``--plots`` chooses).
+Figures go to ``plots/`` inside the results folder (``results/rank_sweep/plots``; for the
+committed ``plots/rank_sweep_default.csv``, ``results/reference/plots``), or where ``--plots``
+says. Nothing tracked by git is written unless asked: ``--reference`` alone redraws the committed
+reference in ``plots/`` (figures, ``findings.md`` and ``rank_sweep_default_summary.csv``) from
+``plots/rank_sweep_default.csv``. To make a new run the reference, copy its ``results.csv`` over
+that file first.
 
 Per (model, dataset, task):
   ``flops_<model>_<task>``     rank vs FLOPs per update (one line per ranked method; full FT,
@@ -13,15 +18,19 @@ Per (model, dataset, task):
                                updates (``lean``/``checkpoint`` columns) their peaks are marked
                                on the same bars
   ``accuracy_<model>_<task>``  rank vs target accuracy, mean over seeds with 95% t-interval
-                               error bars (no-rank methods and zero-shot: line + shaded band)
+                               error bars cut to 0..100% (no-rank methods and zero-shot: a
+                               line, its interval a bar right of the last rank)
   ``pareto_<model>_<task>``    mean accuracy (95% interval bars) vs peak memory per
-                               configuration, Pareto front of the means
+                               configuration, Pareto front of the means with the band of its
+                               members' intervals, rings round the configurations the seeds
+                               cannot separate from the most accurate one
 Across models:
   ``flop_counters``            our FLOP count vs torch's FlopCounterMode for the same updates,
                                per model (depthwise vs standard nets)
 
 Only rows with ``status == "ok"`` are drawn; accuracy plots are skipped for profile-only runs.
-Intervals are :func:`benchmarks.stats.interval` (Student t over seeds); one seed draws none.
+Intervals are :func:`benchmarks.stats.interval` (Student t over seeds, cut to 0..100%); one
+seed draws none. Legends sit beside the axes (or above the bars), never over the data.
 
 Each plot kind has its module (:mod:`benchmarks.plot_flops`, :mod:`benchmarks.plot_memory`,
 :mod:`benchmarks.plot_accuracy`; what they share is :mod:`benchmarks.plot_common`); this one
@@ -43,6 +52,10 @@ matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    DEFAULT_OUT,
+    REFERENCE_CSV,
+    REFERENCE_DIR,
+    REFERENCE_SUMMARY_CSV,
     default_plots_dir,
     primary_rows,
     read_results,
@@ -111,21 +124,52 @@ def make_plots(
     return written
 
 
+def write_reference(formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Redraw the committed reference in ``plots/`` from ``plots/rank_sweep_default.csv``: the
+    figures, ``findings.md`` and the summary over seeds. The one call that writes ``plots/``;
+    returns the files written."""
+    from benchmarks.findings import findings_markdown
+    from benchmarks.results import load_results
+    from benchmarks.stats import write_summary_csv
+
+    rows = load_results(REFERENCE_CSV)
+    files = make_plots(rows, REFERENCE_DIR, formats)
+    findings = Path(REFERENCE_DIR) / "findings.md"
+    findings.write_text(findings_markdown(rows, DEFAULT_OUT) + "\n")
+    write_summary_csv(Path(REFERENCE_SUMMARY_CSV), rows)
+    return [*files, findings, Path(REFERENCE_SUMMARY_CSV)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = results_parser(
         "python -m benchmarks.plot",
         "Regenerate all rank-sweep plots from a results file (.jsonl or .csv) or a results "
-        "folder.",
+        "folder. Writes under the results folder unless --plots says otherwise; only "
+        f"--reference writes the committed {REFERENCE_DIR}/.",
+        optional=True,
     )
     p.add_argument("--plots", default=None, help="output folder for the figures (default: "
-                   "plots/ for results/rank_sweep or plots/*.csv, else RESULTS_FOLDER/plots)")
+                   "RESULTS_FOLDER/plots; for the committed plots/*.csv, "
+                   "results/reference/plots)")
     p.add_argument("--formats", default="png,svg",
                    help="comma-separated figure formats (default: png,svg)")
+    p.add_argument("--reference", action="store_true",
+                   help=f"redraw the committed reference in {REFERENCE_DIR}/ (figures, "
+                   f"findings.md, summary CSV) from {REFERENCE_CSV}; takes no RESULTS")
     a = p.parse_args(argv)
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    if a.reference:
+        if a.results is not None or a.plots is not None:
+            p.error(f"--reference reads {REFERENCE_CSV} and writes {REFERENCE_DIR}/: "
+                    "drop RESULTS and --plots, or drop --reference")
+        files = write_reference(formats)
+        print(f"{len(files)} files -> {REFERENCE_DIR}/ (from {REFERENCE_CSV})")
+        return 0
+    if a.results is None:
+        p.error("give a results file or folder (e.g. results/rank_sweep), or --reference")
     rows = read_results(a.results)
     if rows is None:
         return 2
-    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     plots = Path(a.plots) if a.plots else default_plots_dir(a.results)
     files = make_plots(rows, plots, formats)
     n_ok = len(_ok(rows))

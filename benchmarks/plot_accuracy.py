@@ -2,10 +2,13 @@
 
 ``accuracy_<model>_<task>`` (:func:`plot_accuracy`) is the rank figure of target accuracy, with
 zero-shot (no update) as the floor; ``pareto_<model>_<task>`` (:func:`plot_pareto`) puts each
-configuration's accuracy against its peak memory and marks the Pareto front of the means
-(:func:`pareto_front`). Both show means over seeds with 95% t-intervals
-(:func:`benchmarks.stats.interval`); one seed draws none. Profile-only rows have no accuracy,
-so both return None for them.
+configuration's accuracy against its peak memory, the Pareto front of the means
+(:func:`pareto_front`) with the band its members' intervals span, and rings round every
+configuration the seeds cannot separate from the most accurate one (paired, as findings.md
+compares): with a few seeds the front is not a ranking. Both show means over seeds with 95%
+t-intervals cut to 0..100% (:func:`benchmarks.stats.interval`); one seed draws none. Legends
+sit beside the axes, never over the data. Profile-only rows have no
+accuracy, so both return None for them.
 """
 
 from __future__ import annotations
@@ -16,15 +19,24 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
-from benchmarks.common import MIB, method_label, num
-from benchmarks.plot_common import _interval_by, _mean_by, _rank_figure, _style, _title
-from benchmarks.stats import interval
+from benchmarks.common import MIB, method_label, num, rank_of
+from benchmarks.plot_common import (
+    BAND,
+    _interval_by,
+    _mean_by,
+    _rank_figure,
+    _style,
+    _title,
+    legend,
+    reference_interval,
+)
+from benchmarks.stats import metric_interval
 
 
 def _seed_counts(ivs: dict) -> str:
     ns = sorted({iv.n for iv in ivs.values()})
     n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
-    return f"mean over {n} seed(s)" + (", 95% t-interval" if ns[-1] > 1 else "")
+    return f"mean over {n} seed(s)" + (", 95% t-interval in 0-100%" if ns[-1] > 1 else "")
 
 
 def _clamp_percent(ax) -> None:
@@ -36,7 +48,8 @@ def _clamp_percent(ax) -> None:
 
 def plot_accuracy(rows, model, dataset, task) -> plt.Figure | None:
     """Rank vs target accuracy (mean over seeds, 95% interval bars); zero-shot (no update) and
-    the no-rank methods (full FT, ...) as reference lines with their interval as a band."""
+    the no-rank methods (full FT, ...) as reference lines, their intervals as bars right of
+    the last rank."""
     ivs = _interval_by(rows, "target_acc")
     if not ivs:
         return None
@@ -49,16 +62,16 @@ def plot_accuracy(rows, model, dataset, task) -> plt.Figure | None:
         if v is not None:
             zs_by_seed[r.get("seed")].append(v)
     if zs_by_seed:
-        zs = interval([sum(v) / len(v) for v in zs_by_seed.values()])
+        zs = metric_interval([sum(v) / len(v) for v in zs_by_seed.values()], "zero_shot_acc")
         ax.axhline(100 * zs.mean, color="gray", ls=(0, (1, 3)), lw=2,
                    label="zero-shot (no update)")
         if zs.low is not None:
-            ax.axhspan(100 * zs.low, 100 * zs.high, color="gray", alpha=0.1, lw=0)
+            reference_interval(ax, 100 * zs.mean, 100 * zs.low, 100 * zs.high, "gray")
     ax.set_ylabel(f"target test accuracy [%]\n({_seed_counts(ivs)})")
     _clamp_percent(ax)
     ax.set_title(f"Accuracy after adaptation\n{_title(model, dataset, task)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax, title="bars: 95% interval (right of the\nlast rank: the horizontal lines')")
     return fig
 
 
@@ -75,9 +88,22 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _by_seed(rows: Sequence[dict]) -> dict[tuple[str, int | None], dict[int, float]]:
+    """Target accuracy per (method, rank) and seed, for paired comparisons."""
+    out: dict[tuple[str, int | None], dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        v = num(r.get("target_acc"))
+        if v is not None and r.get("seed") not in (None, ""):
+            out[(str(r["method"]), rank_of(r))][int(r["seed"])] = v
+    return out
+
+
 def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
-    """Mean target accuracy (95% interval bars) vs peak memory per configuration; the Pareto
-    front of the means marked."""
+    """Mean target accuracy (95% interval bars) vs peak memory per configuration: the Pareto
+    front of the means with the band of its members' intervals, and a ring round each
+    configuration the seeds do not separate from the most accurate one."""
+    from benchmarks.findings import separation
+
     acc = _interval_by(rows, "target_acc")
     mem = _mean_by(rows, "memory_peak")
     keys = [k for k in acc if k in mem]
@@ -97,18 +123,37 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
             ax.errorbar([pts[i][0] for i, _ in bars], [pts[i][1] for i, _ in bars],
                         yerr=[[pts[i][1] - 100 * iv.low for i, iv in bars],
                               [100 * iv.high - pts[i][1] for i, iv in bars]],
-                        fmt="none", ecolor=st.get("color"), capsize=2, lw=1, zorder=2)
+                        fmt="none", ecolor=st.get("color"), capsize=2, lw=1, zorder=2,
+                        alpha=0.8)
     front = pareto_front(pts)
-    ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="red",
-            lw=1.2, zorder=2, label="Pareto front")
+    fx = [pts[i][0] for i in front]
+    ax.step(fx, [pts[i][1] for i in front], where="post", color="red", lw=1.2, zorder=2,
+            label="Pareto front of the means")
+    ivs = [acc[keys[i]] for i in front]
+    if all(iv.low is not None for iv in ivs):
+        ax.fill_between(fx, [100 * iv.low for iv in ivs], [100 * iv.high for iv in ivs],
+                        step="post", color="red", alpha=0.08, lw=0,
+                        label=BAND + "Pareto front of the means")
+    # which configurations the seeds cannot tell from the most accurate one
+    best = max(range(len(keys)), key=lambda i: pts[i][1])
+    seeds = _by_seed(rows)
+    recs = [{"target": acc[k], "by_seed": seeds.get(k, {})} for k in keys]
+    same = [i for i in range(len(keys))
+            if i == best or separation(recs[i], recs[best]) in (0, None)]
+    if len(same) > 1:
+        ax.scatter([pts[i][0] for i in same], [pts[i][1] for i in same], s=150,
+                   facecolors="none", edgecolors="black", lw=0.8, zorder=4,
+                   label=f"not separable from {labels[best]} (paired, 95%)")
     for i in front:
-        ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(4, -10), fontsize=7,
-                    color="red")
+        ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(7, 0),
+                    va="center", fontsize=7, color="red", zorder=5,
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+    ax.margins(x=0.12)  # room for the labels of the outermost points
     ax.set_xlabel("peak memory of one update [MiB]")
     ax.set_ylabel(f"target test accuracy [%]\n({_seed_counts(acc)})")
     _clamp_percent(ax)
     ax.set_title(f"Accuracy vs memory (up-left is better)\n{_title(model, dataset, task)}",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax, title="bars, band: 95% interval")
     return fig

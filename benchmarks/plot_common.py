@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from benchmarks.common import method_label, num, rank_of  # noqa: E402
-from benchmarks.stats import Interval, interval  # noqa: E402
+from benchmarks.stats import Interval, metric_interval  # noqa: E402
 from convpeft.methods import list_methods  # noqa: E402
 
 METHOD_STYLE = {
@@ -66,8 +66,9 @@ def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], f
 
 
 def _interval_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], Interval]:
-    """Mean and 95% t-interval of ``field`` per (method, rank) over seeds."""
-    return {k: interval(v) for k, v in _values_by(rows, field).items()}
+    """Mean and 95% interval of ``field`` per (method, rank) over seeds (for an accuracy on the
+    interval cut to 0..1: :data:`benchmarks.stats.METRIC_BOUNDS`)."""
+    return {k: metric_interval(v, field) for k, v in _values_by(rows, field).items()}
 
 
 def _ranks(rows: Sequence[dict]) -> list[int]:
@@ -104,15 +105,19 @@ def _rank_figure(rows: Sequence[dict], means: dict[tuple[str, int | None], float
                  intervals: dict[tuple[str, int | None], Interval] | None = None):
     """A figure with a line over rank per ranked method and a horizontal line per reference
     method, values mapped through ``y`` (unit scaling); returns ``(fig, ax)``. With
-    ``intervals``, ranked points get error bars and reference lines a shaded band."""
+    ``intervals``, ranked points get error bars (methods nudged sideways, :data:`DODGE`) and
+    reference lines a bar right of the last rank (:func:`reference_interval`)."""
     ranked, refs = _methods_in(means)
     intervals = intervals or {}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in ranked:
+    for i, m in enumerate(ranked):
         pts = sorted((r, v) for (mm, r), v in means.items() if mm == m and r is not None)
         if not pts:
             continue
-        xs, ys = [p[0] for p in pts], [y(p[1]) for p in pts]
+        # each method nudged sideways on the log2 axis, so methods with equal values at a rank
+        # (LoRA and DoRA) and their interval bars stay visible side by side
+        shift = 2 ** (DODGE * (i - (len(ranked) - 1) / 2))
+        xs, ys = [p[0] * shift for p in pts], [y(p[1]) for p in pts]
         ivs = [intervals.get((m, r)) for r, _ in pts]
         if any(iv is not None and iv.low is not None for iv in ivs):
             err = [[0.0 if iv is None or iv.low is None else yy - y(iv.low)
@@ -126,12 +131,53 @@ def _rank_figure(rows: Sequence[dict], means: dict[tuple[str, int | None], float
         v = means.get((m, None))
         if v is not None:
             st = _style(m)
-            ax.axhline(y(v), label=method_label(m) + ref_suffix, lw=1.5, **st)
-            iv = intervals.get((m, None))
-            if iv is not None and iv.low is not None:
-                ax.axhspan(y(iv.low), y(iv.high), color=st.get("color"), alpha=0.1, lw=0)
+            label = method_label(m) + ref_suffix
+            ax.axhline(y(v), label=label, lw=1.5, **st)
     _rank_axis(ax, _ranks(rows))
+    for m in refs:
+        iv = intervals.get((m, None))
+        if means.get((m, None)) is not None and iv is not None and iv.low is not None:
+            reference_interval(ax, y(iv.mean), y(iv.low), y(iv.high), _style(m).get("color"))
     return fig, ax
+
+
+def reference_interval(ax, mean: float, low: float, high: float, color) -> None:
+    """The interval of a horizontal reference line (full FT, zero-shot, ...) as a bar in the
+    margin right of the last rank, one slot per line in drawing order, so that wide intervals
+    do not cover the ranked methods' bars as shaded bands would. Call after the rank axis is
+    set (:func:`_rank_axis`)."""
+    lo, hi = ax.get_xlim()
+    slot = getattr(ax, "_convpeft_ref_slots", 0)
+    base = getattr(ax, "_convpeft_ref_base", hi)
+    ax._convpeft_ref_slots, ax._convpeft_ref_base = slot + 1, base
+    x = base * 2 ** (REF_STEP * (slot + 0.5))
+    ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="_", color=color,
+                capsize=3, lw=1.2, ms=8)
+    ax.set_xlim(lo, base * 2 ** (REF_STEP * (slot + 1)))
+
+
+DODGE = 0.06
+"""Sideways offset between the ranked methods of a rank figure, in log2 units of rank."""
+REF_STEP = 0.3
+"""Width of one reference-interval slot right of the last rank, in log2 units of rank."""
+BAND = "_band:"
+"""Label prefix of an interval band (``fill_between``/``axhspan``) that :func:`legend` draws
+under the line labelled with the rest of it, as one entry."""
+
+
+def legend(ax, title: str | None = None, **kw) -> None:
+    """The axes' legend beside the plot (never over the data), each line drawn over its
+    interval band where it has one (an artist labelled :data:`BAND` + the line's label)."""
+    from matplotlib.legend_handler import HandlerTuple
+
+    bands = {c.get_label()[len(BAND):]: c for c in ax.get_children()
+             if str(c.get_label()).startswith(BAND)}
+    handles, labels = ax.get_legend_handles_labels()
+    handles = [(bands[lab], h) if lab in bands else h
+               for h, lab in zip(handles, labels, strict=True)]
+    ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=1)}, fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, title=title,
+              title_fontsize=8, **kw)
 
 
 def _title(model: str, dataset: str, task: str) -> str:

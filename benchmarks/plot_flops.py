@@ -20,6 +20,7 @@ from benchmarks.plot_common import (
     _rank_figure,
     _style,
     _title,
+    legend,
 )
 
 
@@ -34,7 +35,7 @@ def plot_flops(rows, model, dataset, task) -> plt.Figure | None:
     ax.set_ylim(bottom=0)
     ax.set_title(f"FLOPs per training update\n{_title(model, dataset, task)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax)
     return fig
 
 
@@ -82,7 +83,8 @@ def plot_flop_counters(rows) -> plt.Figure | None:
     ax.set_xticklabels([b[0] for b in bars], fontsize=7)
     ax.set_ylabel(f"forward + backward FLOPs per update [{unit}]")
     ax.set_title("FLOPs of one update, two counters", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.35 * max(max(o, t) for _, o, t in bars) / div)
+    ax.legend(fontsize=8, loc="upper left")  # in the room above the bars
     ax.grid(axis="y", alpha=0.3)
     # right: torch / ours per model and method (mean over ranks and tasks), one bar each
     ax = axes[1]
@@ -106,5 +108,6 @@ def plot_flop_counters(rows) -> plt.Figure | None:
     ax.set_title("How much torch's counter over-counts, per method\n(GaLore left out: its "
                  "optimizer matmuls are outside forward + backward)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylim(0, 1.35 * max(ax.get_ylim()[1], 1.0))
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     return fig

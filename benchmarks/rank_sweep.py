@@ -28,9 +28,11 @@ process alone writes the rows, in the grid's order. A rerun resumes per seed.
 configuration (:mod:`benchmarks.stats`). A configuration that raises (including out-of-memory)
 is recorded with ``status="failed"`` and its error, and the sweep goes on. Ctrl-C stops after
 writing what is finished; rerunning the same command resumes (finished keys are skipped). At
-the end the plots (``--plots``: ``plots/`` for the default ``--out``, else ``OUT/plots``;
-intervals as error bars) and the findings (``findings.md``: methods ranked only where their
-intervals separate) are written.
+the end the plots (``--plots``, default ``OUT/plots``; intervals as error bars) and the findings
+(``findings.md``: methods ranked only where their intervals separate) are written, all under the
+results folder: a sweep never writes the clone's tracked files. The committed reference figures
+and findings in ``plots/`` are redrawn from ``plots/rank_sweep_default.csv`` only by
+``python -m benchmarks.plot --reference``.
 """
 
 from __future__ import annotations

@@ -3,10 +3,20 @@
 A sweep runs every configuration at several seeds. On the offline default a seed draws the
 digits train/test split, the source model's pretraining, the few-shot sample, the new head rows
 and adapter init, and the batch order, so the spread over seeds covers everything that differs
-between two runs, two machines included (see README, "Reproducibility"). An accuracy is
-reported as the mean over seeds with a two-sided 95% **Student-t interval**::
+between two runs, two machines included (see docs/reproducibility.md). An accuracy is
+reported as the mean over seeds with a two-sided 95% **Student-t interval cut to the
+metric's range**::
 
-    mean +- t(0.975, n - 1) * s / sqrt(n)        s: sample standard deviation (n - 1 in the divisor)
+    [max(0, mean - h), min(1, mean + h)],   h = t(0.975, n - 1) * s / sqrt(n)
+
+with ``s`` the sample standard deviation (``n - 1`` in the divisor). Over three widely spread
+seeds the plain ``mean +- h`` reaches past 0 or 1 (101.4%, -7.6% in an earlier run), values no
+accuracy can take. An accuracy's true mean lies in [0, 1], so cutting the interval there drops
+only values that could never be covered: the coverage stays the t-interval's, the mean stays
+inside (a logit-scale interval would stay inside [0, 1] too, but centres on another mean than
+the one reported). ``forgetting`` (a difference of two accuracies) is cut to [-1, 1]; see
+:data:`METRIC_BOUNDS`. A paired comparison's per-seed differences keep the plain interval
+(its sign is what is tested).
 
 A t-interval, not a bootstrap: with the 3 to 10 seeds a sweep affords, a percentile bootstrap
 never reaches beyond the smallest and largest observed value and covers far less than 95%.
@@ -41,15 +51,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "ACCURACY",
     "CONFIDENCE",
     "COST_COLUMNS",
     "GROUP_COLUMNS",
     "INTERVAL_METRICS",
+    "METRIC_BOUNDS",
     "SUMMARY_NAME",
     "Interval",
     "compare",
     "compare_paired",
     "interval",
+    "metric_interval",
     "paired_interval",
     "summarize",
     "summary_columns",
@@ -60,6 +73,14 @@ __all__ = [
 
 CONFIDENCE = 0.95
 """Coverage of every interval the benchmarks report."""
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "target_acc": (0.0, 1.0), "source_acc": (0.0, 1.0), "zero_shot_acc": (0.0, 1.0),
+    "forgetting": (-1.0, 1.0),
+}
+"""The range of each seed-dependent metric (accuracies are proportions; forgetting a difference
+of two): their intervals are cut to it (:func:`interval`'s ``bounds``)."""
+ACCURACY = METRIC_BOUNDS["target_acc"]
+"""An accuracy's range, for :func:`interval`'s ``bounds``."""
 SUMMARY_NAME = "results_summary.csv"
 GROUP_COLUMNS: tuple[str, ...] = ("model", "dataset", "task", "method", "rank",
                                   "settings_signature")
@@ -154,18 +175,40 @@ class Interval:
         return f"{m} [{scale * self.low:.{digits}f}, {scale * self.high:.{digits}f}]"
 
 
-def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean and two-sided Student-t interval of ``values`` (see the module docstring)."""
+def interval(values: Sequence[float], confidence: float = CONFIDENCE,
+             bounds: tuple[float, float] | None = None) -> Interval:
+    """Mean and two-sided Student-t interval of ``values`` (see the module docstring).
+
+    ``bounds=(lo, hi)``: the metric's range (an accuracy's is (0, 1)); the interval is cut to
+    it. The true mean lies in that range, so the cut part never held it and the coverage stays
+    what the t-interval's is; ``mean`` always lies inside the result."""
     xs = [float(v) for v in values]
     if not xs:
         raise ValueError("interval of no values: pass at least one")
+    if bounds is not None and (not bounds[0] < bounds[1]
+                               or any(not bounds[0] <= x <= bounds[1] for x in xs)):
+        raise ValueError(f"values {xs} outside bounds {bounds}: pass the metric's range")
     n = len(xs)
     mean = sum(xs) / n
     if n == 1:
         return Interval(mean, 1, None, None, None)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t_quantile(n - 1, confidence) * sd / math.sqrt(n)
-    return Interval(mean, n, sd, mean - half, mean + half)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Interval(mean, n, sd, low, high)
+
+
+def metric_interval(values: Sequence[float], metric: str,
+                    confidence: float = CONFIDENCE) -> Interval:
+    """:func:`interval` of a row metric's values, cut to its range (:data:`METRIC_BOUNDS`) when
+    every value lies in it; values no sweep writes (an accuracy above 1 in a hand-made row)
+    get the plain interval rather than an error, so a summary of odd rows still builds."""
+    b = METRIC_BOUNDS.get(metric)
+    if b is not None and any(not b[0] <= float(v) <= b[1] for v in values):
+        b = None
+    return interval(values, confidence, b)
 
 
 def compare(a: Interval, b: Interval) -> int | None:
@@ -232,7 +275,7 @@ def summarize(rows: Iterable[dict], confidence: float = CONFIDENCE) -> list[dict
                    n_failed=len(grp) - len(ok))
         for m in INTERVAL_METRICS:
             vals = [v for v in (num(r.get(m)) for r in ok) if v is not None]
-            iv = interval(vals, confidence) if vals else None
+            iv = metric_interval(vals, m, confidence) if vals else None
             rec[f"{m}_mean"] = iv.mean if iv else None
             rec[f"{m}_sd"] = iv.sd if iv else None
             rec[f"{m}_ci_low"] = iv.low if iv else None

@@ -118,8 +118,9 @@ def commands(rows: Sequence[dict], recs: Sequence[dict], out: str = "OUT") -> li
     base = f"python -m benchmarks.rank_sweep --preset study --out {out}"
     std = [r for r in rows if r.get("status") == "ok" and r.get("method") in ADAPTERS
            and target_of(r) == STUDY_TARGET]
-    if not std or not recs:
-        return [base]
+    if not std or not recs:  # the whole comparison: the study's setup and its three twins
+        return [base + flags for flags in ("", " --target conv", " --lean",
+                                           " --target conv --lean")]
     models = ",".join(dict.fromkeys(r["model"] for r in std))
     methods = ",".join(["full", *dict.fromkeys(r["method"] for r in std)])
     ranks = ",".join(str(k) for k in sorted({rank_of(r) for r in std}))
@@ -137,6 +138,18 @@ def commands(rows: Sequence[dict], recs: Sequence[dict], out: str = "OUT") -> li
     return missing
 
 
+STUDY_OUT = "results/study"
+"""Where findings.md suggests running the study's comparison when the rows at hand are another
+grid's (the default sweep's, say)."""
+
+
+def _holds_other_rows(rows: Sequence[dict]) -> bool:
+    """Whether ``rows`` hold updates at another batch or resolution than the study preset's."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    return any(num(r.get("batch_size")) != STUDY_PRESET["batch_size"]
+               or num(r.get("resolution")) != STUDY_PRESET["resolution"] for r in ok)
+
+
 def study_lines(rows: Sequence[dict], out: str = "OUT", number: int | None = None) -> list[str]:
     """The section's markdown lines (title included, numbered ``number`` if given)."""
     recs = study_claims(rows)
@@ -149,13 +162,17 @@ def study_lines(rows: Sequence[dict], out: str = "OUT", number: int | None = Non
              "the same update saves far less; with adapters on every conv (ours) torch's "
              "counter shows almost no saving instead. Memory: peak of one update vs full FT's "
              "plain peak at the rows' batch; lean = `--lean` rows.", ""]
-    todo = commands(rows, recs, out)
     if not any(r["flops_correct"] is not None for r in recs):
+        # a folder of its own: the study's 224x224 grid mixed into these rows' folder would
+        # be drawn and summarised with them
+        todo = commands(rows, recs, STUDY_OUT if _holds_other_rows(rows) else out)
         lines += ["These rows hold no LoRA/DoRA update with adapters on standard convs only "
-                  "next to a full-FT reference. Run the study's setup (cost only, offline; "
-                  "then the comparison's other columns, each into the same folder):", "",
-                  *(f"    {c}" for c in todo), ""]
+                  "next to a full-FT reference. Run the study's setup (cost only, offline), "
+                  "then the comparison's other columns, all four into one folder of their own; "
+                  "its findings.md then sets the study's number, the correct one and ours side "
+                  "by side:", "", *(f"    {c}" for c in todo), ""]
         return lines
+    todo = commands(rows, recs, out)
     models = dict.fromkeys(r["model"] for r in recs)
     for model in models:
         mr = [r for r in recs if r["model"] == model]

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 
 __all__ = [
@@ -58,10 +59,6 @@ __all__ = [
 
 class UnsupportedLayerError(TypeError):
     """A conv/linear subclass whose ``forward`` convpeft cannot reproduce exactly."""
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def plain_conv(m: nn.Conv2d, weight: torch.Tensor, *, padding_mode: bool = True) -> nn.Conv2d:
@@ -218,7 +215,9 @@ _REGISTRY: dict[type, ConvVariant] = {}
 
 def register_conv_variant(cls: type, variant: ConvVariant) -> None:
     """Describe how the ``nn.Conv2d`` subclass ``cls`` computes (see :class:`ConvVariant`), so
-    that adapters and lean activations accept it. Registering a class again replaces it."""
+    that adapters and lean activations accept it. A class is registered once, as in the other
+    registries (:mod:`convpeft.registry`): registering it again with another variant raises
+    ``ValueError`` (the same variant again is a no-op)."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)):
         raise TypeError(f"register_conv_variant takes an nn.Conv2d subclass, got {cls!r}")
     if not isinstance(variant, ConvVariant):
@@ -228,6 +227,10 @@ def register_conv_variant(cls: type, variant: ConvVariant) -> None:
             f"conv variant {variant.name!r} transforms its weight and pads its input by the "
             "input size: merging must replace the layer by a plain one that pads the same way, "
             "which convpeft cannot build by itself; pass plain=(module, weight) -> nn.Module")
+    old = _REGISTRY.get(cls)
+    if old is not None and old is not variant:
+        raise ValueError(f"{_dotted(cls)} is already registered as conv variant {old.name!r}; "
+                         "a class has one variant: register a subclass of it instead")
     _REGISTRY[cls] = variant
 
 

@@ -443,31 +443,73 @@ def _assert_one_line_error(capsys, *needles: str) -> None:
         assert n in err, err
 
 
-def test_figures_go_to_plots_only_for_the_default_out(tmp_path, monkeypatch):
-    """The committed plots/ hold the default grid's figures: another --out (the study preset
-    into results/study, say) draws into OUT/plots unless --plots names a folder."""
-    from benchmarks.sweep_cli import DEFAULT_OUT, build_parser, plan_from_args
+def test_sweep_figures_and_findings_stay_under_the_results_folder(tmp_path, monkeypatch):
+    """The main job never writes the clone's tracked files (issue 26): the default sweep's
+    figures and findings go under results/ (git-ignored); another --out draws into OUT/plots;
+    only --plots names another folder."""
+    from benchmarks.common import DEFAULT_OUT, default_plots_dir
+    from benchmarks.sweep_cli import build_parser, plan_from_args
 
     monkeypatch.chdir(tmp_path)
 
-    def plots_of(*argv: str) -> Path | None:
-        return plan_from_args(build_parser().parse_args([*argv, "--profile-only"])).plots
+    def plan_of(*argv: str):
+        return plan_from_args(build_parser().parse_args([*argv, "--profile-only"]))
 
-    assert plots_of() == Path("plots")
-    assert plots_of("--out", DEFAULT_OUT + "/") == Path("plots")
-    assert plots_of("--out", str(tmp_path / DEFAULT_OUT)) == Path("plots")  # absolute spelling
-    assert plots_of("--out", "results/study") == Path("results/study/plots")
-    assert plots_of("--preset", "study", "--out", "o") == Path("o/plots")
-    assert plots_of("--out", "o", "--plots", "figs") == Path("figs")
-    assert plots_of("--out", "o", "--no-plots") is None
+    default = plan_of()
+    assert default.out == Path("results/rank_sweep") == Path(DEFAULT_OUT)
+    assert default.plots == Path("results/rank_sweep/plots")
+    # finish() writes findings.md into out and plots: both under results/
+    for folder in (default.out, default.plots):
+        assert folder.parts[0] == "results", folder
+    assert plan_of("--out", DEFAULT_OUT + "/").plots == Path("results/rank_sweep/plots")
+    assert plan_of("--out", "results/study").plots == Path("results/study/plots")
+    assert plan_of("--preset", "study", "--out", "o").plots == Path("o/plots")
+    assert plan_of("--out", "o", "--plots", "figs").plots == Path("figs")
+    assert plan_of("--out", "o", "--no-plots").plots is None
     assert "OUT/plots" in build_parser().format_help()
-    # python -m benchmarks.plot RESULTS follows the same rule for its results file or folder
-    from benchmarks.common import default_plots_dir
-
-    assert default_plots_dir("results/rank_sweep/results.jsonl") == Path("plots")
-    assert default_plots_dir("plots/rank_sweep_default.csv") == Path("plots")
-    assert default_plots_dir("results/study") == Path("results/study/plots")
+    assert "--reference" in build_parser().format_help()
+    # python -m benchmarks.plot RESULTS: RESULTS_FOLDER/plots; the committed CSV's figures
+    # under results/ too, however plots/ is spelt
+    assert default_plots_dir("results/rank_sweep/results.jsonl") == Path(
+        "results/rank_sweep/plots")
     assert default_plots_dir("results/study/results.csv") == Path("results/study/plots")
+    for ref in ("plots/rank_sweep_default.csv", "./plots", str(tmp_path / "plots")):
+        assert default_plots_dir(ref) == Path("results/reference/plots"), ref
+
+
+def test_plot_writes_plots_folder_only_with_reference(tmp_path, monkeypatch, capsys):
+    """``python -m benchmarks.plot plots/rank_sweep_default.csv`` draws under results/;
+    ``--reference`` is the one command that rewrites the committed plots/ (figures, findings,
+    summary), from the committed CSV (a one-group slice of it here, to stay fast)."""
+    import csv
+
+    from benchmarks import plot
+
+    src = Path(__file__).resolve().parents[1] / "plots" / "rank_sweep_default.csv"
+    with src.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if r["model"] == "resnet18" and r["task"] == "shift"]
+        fields = reader.fieldnames
+    assert rows
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plots").mkdir()
+    with (tmp_path / "plots" / "rank_sweep_default.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    before = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plot.main(["plots/rank_sweep_default.csv", "--formats", "png"]) == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == before  # untouched
+    assert (tmp_path / "results/reference/plots/pareto_resnet18_digits_shift.png").is_file()
+    with pytest.raises(SystemExit):  # --reference takes no RESULTS
+        plot.main(["plots/rank_sweep_default.csv", "--reference"])
+    with pytest.raises(SystemExit):  # no RESULTS and no --reference
+        plot.main([])
+    assert plot.main(["--reference", "--formats", "png"]) == 0
+    written = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert {"pareto_resnet18_digits_shift.png", "findings.md",
+            "rank_sweep_default_summary.csv"} <= written
+    assert "# Rank sweep findings" in (tmp_path / "plots" / "findings.md").read_text()
 
 
 @pytest.mark.parametrize("flag", ["--out", "--plots"])

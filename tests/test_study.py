@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import rank_sweep
@@ -115,6 +117,22 @@ def test_study_section_says_what_to_run_without_the_studys_rows():
     assert "no LoRA/DoRA update with adapters on standard convs" in section
     assert "python -m benchmarks.rank_sweep --preset study --out out/x" in section
     assert "n/a" not in section
+
+
+def test_default_runs_findings_send_the_study_to_its_own_folder():
+    """The default grid's findings (batch 32 x 12x12) suggest the study's four sweeps into
+    results/study, never into the default results folder they would mix with (issue 26)."""
+    from benchmarks.common import REFERENCE_CSV
+    from benchmarks.results import load_results
+
+    rows = load_results(str(Path(__file__).resolve().parents[1] / REFERENCE_CSV))
+    md = findings_markdown(rows, "results/rank_sweep")
+    section = md[md.index("The study's claims, reproduced and corrected"):]
+    cmds = [ln.strip() for ln in section.splitlines() if "benchmarks.rank_sweep" in ln]
+    base = "python -m benchmarks.rank_sweep --preset study --out results/study"
+    assert cmds == [base, base + " --target conv", base + " --lean",
+                    base + " --target conv --lean"]
+    assert "--out results/rank_sweep" not in section
 
 
 # ----------------------------------------------------------------------------- headline

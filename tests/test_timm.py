@@ -31,6 +31,7 @@ from convpeft.conv_variants import (  # noqa: E402
     ConvVariant,
     UnsupportedLayerError,
     register_conv_variant,
+    registered_conv_variant,
     same_padding,
 )
 from convpeft.profiler import analytic_profile, profile_update  # noqa: E402
@@ -396,6 +397,12 @@ def test_register_conv_variant_makes_a_subclass_exact():
     with pytest.raises(ValueError, match="plain="):
         register_conv_variant(_Flipped, ConvVariant("x", weight=lambda m: m.weight,
                                                     input_pad=lambda m, hw: [0, 1, 0, 1]))
+    # registered once, as in the other registries: a second variant is refused, the first kept
+    first = registered_conv_variant(_Flipped(2, 2, 1))
+    register_conv_variant(_Flipped, first)  # the same variant again: a no-op
+    with pytest.raises(ValueError, match="already registered as conv variant 'flipped'"):
+        register_conv_variant(_Flipped, ConvVariant("other", weight=lambda m: m.weight))
+    assert registered_conv_variant(_Flipped(2, 2, 1)) is first
 
 
 def test_merge_without_unload_refused_for_standardised_conv():

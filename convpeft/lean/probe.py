@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from convpeft.profiler.memory import storage_key
+
 __all__ = ["example_shape", "outputs_saved_downstream"]
 
 PROBE_SIZE = 64
@@ -43,10 +45,6 @@ def example_shape(model: nn.Module) -> tuple[int, ...] | None:
         if isinstance(m, nn.Conv2d):
             return (2, m.in_channels, PROBE_SIZE, PROBE_SIZE)
     return None
-
-
-def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
 
 
 def outputs_saved_downstream(model: nn.Module, names: Iterable[str],
@@ -72,7 +70,7 @@ def outputs_saved_downstream(model: nn.Module, names: Iterable[str],
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if owner[0] is None and t.device.type == "meta":
-            saved_by_others.add(_key(t))
+            saved_by_others.add(storage_key(t))
         return t
 
     handles = []
@@ -97,4 +95,5 @@ def outputs_saved_downstream(model: nn.Module, names: Iterable[str],
             h.remove()
     # a module called twice (torchvision's BasicBlock reuses its ReLU) shares only if every
     # call's output is saved downstream: the flag is per module
-    return {n for n, outs in outputs.items() if all(_key(o) in saved_by_others for o in outs)}
+    return {n for n, outs in outputs.items()
+            if all(storage_key(o) in saved_by_others for o in outs)}

@@ -1,0 +1,332 @@
+"""Every table and output block of the README and the docs that code produces, regenerated.
+
+    python -m benchmarks.readme_figures --write    # rewrite the blocks in README.md and docs/
+    python -m benchmarks.readme_figures --check    # exit 1, with a diff, if any block is stale
+
+A generated block sits between two HTML comments (invisible on GitHub and in the docs site)::
+
+    <!-- readme-figures: NAME -->
+    ...what GENERATORS[NAME]() returns...
+    <!-- /readme-figures -->
+
+The markdown around the blocks is prose and stays hand-written; the numbers live in the blocks.
+``tests/test_readme_figures.py`` runs ``--check``, so a change that moves a figure (a profiler
+fix, a new default, a new reference run) fails the tests until this command is rerun with
+``--write``. Every generator is deterministic and cheap: the plan and the memory tables are
+analytic profiles (shapes on the meta device, tensor level), the default run's figures are
+read from the committed ``plots/rank_sweep_default.csv``, and the ONNX op counts come from one
+export. Measured times (the ONNX latency table, sweep durations) are not generated: they say
+where and how they were measured instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import io
+import os
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root: README.md and docs/ are found from here, wherever the command runs."""
+BLOCK = re.compile(r"(<!-- readme-figures: (?P<name>[\w-]+) -->\n)(?P<body>.*?)"
+                   r"(<!-- /readme-figures -->)", re.S)
+
+PLAN_ARGS = ("--model", "mobilenet_v2", "--resolution", "224", "--budget", "512MiB",
+             "--methods", "full,lora-fa", "--ranks", "4", "--lean", "both")
+"""The planner example of README.md and docs/planner.md (4 configurations, ~16 profiles)."""
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """The files that may hold generated blocks: the README and every page of docs/."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+@cache
+def _reference_rows() -> tuple[dict, ...]:
+    from benchmarks.common import REFERENCE_CSV
+    from benchmarks.results import load_results
+
+    return tuple(load_results(str(ROOT / REFERENCE_CSV)))
+
+
+def plan_block() -> str:
+    """The planner's command and what it prints (stdout; the progress lines go to stderr)."""
+    from convpeft.plan import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(list(PLAN_ARGS))
+    if rc:
+        raise RuntimeError(f"python -m convpeft.plan {shlex.join(PLAN_ARGS)} exited {rc}")
+    return (f"```bash\npython -m convpeft.plan {shlex.join(PLAN_ARGS)}\n```\n\n"
+            f"```\n{out.getvalue().rstrip()}\n```\n")
+
+
+def _wrap(lines: Sequence[str], width: int = 100) -> str:
+    """Markdown lines wrapped at ``width`` (a bullet's continuation indented under its text)."""
+    out: list[str] = []
+    for line in lines:
+        indent = "  " if line.startswith("- ") else ""
+        out += textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False,
+                             break_on_hyphens=False) or [""]
+    return "\n".join(out) + "\n"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _range(xs: Sequence[float]) -> str:
+    return f"{_pct(min(xs))} to {_pct(max(xs))}"
+
+
+def _by_model(recs: Sequence[dict], field: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in recs:
+        if r.get(field) is not None:
+            out.setdefault(r["model"], []).append(r[field])
+    return out
+
+
+def _default_run_lines() -> list[str]:
+    """The reference run's memory and FLOP figures (exact, the same on every machine)."""
+    from benchmarks.common import primary_rows, variant_of
+    from benchmarks.findings import flop_reductions, memory_savings, net_kind
+
+    rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
+    mem = _by_model(memory_savings(rows), "saving")
+    fl = flop_reductions(rows)
+    ours, theirs = _by_model(fl, "ours_reduction"), _by_model(fl, "torch_reduction")
+    over = _by_model(fl, "torch_overcount_full")
+    setup = sorted({(r.get("batch_size"), r.get("resolution")) for r in rows
+                    if r.get("status") == "ok"}, key=str)
+    where = "; ".join(f"batch {b}, {s}x{s} inputs" for b, s in setup)
+    lines = [f"From the committed reference run ([plots/findings.md](plots/findings.md); {where},"
+             " BN in train mode, AdamW):", ""]
+    lines.append("- **Memory:** LoRA/DoRA's peak is " + ", ".join(
+        f"{_range(v)} below full FT's on {m} ({net_kind(rows, m)})" for m, v in mem.items())
+        + ".")
+    torch_txt = [f"{_range(theirs[m])} on {m}" + (
+        f" (it counts full FT at {statistics.mean(over[m]):.2f}x the true figure)"
+        if round(statistics.mean(over[m]), 2) != 1 else "")
+        for m in ours if m in theirs and m in over]
+    lines.append("- **FLOPs:** counted correctly, LoRA/DoRA cut an update's FLOPs by "
+                 + ", ".join(f"{_range(v)} on {m}" for m, v in ours.items())
+                 + "; torch's `FlopCounterMode` says " + ", ".join(torch_txt) + ".")
+    return lines
+
+
+def default_run_block() -> str:
+    """The README's summary of the committed reference run: memory and FLOPs."""
+    return _wrap(_default_run_lines())
+
+
+def default_run_details_block() -> str:
+    """docs/rank-sweep.md's figures of the reference run: memory with the activations' share,
+    FLOPs, and how wide the accuracy intervals are."""
+    from benchmarks.common import primary_rows, variant_of
+    from benchmarks.findings import accuracy_intervals, activation_reason, memory_savings
+
+    rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
+    mem = memory_savings(rows)
+    lines = _default_run_lines()
+    for m in dict.fromkeys(r["model"] for r in mem):
+        share = statistics.mean(r["full_activation_share"] for r in mem if r["model"] == m)
+        lines.append(f"- **{m}:** activations saved for backward are {_pct(share)} of full "
+                     f"FT's peak{activation_reason(mem, m)}.")
+    acc = [r for r in accuracy_intervals(rows) if r["target"].low is not None]
+    if acc:
+        widths = [100 * (r["target"].high - r["target"].low) for r in acc]
+        seeds = sorted({r["target"].n for r in acc})
+        lines.append(f"- **Accuracy:** over {'/'.join(map(str, seeds))} seeds the 95% "
+                     f"intervals of the target accuracies span {min(widths):.1f} to "
+                     f"{max(widths):.1f} points (median {statistics.median(widths):.1f}); "
+                     "[plots/findings.md](plots/findings.md) ranks two configurations only "
+                     "where the seeds separate them.")
+    return _wrap(lines)
+
+
+def study_flops_block() -> str:
+    """docs/study.md's table: the study's FLOP saving counted three ways."""
+    from benchmarks.study_claims import OUR_TARGET, STUDY_TARGET, flop_headline
+
+    h = flop_headline()
+    lines = ["| saving vs full FT, counted as | adapters on standard convs (the study's) | "
+             "on every conv (ours) |", "|---|---:|---:|"]
+    for name, label in (("torch_counter", "torch's `FlopCounterMode` (the study's counter)"),
+                        ("torch_rules_elementwise", "torch's conv rules + elementwise work"),
+                        ("ours", "correctly (depthwise convs as they run)")):
+        lines.append(f"| {label} | {_pct(h[f'saving_{name}_{STUDY_TARGET}'])} | "
+                     f"{_pct(h[f'saving_{name}_{OUR_TARGET}'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def onnx_ops_block() -> str:
+    """docs/deploy.md's example, with the Conv counts of the merged and unmerged exports."""
+    import torch
+    import torchvision
+
+    from convpeft import apply_adapters, export_onnx, onnx_op_counts
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    apply_adapters(model, "lora", rank=8, target="conv", trainable=["classifier"])
+    with tempfile.TemporaryDirectory() as d:
+        x = torch.randn(1, 3, 224, 224)
+        merged = onnx_op_counts(export_onnx(model, os.path.join(d, "m.onnx"), x))["Conv"]
+        unmerged = onnx_op_counts(export_onnx(model, os.path.join(d, "u.onnx"), x,
+                                              merge=False))["Conv"]
+    extra = (unmerged - merged) // 2
+    return f'''```python
+import torch, torchvision
+from convpeft import apply_adapters, export_onnx, onnx_op_counts
+
+model = torchvision.models.mobilenet_v2(num_classes=10)
+apply_adapters(model, "lora", rank=8, target="conv", trainable=["classifier"])
+# ... train ...
+path = export_onnx(model, "mobilenet_v2_lora.onnx", torch.randn(1, 3, 224, 224))
+print(path, onnx_op_counts(path)["Conv"])       # mobilenet_v2_lora.onnx {merged}: the base's count
+unmerged = export_onnx(model, "unmerged.onnx", torch.randn(1, 3, 224, 224), merge=False)
+print(onnx_op_counts(unmerged)["Conv"])         # {unmerged}: {extra} layers in activation space
+```
+'''
+
+
+def lean_memory_block() -> str:
+    """docs/memory.md's table: peak of one AdamW update at batch 64 x 224x224 per method and
+    lean/checkpoint option (analytic, tensor level; ``python -m benchmarks.lean_memory``)."""
+    from benchmarks.lean_memory import run
+
+    rows = run(["mobilenet_v2", "resnet18"], 64, 224, 8, False)
+    cols = [("full FT", "full FT, BN train (baseline)"), ("LoRA", "LoRA"),
+            ("LoRA, lean", "LoRA, lean"), ("LoRA, ckpt", "LoRA, lean + ckpt"),
+            ("LoRA-FA, lean", "LoRA-FA, lean"), ("LoRA-FA, ckpt", "LoRA-FA, lean + ckpt"),
+            ("DoRA, lean", "DoRA, lean"), ("DoRA, ckpt", "DoRA, lean + ckpt")]
+    names = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet18"}
+    lines = ["| | " + " | ".join(c for c, _ in cols) + " | floor (LoRA) |",
+             "|---" * (len(cols) + 2) + "|"]
+    for model, name in names.items():
+        by = {r["config"]: r for r in rows if r["model"] == model}
+        missing = [cfg for _, cfg in cols if cfg not in by]
+        if missing:
+            raise KeyError(f"benchmarks.lean_memory has no rows {missing} for {model}: update "
+                           "lean_memory_block's columns to its CONFIGS")
+        full = by[cols[0][1]]["peak_mib"]
+        cells = [f"{full:.0f} MiB"]
+        cells += [f"{by[cfg]['peak_mib']:.0f} ({by[cfg]['ratio']:.2f}x)" for _, cfg in cols[1:]]
+        floor = by["LoRA"]["floor_mib"]
+        cells.append(f"{floor:.0f} ({floor / full:.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "plan": plan_block,
+    "default-run": default_run_block,
+    "default-run-details": default_run_details_block,
+    "study-flops": study_flops_block,
+    "onnx-ops": onnx_ops_block,
+    "lean-memory": lean_memory_block,
+}
+"""Block name -> the function that writes its markdown."""
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """``(name, body)`` of every generated block of a markdown text, in order."""
+    return [(m["name"], m["body"]) for m in BLOCK.finditer(text)]
+
+
+def regenerate(text: str, produce: Callable[[str], str]) -> str:
+    """``text`` with every block's body replaced by ``produce(name)``."""
+    def sub(m: re.Match) -> str:
+        return m.group(1) + produce(m["name"]) + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def run(write: bool, root: Path = ROOT, only: Sequence[str] | None = None,
+        log=print) -> list[str]:
+    """Regenerate the blocks of :func:`documents` (``only``: just those names); write the files
+    (``write``) or report the stale ones. Returns the stale blocks as ``"file: name"``.
+
+    Unknown block names are refused (``ValueError``) before anything is computed or written."""
+    docs = {p: p.read_text() for p in documents(root)}
+    names = [n for text in docs.values() for n, _ in blocks(text)]
+    unknown = sorted(set(names) - set(GENERATORS))
+    if unknown:
+        raise ValueError(f"unknown readme-figures block(s) {unknown}; known: "
+                         f"{', '.join(GENERATORS)}")
+    produced: dict[str, str] = {}  # the same name in two files is produced once
+
+    def produce(name: str, current: dict[str, str]) -> str:
+        if only is not None and name not in only:
+            return current[name]
+        if name not in produced:
+            produced[name] = GENERATORS[name]()
+        return produced[name]
+
+    stale: list[str] = []
+    for path, text in docs.items():
+        current = dict(blocks(text))
+        new = regenerate(text, lambda n, cur=current: produce(n, cur))
+        if new == text:
+            continue
+        rel = path.relative_to(root)
+        for (name, old), (_, body) in zip(blocks(text), blocks(new), strict=True):
+            if old != body:
+                stale.append(f"{rel}: {name}")
+                if not write:
+                    log("".join(difflib.unified_diff(
+                        old.splitlines(True), body.splitlines(True),
+                        f"{rel} ({name}, committed)", f"{rel} ({name}, regenerated)")))
+        if write:
+            path.write_text(new)
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.readme_figures",
+        description="Regenerate (--write) or check (--check) every code-produced table and "
+        "output block of README.md and docs/*.md (the <!-- readme-figures: NAME --> blocks).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", action="store_true", help="rewrite the stale blocks in place")
+    g.add_argument("--check", action="store_true",
+                   help="print a diff of every stale block and exit 1 if there is one")
+    p.add_argument("--root", default=str(ROOT),
+                   help="the repository whose README.md and docs/ to regenerate (default: this "
+                   "one; the figures are always computed from this checkout's code and data)")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated block names (default: all of {', '.join(GENERATORS)})")
+    a = p.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",")] if a.only else None
+    bad = sorted(set(only or ()) - set(GENERATORS))
+    if bad:
+        p.error(f"unknown --only block(s) {bad}; choose from {', '.join(GENERATORS)}")
+    try:
+        stale = run(a.write, root=Path(a.root), only=only)
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    if a.write:
+        print(f"{len(stale)} block(s) rewritten" + (": " + ", ".join(stale) if stale else ""))
+        return 0
+    if stale:
+        print(f"{len(stale)} stale block(s): {', '.join(stale)}; run "
+              "python -m benchmarks.readme_figures --write", file=sys.stderr)
+        return 1
+    print("every generated block is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
