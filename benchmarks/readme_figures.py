@@ -13,10 +13,12 @@ The markdown around the blocks is prose and stays hand-written; the numbers live
 ``tests/test_readme_figures.py`` runs ``--check``, so a change that moves a figure (a profiler
 fix, a new default, a new reference run) fails the tests until this command is rerun with
 ``--write``. Every generator is deterministic and cheap: the plan and the memory tables are
-analytic profiles (shapes on the meta device, tensor level), the default run's figures are
-read from the committed ``plots/rank_sweep_default.csv``, and the ONNX op counts come from one
-export. Measured times (the ONNX latency table, sweep durations) are not generated: they say
-where and how they were measured instead.
+analytic profiles (shapes on the meta device; device peaks predicted with the *shipped* CPU
+scratch model, whatever this machine has calibrated), the device-truth table is read from the
+committed ``plots/device_truth_cpu.json`` (``benchmarks.device_truth``), the default run's
+figures are read from the committed ``plots/rank_sweep_default.csv``, and the ONNX op counts
+come from one export. Measured times (the ONNX latency table, sweep durations) are not
+generated: they say where and how they were measured instead.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ BLOCK = re.compile(r"(<!-- readme-figures: (?P<name>[\w-]+) -->\n)(?P<body>.*?)"
 PLAN_ARGS = ("--model", "mobilenet_v2", "--resolution", "224", "--budget", "512MiB",
              "--methods", "full,lora-fa", "--ranks", "4", "--lean", "both")
 """The planner example of README.md and docs/planner.md (4 configurations, ~16 profiles)."""
+
+
+@contextlib.contextmanager
+def _shipped_scratch_model():
+    """Point the calibration cache at an empty folder while generating, so that the predicted
+    device peaks come from the shipped CPU scratch model, not this machine's calibration: the
+    committed figures must regenerate identically everywhere."""
+    old = os.environ.get("CONVPEFT_CACHE")
+    with tempfile.TemporaryDirectory() as empty:
+        os.environ["CONVPEFT_CACHE"] = empty
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("CONVPEFT_CACHE", None)
+            else:
+                os.environ["CONVPEFT_CACHE"] = old
 
 
 def documents(root: Path = ROOT) -> list[Path]:
@@ -203,8 +222,9 @@ print(onnx_op_counts(unmerged)["Conv"])         # {unmerged}: {extra} layers in 
 
 
 def lean_memory_block() -> str:
-    """docs/memory.md's table: peak of one AdamW update at batch 64 x 224x224 per method and
-    lean/checkpoint option (analytic, tensor level; ``python -m benchmarks.lean_memory``)."""
+    """docs/memory.md's table: device peak of one AdamW update at batch 64 x 224x224 per method
+    and lean/checkpoint option (predicted for the CPU with the shipped scratch model;
+    ``python -m benchmarks.lean_memory``)."""
     from benchmarks.lean_memory import run
 
     rows = run(["mobilenet_v2", "resnet18"], 64, 224, 8, False)
@@ -230,6 +250,42 @@ def lean_memory_block() -> str:
     return "\n".join(lines) + "\n"
 
 
+DEVICE_TRUTH_JSON = "plots/device_truth_cpu.json"
+"""The committed device-truth run the docs quote (``benchmarks.device_truth --json``)."""
+_TARGETS = {("mobilenet_v2", "lora", "lean"): 0.36, ("mobilenet_v2", "lora-fa", "lean"): 0.25,
+            ("mobilenet_v2", "lora", "lean+ckpt"): 0.20, ("resnet18", "lora", "lean"): 0.42,
+            ("resnet18", "lora-fa", "lean"): 0.36}
+
+
+def device_truth_block() -> str:
+    """docs/memory.md's measured table: per configuration the tensor-level, predicted and
+    measured device peak, the prediction's error and the measured ratio to full FT, with the
+    device-truth issue's targets, from the committed :data:`DEVICE_TRUTH_JSON`."""
+    import json
+
+    data = json.loads((ROOT / DEVICE_TRUTH_JSON).read_text())
+    rows = data["rows"]
+    names = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet18"}
+    lines = ["| model | configuration | tensors | predicted | measured | error | vs full FT "
+             "(measured) | target | op at the peak |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        target = _TARGETS.get((r["model"], r["method"], r["variant"]))
+        vs = r["vs_full"]
+        mark = "" if target is None else (f"<= {target:.2f}: " +
+                                          ("met" if vs <= target else "**not met**"))
+        lines.append(f"| {names.get(r['model'], r['model'])} | {r['method']} {r['variant']} "
+                     f"| {r['tensors'] / 2**20:.0f} | {r['predicted'] / 2**20:.0f} "
+                     f"| {r['measured'] / 2**20:.0f} | {r['error']:+.1%} | {vs:.3f} | {mark} "
+                     f"| {r['predicted_op'] or '(between ops)'} |")
+    s = data["summary"]
+    lines.append("")
+    lines.append(f"MiB, batch {rows[0]['batch']} x {rows[0]['resolution']}x"
+                 f"{rows[0]['resolution']}; {s['within_3pct']} of {s['rows']} predictions within "
+                 f"3% of the measured peak (largest error {s['max_abs_error']:.2%}); "
+                 f"{rows[0]['memory_model']}.")
+    return "\n".join(lines) + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "plan": plan_block,
     "default-run": default_run_block,
@@ -237,6 +293,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "study-flops": study_flops_block,
     "onnx-ops": onnx_ops_block,
     "lean-memory": lean_memory_block,
+    "device-truth": device_truth_block,
 }
 """Block name -> the function that writes its markdown."""
 
@@ -272,7 +329,8 @@ def run(write: bool, root: Path = ROOT, only: Sequence[str] | None = None,
         if only is not None and name not in only:
             return current[name]
         if name not in produced:
-            produced[name] = GENERATORS[name]()
+            with _shipped_scratch_model():
+                produced[name] = GENERATORS[name]()
         return produced[name]
 
     stale: list[str] = []
