@@ -177,7 +177,7 @@ def test_rows_are_sorted_best_first_and_a_fixed_batch_agrees_with_the_search(pla
     assert all(r.max_batch is None and r.batch == at and r.evaluations == 1 for r in asked)
     table = format_plan(asked).splitlines()
     assert f"batch {at}" in table[0] and "fits" in table[1]
-    assert [line.split()[-11] for line in table[2:]] == ["yes" if r.fits else "no" for r in asked]
+    assert [line.split()[-12] for line in table[2:]] == ["yes" if r.fits else "no" for r in asked]
 
 
 def test_plot_of_max_batch_against_rank(planned_rows, tmp_path):
@@ -286,16 +286,19 @@ def test_convpeft_plan_is_callable_however_it_was_imported():
 
 # ----------------------------------------------------------------------------- command line
 def test_cli_json_rows(capsys):
-    argv = ["--model", "resnet18", "--resolution", "32", "--budget", "50MB", "--methods",
+    # (50 MB was enough at tensor level; the device needs 54.3 MB at any batch: oneDNN
+    # reorders layer4's 9.4 MB conv weights into a blocked copy inside each forward)
+    argv = ["--model", "resnet18", "--resolution", "32", "--budget", "60MB", "--methods",
             "head", "--json", "--quiet"]
     assert main(argv) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert (row["method"], row["rank"], row["lean"]) == ("head", None, False)
     assert {"max_batch", "memory_peak", "memory_by_category", "flops_per_sample",
             "trainable_params", "budget"} <= set(row)
-    assert row["budget"] == 50_000_000 and row["max_batch"] > 1
+    assert row["budget"] == 60_000_000 and row["max_batch"] > 1
     assert row["min_batch"] == 2  # 1x1 final map: train-mode BN cannot take batch 1
-    assert row["memory_peak"] <= 50_000_000 < row["peaks"][str(row["max_batch"] + 1)]
+    assert row["memory_peak"] <= 60_000_000 < row["peaks"][str(row["max_batch"] + 1)]
+    assert row["memory_by_category"]["scratch"] > 0 and row["device"] == "cpu"
 
 
 def test_cli_table_says_when_nothing_fits(capsys):

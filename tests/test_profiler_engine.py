@@ -83,11 +83,12 @@ def test_device_peak_below_tensors_keeps_the_tensor_peak_with_zero_workspace():
     assert sum(run.memory.by_category.values()) == run.memory.peak
 
 
-def test_cpu_profile_has_no_workspace_category():
+def test_cpu_tensor_level_profile_has_no_scratch_category():
     model, opt, x, y, _ = _setup()
-    p = profile_update(model, opt, x, y, repeat=0, compare_torch=False)
+    p = profile_update(model, opt, x, y, repeat=0, compare_torch=False, allocator_peak=False)
     assert set(p.memory_by_category) == set(CATEGORIES)
-    assert p.memory_peak_allocator is None
+    assert p.memory_peak_allocator is None and p.memory_model == "tensor-level"
+    assert p.memory_peak == p.memory_peak_tensors
 
 
 class _Refreshing(torch.optim.SGD):
