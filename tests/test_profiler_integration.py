@@ -108,7 +108,13 @@ def test_cli_table_and_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "lora" and out["flops_total"] > 0 and out["memory_peak"] > 0
     assert set(out["memory_by_category"]) == {"params", "buffers", "grads", "optimizer",
-                                              "activations", "temporaries"}
+                                              "activations", "temporaries", "scratch"}
+    assert out["memory_model"].startswith("CPU allocator trace")
+    assert main(["--model", "mobilenet_v2", "--method", "lora", "--rank", "2", "--batch", "2",
+                 "--resolution", "32", "--repeat", "0", "--json", "--tensor-level"]) == 0
+    ten = json.loads(capsys.readouterr().out)
+    assert ten["memory_model"] == "tensor-level" and "scratch" not in ten["memory_by_category"]
+    assert ten["memory_peak"] == ten["memory_peak_tensors"] == out["memory_peak_tensors"]
     assert main(["--model", "mobilenet_v2", "--method", "galore", "--rank", "4", "--batch", "2",
                  "--resolution", "32", "--analytic"]) == 0
     text = capsys.readouterr().out
