@@ -309,6 +309,17 @@ def test_a_peft_model_is_not_adapted_again():
     assert_same(net, snap)
 
 
+def test_a_callable_target_selecting_adapter_parts_or_non_layers_is_refused():
+    m = tiny()
+    apply_adapters(m, "lora", 2, dropout=0.1)
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match=r"layer '0' already has an adapter.*0\.dropout"):
+        apply_adapters(m, "lora", 2, target=lambda n, mod: n.startswith("0"))
+    with pytest.raises(TypeError, match=r"cannot adapt 2 \(ReLU\), 4 \(ReLU\).*nn\.Conv2d"):
+        apply_adapters(m, "lora", 2, target=lambda n, mod: isinstance(mod, nn.ReLU))
+    assert_same(m, snap)
+
+
 def test_an_adapter_file_may_only_set_the_buffers_its_config_lists(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -269,34 +269,71 @@ def _refuse_peft_modules(model: nn.Module, names: Iterable[str]) -> None:
             "model with convpeft.load_adapters(model, directory). Nothing was changed.")
 
 
+def _owning_adapter(modules: dict[str, nn.Module], name: str) -> str | None:
+    """The name of the convpeft adapter that ``name`` is or sits inside, else None."""
+    parts = name.split(".") if name else []
+    for i in range(len(parts), -1, -1):
+        owner = ".".join(parts[:i])
+        if owner in modules and is_adapter(modules[owner]):
+            return owner
+    return None
+
+
+def check_layers(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse, before anything changes, names that are not adaptable layers of ``model``: a
+    name the model lacks (``KeyError``), a layer inside peft's adapter modules or convpeft's own
+    (``ValueError``), a module that is no ``nn.Conv2d``/``nn.Linear`` (``TypeError``), a
+    subclass convpeft cannot reproduce. Every error names the modules and the fix."""
+    names = list(names)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in names:
+        if name not in modules:
+            raise KeyError(f"the model has no layer {name!r}; is it the same architecture?")
+    _refuse_peft_modules(model, names)
+    owned: dict[str, list[str]] = {}
+    for name in names:
+        owner = _owning_adapter(modules, name)
+        if owner is not None:
+            owned.setdefault(owner, []).append(name)
+    if owned:
+        where = list(owned)
+        inner = sorted({n for ns in owned.values() for n in ns} - set(where))
+        which = f"layer {where[0]!r} already has an adapter" + (
+            f" (so do {', '.join(map(repr, where[1:]))})" if len(where) > 1 else "")
+        it = "it" if len(where) == 1 else "them"
+        part = (f"; selected {', '.join(inner[:4])}{' ...' if len(inner) > 4 else ''} "
+                f"{'is' if len(inner) == 1 else 'are'} part of {it}" if inner else "")
+        raise ValueError(f"{which}; call merge_adapters(model) first, or exclude {it} "
+                         f"(exclude={where!r}){part}")
+    if "" in names and layer_kind(model) is not None:
+        raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
+    others = [f"{n or '<model>'} ({type(modules[n]).__name__})" for n in names
+              if layer_kind(modules[n]) is None]
+    if others:
+        raise TypeError(
+            f"cannot adapt {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}: adapters "
+            "wrap only nn.Conv2d and nn.Linear layers; select only those (a target kind, or a "
+            "callable target returning True for them alone)")
+    for name in names:
+        check_supported_layer(name, modules[name])
+
+
 def wrap_layers(model: nn.Module, configs: dict[str, AdapterConfig],
                 shared: dict[str, list[str]] | None = None) -> list[str]:
     """Replace each named layer by the adapter ``configs[name]`` describes; return the
     adapters' names (a shared module's first name, see :func:`module_names`). A module used at
-    several places gets one adapter, put at every place. Refuses layers that already are, or
-    sit inside, an adapter (convpeft's or peft's), and two names of one module.
+    several places gets one adapter, put at every place. Refuses (:func:`check_layers`) layers
+    that already are, or sit inside, an adapter (convpeft's or peft's), and two names of one
+    module.
 
     ``shared`` (from a saved file: ``{name: the other places it was used at}``): refuse a layer
     this model uses at other places than the file says, since the adapter was trained for
     those uses."""
+    check_layers(model, configs)
     modules = dict(model.named_modules(remove_duplicate=False))
     places = module_names(model)
-    for name in configs:
-        if name not in modules:
-            raise KeyError(f"the model has no layer {name!r}; is it the same architecture?")
-    _refuse_peft_modules(model, configs)
     seen: dict[int, str] = {}
     for name in configs:
-        parent_name, _, attr = name.rpartition(".")
-        if is_adapter(modules[name]) or (attr == "base_layer" and is_adapter(
-                modules.get(parent_name, None) or nn.Identity())):
-            where = parent_name if attr == "base_layer" else name
-            raise ValueError(
-                f"layer {where!r} already has an adapter; call merge_adapters(model) first, or "
-                f"exclude it (exclude=[{where!r}])"
-            )
-        if name == "":
-            raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
         if id(modules[name]) in seen:
             raise ValueError(
                 f"layers {seen[id(modules[name])]!r} and {name!r} are one module used at two "
@@ -311,8 +348,6 @@ def wrap_layers(model: nn.Module, configs: dict[str, AdapterConfig],
                     f"model uses layer {name!r} at {others or 'no other place'!r} besides: the "
                     "adapter was trained for the uses the file lists (one module shared by "
                     "them); build the model as the saved one was, or re-save from this one")
-        if layer_kind(modules[name]) is not None:
-            check_supported_layer(name, modules[name])
     out = []
     for name, config in configs.items():
         layer = modules[name]
@@ -409,6 +444,7 @@ def apply_adapters(
             f"target={cfg.target!r} (exclude={cfg.exclude!r}) matched no layer; this model has: "
             f"{_kind_counts(model)}. Pick one of those kinds or loosen exclude."
         )
+    check_layers(model, [name for name, _ in chosen])  # names what cannot be adapted, and why
     configs = {name: cfg.for_layer(name) for name, _ in chosen}
     for name, layer in chosen:
         _check_adapter_size(name, layer, configs[name].rank)
@@ -465,7 +501,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "AdapterReport", "AdapterRow", "adapter_layers", "adapter_report", "all_or_nothing",
-    "adapter_for", "apply_adapters", "foreign_adapter", "is_adapter", "make_adapter",
-    "merge_adapters", "module_names", "set_trainable",
+    "adapter_for", "apply_adapters", "check_layers", "foreign_adapter", "is_adapter",
+    "make_adapter", "merge_adapters", "module_names", "set_trainable",
     "unmerge_adapters", "wrap_layers",
 ]
