@@ -261,6 +261,16 @@ def test_peft_format_refuses_a_shared_conv(tmp_path):
     with pytest.raises(ValueError, match=r"0: .*also at 2"):
         save_adapters(m, tmp_path / "p", format="peft")
     assert not (tmp_path / "p" / "adapter_config.json").exists()
+    # and a peft save of one use does not load onto a model that shares the module
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    apply_adapters(one, "lora", 2, target=lambda name, mod: name == "0")
+    d = save_adapters(one, tmp_path / "one", format="peft")
+    shared = _shared_model()
+    snap = snapshot(shared)
+    with pytest.raises(ValueError, match=r"0: this model uses that module at several places"):
+        load_adapters(shared, d)
+    assert_same(shared, snap)
 
 
 def test_failed_save_leaves_the_previous_save_intact(saved, tmp_path):
@@ -273,6 +283,21 @@ def test_failed_save_leaves_the_previous_save_intact(saved, tmp_path):
         save_adapters(meta, good)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     _retry_works(tiny(), good, expected, x)
+
+
+def test_a_save_that_fails_midway_rolls_back(saved, tmp_path):
+    good, _, _ = saved
+    d = _copy(good, tmp_path, "mid")
+    (d / "adapter_config.json").unlink()
+    (d / "adapter_config.json").mkdir()  # the second rename fails, after the weights moved in
+    before = (d / "adapter_model.safetensors").read_bytes()
+    m = tiny()
+    apply_adapters(m, "lora", 8)
+    with pytest.raises(IsADirectoryError, match="adapter_config.json"):
+        save_adapters(m, d)
+    assert (d / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in d.iterdir()) == ["adapter_config.json",
+                                                    "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("fmt", ["convpeft", "peft"])
