@@ -52,6 +52,7 @@ from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 __all__ = ["CheckpointReport", "checkpoint_blocks", "detect_blocks", "in_checkpointed_block",
            "recomputing", "resolve_blocks", "restore_checkpointing"]
 
+_OWNER = "_convpeft_checkpoint_owner"  # the report whose call wrapped the block (see undo)
 _MARK = "_convpeft_checkpoint"  # attribute on a checkpointed block: its name in the model
 _STATE = threading.local()
 
@@ -138,11 +139,20 @@ class CheckpointReport:
     blocks: list[str] = field(default_factory=list)
     source: str = ""
     _modules: list[nn.Module] = field(default_factory=list, repr=False)
+    _token: object = field(default_factory=object, repr=False, compare=False)
 
-    def undo(self) -> None:
+    def undo(self) -> int:
+        """Restore the plain forward of the blocks this call wrapped; returns how many. Only
+        what this call did: a later :func:`checkpoint_blocks` call replaces the choice, and its
+        blocks belong to its own report, so undoing a stale report leaves them checkpointed
+        (use :func:`restore_checkpointing` for all)."""
+        n = 0
         for m in self._modules:
-            _restore(m)
+            if m.__dict__.get(_OWNER) is self._token and _MARK in m.__dict__:
+                _release(m)
+                n += 1
         self._modules.clear()
+        return n
 
     def __str__(self) -> str:
         shown = ", ".join(self.blocks[:6]) + (", ..." if len(self.blocks) > 6 else "")
@@ -150,8 +160,15 @@ class CheckpointReport:
 
 
 def _restore(m: nn.Module) -> None:
+    """The plain forward again (the owner stays: :func:`resolve_blocks` re-wraps for it)."""
     if m.__dict__.pop(_MARK, None) is not None:
         m.__dict__.pop("forward", None)
+
+
+def _release(m: nn.Module) -> None:
+    """The plain forward again, owned by no report."""
+    _restore(m)
+    m.__dict__.pop(_OWNER, None)
 
 
 def restore_checkpointing(model: nn.Module) -> int:
@@ -159,7 +176,7 @@ def restore_checkpointing(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         if _MARK in m.__dict__:
-            _restore(m)
+            _release(m)
             n += 1
     return n
 
@@ -278,6 +295,7 @@ def checkpoint_blocks(model: nn.Module, *, blocks: Sequence[str] | None = None
     report = CheckpointReport(source=source)
     for n in sorted(names, key=order.__getitem__):
         _wrap(modules[n], n)
+        setattr(modules[n], _OWNER, report._token)
         report.blocks.append(n)
         report._modules.append(modules[n])
     return report

@@ -104,6 +104,28 @@ def deployable_copy(model: nn.Module, *, merge: bool = True) -> nn.Module:
     return m
 
 
+ONNX_DTYPES = (torch.float32, torch.float16)
+"""Floating dtypes :func:`export_onnx` accepts: onnxruntime's CPU provider has no bfloat16 (or
+float64) conv kernel, so such a graph exports but cannot be run or checked."""
+
+
+def _check_onnx_dtypes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Refuse, before exporting, floating tensors onnxruntime cannot run, naming the first."""
+    named = [(f"parameter {n!r}", t) for n, t in model.named_parameters()]
+    named += [(f"buffer {n!r}", t) for n, t in model.named_buffers()]
+    named += [(f"example_input[{i}]", t) for i, t in enumerate(inputs)]
+    bad = [(what, t.dtype) for what, t in named
+           if t.is_floating_point() and t.dtype not in ONNX_DTYPES]
+    if bad:
+        what, dtype = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"ONNX export needs float32 or float16 tensors (onnxruntime has no {dtype} conv "
+            f"kernels): {what} is {dtype}{more}. Export a float32 copy, e.g. "
+            "export_onnx(copy.deepcopy(model).float(), path, example_input.float()); nothing "
+            "was written")
+
+
 def _outputs(result: Any) -> list[torch.Tensor]:
     items = result if isinstance(result, (tuple, list)) else (result,)
     return [t.detach().float() for t in items]
@@ -213,7 +235,8 @@ def export_onnx(
     exporter's default). The graph is run with onnxruntime and must match PyTorch within
     ``rtol`` (relative to the output's largest magnitude) before it replaces ``path``; the
     model itself is not touched (a deep copy is exported). ``onnx_op_counts(path)`` gives the
-    node counts.
+    node counts. Floating tensors must be float32 or float16 (:data:`ONNX_DTYPES`; a bfloat16
+    model is refused, saying how to export a float32 copy).
     """
     _require("onnx", "export", "export_onnx")
     _require("onnxruntime", "export", "export_onnx")
@@ -221,6 +244,9 @@ def export_onnx(
     target = _target(path, ".onnx")
     if not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"rtol={rtol!r} must be a number > 0, e.g. 1e-4")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model is a {type(model).__name__}, not a torch.nn.Module")
+    _check_onnx_dtypes(model, inputs)
     m = deployable_copy(model, merge=merge)
     with torch.no_grad():
         want = _outputs(m(*inputs))

@@ -1,9 +1,17 @@
 """Model-level API: put adapters on a model, report them, merge them away.
 
 Layers are checked before any is wrapped: a conv/linear subclass whose ``forward`` convpeft
-cannot reproduce (:mod:`convpeft.conv_variants`) is refused with its name and class, and the
-model is left as it was. Merging folds ``s dW`` into each layer's weight where it can and
-replaces a weight-transforming layer (weight-standardised conv) by an equivalent plain one.
+cannot reproduce (:mod:`convpeft.conv_variants`) is refused with its name and class, and so are
+peft's adapter modules (a ``get_peft_model`` result) and everything inside them; the model is
+left as it was. Merging folds ``s dW`` into each layer's weight where it can and replaces a
+weight-transforming layer (weight-standardised conv) by an equivalent plain one.
+
+A module used at several places (``c = nn.Conv2d(...); nn.Sequential(c, nn.ReLU(), c)``) is one
+layer with one weight, so it gets one adapter, put at every place it appears: training sees the
+adapted weight at every use, and merging ``W0 + s dW`` into the shared weight is exact for all
+of them. :func:`module_names` finds the places (``named_modules()`` yields such a module once,
+under its first name, which is the adapter's name in reports and files; ``shared_with`` lists
+the others).
 """
 
 from __future__ import annotations
@@ -48,6 +56,26 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every qualified name it appears under}``, first the one
+    ``named_modules()`` gives it (a module used at several places has several)."""
+    out: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(n)
+    return out
+
+
+def foreign_adapter(module: nn.Module) -> str | None:
+    """The peft class name if ``module`` is one of peft's adapter layers or wrappers (a
+    ``BaseTunerLayer`` such as ``peft.tuners.lora.layer.Conv2d``, or a ``ModulesToSaveWrapper``),
+    else None. Found by class, so peft need not be imported."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("peft.") and cls.__name__ in (
+                "BaseTunerLayer", "AuxiliaryTrainingWrapper", "ModulesToSaveWrapper"):
+            return f"{type(module).__module__}.{type(module).__qualname__}"
+    return None
+
+
 def adapter_for(layer: nn.Module, config: AdapterConfig) -> AdapterLayer:
     """Wrap one ``nn.Conv2d``/``nn.Linear`` with the adapter ``config`` describes (its
     ``rank`` is this layer's: see :meth:`AdapterConfig.for_layer`). A conv/linear subclass with
@@ -69,7 +97,9 @@ def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None =
 
 @dataclass
 class AdapterRow:
-    """One adapted layer: ``shape`` is the base weight's, ``layer_params`` its element count.
+    """One adapted layer: ``shape`` is the base weight's, ``layer_params`` its element count;
+    ``shared_with``: the other names of a module used at several places (one adapter serves
+    them all).
     ``last_mode``/``mode_reason``: what the layer's last forward computed in and why (see
     :meth:`convpeft.adapters.layer.AdapterLayer.resolve_mode`); a report taken after a forward
     (``adapter_report(model)``) shows what ``mode="auto"`` chose per layer."""
@@ -85,6 +115,7 @@ class AdapterRow:
     layer_params: int
     last_mode: str | None = None  # the computation the last forward used (None: none yet)
     mode_reason: str | None = None  # fixed | flops | memory | cuda | dropout | lora-fa
+    shared_with: list[str] = field(default_factory=list)  # the module's other places, if shared
 
     @property
     def outgrows_layer(self) -> bool:
@@ -118,7 +149,8 @@ class AdapterReport:
     def __str__(self) -> str:
         head = ("layer", "kind", "method", "weight shape", "rank", "mode", "adapter", "layer")
         body = [
-            (r.name, r.kind, r.method, "x".join(map(str, r.shape)), str(r.rank),
+            (r.name + (f" (also at {', '.join(r.shared_with)})" if r.shared_with else ""),
+             r.kind, r.method, "x".join(map(str, r.shape)), str(r.rank),
              r.mode if r.last_mode is None or r.mode != "auto"
              else f"auto: {r.last_mode} ({r.mode_reason})",
              f"{r.adapter_params:,}" + (" *" if r.outgrows_layer else ""), f"{r.layer_params:,}")
@@ -136,20 +168,26 @@ class AdapterReport:
         )
         if any(r.outgrows_layer for r in self.layers):
             lines.append("* adapter larger than the layer it adapts: lower the rank there")
+        if any(r.shared_with for r in self.layers):
+            lines.append("also at: a module used at several places has one adapter at all of "
+                         "them (trained and merged for every use)")
         return "\n".join(lines)
 
 
-def _row(name: str, m: AdapterLayer) -> AdapterRow:
+def _row(name: str, m: AdapterLayer, names: list[str]) -> AdapterRow:
     w = m.base_layer.weight
     return AdapterRow(name=name, kind=m.kind, method=m.method, shape=tuple(w.shape), rank=m.rank,
                       scaling=m.scaling, mode=m.mode, adapter_params=m.num_adapter_params(),
-                      layer_params=w.numel(), last_mode=m.last_mode, mode_reason=m.last_reason)
+                      layer_params=w.numel(), last_mode=m.last_mode, mode_reason=m.last_reason,
+                      shared_with=[n for n in names if n != name])
 
 
 def adapter_report(model: nn.Module, names: Iterable[str] | None = None) -> AdapterReport:
     """Report on the adapters of ``model`` (only those in ``names`` if given) and its totals."""
     wanted = None if names is None else set(names)
-    rows = [_row(n, m) for n, m in adapter_layers(model) if wanted is None or n in wanted]
+    places = module_names(model)
+    rows = [_row(n, m, places[id(m)]) for n, m in adapter_layers(model)
+            if wanted is None or n in wanted]
     params = list(model.parameters())
     return AdapterReport(
         layers=rows,
@@ -165,7 +203,7 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
     block replaced (adapter wrappers keep the original as ``base_layer``, so it is still there)
     and every parameter's ``requires_grad``. Parameter *values* are the caller's to protect
     (:func:`convpeft.adapters.state.load_adapter_state_dict` checks before it copies)."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # every place of a shared one
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         yield
@@ -208,28 +246,116 @@ def _check_adapter_size(name: str, layer: nn.Module, rank: int) -> None:
             "use a smaller rank or rank_pattern for this layer")
 
 
-def wrap_layers(model: nn.Module, configs: dict[str, AdapterConfig]) -> list[str]:
-    """Replace each named layer by the adapter ``configs[name]`` describes. Refuses layers that
-    already are, or sit inside, an adapter."""
-    modules = dict(model.named_modules())
-    for name in configs:
+def _refuse_peft_modules(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse layers that are, or sit inside, peft adapter modules (naming both)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    owners: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".") if name else []
+        for i in range(len(parts), -1, -1):
+            owner = ".".join(parts[:i])
+            if owner in modules and foreign_adapter(modules[owner]) is not None:
+                owners.setdefault(owner, []).append(name[len(owner):].lstrip(".") or "itself")
+                break
+    if owners:
+        shown = "; ".join(f"{o or '<model>'} ({foreign_adapter(modules[o])}: "
+                          f"{', '.join(inner[:4])}{', ...' if len(inner) > 4 else ''})"
+                          for o, inner in list(owners.items())[:6])
+        raise ValueError(
+            f"these layers belong to peft adapter modules: {shown}; convpeft does not adapt "
+            "peft's adapters or their base layers. Fold peft's adapters in first "
+            "(model = model.merge_and_unload()), or drop them (model.unload(), "
+            "model.get_base_model()); to continue from a peft save, load it onto the plain "
+            "model with convpeft.load_adapters(model, directory). Nothing was changed.")
+
+
+def _owning_adapter(modules: dict[str, nn.Module], name: str) -> str | None:
+    """The name of the convpeft adapter that ``name`` is or sits inside, else None."""
+    parts = name.split(".") if name else []
+    for i in range(len(parts), -1, -1):
+        owner = ".".join(parts[:i])
+        if owner in modules and is_adapter(modules[owner]):
+            return owner
+    return None
+
+
+def check_layers(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse, before anything changes, names that are not adaptable layers of ``model``: a
+    name the model lacks (``KeyError``), a layer inside peft's adapter modules or convpeft's own
+    (``ValueError``), a module that is no ``nn.Conv2d``/``nn.Linear`` (``TypeError``), a
+    subclass convpeft cannot reproduce. Every error names the modules and the fix."""
+    names = list(names)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name in names:
         if name not in modules:
             raise KeyError(f"the model has no layer {name!r}; is it the same architecture?")
-        parent_name, _, attr = name.rpartition(".")
-        if is_adapter(modules[name]) or (attr == "base_layer" and is_adapter(
-                modules.get(parent_name, None) or nn.Identity())):
-            where = parent_name if attr == "base_layer" else name
+    _refuse_peft_modules(model, names)
+    owned: dict[str, list[str]] = {}
+    for name in names:
+        owner = _owning_adapter(modules, name)
+        if owner is not None:
+            owned.setdefault(owner, []).append(name)
+    if owned:
+        where = list(owned)
+        inner = sorted({n for ns in owned.values() for n in ns} - set(where))
+        which = f"layer {where[0]!r} already has an adapter" + (
+            f" (so do {', '.join(map(repr, where[1:]))})" if len(where) > 1 else "")
+        it = "it" if len(where) == 1 else "them"
+        part = (f"; selected {', '.join(inner[:4])}{' ...' if len(inner) > 4 else ''} "
+                f"{'is' if len(inner) == 1 else 'are'} part of {it}" if inner else "")
+        raise ValueError(f"{which}; call merge_adapters(model) first, or exclude {it} "
+                         f"(exclude={where!r}){part}")
+    if "" in names and layer_kind(model) is not None:
+        raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
+    others = [f"{n or '<model>'} ({type(modules[n]).__name__})" for n in names
+              if layer_kind(modules[n]) is None]
+    if others:
+        raise TypeError(
+            f"cannot adapt {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}: adapters "
+            "wrap only nn.Conv2d and nn.Linear layers; select only those (a target kind, or a "
+            "callable target returning True for them alone)")
+    for name in names:
+        check_supported_layer(name, modules[name])
+
+
+def wrap_layers(model: nn.Module, configs: dict[str, AdapterConfig],
+                shared: dict[str, list[str]] | None = None) -> list[str]:
+    """Replace each named layer by the adapter ``configs[name]`` describes; return the
+    adapters' names (a shared module's first name, see :func:`module_names`). A module used at
+    several places gets one adapter, put at every place. Refuses (:func:`check_layers`) layers
+    that already are, or sit inside, an adapter (convpeft's or peft's), and two names of one
+    module.
+
+    ``shared`` (from a saved file: ``{name: the other places it was used at}``): refuse a layer
+    this model uses at other places than the file says, since the adapter was trained for
+    those uses."""
+    check_layers(model, configs)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    places = module_names(model)
+    seen: dict[int, str] = {}
+    for name in configs:
+        if id(modules[name]) in seen:
             raise ValueError(
-                f"layer {where!r} already has an adapter; call merge_adapters(model) first, or "
-                f"exclude it (exclude=[{where!r}])"
-            )
-        if name == "":
-            raise ValueError("the model itself is a single layer; wrap it in nn.Sequential first")
-        if layer_kind(modules[name]) is not None:
-            check_supported_layer(name, modules[name])
+                f"layers {seen[id(modules[name])]!r} and {name!r} are one module used at two "
+                f"places; adapt it once (under {places[id(modules[name])][0]!r}): its adapter "
+                "serves every place")
+        seen[id(modules[name])] = name
+        if shared is not None:
+            others = [n for n in places[id(modules[name])] if n != name]
+            if sorted(others) != sorted(shared.get(name, [])):
+                raise ValueError(
+                    f"field 'layers.{name}.shared_with' is {shared.get(name, [])!r}, but this "
+                    f"model uses layer {name!r} at {others or 'no other place'!r} besides: the "
+                    "adapter was trained for the uses the file lists (one module shared by "
+                    "them); build the model as the saved one was, or re-save from this one")
+    out = []
     for name, config in configs.items():
-        set_submodule(model, name, adapter_for(modules[name], config))
-    return list(configs)
+        layer = modules[name]
+        wrapper = adapter_for(layer, config)
+        for place in places[id(layer)]:
+            set_submodule(model, place, wrapper)
+        out.append(places[id(layer)][0])
+    return out
 
 
 def set_trainable(model: nn.Module, trainable: Iterable[str] | None) -> list[str]:
@@ -290,7 +416,17 @@ def apply_adapters(
 
     Calling it again on *other* layers is allowed (e.g. DoRA on the pointwise convs, LoRA on
     the depthwise ones); each call re-applies the freezing rule, so pass ``trainable`` again.
-    Layers that already carry an adapter are refused: merge first or exclude them.
+    Layers that already carry an adapter are refused: merge first or exclude them. So is a
+    peft-wrapped model's adapter machinery (``get_peft_model``'s LoRA layers, their
+    ``base_layer``, ``lora_A``/``lora_B``): fold peft's adapters in first
+    (``merge_and_unload()``) or adapt the plain model.
+
+    Shared modules: a conv/linear used at several places (``c`` in ``nn.Sequential(c,
+    nn.ReLU(), c)``) is one weight, so it gets one adapter, placed at every use. Training then
+    adapts every use alike, merging folds ``W0 + s dW`` into the one shared weight (exact for
+    every use), and the report (``also at ...``), ``save_adapters`` (``shared_with`` in the
+    config) and ``load_adapters`` (refuses a model that shares it differently) say so. The
+    layer is named as ``named_modules()`` names it (its first place).
     """
     if isinstance(method, AdapterConfig):
         cfg = method
@@ -308,6 +444,7 @@ def apply_adapters(
             f"target={cfg.target!r} (exclude={cfg.exclude!r}) matched no layer; this model has: "
             f"{_kind_counts(model)}. Pick one of those kinds or loosen exclude."
         )
+    check_layers(model, [name for name, _ in chosen])  # names what cannot be adapted, and why
     configs = {name: cfg.for_layer(name) for name, _ in chosen}
     for name, layer in chosen:
         _check_adapter_size(name, layer, configs[name].rank)
@@ -347,8 +484,11 @@ def merge_adapters(model: nn.Module, *, unload: bool = True) -> nn.Module:
         return model
     # replacements first (they change nothing), so a failure leaves the model as it was
     replacements = {name: m.plain_layer() for name, m in layers if not m.folds_in_place}
+    places = module_names(model)
     for name, m in layers:
-        set_submodule(model, name, replacements[name] if name in replacements else m.unload())
+        new = replacements[name] if name in replacements else m.unload()
+        for place in places[id(m)]:  # every use of a shared module
+            set_submodule(model, place, new)
     return model
 
 
@@ -361,7 +501,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "AdapterReport", "AdapterRow", "adapter_layers", "adapter_report", "all_or_nothing",
-    "adapter_for", "apply_adapters", "is_adapter", "make_adapter", "merge_adapters",
-    "set_trainable",
+    "adapter_for", "apply_adapters", "check_layers", "foreign_adapter", "is_adapter",
+    "make_adapter", "merge_adapters", "module_names", "set_trainable",
     "unmerge_adapters", "wrap_layers",
 ]

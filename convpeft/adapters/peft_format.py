@@ -55,8 +55,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -64,8 +62,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import write_files
 from .layer import AdapterLayer
 from .model import adapter_layers
+from .model import module_names as _module_places
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -131,6 +131,10 @@ def peft_state(model: nn.Module, *, include_buffers: bool = True
         raise ValueError("the model has no adapters to save; call apply_adapters first")
     problems = [f"{name or '<model>'}: {why}" for name, m in layers
                 if (why := _why_not(m)) is not None]
+    places = _module_places(model)
+    problems += [f"{name}: one module used at several places (also at "
+                 f"{', '.join(places[id(m)][1:])}); peft adapts only one of them"
+                 for name, m in layers if len(places[id(m)]) > 1]
     methods = Counter(m.method for _, m in layers)
     if len(methods) > 1:
         problems.append(f"LoRA and DoRA mixed ({dict(methods)}); peft's use_dora is one flag for "
@@ -227,26 +231,15 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *,
     """Write ``model``'s adapters to ``directory`` in peft's format (see the module docstring).
 
     Everything is checked and serialised before the directory is touched; the two files are
-    written to a temporary folder beside them and moved in, so a failed call leaves the files
-    as they were."""
+    written to a temporary folder beside them and moved in together
+    (:func:`convpeft.adapters.files.write_files`: a symlink at either name is replaced, never
+    written through), so a failed call leaves the files as they were."""
     from safetensors.torch import save as st_save
 
     config, state = peft_state(model, include_buffers=include_buffers)
     blob = st_save(state, metadata={"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True)
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise NotADirectoryError(f"{str(d)!r} is a file; save_adapters needs a directory")
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".peft-", dir=d))
-    try:
-        (tmp / WEIGHTS_NAME).write_bytes(blob)
-        (tmp / CONFIG_NAME).write_text(text)
-        os.replace(tmp / WEIGHTS_NAME, d / WEIGHTS_NAME)
-        os.replace(tmp / CONFIG_NAME, d / CONFIG_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return d
+    return write_files(directory, {WEIGHTS_NAME: blob, CONFIG_NAME: text.encode()})
 
 
 def read_peft(model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor],
@@ -294,6 +287,7 @@ def read_peft(model: nn.Module, config: dict[str, Any], state: dict[str, torch.T
     if not names:
         raise ValueError(f"{where.parent}: no '<layer>.lora_A.weight' tensors; not a LoRA adapter")
     modules = dict(model.named_modules())
+    places = _module_places(model)
     specs: dict[str, dict[str, Any]] = {}
     out: dict[str, torch.Tensor] = {}
     problems = []
@@ -314,6 +308,11 @@ def read_peft(model: nn.Module, config: dict[str, Any], state: dict[str, torch.T
             problems.append(f"{name}: peft's LoRA on this conv (groups={layer.groups}, dilation="
                             f"{tuple(layer.dilation)}, padding_mode={layer.padding_mode!r}) "
                             "differs from convpeft's")
+            continue
+        if len(places[id(layer)]) > 1:
+            problems.append(f"{name}: this model uses that module at several places "
+                            f"({', '.join(places[id(layer)])}); peft adapted one of them, "
+                            "convpeft would adapt all (one adapter per module)")
             continue
         if b is None:
             problems.append(f"{name}: lora_B.weight is missing")

@@ -28,6 +28,7 @@ from .saved import saved_bytes_by_layer
 
 __all__ = ["LeanReport", "LeanRow", "lean_activations", "restore_activations"]
 
+_OWNER = "_convpeft_lean_owner"  # the report whose call made the module lean (see undo)
 _MARK = "_convpeft_lean"  # attribute on a lean module: what was done ("conv", "norm", "act")
 _NAME = "_convpeft_lean_name"  # its name in the model, for the unfrozen-later warning
 _SHARED = "_convpeft_lean_shared"  # on a clamp activation: save the output, not a mask
@@ -180,6 +181,7 @@ class LeanReport:
     lean_bytes: dict[str, int] = field(default_factory=dict)
     probe_error: str | None = None  # why no activation shares its output (masks everywhere)
     _modules: list[nn.Module] = field(default_factory=list, repr=False)
+    _token: object = field(default_factory=object, repr=False, compare=False)
 
     @property
     def lean(self) -> list[LeanRow]:
@@ -195,16 +197,24 @@ class LeanReport:
         """``(plain, lean)`` bytes saved for backward over the whole model (one forward)."""
         return sum(self.plain_bytes.values()), sum(self.lean_bytes.values())
 
-    def undo(self) -> None:
+    def undo(self) -> int:
+        """Restore the plain forward of the layers this call made lean; returns how many. Only
+        what this call did: a layer a later :func:`lean_activations` call re-decided (that call
+        restores everything first) belongs to the later report, so undoing a stale report
+        leaves the newer call's layers lean (use :func:`restore_activations` for all)."""
+        n = 0
         for m in self._modules:
-            _restore(m)
+            if m.__dict__.get(_OWNER) is self._token:
+                _restore(m)
+                n += 1
         self._modules.clear()
+        return n
 
 
 def _restore(m: nn.Module) -> None:
     if getattr(m, _MARK, None) is not None:
         m.__dict__.pop("forward", None)
-        for attr in (_MARK, _NAME, _WARNED, _SHARED):
+        for attr in (_MARK, _NAME, _WARNED, _SHARED, _OWNER):
             m.__dict__.pop(attr, None)
 
 
@@ -275,6 +285,7 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
         m.forward = types.MethodType(fwd, m)
         setattr(m, _MARK, action)
         setattr(m, _NAME, name)
+        setattr(m, _OWNER, report._token)
         report._modules.append(m)
         report.rows.append(LeanRow(name, type(m).__name__, action, kind, saves=_SAVES[action]))
     if share_outputs:

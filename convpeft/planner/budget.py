@@ -11,13 +11,15 @@ float's rounding of it. :func:`format_bytes` is the way back, for tables and tit
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException
 
 _UNIT_BYTES: dict[str, int] = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):
     _UNIT_BYTES[_p] = _UNIT_BYTES[_p + "b"] = 1000**_i
     _UNIT_BYTES[_p + "i"] = _UNIT_BYTES[_p + "ib"] = 1024**_i
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+MAX_BUDGET = 2**63 - 1  # bytes; larger budgets are typos (and overflow float formatting)
+MAX_BUDGET_TEXT = "2**63 bytes (8 EiB)"
 _UNIT_HELP = ("use bytes, or a number with a unit: kB/MB/GB/TB (powers of 1000; K/M/G/T alone "
               "mean the same) or KiB/MiB/GiB/TiB (powers of 1024), e.g. 512MiB or 1.5GB")
 
@@ -26,7 +28,8 @@ def parse_budget(budget: str | int) -> int:
     """Bytes of a budget such as ``"512MiB"``, ``"1.5GB"``, ``"300M"``, ``"2GiB"`` or ``4096``.
 
     See the module docstring for the units; fractional bytes are dropped. ``ValueError``
-    (saying what to write instead) for anything else or a budget below one byte.
+    (saying what to write instead) for anything else, a budget below one byte or one above
+    :data:`MAX_BUDGET` (2**63 - 1 bytes).
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, str)):
         raise ValueError(f"budget must be a string or an int number of bytes (got {budget!r})")
@@ -41,10 +44,14 @@ def parse_budget(budget: str | int) -> int:
             raise ValueError(f"budget {budget!r}: unknown unit {m.group(2)!r}; {_UNIT_HELP}")
         try:
             n = int(Decimal(m.group(1)) * _UNIT_BYTES[unit])
-        except (InvalidOperation, OverflowError):
-            raise ValueError(f"cannot read budget {budget!r}; {_UNIT_HELP}") from None
+        except (DecimalException, OverflowError):  # decimal.Overflow for 1e999999GB
+            raise ValueError(f"budget {budget!r} is larger than {MAX_BUDGET_TEXT}, more than "
+                             "any device has; give the device's memory, e.g. 80GiB") from None
     if n < 1:
         raise ValueError(f"budget must be at least 1 byte (got {budget!r})")
+    if n > MAX_BUDGET:
+        raise ValueError(f"budget {budget!r} is larger than {MAX_BUDGET_TEXT}, more than any "
+                         "device has; give the device's memory, e.g. 80GiB")
     return n
 
 

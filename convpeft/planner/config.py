@@ -59,20 +59,20 @@ def _lean_options(lean: bool | str, what: str = "lean") -> tuple[bool, ...]:
 
 
 def expand_configs(methods: Sequence[str] | None = None,
-                   ranks: Sequence[int] = DEFAULT_RANKS,
+                   ranks: Sequence[int] | None = DEFAULT_RANKS,
                    lean: bool | str = False, optimizer: str = "adamw",
                    checkpoint: bool | str = False) -> list[PlanConfig]:
     """Every (method, rank, lean, checkpoint) to plan: ranked methods once per rank, the others
     once; ``lean`` and ``checkpoint`` take True, False, "off", "on" or "both";
     ``methods=None`` means every registered method (:func:`convpeft.methods.list_methods`),
-    less galore when ``optimizer`` is not AdamW (galore brings its own). Duplicates are
-    dropped. ``ValueError`` for an unknown method, a rank below 1, no rank for a ranked method,
-    or galore asked for with another optimizer."""
+    less galore when ``optimizer`` is not AdamW (galore brings its own); ``ranks=None`` means
+    :data:`DEFAULT_RANKS`. Duplicates are dropped. ``ValueError`` for an unknown method, a rank
+    below 1, no rank for a ranked method, or galore asked for with another optimizer."""
     from convpeft.methods import get_method, list_methods
 
     default = methods is None
     methods = list(dict.fromkeys(list_methods() if default else methods))
-    ranks = list(dict.fromkeys(ranks))
+    ranks = list(dict.fromkeys(DEFAULT_RANKS if ranks is None else ranks))
     if not methods:
         raise ValueError(f"no method to plan; name some of {', '.join(list_methods())}")
     for m in methods:

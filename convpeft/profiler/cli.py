@@ -35,6 +35,9 @@ def check_args(args: argparse.Namespace) -> None:
                              f"(got {getattr(args, name)})")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0 (got {args.warmup})")
+    if not -(2**63) <= args.seed < 2**64:
+        raise ValueError(f"--seed must be between -2**63 and 2**64 - 1 (torch's seed is 64 "
+                         f"bits; got {args.seed}); e.g. --seed 0")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--amp", choices=AMP_MODES, default="off",
                     help="mixed precision: forward + loss under torch.autocast in bf16 (CPU or "
                     "CUDA) or fp16 (CUDA only); fp32 master weights")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="torch.manual_seed (-2**63 to 2**64 - 1)")
     ap.add_argument("--analytic", action="store_true", help="shapes only: no data, no compute")
     ap.add_argument("--per-layer", action="store_true", help="add per-layer FLOP rows")
     ap.add_argument("--no-torch", action="store_true",
@@ -114,9 +117,9 @@ def prepare_model(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
     try:
         check_args(args)
+        torch.manual_seed(args.seed)
         model, optimizer = prepare_model(args)
         shape = (args.batch, 3, args.resolution, args.resolution)
         if args.analytic:
