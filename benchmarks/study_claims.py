@@ -49,7 +49,9 @@ MEMORY_CONFIGS = (  # (label, method, bn, lean)
 def _profile(model: str, method: str, target: str, rank: int, shape: tuple[int, ...], *,
              bn: str = "train", lean: bool = False, torch_count: bool = True) -> UpdateProfile:
     p = prepared(model, method, bn, lean, rank, target=target)
-    return analytic_profile(p.model, p.optimizer, shape, compare_torch=torch_count)
+    # tensor-level (device=None), like the sweep's rows it is checked against: the study's
+    # claims are about what PEFT saves, the same on every CPU; the device adds oneDNN scratch
+    return analytic_profile(p.model, p.optimizer, shape, compare_torch=torch_count, device=None)
 
 
 def _saving(adapted: float | None, full: float | None) -> float | None:
