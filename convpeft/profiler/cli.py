@@ -123,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         model, optimizer = prepare_model(args)
         shape = (args.batch, 3, args.resolution, args.resolution)
         if args.analytic:
+            # the device peak predicted for --device (tensor-level alone with --tensor-level)
             prof = analytic_profile(model, optimizer, shape, warmup=args.warmup,
-                                    per_layer=args.per_layer, compare_torch=not args.no_torch)
+                                    per_layer=args.per_layer, compare_torch=not args.no_torch,
+                                    device=None if args.tensor_level
+                                    else torch.device(args.device).type)
         else:
             x = torch.randn(shape, device=args.device)
             y = torch.randint(0, args.num_classes, (args.batch,), device=args.device)
