@@ -97,11 +97,13 @@ def verify_row(row: PlanRow, build: Callable[[], tuple[torch.nn.Module, torch.op
             break
         v.steps += 1
         n = max(row.min_batch, min(n - 1, int(n * row.budget / peak)))
-    if v.fits and row.max_batch is not None and v.batch == (row.max_batch or 0) \
-            and not row.capped:
-        model, opt = build()
-        peak, alloc = measure_peak(model, opt, v.batch + 1, row.resolution, num_classes, device)
-        del model, opt
-        v.measured[v.batch + 1], v.allocated[v.batch + 1] = peak, alloc
-        v.next_fits = peak <= row.budget
+    if v.fits and row.max_batch is not None and not row.capped:
+        # does the next batch up fit too? (measured already if the plan stepped down past it)
+        up = v.batch + 1
+        if up not in v.measured:
+            model, opt = build()
+            peak, alloc = measure_peak(model, opt, up, row.resolution, num_classes, device)
+            del model, opt
+            v.measured[up], v.allocated[up] = peak, alloc
+        v.next_fits = v.measured[up] <= row.budget
     return v
