@@ -13,6 +13,7 @@ from .checkpoint import CheckpointReport, checkpoint_blocks, restore_checkpointi
 from .export import check_onnx, export_executorch, export_onnx, onnx_op_counts
 from .lean import LeanReport, lean_activations, restore_activations
 from .planner import PlanRow
+from .sparse import SparseReport, restore_sparse, sparse_update
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointReport",
     "LeanReport",
     "PlanRow",
+    "SparseReport",
     "adapter_state_dict",
     "apply_adapters",
     "check_onnx",
@@ -49,5 +51,7 @@ __all__ = [
     "plan",
     "restore_activations",
     "restore_checkpointing",
+    "restore_sparse",
     "save_adapters",
+    "sparse_update",
 ]
