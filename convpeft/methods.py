@@ -53,6 +53,7 @@ from torch import nn
 
 from .adapters import AdapterConfig, apply_adapters
 from .checkpoint import checkpoint_blocks, resolve_blocks
+from .layer_kinds import select_layers
 from .lean import lean_activations
 from .models import get_head
 from .optim import GaLoreSettings, galore_optimizer
@@ -352,6 +353,10 @@ def _setup_adapters(model: nn.Module, cfg: MethodConfig):
     if split is not None and split.prefix:  # no adapter in the frozen prefix
         adapter = replace(adapter, exclude=[*(adapter.exclude or []), *(
             rf"^{re.escape(p)}(\.|$)" for p in split.prefix)])
+        if not select_layers(model, adapter.target, adapter.exclude):
+            raise ValueError(f"update_blocks={cfg.update_blocks} leaves no {adapter.target!r} "
+                             f"layer outside the frozen prefix for {cfg.name}'s adapters: train "
+                             "more blocks, or use method 'head' with update_blocks=0")
     report = apply_adapters(model, adapter)
     return _adamw(model, cfg), report
 
