@@ -34,7 +34,7 @@ from convpeft.profiler import analytic_profile, profile_update
 
 MiB = 2**20
 # label -> MethodConfig keywords (rank 8 where the method takes one); per model the K differ
-BASELINE = "full, BN train"
+BASELINE = "full (BN train)"
 CONFIGS: dict[str, dict[str, dict]] = {
     "mobilenet_v2": {
         BASELINE: {"name": "full"},
@@ -77,7 +77,7 @@ def measure(model_name: str, label: str, batch: int, resolution: int) -> dict:
     y = torch.randint(0, 10, (batch,))
     t0 = time.perf_counter()
     analytic = analytic_profile(p.model, p.optimizer, tuple(x.shape), compare_torch=False)
-    m = profile_update(p.model, p.optimizer, x, y, repeat=1, compare_torch=False,
+    m = profile_update(p.model, p.optimizer, x, y, repeat=0, compare_torch=False,
                        allocator_peak=True)
     sparse = p.extra.get("sparse")
     return {"model": model_name, "config": label, "method": kw["name"],

@@ -194,6 +194,11 @@ def test_refusals_leave_the_model_alone() -> None:
     sparse_update(model, 2)
     with pytest.raises(RuntimeError, match="requires a gradient"):
         model(torch.randn(2, 3, 16, 16, requires_grad=True))
+    fresh = _resnet()
+    with pytest.raises(ValueError, match="has 4 blocks"):
+        prepare(fresh, MethodConfig("lora", rank=2, update_blocks=9))
+    assert not any(hasattr(m, "base_layer") for m in fresh.modules())  # checked before setup
+    assert all(p.requires_grad for p in fresh.parameters())
     with pytest.raises(ValueError, match="trains no block"):
         MethodConfig("head", update_blocks=2)
     with pytest.raises(ValueError, match="need update_blocks"):
