@@ -236,3 +236,27 @@ def test_method_config_stats_policy_keeps_prefix_statistics_and_checkpoints_the_
     assert p.extra["checkpoint"].blocks == ["layer3.0", "layer4.0"]
     adapted = [r.name for r in p.report.layers]
     assert adapted and all(n.startswith(("layer3", "layer4")) for n in adapted)
+
+
+def test_timm_stages_split_and_exact() -> None:
+    timm = pytest.importorskip("timm")
+
+    def factory() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("mobilenetv2_050", num_classes=4)
+
+    cfg = MethodConfig("lora", rank=2, update_blocks=3, prefix_chunks=2)
+    torch.manual_seed(1)
+    model = factory()
+    p = prepare(model, cfg)
+    p.train_mode()
+    assert p.extra["sparse"].trainable_blocks == ["blocks.5.1", "blocks.5.2", "blocks.6.0"]
+    assert p.extra["sparse"].prefix[:3] == ["conv_stem", "bn1", "blocks.0"]
+    ref = _reference(factory, cfg)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    got, want = _run(model, x, y), _run(ref, x, y)
+    assert _close(got[0], want[0], False)
+    scale = max(float(g.abs().max()) for g in want[1].values())
+    assert got[1].keys() == want[1].keys()
+    for n in want[1]:
+        assert _close(got[1][n], want[1][n], False, scale), n
