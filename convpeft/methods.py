@@ -99,8 +99,9 @@ class MethodConfig:
     auto-detected; a list of module names picks them; exact, one extra forward of those
     blocks per update; the report is in ``PreparedMethod.extra["checkpoint"]``).
     ``update_blocks=K`` trains only the last K blocks (:mod:`convpeft.sparse`; ``sparse_blocks``
-    names the candidate blocks, None: detected; 0: the head only, for every method but head,
-    where it is the only choice), with the frozen prefix run without a graph in
+    names the candidate blocks, None: detected; 0: every block frozen, the only K method
+    ``head`` takes, and refused for adapter methods, which then have no layer to adapt), with
+    the frozen prefix run without a graph in
     ``prefix_chunks`` micro-batches and its BN per ``prefix_bn``; the report is in
     ``PreparedMethod.extra["sparse"]``. ``checkpoint=True`` then checkpoints the trainable
     blocks only.
