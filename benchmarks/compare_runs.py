@@ -90,6 +90,8 @@ class AccuracyCheck:
     def label(self) -> str:
         g = dict(zip(GROUP_COLUMNS, self.group, strict=True))
         rank = f" r={g['rank']}" if g["rank"] is not None else ""
+        if g.get("update_blocks") is not None:
+            rank += f" K={g['update_blocks']}"
         return f"{g['model']} {g['task']} {g['method']}{rank}"
 
 

@@ -290,7 +290,9 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
 
 def _config_label(rec: dict) -> str:
     rank = "" if rec["rank"] is None else f" r={rec['rank']}"
-    return method_label(rec["method"]) + rank
+    k = rec.get("update_blocks")
+    sparse = "" if k in (None, "") else f" last {k} blocks"
+    return method_label(rec["method"]) + rank + sparse
 
 
 def separation(a: dict, b: dict) -> int | None:

@@ -73,6 +73,8 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "task": cfg.task,
         "method": cfg.method,
         "rank": cfg.rank,
+        "update_blocks": cfg.update_blocks,
+        "prefix_chunks": s.prefix_chunks if cfg.update_blocks is not None else None,
         "seed": cfg.seed,
         "corruption": s.corruption if cfg.task == "shift" else None,
         "severity": s.severity if cfg.task == "shift" else None,
@@ -109,6 +111,8 @@ def _fmt_flops(v) -> str:
 def summary_line(row: dict) -> str:
     """One concise line per finished configuration."""
     rank = "" if row.get("rank") is None else f"-r{row['rank']}"
+    if row.get("update_blocks") not in (None, ""):
+        rank += f"-K{row['update_blocks']}"
     head = f"{row['model']} {row['task']} {row['method']}{rank} s{row['seed']}"
     if row.get("status") != "ok":
         return f"FAILED {head}: {row.get('error', '')[:160]}"

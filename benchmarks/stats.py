@@ -83,7 +83,7 @@ ACCURACY = METRIC_BOUNDS["target_acc"]
 """An accuracy's range, for :func:`interval`'s ``bounds``."""
 SUMMARY_NAME = "results_summary.csv"
 GROUP_COLUMNS: tuple[str, ...] = ("model", "dataset", "task", "method", "rank",
-                                  "settings_signature")
+                                  "update_blocks", "settings_signature")
 """What identifies a configuration group: the resume key without the seed."""
 INTERVAL_METRICS: tuple[str, ...] = ("target_acc", "source_acc", "zero_shot_acc", "forgetting")
 """Row fields that vary with the seed and get a mean and an interval in the summary."""
@@ -251,7 +251,8 @@ def _rank(v) -> int | None:
 
 def group_key(row: dict) -> tuple:
     """The row's configuration group (:data:`GROUP_COLUMNS`; rank as an int or None)."""
-    return tuple(_rank(row.get(c)) if c == "rank" else row.get(c) for c in GROUP_COLUMNS)
+    return tuple(_rank(row.get(c)) if c in ("rank", "update_blocks") else row.get(c)
+                 for c in GROUP_COLUMNS)
 
 
 def summarize(rows: Iterable[dict], confidence: float = CONFIDENCE) -> list[dict]:

@@ -43,6 +43,26 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
 
 
+def _update_blocks(s: str) -> list[int | None]:
+    """``--update-blocks``: ``all`` (None: every block trains) and/or ints K >= 0."""
+    out: list[int | None] = []
+    for x in _csv_list(s):
+        if x == "all":
+            out.append(None)
+            continue
+        try:
+            k = int(x)
+        except ValueError:
+            k = -1
+        if k < 0:
+            raise argparse.ArgumentTypeError(
+                f"expected 'all' and/or ints >= 0 (the last K blocks train), got {x!r}")
+        out.append(k)
+    if not out:
+        raise argparse.ArgumentTypeError("--update-blocks is empty: e.g. 'all,2,4'")
+    return out
+
+
 def _seeds(s: str) -> list[int]:
     """``--seeds``: ``"N"`` = the first N seeds (0..N-1); a comma-separated list = exactly those
     seeds (``"7,"`` is seed 7 alone)."""
@@ -95,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ranks", type=_int_list, default=None,
                    help="comma-separated ranks for the low-rank methods (lora, dora, galore); "
                    "full/head/bitfit run once per model/task/seed")
+    g.add_argument("--update-blocks", type=_update_blocks, default=None,
+                   help="comma-separated grid axis: 'all' (every block trains, the default) "
+                   "and/or K (only the last K backbone blocks train, the frozen prefix runs "
+                   "without a graph; convpeft.sparse), e.g. 'all,2,4'; recorded in the "
+                   "update_blocks column and the row key. K=0 (the whole backbone frozen) "
+                   "runs for head only, K>0 for every other method")
     g.add_argument("--tasks", type=_csv_list, default=None,
                    help=f"comma-separated tasks from {','.join(ALL_TASKS)}: shift = clean -> "
                    "corrupted images; new_classes = learn held-out classes")
@@ -156,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing of each backbone block (exact; one extra "
                    "forward of the blocks per update), recorded in the checkpoint column")
+    t.add_argument("--prefix-chunks", type=int, default=1,
+                   help="rows with --update-blocks K: run the frozen prefix in N micro-batches "
+                   "(exact; lowers the peak), recorded in the prefix_chunks column (default 1)")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     x = p.add_argument_group("execution")
@@ -288,8 +317,11 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         lean=a.lean,
         amp=a.amp,
         checkpoint=a.checkpoint,
+        prefix_chunks=a.prefix_chunks,
         target=a.target if a.target is not None else pre.target,
     )
+    if settings.prefix_chunks < 1:
+        raise ValueError("--prefix-chunks must be >= 1")
     check_amp(settings.amp, settings.device)  # fp16 on the CPU: refused before anything runs
     if settings.epochs < 0 or settings.batch_size < 1 or settings.resolution < 8:
         raise ValueError("--epochs must be >= 0, --batch-size >= 1, --resolution >= 8")
@@ -319,7 +351,8 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         _check_writable_dir(resolve_cache_dir(), "pretrain cache",
                             "set $CONVPEFT_CACHE to a folder you can write")
     _check_executor(a)
-    return SweepPlan(expand_grid(models, tasks, methods, ranks, seeds), settings, Path(a.out),
+    grid = expand_grid(models, tasks, methods, ranks, seeds, a.update_blocks)
+    return SweepPlan(grid, settings, Path(a.out),
                      plots, formats, a.executor, a.address, a.cpus_per_task, a.gpus_per_task)
 
 

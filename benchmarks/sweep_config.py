@@ -54,7 +54,8 @@ class SourceCache:
 
     def profile_key(self, cfg: Config) -> tuple:
         """What one update's cost depends on within a sweep: everything but the seed."""
-        return (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.method, cfg.rank)
+        return (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.method, cfg.rank,
+                cfg.update_blocks)
 
     def reuse_profiles(self, rows: Sequence[dict], keys: set[str]) -> int:
         """Remember the profile columns of the ``ok`` rows whose key is in ``keys`` (this
@@ -62,7 +63,9 @@ class SourceCache:
         twice. Returns how many configurations that covers."""
         for r in rows:
             if r.get("status") == "ok" and r.get("key") in keys:
-                pk = (r["model"], r["dataset"], r["task"], r["method"], r.get("rank"))
+                k = r.get("update_blocks")
+                pk = (r["model"], r["dataset"], r["task"], r["method"], r.get("rank"),
+                      None if k in (None, "") else int(k))
                 self.profiles.setdefault(pk, profile_columns(r))
         return len(self.profiles)
 
@@ -233,6 +236,8 @@ def method_config(cfg: Config, settings: SweepSettings):
         kw["bn"] = settings.bn
     if settings.lr is not None:
         kw["lr"] = settings.lr
+    if cfg.update_blocks is not None:
+        kw.update(update_blocks=cfg.update_blocks, prefix_chunks=settings.prefix_chunks)
     return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint,
                         target=settings.target, **kw)
 

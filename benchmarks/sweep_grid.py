@@ -3,7 +3,11 @@
 A *configuration* is one (model, task, method, rank, seed) run. Ranks only mean something for
 the methods registered with ``ranked=True`` (LoRA, LoRA-FA, DoRA, GaLore:
 ``convpeft.methods.list_methods(ranked=True)``); the others (full fine-tuning, head-only, BitFit)
-run once per (model, task, seed) with ``rank=None``.
+run once per (model, task, seed) with ``rank=None``. ``update_blocks`` (``--update-blocks``) is
+an optional axis: ``None`` trains what the method trains everywhere (the default grid), ``K``
+only the last K blocks (:mod:`convpeft.sparse`; K=0, the whole backbone frozen and graph-free,
+is head only's alone: every method trains just the head there). It is a row column
+and, when set, part of the row key and of the configuration's label (``lora-r4-K2``).
 
 The *settings* (dataset, corruption, epochs, batch size, adapter target, ...) are shared by
 every configuration of a sweep. They are part of each result row's resume key, so rerunning
@@ -57,6 +61,7 @@ class SweepSettings:
     lean: bool = False  # convpeft.lean_activations on every prepared model
     amp: str = "off"  # convpeft.amp: fine-tuning and the profiled update under autocast
     checkpoint: bool = False  # convpeft.checkpoint_blocks on every prepared model
+    prefix_chunks: int = 1  # sparse rows (update_blocks set): micro-batches of the frozen prefix
     # the layers the adapters (and GaLore) take, a convpeft.layer_kinds target: "conv" (every
     # conv, ours) or "standard" (groups == 1 convs only, the study's: peft refuses depthwise)
     target: str = "conv"
@@ -73,6 +78,8 @@ class SweepSettings:
         for k in ("replay_per_class", "lean", "checkpoint"):
             if not d[k]:
                 d.pop(k)
+        if d["prefix_chunks"] == 1:  # likewise
+            d.pop("prefix_chunks")
         if d["amp"] == "off":  # likewise
             d.pop("amp")
         if d["target"] == "conv":  # likewise
@@ -83,25 +90,31 @@ class SweepSettings:
 
 @dataclass(frozen=True, order=True)
 class Config:
-    """One run of the sweep. ``rank`` is None for methods without a rank."""
+    """One run of the sweep. ``rank`` is None for methods without a rank; ``update_blocks``
+    None unless only the last K blocks train."""
 
     model: str
     task: str
     method: str
     rank: int | None
     seed: int
+    update_blocks: int | None = None
 
     @property
     def label(self) -> str:
-        """Readable one-word label, e.g. ``lora-r4`` or ``full``."""
-        return f"{self.method}-r{self.rank}" if self.rank is not None else self.method
+        """Readable one-word label, e.g. ``lora-r4``, ``full`` or ``lora-r4-K2``."""
+        label = f"{self.method}-r{self.rank}" if self.rank is not None else self.method
+        return label if self.update_blocks is None else f"{label}-K{self.update_blocks}"
 
     def key(self, settings: SweepSettings) -> str:
-        """Resume key: identifies a row across reruns (same settings => same key)."""
+        """Resume key: identifies a row across reruns (same settings => same key); rows
+        without ``update_blocks`` keep the key they had before that axis existed."""
         rank = "-" if self.rank is None else str(self.rank)
         ds = settings.dataset_for(self.task)
+        sparse = [] if self.update_blocks is None else [f"K{self.update_blocks}"]
         return "|".join(
-            [self.model, ds, self.task, self.method, rank, str(self.seed), settings.signature()]
+            [self.model, ds, self.task, self.method, rank, str(self.seed), settings.signature(),
+             *sparse]
         )
 
 
@@ -111,14 +124,22 @@ def expand_grid(
     methods: list[str],
     ranks: list[int],
     seeds: list[int],
+    update_blocks: list[int | None] | None = None,
 ) -> list[Config]:
     """All configurations, grouped by (model, task, seed) so each source model is built once.
 
-    Within a group the order is the methods' order, ranked methods expanded over ``ranks``.
-    Duplicates in any list are dropped (first occurrence wins).
+    Within a group the order is the methods' order, ranked methods expanded over ``ranks``,
+    then each over ``update_blocks`` (None: every block, K: the last K; default ``[None]``;
+    K=0 runs for head only, K>0 for every other method). Duplicates in any list are dropped
+    (first occurrence wins).
     """
     models, tasks, methods = _unique(models), _unique(tasks), _unique(methods)
     ranks, seeds = _unique(ranks), _unique(seeds)
+    ks = _unique(list(update_blocks)) if update_blocks is not None else [None]
+    bad = [k for k in ks if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                                                or k < 0)]
+    if bad or not ks:
+        raise ValueError(f"--update-blocks takes 'all' and ints >= 0 (got {bad or 'nothing'})")
     ranked = [m for m in methods if get_method(m).ranked]
     if not ranks and ranked:
         raise ValueError(f"--ranks is empty but ranked method(s) {', '.join(ranked)} were "
@@ -128,10 +149,9 @@ def expand_grid(
         for task in tasks:
             for seed in seeds:
                 for method in methods:
-                    if method in ranked:
-                        out.extend(Config(model, task, method, r, seed) for r in ranks)
-                    else:
-                        out.append(Config(model, task, method, None, seed))
+                    rs = ranks if method in ranked else [None]
+                    out.extend(Config(model, task, method, r, seed, k) for r in rs for k in ks
+                               if k is None or (k == 0) == (method == "head"))
     return out
 
 

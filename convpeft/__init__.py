@@ -14,6 +14,7 @@ from .export import check_onnx, export_executorch, export_onnx, onnx_op_counts
 from .lean import LeanReport, lean_activations, restore_activations
 from .planner import PlanRow
 from .profiler.calibrate import Calibration, calibrate
+from .sparse import SparseReport, restore_sparse, sparse_update
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "CheckpointReport",
     "LeanReport",
     "PlanRow",
+    "SparseReport",
     "adapter_state_dict",
     "apply_adapters",
     "calibrate",
@@ -52,5 +54,7 @@ __all__ = [
     "plan",
     "restore_activations",
     "restore_checkpointing",
+    "restore_sparse",
     "save_adapters",
+    "sparse_update",
 ]

@@ -30,6 +30,13 @@ Batch-norm policy (``MethodConfig.bn``), applied on top of the method:
 * ``"stats"``: AdaBN. BN affine frozen; running statistics are reset by :func:`prepare` and
   re-estimated on the target data as a cumulative average (``momentum=None``) while training.
 
+Sparse updates (``MethodConfig.update_blocks=K``, :mod:`convpeft.sparse`): any method trains
+only what runs from the last K blocks of the backbone on (adapters, BN affine, biases or every
+weight there, and the head); the prefix before them is frozen, runs without a graph and, with
+``prefix_chunks=N``, in N micro-batches. Its BNs stay in eval mode with the source model's
+running statistics (``prefix_bn="eval"``, even under ``bn="stats"``), or follow ``bn``
+(``prefix_bn="model"``, unchunked only).
+
 ``model.train()`` puts every BN back in train mode, so the loop must call :func:`set_bn_mode`
 (or :meth:`PreparedMethod.train_mode`) after it; :func:`convpeft.train.finetune` does.
 """
@@ -46,10 +53,12 @@ from torch import nn
 
 from .adapters import AdapterConfig, apply_adapters
 from .checkpoint import checkpoint_blocks, resolve_blocks
+from .layer_kinds import select_layers
 from .lean import lean_activations
 from .models import get_head
 from .optim import GaLoreSettings, galore_optimizer
 from .registry import Registry
+from .sparse import PREFIX_BN, SparseSplit, sparse_split, sparse_update
 
 __all__ = [
     "BN_POLICIES",
@@ -89,6 +98,13 @@ class MethodConfig:
     ``checkpoint=True`` runs :func:`convpeft.checkpoint_blocks` on the prepared model (blocks
     auto-detected; a list of module names picks them; exact, one extra forward of those
     blocks per update; the report is in ``PreparedMethod.extra["checkpoint"]``).
+    ``update_blocks=K`` trains only the last K blocks (:mod:`convpeft.sparse`; ``sparse_blocks``
+    names the candidate blocks, None: detected; 0: every block frozen, the only K method
+    ``head`` takes, and refused for adapter methods, which then have no layer to adapt), with
+    the frozen prefix run without a graph in
+    ``prefix_chunks`` micro-batches and its BN per ``prefix_bn``; the report is in
+    ``PreparedMethod.extra["sparse"]``. ``checkpoint=True`` then checkpoints the trainable
+    blocks only.
     """
 
     name: str
@@ -103,9 +119,14 @@ class MethodConfig:
     checkpoint: bool | list[str] = False
     adapter: AdapterConfig | None = None
     galore: GaLoreSettings | None = None
+    update_blocks: int | None = None
+    sparse_blocks: list[str] | None = None
+    prefix_chunks: int = 1
+    prefix_bn: str = "eval"
 
     def __post_init__(self) -> None:
         spec = get_method(self.name)
+        self._check_sparse()
         ck = self.checkpoint
         if not (isinstance(ck, bool) or (isinstance(ck, (list, tuple)) and ck
                                          and all(isinstance(n, str) for n in ck))):
@@ -122,6 +143,33 @@ class MethodConfig:
             self.galore_settings()
         elif spec.ranked:
             self.adapter_config()
+
+    def _check_sparse(self) -> None:
+        k = self.update_blocks
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"update_blocks must be None or an int >= 0 (got {k!r})")
+        if self.name == "head" and k:
+            raise ValueError(f"method 'head' trains no block (update_blocks={k}): use "
+                             "update_blocks=0 (the whole backbone as a graph-free prefix) or a "
+                             "method that trains the backbone (full, bitfit, lora, ...)")
+        c = self.prefix_chunks
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"prefix_chunks must be an int >= 1 (got {c!r})")
+        if k is None and (c != 1 or self.sparse_blocks is not None or self.prefix_bn != "eval"):
+            raise ValueError("prefix_chunks / sparse_blocks / prefix_bn need update_blocks=K "
+                             "(the number of last blocks that train; 0: head only)")
+        if self.prefix_bn not in PREFIX_BN:
+            raise ValueError(f"prefix_bn must be one of {', '.join(PREFIX_BN)} "
+                             f"(got {self.prefix_bn!r})")
+        if isinstance(self.sparse_blocks, str):
+            raise ValueError("sparse_blocks must be a list of module names, not the string "
+                             f"{self.sparse_blocks!r}")
+
+    def split(self, model: nn.Module) -> SparseSplit | None:
+        """Where ``update_blocks`` cuts ``model`` (None without it); the model is untouched."""
+        if self.update_blocks is None:
+            return None
+        return sparse_split(model, self.update_blocks, blocks=self.sparse_blocks)
 
     def adapter_config(self) -> AdapterConfig:
         """The :class:`AdapterConfig` ``prepare`` applies (lora, lora-fa, dora)."""
@@ -263,41 +311,59 @@ def _head_param_names(model: nn.Module) -> set[str]:
     return {f"{head}.{pn}" for pn, _ in layer.named_parameters(recurse=False)}
 
 
-def _set_trainable(model: nn.Module, names: set[str]) -> None:
+def _prefix_params(model: nn.Module, cfg: MethodConfig) -> set[str]:
+    """Parameters of the frozen prefix under ``cfg.update_blocks`` (empty without it)."""
+    split = cfg.split(model)
+    return split.prefix_params if split is not None else set()
+
+
+def _set_trainable(model: nn.Module, names: set[str], cfg: MethodConfig | None = None) -> None:
+    if cfg is not None:
+        names = names - _prefix_params(model, cfg)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
 
 
 # ----------------------------------------------------------------------------- methods
 def _setup_full(model: nn.Module, cfg: MethodConfig):
-    _set_trainable(model, {n for n, _ in model.named_parameters()})
+    _set_trainable(model, {n for n, _ in model.named_parameters()}, cfg)
     return _adamw(model, cfg), None
 
 
 def _setup_head(model: nn.Module, cfg: MethodConfig):
-    _set_trainable(model, _head_param_names(model))
+    _set_trainable(model, _head_param_names(model), cfg)
     return _adamw(model, cfg), None
 
 
 def _setup_bitfit(model: nn.Module, cfg: MethodConfig):
     biases = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
-    _set_trainable(model, biases | _head_param_names(model))
+    _set_trainable(model, biases | _head_param_names(model), cfg)
     return _adamw(model, cfg), None
 
 
 def _setup_adapters(model: nn.Module, cfg: MethodConfig):
     head, _ = get_head(model)
+    prefix = _prefix_params(model, cfg)
     trainable = []
     if cfg.train_head:
         trainable.append(rf"^{re.escape(head)}\.")
     if cfg.bn == "train":
-        trainable += [rf"^{re.escape(n)}$" for n in sorted(_bn_param_names(model))]
-    report = apply_adapters(model, replace(cfg.adapter_config(), trainable=trainable or None))
+        trainable += [rf"^{re.escape(n)}$" for n in sorted(_bn_param_names(model) - prefix)]
+    adapter = replace(cfg.adapter_config(), trainable=trainable or None)
+    split = cfg.split(model)
+    if split is not None and split.prefix:  # no adapter in the frozen prefix
+        adapter = replace(adapter, exclude=[*(adapter.exclude or []), *(
+            rf"^{re.escape(p)}(\.|$)" for p in split.prefix)])
+        if not select_layers(model, adapter.target, adapter.exclude):
+            raise ValueError(f"update_blocks={cfg.update_blocks} leaves no {adapter.target!r} "
+                             f"layer outside the frozen prefix for {cfg.name}'s adapters: train "
+                             "more blocks, or use method 'head' with update_blocks=0")
+    report = apply_adapters(model, adapter)
     return _adamw(model, cfg), report
 
 
 def _setup_galore(model: nn.Module, cfg: MethodConfig):
-    _set_trainable(model, {n for n, _ in model.named_parameters()})
+    _set_trainable(model, {n for n, _ in model.named_parameters()}, cfg)
     _apply_bn_freezing(model, cfg)  # before building the optimizer, so frozen BN is left out
     g = cfg.galore_settings()
     opt = galore_optimizer(
@@ -337,10 +403,22 @@ def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
     """
     cfg = MethodConfig(config) if isinstance(config, str) else config
     spec = get_method(cfg.name)
-    if cfg.checkpoint:  # checked first: a bad block name leaves the model untouched
+    split = cfg.split(model)  # checked first: a bad K or block name leaves the model untouched
+    blocks = None
+    if cfg.checkpoint:
         blocks = None if cfg.checkpoint is True else list(cfg.checkpoint)
-        resolve_blocks(model, blocks)
+        if split is not None and blocks is None:  # the prefix runs without graph: nothing to do
+            blocks = list(split.trainable_blocks)
+        if blocks is None or blocks:
+            resolve_blocks(model, blocks)
     opt, report = spec.setup(model, cfg)
+    if split is not None:
+        params = dict(model.named_parameters())
+        training = sorted(n for n in split.prefix_params if params[n].requires_grad)
+        if training:
+            raise ValueError(f"method {cfg.name!r} trains parameters of the frozen prefix "
+                             f"({', '.join(training[:4])}): its setup must leave them frozen "
+                             "under update_blocks (see convpeft.methods._prefix_params)")
     if cfg.bn in ("freeze", "stats"):
         frozen_now = [p for _, m in bn_modules(model) for p in m.parameters(recurse=False)
                       if p.requires_grad]
@@ -349,7 +427,9 @@ def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
             _apply_bn_freezing(model, cfg)
             opt = _adamw(model, cfg)
     if cfg.bn == "stats":
-        for _, m in bn_modules(model):
+        for name, m in bn_modules(model):
+            if split is not None and cfg.prefix_bn == "eval" and split.in_prefix(name):
+                continue  # the frozen prefix keeps the source model's statistics
             if m.track_running_stats:
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over every target batch seen
@@ -357,9 +437,12 @@ def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
         report = {"trainable": _trainable_names(model), "trainable_params": count_trainable(model),
                   "total_params": sum(p.numel() for p in model.parameters())}
     extra = {}
-    if cfg.checkpoint:
+    if cfg.checkpoint and (blocks is None or blocks):
         extra["checkpoint"] = checkpoint_blocks(model, blocks=blocks)
     if cfg.lean:  # after freezing: frozen layers save only what backward needs (exact)
         extra["lean"] = lean_activations(model)
+    if split is not None:  # last: it wraps the forwards lean / checkpointing may have set
+        extra["sparse"] = sparse_update(model, cfg.update_blocks, blocks=cfg.sparse_blocks,
+                                        prefix_chunks=cfg.prefix_chunks, prefix_bn=cfg.prefix_bn)
     return PreparedMethod(model, opt, cfg, report, count_trainable(model),
                           sum(p.numel() for p in model.parameters()), extra)

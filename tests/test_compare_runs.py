@@ -90,7 +90,7 @@ def test_accuracies_that_moved_are_counted_and_fail_the_verdict():
 
 def test_a_configuration_missing_on_either_side_is_named():
     res = compare_runs(_rows(BASE), _rows(BASE, skip=CONFIGS[1]))
-    assert res.only_reference == [("mobilenet_v2", "digits", "shift", "lora", 4, "abc")]
+    assert res.only_reference == [("mobilenet_v2", "digits", "shift", "lora", 4, None, "abc")]
     assert not res.reproduced and "only in the reference" in res.markdown()
 
 

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", action="store_true",
                     help="activation checkpointing of the backbone's blocks "
                     "(convpeft.checkpoint_blocks; exact; recomputes their forward)")
+    ap.add_argument("--update-blocks", type=int, default=None, metavar="K",
+                    help="train only the last K backbone blocks; the frozen prefix runs without "
+                    "a graph (convpeft.sparse)")
+    ap.add_argument("--prefix-chunks", type=int, default=1, metavar="N",
+                    help="with --update-blocks: run the frozen prefix in N micro-batches (exact)")
     ap.add_argument("--update-proj-gap", type=int, default=200, help="GaLore refresh period")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5, help="timed updates")
@@ -108,7 +113,8 @@ def prepare_model(args: argparse.Namespace):
     galore = GaLoreSettings(update_proj_gap=args.update_proj_gap)
     cfg = MethodConfig(args.method, rank=args.rank, bn=args.bn, target=args.target,
                        lean=args.lean, checkpoint=args.checkpoint,
-                       galore=galore if args.method == "galore" else None)
+                       galore=galore if args.method == "galore" else None,
+                       update_blocks=args.update_blocks, prefix_chunks=args.prefix_chunks)
     prep = prepare(model, cfg)
     prep.model.to(args.device)
     prep.train_mode()
