@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import load_results
-from benchmarks.stats import num as num  # re-exported: the benchmarks parse numbers with it
+from benchmarks.sweep.results import load_results
+from benchmarks.sweep.stats import num as num  # re-exported: the benchmarks parse numbers with it
 from convpeft.methods import get_method, list_methods
 
 MIB = 2**20
@@ -74,7 +74,7 @@ findings. Written only by ``python -m benchmarks.plot --reference``, never by a 
 REFERENCE_CSV = f"{REFERENCE_DIR}/rank_sweep_default.csv"
 """The committed reference run's rows."""
 REFERENCE_SUMMARY_CSV = f"{REFERENCE_DIR}/rank_sweep_default_summary.csv"
-"""Their summary over seeds (:func:`benchmarks.stats.write_summary_csv`)."""
+"""Their summary over seeds (:func:`benchmarks.sweep.stats.write_summary_csv`)."""
 REFERENCE_REDRAWN = "results/reference/plots"
 """Where ``python -m benchmarks.plot plots/rank_sweep_default.csv`` draws without ``--plots``
 (ignored by git, like everything under ``results/``)."""

@@ -73,7 +73,7 @@ def documents(root: Path = ROOT) -> list[Path]:
 @cache
 def _reference_rows() -> tuple[dict, ...]:
     from benchmarks.common import REFERENCE_CSV
-    from benchmarks.results import load_results
+    from benchmarks.sweep.results import load_results
 
     return tuple(load_results(str(ROOT / REFERENCE_CSV)))
 
@@ -120,7 +120,7 @@ def _by_model(recs: Sequence[dict], field: str) -> dict[str, list[float]]:
 def _default_run_lines() -> list[str]:
     """The reference run's memory and FLOP figures (exact, the same on every machine)."""
     from benchmarks.common import primary_rows, variant_of
-    from benchmarks.findings import flop_reductions, memory_savings, net_kind
+    from benchmarks.sweep.findings import flop_reductions, memory_savings, net_kind
 
     rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
     mem = _by_model(memory_savings(rows), "saving")
@@ -154,7 +154,7 @@ def default_run_details_block() -> str:
     """docs/rank-sweep.md's figures of the reference run: memory with the activations' share,
     FLOPs, and how wide the accuracy intervals are."""
     from benchmarks.common import primary_rows, variant_of
-    from benchmarks.findings import accuracy_intervals, activation_reason, memory_savings
+    from benchmarks.sweep.findings import accuracy_intervals, activation_reason, memory_savings
 
     rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
     mem = memory_savings(rows)

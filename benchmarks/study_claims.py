@@ -19,7 +19,7 @@ computes, with the analytic profiler (shapes only, seconds, no data):
 
 ``python -m benchmarks.study_claims`` prints both. The sweep's ``--preset study`` measures the
 same claims on real updates, and ``findings.md`` shows them side by side from the rows
-(:func:`benchmarks.findings.study_claims`); this module is the seconds-long check of the
+(:func:`benchmarks.sweep.findings.study_claims`); this module is the seconds-long check of the
 headline, not a second source of findings.
 """
 

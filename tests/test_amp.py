@@ -394,9 +394,9 @@ def test_finetune_under_bf16_trains_and_records_amp():
 def test_sweep_amp_column_and_keys(tmp_path, capsys):
     from dataclasses import asdict
 
-    from benchmarks import rank_sweep
-    from benchmarks.results import load_results
-    from benchmarks.sweep_grid import SweepSettings
+    from benchmarks.sweep import runner as rank_sweep
+    from benchmarks.sweep.grid import SweepSettings
+    from benchmarks.sweep.results import load_results
 
     # amp off leaves the settings signature (and so every earlier result key) as it was
     s = SweepSettings(dataset={"shift": "digits"})

@@ -1,4 +1,4 @@
-"""benchmarks.compare_runs: a rerun reproduces a reference when costs are equal and accuracies
+"""benchmarks.sweep.compare_runs: a rerun reproduces a reference when costs are equal and accuracies
 fall inside the reference's intervals as often as chance allows (rows built by hand)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from benchmarks.compare_runs import allowed_outside, chance_outside, compare_runs, main
-from benchmarks.results import write_csv
-from benchmarks.stats import interval, t_quantile
+from benchmarks.sweep.compare_runs import allowed_outside, chance_outside, compare_runs, main
+from benchmarks.sweep.results import write_csv
+from benchmarks.sweep.stats import interval, t_quantile
 
 CONFIGS = [("mobilenet_v2", "shift", "full", None), ("mobilenet_v2", "shift", "lora", 4),
            ("resnet18", "new_classes", "lora", 16), ("resnet18", "new_classes", "head", None)]

@@ -14,7 +14,7 @@ import csv
 import numpy as np
 from cifar_files import write_cifar10, write_cifar10c, write_cifar100
 
-from benchmarks import rank_sweep
+from benchmarks.sweep import runner as rank_sweep
 from convpeft.data.tasks import DEFAULT_SHIFT
 
 N_C10C_PER_SEVERITY = 30  # != CIFAR-10's 20 test images: a generated CIFAR-10-C would have 20

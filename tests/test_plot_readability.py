@@ -14,10 +14,10 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.plot_accuracy import plot_accuracy, plot_pareto  # noqa: E402
-from benchmarks.plot_common import _interval_by  # noqa: E402
-from benchmarks.plot_flops import plot_flop_counters, plot_flops  # noqa: E402
-from benchmarks.stats import ACCURACY, interval, metric_interval, summarize  # noqa: E402
+from benchmarks.plots.accuracy import plot_accuracy, plot_pareto  # noqa: E402
+from benchmarks.plots.common import _interval_by  # noqa: E402
+from benchmarks.plots.flops import plot_flop_counters, plot_flops  # noqa: E402
+from benchmarks.sweep.stats import ACCURACY, interval, metric_interval, summarize  # noqa: E402
 
 CSV = Path(__file__).resolve().parents[1] / "plots" / "rank_sweep_default.csv"
 

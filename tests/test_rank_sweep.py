@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import rank_sweep
-from benchmarks.findings import findings_markdown
-from benchmarks.plot import main as plot_main
-from benchmarks.plot import pareto_front
-from benchmarks.results import ResultsStore, flatten, load_results, read_jsonl
-from benchmarks.sweep_grid import PRESETS, Config, SweepSettings, expand_grid, parse_dataset
+from benchmarks.plots.make import main as plot_main
+from benchmarks.plots.make import pareto_front
+from benchmarks.sweep import runner as rank_sweep
+from benchmarks.sweep.findings import findings_markdown
+from benchmarks.sweep.grid import PRESETS, Config, SweepSettings, expand_grid, parse_dataset
+from benchmarks.sweep.results import ResultsStore, flatten, load_results, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -448,7 +448,7 @@ def test_sweep_figures_and_findings_stay_under_the_results_folder(tmp_path, monk
     figures and findings go under results/ (git-ignored); another --out draws into OUT/plots;
     only --plots names another folder."""
     from benchmarks.common import DEFAULT_OUT, default_plots_dir
-    from benchmarks.sweep_cli import build_parser, plan_from_args
+    from benchmarks.sweep.cli import build_parser, plan_from_args
 
     monkeypatch.chdir(tmp_path)
 
@@ -483,7 +483,7 @@ def test_plot_writes_plots_folder_only_with_reference(tmp_path, monkeypatch, cap
     summary), from the committed CSV (a one-group slice of it here, to stay fast)."""
     import csv
 
-    from benchmarks import plot
+    from benchmarks.plots import make as plot
 
     src = Path(__file__).resolve().parents[1] / "plots" / "rank_sweep_default.csv"
     with src.open(newline="") as f:

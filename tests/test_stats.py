@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from benchmarks.findings import findings_markdown
-from benchmarks.stats import (
+from benchmarks.sweep.findings import findings_markdown
+from benchmarks.sweep.stats import (
     Interval,
     compare,
     compare_paired,

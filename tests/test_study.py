@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import rank_sweep
-from benchmarks.findings import findings_markdown, flop_reductions
-from benchmarks.results import read_jsonl
 from benchmarks.study_claims import flop_headline, memory_claim
-from benchmarks.study_findings import study_claims
-from benchmarks.sweep_cli import build_parser, plan_from_args
-from benchmarks.sweep_grid import PRESETS, Config, SweepSettings
+from benchmarks.sweep import runner as rank_sweep
+from benchmarks.sweep.cli import build_parser, plan_from_args
+from benchmarks.sweep.findings import findings_markdown, flop_reductions
+from benchmarks.sweep.grid import PRESETS, Config, SweepSettings
+from benchmarks.sweep.results import read_jsonl
+from benchmarks.sweep.study_findings import study_claims
 from convpeft.models import TESTED_MODELS
 
 # ----------------------------------------------------------------------------- preset, target
@@ -123,7 +123,7 @@ def test_default_runs_findings_send_the_study_to_its_own_folder():
     """The default grid's findings (batch 32 x 12x12) suggest the study's four sweeps into
     results/study, never into the default results folder they would mix with (issue 26)."""
     from benchmarks.common import REFERENCE_CSV
-    from benchmarks.results import load_results
+    from benchmarks.sweep.results import load_results
 
     rows = load_results(str(Path(__file__).resolve().parents[1] / REFERENCE_CSV))
     md = findings_markdown(rows, "results/rank_sweep")
@@ -159,7 +159,7 @@ def test_memory_claim_saving_shrinks_with_the_batch():
 def test_plots_draw_one_adapter_target(tmp_path, monkeypatch):
     """``python -m benchmarks.plot`` on a folder holding the study's rows draws the rows with
     adapters on every conv: no figure averages standard-conv and every-conv rows."""
-    import benchmarks.plot as plot
+    import benchmarks.plots.make as plot
 
     seen: list[dict] = []
     for name in ("plot_flops", "plot_memory", "plot_accuracy", "plot_pareto"):

@@ -7,7 +7,7 @@ cached all the same), with two seeds, so a profile is measured by seed 0 and cop
 configurations. It runs once sequentially and once on Ray, in two steps: seed 0, then both
 seeds, resuming (seed 1 copies the profiles seed 0 left on disk, as a resumed sequential run
 does). The rows must be identical but for the columns that are times
-(``benchmarks.sweep_executor.TIMING_COLUMNS``: wall_time_s, cpu_time_s, finished_at,
+(``benchmarks.sweep.executor.TIMING_COLUMNS``: wall_time_s, cpu_time_s, finished_at,
 source_time_s, source_cpu_time_s, train_time_s, profile_time_s, step_time_s, step_time_iqr_s,
 step_cpu_time_s, instrumented_time_s, instrumented_cpu_time_s) and ``source_cached`` (the
 sequential run made the source models, so the Ray run finds them in the pretrain cache).
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import rank_sweep, sweep_cli
-from benchmarks.results import load_results, read_jsonl
-from benchmarks.sweep_executor import RAY_MISSING, TIMING_COLUMNS
+from benchmarks.sweep import cli as sweep_cli
+from benchmarks.sweep import runner as rank_sweep
+from benchmarks.sweep.executor import RAY_MISSING, TIMING_COLUMNS
+from benchmarks.sweep.results import load_results, read_jsonl
 
 try:
     import ray

@@ -7,9 +7,9 @@ import csv
 import pytest
 
 from benchmarks import rank_sweep
-from benchmarks.results import load_results
-from benchmarks.sweep_config import method_config
-from benchmarks.sweep_grid import Config, SweepSettings, expand_grid
+from benchmarks.sweep.config import method_config
+from benchmarks.sweep.grid import Config, SweepSettings, expand_grid
+from benchmarks.sweep.results import load_results
 
 
 def test_axis_expands_every_method_but_head_and_keeps_old_keys():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.common import MIB, variant_of
-from benchmarks.findings import findings_markdown, lean_savings, memory_savings
-from benchmarks.plot import plot_memory
+from benchmarks.plots.make import plot_memory
+from benchmarks.sweep.findings import findings_markdown, lean_savings, memory_savings
 
 
 def _row(method: str, peak_mib: float, bn: str = "freeze", rank: int | None = None,

@@ -2,15 +2,15 @@
 
 An *executor* takes the configurations still to run and yields ``(index, fields, traceback)``
 for each as it finishes — in any order; ``fields`` are the row's result columns (what
-:func:`attempt` returns: :func:`~benchmarks.sweep_config.run_config`'s columns, ``status``,
+:func:`attempt` returns: :func:`~benchmarks.sweep.config.run_config`'s columns, ``status``,
 ``error`` and the timing columns), ``traceback`` the text for ``errors.log`` of a failed one.
-The runner (:func:`benchmarks.rank_sweep.run_sweep`) alone writes rows: it adds the common
+The runner (:func:`benchmarks.sweep.runner.run_sweep`) alone writes rows: it adds the common
 columns, appends rows to the JSONL in the grid's order (a result that arrives early waits for
 the ones before it), and keeps the progress bar, resume, failure isolation and Ctrl-C as they
 are, whichever executor ran them.
 
 * :class:`SequentialExecutor` (``--executor sequential``, the default): each configuration in
-  this process, sharing one :class:`~benchmarks.sweep_config.SourceCache`.
+  this process, sharing one :class:`~benchmarks.sweep.config.SourceCache`.
 * :class:`RayExecutor` (``--executor ray [--address ADDR]``): a DAG of Ray tasks —
 
   1. one *group* task per (model, dataset, task, seed) builds the task data and the source
@@ -22,7 +22,7 @@ are, whichever executor ran them.
      sequential;
   3. one *configuration* task per (configuration, seed), started once its group's source model
      and its profile exist: fine-tuning and evaluation, exactly :func:`attempt` over a
-     per-worker :class:`~benchmarks.sweep_config.SourceCache` into which the group's source
+     per-worker :class:`~benchmarks.sweep.config.SourceCache` into which the group's source
      model and the profile are adopted.
 
   Every task reserves ``--cpus-per-task`` CPUs (default 1) and, with a CUDA ``--device``,
@@ -56,8 +56,8 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.sweep_config import SourceCache, run_config
-from benchmarks.sweep_grid import Config, SweepSettings
+from benchmarks.sweep.config import SourceCache, run_config
+from benchmarks.sweep.grid import Config, SweepSettings
 
 EXECUTORS = ("sequential", "ray")
 

@@ -1,6 +1,6 @@
 """One configuration of the rank sweep: its source model (pretrained once, cached), its task,
 fine-tuning over one seed and the profile of one update (once per configuration, shared by the
-seeds). :mod:`benchmarks.rank_sweep` drives these over the grid and writes the results.
+seeds). :mod:`benchmarks.sweep.runner` drives these over the grid and writes the results.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results import (
-    flatten,
-)
-from benchmarks.sweep_grid import (
+from benchmarks.sweep.grid import (
     Config,
     SweepSettings,
+)
+from benchmarks.sweep.results import (
+    flatten,
 )
 
 
@@ -40,7 +40,7 @@ class SourceCache:
     :meth:`group_key` — the source model: each built once and shared by all methods/ranks of
     that group. A group whose construction failed remembers the error, so its configurations
     fail fast with it. A group built in another process (a Ray task,
-    :mod:`benchmarks.sweep_executor`) is handed in with :meth:`adopt`."""
+    :mod:`benchmarks.sweep.executor`) is handed in with :meth:`adopt`."""
 
     def __init__(self, settings: SweepSettings):
         self.s = settings

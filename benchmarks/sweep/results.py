@@ -10,8 +10,8 @@ Layout under ``--out``::
     results_summary.csv
                     one row per configuration group (the key without the seed): accuracies as
                     mean, standard deviation and 95% t-interval over seeds, and the cost columns
-                    (:mod:`benchmarks.stats`); rebuilt from the JSONL with results.csv
-    findings.md     the markdown summary (benchmarks.findings), also rebuilt from the JSONL
+                    (:mod:`benchmarks.sweep.stats`); rebuilt from the JSONL with results.csv
+    findings.md     the markdown summary (benchmarks.sweep.findings), also rebuilt from the JSONL
     .results.lock   an advisory ``flock`` lock: appends and rebuilds hold it, so two sweeps
                     writing into one folder at once interleave whole rows and lose none
 
@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from benchmarks.stats import SUMMARY_NAME, write_csv_atomic, write_summary_csv
+from benchmarks.sweep.stats import SUMMARY_NAME, write_csv_atomic, write_summary_csv
 
 JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from benchmarks.common import method_label, num
-from benchmarks.plot_common import (
+from benchmarks.plots.common import (
     METHOD_STYLE,
     _flops_scale,
     _mean_by,

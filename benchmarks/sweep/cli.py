@@ -1,6 +1,6 @@
 """The rank sweep's command line: its options, and the checked :class:`SweepPlan` they become
 (grid, settings, output folders, executor), refused in one line before anything runs.
-:mod:`benchmarks.rank_sweep` runs the plan.
+:mod:`benchmarks.sweep.runner` runs the plan.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DEFAULT_OUT, REFERENCE_DIR, default_plots_dir
-from benchmarks.sweep_executor import EXECUTORS, RAY_MISSING
-from benchmarks.sweep_grid import (
+from benchmarks.sweep.executor import EXECUTORS, RAY_MISSING
+from benchmarks.sweep.grid import (
     ALL_TASKS,
     BN_POLICIES,
     DEFAULT_METHODS,
@@ -230,7 +230,7 @@ class SweepPlan:
     out: Path
     plots: Path | None
     formats: list[str]
-    executor: str = "sequential"  # benchmarks.sweep_executor.EXECUTORS
+    executor: str = "sequential"  # benchmarks.sweep.executor.EXECUTORS
     address: str | None = None  # Ray cluster (None: a local Ray)
     cpus_per_task: float = 1
     gpus_per_task: float = 1

@@ -6,7 +6,7 @@ configuration's accuracy against its peak memory, the Pareto front of the means
 (:func:`pareto_front`) with the band its members' intervals span, and rings round every
 configuration the seeds cannot separate from the most accurate one (paired, as findings.md
 compares): with a few seeds the front is not a ranking. Both show means over seeds with 95%
-t-intervals cut to 0..100% (:func:`benchmarks.stats.interval`); one seed draws none. Legends
+t-intervals cut to 0..100% (:func:`benchmarks.sweep.stats.interval`); one seed draws none. Legends
 sit beside the axes, never over the data. Profile-only rows have no
 accuracy, so both return None for them.
 """
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 
 from benchmarks.common import MIB, method_label, num, rank_of
-from benchmarks.plot_common import (
+from benchmarks.plots.common import (
     BAND,
     _interval_by,
     _mean_by,
@@ -30,7 +30,7 @@ from benchmarks.plot_common import (
     legend,
     reference_interval,
 )
-from benchmarks.stats import metric_interval
+from benchmarks.sweep.stats import metric_interval
 
 
 def _seed_counts(ivs: dict) -> str:
@@ -102,7 +102,7 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
     """Mean target accuracy (95% interval bars) vs peak memory per configuration: the Pareto
     front of the means with the band of its members' intervals, and a ring round each
     configuration the seeds do not separate from the most accurate one."""
-    from benchmarks.findings import separation
+    from benchmarks.sweep.findings import separation
 
     acc = _interval_by(rows, "target_acc")
     mem = _mean_by(rows, "memory_peak")

@@ -14,7 +14,7 @@ from collections import defaultdict
 import matplotlib.pyplot as plt
 
 from benchmarks.common import MIB, VARIANTS, method_label, variant_of
-from benchmarks.plot_common import _mean_by, _methods_in, _ranks, _title
+from benchmarks.plots.common import _mean_by, _methods_in, _ranks, _title
 
 MEMORY_CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 CATEGORY_COLORS = {

@@ -5,8 +5,8 @@ Most plots are "a value over rank": one line per ranked method (LoRA, DoRA, GaLo
 log2 rank axis with a tick at every swept rank, and the methods without a rank (full FT, head,
 BitFit) as horizontal reference lines. :func:`_rank_figure` draws that once for all of them,
 from means keyed by ``(method, rank)`` over seeds (:func:`_mean_by`, or :func:`_interval_by`
-for 95% t-intervals); each plot kind (:mod:`benchmarks.plot_flops`,
-:mod:`benchmarks.plot_memory`, :mod:`benchmarks.plot_accuracy`) only maps units and labels.
+for 95% t-intervals); each plot kind (:mod:`benchmarks.plots.flops`,
+:mod:`benchmarks.plots.memory`, :mod:`benchmarks.plots.accuracy`) only maps units and labels.
 A method keeps its colour and marker (:data:`METHOD_STYLE`) in every plot. Importing this
 module selects matplotlib's file-only Agg backend.
 """
@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 from benchmarks.common import method_label, num, rank_of  # noqa: E402
-from benchmarks.stats import Interval, metric_interval  # noqa: E402
+from benchmarks.sweep.stats import Interval, metric_interval  # noqa: E402
 from convpeft.methods import list_methods  # noqa: E402
 
 METHOD_STYLE = {
@@ -67,7 +67,7 @@ def _mean_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], f
 
 def _interval_by(rows: Sequence[dict], field: str) -> dict[tuple[str, int | None], Interval]:
     """Mean and 95% interval of ``field`` per (method, rank) over seeds (for an accuracy on the
-    interval cut to 0..1: :data:`benchmarks.stats.METRIC_BOUNDS`)."""
+    interval cut to 0..1: :data:`benchmarks.sweep.stats.METRIC_BOUNDS`)."""
     return {k: metric_interval(v, field) for k, v in _values_by(rows, field).items()}
 
 

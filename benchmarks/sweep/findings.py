@@ -1,0 +1,470 @@
+"""The study's two claims, as this toolkit measures them — a markdown summary computed from rows.
+
+1. Memory: how much LoRA/DoRA lower the peak memory of one update vs full fine-tuning, on a
+   depthwise-separable net (MobileNet) vs a standard one (ResNet).
+2. FLOPs: how much the adapters lower the FLOPs of one update vs full fine-tuning, counted
+   correctly (``flops_forward + flops_backward``, grouped/depthwise convs right) and as torch's
+   ``FlopCounterMode`` counts it (``flops_torch``). Optimizer arithmetic is left out of both so
+   the two counters cover the same work.
+3. Lean / checkpointed updates (rows with ``lean`` or ``checkpoint`` set, e.g. ``--lean`` and
+   ``--checkpoint`` sweeps written into the same ``--out``): each method's peak against full
+   FT's plain peak both ways, with BN in train mode (the study's baseline) and with BN frozen,
+   where the rows hold that reference.
+
+Claims 1 and 2 use plain rows only (neither lean nor checkpointed), so mixing variants in one
+results file does not change them; claims 1-4 use the rows of one adapter target
+(:func:`benchmarks.common.primary_rows`: every conv where such rows exist).
+
+Last, always: "The study's claims, reproduced and corrected"
+(:mod:`benchmarks.sweep.study_findings`):
+the study's FLOP saving (adapters on standard convs, torch's counter) next to the correct one
+and to adapters on every conv, and the memory saving plain and lean; or the commands that
+produce the rows it needs.
+
+4. (3. without lean rows) Accuracy: target accuracy per configuration as the mean over seeds
+   with its 95% Student-t interval, cut to 0..100% (:mod:`benchmarks.sweep.stats`). Two
+   configurations are ranked only where the seeds separate them: paired over the seeds they
+   share (the 95% interval of the per-seed difference excludes zero), else by disjoint
+   intervals; otherwise they are called *indistinguishable*, and one seed ranks nothing.
+
+    python -m benchmarks.findings results/rank_sweep/results.jsonl
+
+Every number comes from the rows (means over seeds); nothing is hard-coded. Cost figures do not
+depend on the seed (a sweep profiles once per configuration); accuracies do.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from benchmarks.common import (
+    MIB,
+    VARIANTS,
+    method_label,
+    num,
+    primary_rows,
+    rank_of,
+    read_results,
+    results_parser,
+    target_of,
+    variant_of,
+)
+from benchmarks.sweep.stats import (
+    CONFIDENCE,
+    compare,
+    compare_paired,
+    metric_interval,
+    paired_interval,
+)
+from benchmarks.sweep.study_findings import study_lines
+
+ADAPTERS = ("lora", "dora")
+"""The methods both claims are about."""
+NO_REFERENCE = "No LoRA/DoRA rows with a full-FT reference of the same model and task."
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _means(rows: Sequence[dict], fn) -> dict[tuple, float]:
+    """Mean of ``fn(row)`` per (model, dataset, task, method, rank) over seeds."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        v = fn(r)
+        if v is not None:
+            acc[(r["model"], r.get("dataset"), r["task"], r["method"], rank_of(r))].append(v)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _sort_key(kv: tuple) -> tuple:
+    model, ds, task, method, rank = kv[0]
+    return (str(model), str(ds), str(task), str(method), -1 if rank is None else rank)
+
+
+def _pivot(recs: list[dict], cell) -> list[str]:
+    """Markdown table: a row per (model, task, method), a column per rank, ``cell(rec)`` text."""
+    ranks = sorted({r["rank"] for r in recs})
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in recs:
+        groups.setdefault((r["model"], r["task"], r["method"]), {})[r["rank"]] = r
+    lines = ["| model | task | method | " + " | ".join(f"r={k}" for k in ranks) + " |",
+             "|---|---|---|" + "---:|" * len(ranks)]
+    for (model, task, method), by_rank in groups.items():
+        cells = [cell(by_rank[k]) if k in by_rank else "" for k in ranks]
+        lines.append(f"| {model} | {task} | {method_label(method)} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def net_kind(rows: Sequence[dict], model: str) -> str:
+    """"depthwise-separable" if the sweep recorded depthwise convs in the model, else
+    "standard" (from the ``n_depthwise_convs`` column; "?" when it is absent)."""
+    vals = [num(r.get("n_depthwise_convs")) for r in rows if r.get("model") == model]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "?"
+    return "depthwise-separable" if max(vals) > 0 else "standard"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _fwd_bwd(r: dict) -> float | None:
+    f, b = num(r.get("flops_forward")), num(r.get("flops_backward"))
+    return None if f is None or b is None else f + b
+
+
+def memory_savings(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, adapter method, rank): peak vs full FT's peak."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    peak = _means(ok, lambda r: num(r.get("memory_peak")))
+    act = _means(ok, lambda r: num(r.get("memory_by_category_activations")))
+    act_max = _means(ok, lambda r: num(r.get("memory_category_max_activations")))
+    out = []
+    for (model, ds, task, method, rank), p in sorted(peak.items(), key=_sort_key):
+        full = peak.get((model, ds, task, "full", None))
+        if method not in ADAPTERS or full is None or rank is None:
+            continue
+        out.append(dict(
+            model=model, dataset=ds, task=task, method=method, rank=rank,
+            full_peak=full, peak=p, saving=1 - p / full,
+            full_activation_share=(act.get((model, ds, task, "full", None)) or 0) / full,
+            full_activation_max=act_max.get((model, ds, task, "full", None)),
+        ))
+    return out
+
+
+def flop_reductions(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, adapter method, rank): FLOP reduction vs full FT,
+    by our count and by torch's counter."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    ours = _means(ok, _fwd_bwd)
+    torch_ = _means(ok, lambda r: num(r.get("flops_torch")))
+    out = []
+    for (model, ds, task, method, rank), o in sorted(ours.items(), key=_sort_key):
+        full_o = ours.get((model, ds, task, "full", None))
+        if method not in ADAPTERS or rank is None or not full_o:
+            continue
+        t = torch_.get((model, ds, task, method, rank))
+        full_t = torch_.get((model, ds, task, "full", None))
+        out.append(dict(
+            model=model, dataset=ds, task=task, method=method, rank=rank,
+            ours_full=full_o, ours=o, ours_reduction=1 - o / full_o,
+            torch_full=full_t, torch=t,
+            torch_reduction=(1 - t / full_t) if (t is not None and full_t) else None,
+            torch_overcount_full=(full_t / full_o) if full_t else None,
+        ))
+    return out
+
+
+def _per_model_summary(recs: list[dict], field: str) -> dict[str, tuple[float, float, float]]:
+    """(min, mean, max) of ``field`` per model over tasks, adapters and ranks."""
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        if r.get(field) is not None:
+            by[r["model"]].append(r[field])
+    return {m: (min(v), sum(v) / len(v), max(v)) for m, v in by.items() if v}
+
+
+def findings_markdown(rows: Sequence[dict], out: str = "OUT") -> str:
+    """The markdown summary (both claims, the study's claims corrected), or notes saying what
+    the rows lack; ``out`` is the results folder the suggested commands write into."""
+    lines = ["# Rank sweep findings", ""]
+    n_ok = sum(r.get("status") == "ok" for r in rows)
+    n_fail = sum(r.get("status") == "failed" for r in rows)
+    lines.append(f"{n_ok} configurations measured, {n_fail} failed. Means over seeds; "
+                 "peak = true simultaneous peak of one update (params + buffers + grads + "
+                 "optimizer state + activations + temporaries).")
+    lines.append("")
+    setup = sorted({(r.get("batch_size"), r.get("resolution"), r.get("env_device"),
+                     r.get("bn")) for r in rows if r.get("status") == "ok"}, key=str)
+    for bs, res, dev, bn in setup:
+        lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev}, BN policy {bn!r}.")
+    targets = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
+    study_rows, rows = rows, primary_rows(rows)
+    main = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
+    if targets != ["conv"] and targets:
+        lines.append(f"Adapters on {', '.join(f'`{t}`' for t in main)} layers in the sections "
+                     "before the last, which compares the rows of every target "
+                     f"({', '.join(f'`{t}`' for t in targets)}).")
+    lines.append("")
+
+    plain = [r for r in rows if variant_of(r) == "plain"]
+    lines += _section("## 1. Peak-memory saving of LoRA/DoRA vs full fine-tuning",
+                      memory_savings(plain), lambda recs: _memory_lines(plain, recs))
+    lines += _section("## 2. FLOP reduction of LoRA/DoRA vs full fine-tuning (forward + backward)",
+                      flop_reductions(plain), lambda recs: _flop_lines(plain, recs))
+    lean = lean_savings(rows)
+    if lean:
+        lines += ["## 3. Lean and checkpointed updates vs full fine-tuning", ""]
+        lines += _lean_lines(lean)
+        lines.append("")
+    acc = accuracy_intervals(rows)
+    if acc:
+        n = 4 if lean else 3  # sections are numbered as they appear
+        lines += [f"## {n}. Accuracy after adaptation: mean over seeds, "
+                  f"{100 * CONFIDENCE:.0f}% t-interval", "", *_accuracy_lines(acc), ""]
+    n_sections = 2 + bool(lean) + bool(acc)
+    lines += study_lines(study_rows, out, number=n_sections + 1)
+    return "\n".join(lines)
+
+
+def lean_savings(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, method, rank, bn, variant) of the lean and/or
+    checkpointed rows: its peak, and its saving vs full FT's *plain* peak with BN train and with
+    BN frozen (None where the rows hold no such reference)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in ok:
+        p = num(r.get("memory_peak"))
+        if p is not None:
+            acc[(r["model"], r.get("dataset"), r["task"], r["method"], rank_of(r),
+                 r.get("bn"), variant_of(r))].append(p)
+    peak = {k: sum(v) / len(v) for k, v in acc.items()}
+    out = []
+    for (model, ds, task, method, rank, bn, var), p in sorted(peak.items(), key=str):
+        if var == "plain":
+            continue
+        ref = {b: peak.get((model, ds, task, "full", None, b, "plain")) for b in ("train",
+                                                                                 "freeze")}
+        out.append(dict(model=model, dataset=ds, task=task, method=method, rank=rank, bn=bn,
+                        variant=var, peak=p,
+                        saving_bn_train=(1 - p / ref["train"]) if ref["train"] else None,
+                        saving_bn_frozen=(1 - p / ref["freeze"]) if ref["freeze"] else None))
+    return out
+
+
+def _lean_lines(recs: list[dict]) -> list[str]:
+    lines = ["Saving of the peak vs full FT's plain update with BN train | with BN frozen "
+             "(n/a: no such full-FT row in the results):", "",
+             "| model | task | method | rank | BN | variant | peak [MiB] | vs full FT, BN train "
+             "| vs full FT, BN frozen |", "|---|---|---|---:|---|---|---:|---:|---:|"]
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for r in sorted(recs, key=lambda r: (str(r["model"]), str(r["task"]), str(r["method"]),
+                                         r["rank"] or 0, order[r["variant"]])):
+        lines.append(f"| {r['model']} | {r['task']} | {method_label(r['method'])} | "
+                     f"{'' if r['rank'] is None else r['rank']} | {r['bn']} | {r['variant']} | "
+                     f"{r['peak'] / MIB:.1f} | {_pct(r['saving_bn_train'])} | "
+                     f"{_pct(r['saving_bn_frozen'])} |")
+    return lines
+
+
+def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
+    """One record per (model, dataset, task, settings, method, rank) with a target accuracy:
+    ``target``/``source``/``zero_shot`` :class:`~benchmarks.sweep.stats.Interval` over the seeds of
+    its ``ok`` rows (``source``/``zero_shot`` None when absent), ``seeds`` and ``by_seed``
+    (seed -> target accuracy, for paired comparisons)."""
+    vals: dict[tuple, dict[str, list]] = {}
+    for r in rows:
+        if r.get("status") != "ok" or num(r.get("target_acc")) is None:
+            continue
+        k = (r["model"], r.get("dataset"), r["task"], r.get("settings_signature"), r["method"],
+             rank_of(r))
+        d = vals.setdefault(k, {"target_acc": [], "source_acc": [], "zero_shot_acc": [],
+                                "seed": [], "by_seed": {}})
+        for f in ("target_acc", "source_acc", "zero_shot_acc"):
+            if num(r.get(f)) is not None:
+                d[f].append(num(r.get(f)))
+        d["seed"].append(r.get("seed"))
+        if r.get("seed") not in (None, ""):
+            d["by_seed"][int(r["seed"])] = num(r["target_acc"])
+    out = []
+    for (model, ds, task, sig, method, rank), d in sorted(
+            vals.items(), key=lambda kv: tuple(str(x) for x in kv[0][:5]) + (
+                -1 if kv[0][5] is None else kv[0][5],)):
+        out.append(dict(
+            model=model, dataset=ds, task=task, signature=sig, method=method, rank=rank,
+            seeds=sorted(s for s in d["seed"] if s is not None),
+            target=metric_interval(d["target_acc"], "target_acc"), by_seed=d["by_seed"],
+            source=(metric_interval(d["source_acc"], "source_acc") if d["source_acc"]
+                    else None),
+            zero_shot=(metric_interval(d["zero_shot_acc"], "zero_shot_acc")
+                       if d["zero_shot_acc"] else None),
+        ))
+    return out
+
+
+def _config_label(rec: dict) -> str:
+    rank = "" if rec["rank"] is None else f" r={rec['rank']}"
+    k = rec.get("update_blocks")
+    sparse = "" if k in (None, "") else f" last {k} blocks"
+    return method_label(rec["method"]) + rank + sparse
+
+
+def separation(a: dict, b: dict) -> int | None:
+    """Do the seeds separate record ``a``'s target accuracy from ``b``'s? ``1`` above, ``-1``
+    below, ``0`` indistinguishable, None without intervals. Paired over the seeds both ran
+    (same split, source model and sample per seed) when they share two or more; else by
+    disjoint intervals (see :mod:`benchmarks.sweep.stats`)."""
+    diff = paired_interval(a.get("by_seed", {}), b.get("by_seed", {}))
+    if diff is not None:
+        return compare_paired(diff)
+    return compare(a["target"], b["target"])
+
+
+def _verdict(a: dict, b: dict) -> str:
+    """How record ``a`` compares with ``b``: "above", "below", "indistinguishable", or
+    "no interval" (one seed)."""
+    return {1: "above", -1: "below", 0: "indistinguishable",
+            None: "no interval"}[separation(a, b)]
+
+
+def _accuracy_lines(acc: list[dict]) -> list[str]:
+    """Per (model, task): the best configuration, which ones its interval cannot separate from
+    it, which lie below; each ranked method vs full FT per rank; then the table."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in acc:
+        groups.setdefault((r["model"], r["dataset"], r["task"], r["signature"]), []).append(r)
+    several = len({(m, t) for m, _, t, _ in groups}) < len(groups)
+    ns = sorted({r["target"].n for r in acc})
+    n_txt = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
+    lines = [f"Target test accuracy, mean over {n_txt} seed(s) with its {100 * CONFIDENCE:.0f}% "
+             "Student-t interval, cut to 0..100% (an accuracy's true mean lies there, so "
+             "the cut loses no coverage). A configuration is ranked above another only where "
+             "the seeds separate them: configurations run on the same seeds share, seed by "
+             "seed, the data split, source model and few-shot sample, so they are compared "
+             f"paired (the {100 * CONFIDENCE:.0f}% interval of the per-seed difference must "
+             "exclude zero), others by disjoint intervals. Otherwise the two are "
+             "*indistinguishable* at this "
+             "number of seeds.", ""]
+    if ns[0] < 2:
+        lines += ["Some configurations have one seed only: they get no interval and are not "
+                  "ranked (run the sweep with `--seeds 3` or more).", ""]
+    for (model, ds, task, sig), recs in groups.items():
+        name = f"{model}, {task}" + (f" ({ds}, settings {sig})" if several else "")
+        best = max(recs, key=lambda r: r["target"].mean)
+        zs = [r["zero_shot"] for r in recs if r["zero_shot"] is not None]
+        zs_txt = ("" if not zs else f" (zero-shot {100 * zs[0].mean:.1f}%, one seed)"
+                  if zs[0].low is None else f" (zero-shot {zs[0].format()})")
+        if best["target"].low is None:
+            lines.append(f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
+                         f"{best['target'].format()}; no intervals, no ranking.")
+            continue
+        others = sorted((r for r in recs if r is not best), key=lambda r: -r["target"].mean)
+        sep = [separation(r, best) for r in others]  # one paired comparison per record
+        same = [r for r, v in zip(others, sep, strict=True) if v in (0, None)]
+        below = [r for r, v in zip(others, sep, strict=True) if v == -1]
+        text = (f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
+                f"{best['target'].format()}")
+        text += ("; indistinguishable from it: " + ", ".join(_config_label(r) for r in same)
+                 if same else "; every other configuration is below it")
+        if below and same:
+            text += "; below it (the seeds separate them): " + ", ".join(
+                _config_label(r) for r in below)
+        lines.append(text + ".")
+        full = next((r for r in recs if r["method"] == "full" and r["rank"] is None), None)
+        if full is None:
+            continue
+        ranked = [r for r in recs if r["rank"] is not None]
+        for method in dict.fromkeys(r["method"] for r in ranked):
+            parts = [f"r={r['rank']} {_verdict(r, full)}"
+                     for r in ranked if r["method"] == method]
+            lines.append(f"  - {method_label(method)} vs full FT: " + ", ".join(parts) + ".")
+    lines += ["", "Target accuracy [%], mean [95% interval] over seeds:", ""]
+    ranks = sorted({r["rank"] for r in acc if r["rank"] is not None})
+    cols = (["no rank"] if any(r["rank"] is None for r in acc) else []) + [f"r={k}"
+                                                                           for k in ranks]
+    lines += ["| model | task | method | " + " | ".join(cols) + " |",
+              "|---|---|---|" + "---:|" * len(cols)]
+    rows_: dict[tuple, dict] = {}
+    for r in acc:
+        rows_.setdefault((r["model"], r["task"], r["signature"], r["method"]), {})[r["rank"]] = r
+    for (model, task, _, method), by_rank in rows_.items():
+        keys = ([None] if "no rank" in cols else []) + ranks
+        cells = [by_rank[k]["target"].format(unit="") if k in by_rank else "" for k in keys]
+        lines.append(f"| {model} | {task} | {method_label(method)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _section(title: str, recs: list[dict], body: Callable[[list[dict]], list[str]]) -> list[str]:
+    """A claim's markdown: title, then ``body(recs)``, or a note when there are no records."""
+    return [title, "", *(body(recs) if recs else [NO_REFERENCE]), ""]
+
+
+def _full_reference(recs: list[dict], *fields: str) -> dict[tuple[str, str], tuple]:
+    """Full FT's figures per (model, task), as recorded next to each adapter record."""
+    return {(r["model"], r["task"]): tuple(r[f] for f in fields) for r in recs}
+
+
+def activation_reason(mem: Sequence[dict], model: str) -> str:
+    """Why full FT's peak holds (almost) no activations, when it does not: the peak falls after
+    backward has freed them, in the optimizer step (parameters, gradients and the optimizer's
+    state all live). Empty when activations are part of the peak or were not recorded."""
+    recs = [r for r in mem if r["model"] == model]
+    share = _mean([r["full_activation_share"] for r in recs])
+    most = [r["full_activation_max"] for r in recs if r.get("full_activation_max")]
+    if share is None or share >= 0.005 or not most:
+        return ""
+    return (f" (full FT's peak falls in the optimizer step, after backward has freed the "
+            f"activations, which peaked earlier at {max(most) / MIB:.1f} MiB: parameters, "
+            "gradients and the optimizer's state are what is live then)")
+
+
+def _memory_lines(rows: Sequence[dict], mem: list[dict]) -> list[str]:
+    lines = []
+    summ = _per_model_summary(mem, "saving")
+    for m in dict.fromkeys(r["model"] for r in mem):
+        lo, mean, hi = summ[m]
+        share = _mean([r["full_activation_share"] for r in mem if r["model"] == m])
+        lines.append(
+            f"- **{m}** ({net_kind(rows, m)}): LoRA/DoRA peak is {_pct(lo)} to {_pct(hi)} "
+            f"below full FT (mean {_pct(mean)}); activations are {_pct(share)} of "
+            f"full FT's peak{activation_reason(mem, m)}."
+        )
+    lines += ["", "Full-FT peak per model and task:", ""]
+    lines += ["| model | task | full FT peak [MiB] |", "|---|---|---:|"]
+    lines += [f"| {m} | {t} | {v / MIB:.1f} |"
+              for (m, t), (v,) in _full_reference(mem, "full_peak").items()]
+    lines += ["", "Adapter peak [MiB] (saving vs full FT):", ""]
+    lines += _pivot(mem, lambda r: f"{r['peak'] / MIB:.1f} ({_pct(r['saving'])})")
+    return lines
+
+
+def _flop_lines(rows: Sequence[dict], fl: list[dict]) -> list[str]:
+    lines = []
+    ours = _per_model_summary(fl, "ours_reduction")
+    theirs = _per_model_summary(fl, "torch_reduction")
+    over = _per_model_summary(fl, "torch_overcount_full")
+    for m in dict.fromkeys(r["model"] for r in fl):
+        lo, mean, hi = ours[m]
+        t = theirs.get(m)
+        o = over.get(m)
+        tt = (f"torch's counter says {_pct(t[0])} to {_pct(t[2])} (mean {_pct(t[1])})"
+              if t else "torch's count not recorded")
+        oo = f"; torch counts full FT at {o[1]:.2f}x our figure" if o else ""
+        lines.append(
+            f"- **{m}** ({net_kind(rows, m)}): counted correctly, the adapters cut an "
+            f"update's FLOPs by {_pct(lo)} to {_pct(hi)} (mean {_pct(mean)}); {tt}{oo}."
+        )
+    lines += ["", "Full FT, forward + backward [MFLOP], ours vs torch's counter:", ""]
+    lines += ["| model | task | ours | torch | torch / ours |", "|---|---|---:|---:|---:|"]
+    for (m, t), (o, tt) in _full_reference(fl, "ours_full", "torch_full").items():
+        ts = "n/a" if tt is None else f"{tt / 1e6:.1f}"
+        ratio = "n/a" if tt is None else f"{tt / o:.2f}x"
+        lines.append(f"| {m} | {t} | {o / 1e6:.1f} | {ts} | {ratio} |")
+    lines += ["", "FLOP reduction vs full FT: ours / torch's counter:", ""]
+    lines += _pivot(fl, lambda r: f"{_pct(r['ours_reduction'])} / "
+                    f"{_pct(r['torch_reduction'])}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = results_parser(
+        "python -m benchmarks.findings",
+        "Print the markdown findings (memory and FLOP claims) of a results file.",
+    ).parse_args(argv)
+    rows = read_results(a.results)
+    if rows is None:
+        return 2
+    folder = Path(a.results)
+    print(findings_markdown(rows, str(folder if folder.is_dir() else folder.parent)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
