@@ -41,10 +41,9 @@ from torch import nn
 
 from convpeft.checkpoint import checkpoint_blocks, restore_checkpointing
 from convpeft.lean import lean_activations, restore_activations
-from convpeft.methods import MethodConfig, prepare
-from convpeft.models import build_model
 from convpeft.profiler import analytic_profile, profile_update
 from convpeft.profiler.analytic import meta_copy
+from convpeft.profiler.calibrate import prepared_update
 from convpeft.profiler.memory import state_tensors
 from convpeft.profiler.scratch import default_model
 
@@ -70,15 +69,9 @@ CONFIGS = [  # (label, method, bn, lean, checkpointed)
 def prepared(model_name: str, method: str, bn: str, lean: bool, rank: int,
              ckpt: bool = False, target: str = "conv"):
     """``model_name`` (ImageNet stem, 10 classes) prepared for ``method`` with adapters on the
-    ``target`` layers (:mod:`convpeft.layer_kinds`), in train mode, lean/checkpointed if asked."""
-    model = build_model(model_name, 10)
-    p = prepare(model, MethodConfig(method, rank=rank, bn=bn, target=target))
-    p.train_mode()
-    if lean:
-        lean_activations(p.model)
-    if ckpt:
-        checkpoint_blocks(p.model)
-    return p
+    ``target`` layers (:mod:`convpeft.layer_kinds`), in train mode, lean/checkpointed if asked
+    (:func:`convpeft.profiler.calibrate.prepared_update`)."""
+    return prepared_update(model_name, method, bn, lean, ckpt, rank=rank, target=target)
 
 
 def _nbytes(t: torch.Tensor) -> int:

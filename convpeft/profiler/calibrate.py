@@ -48,16 +48,17 @@ class Calibration:
 
 
 def prepared_update(model_name: str, method: str, bn: str, lean: bool, ckpt: bool, *,
-                    rank: int = 8, num_classes: int = 10, device: str | torch.device = "cpu"):
-    """A :func:`convpeft.methods.prepare`-d model (adapters on every conv, head trainable) in
-    train mode, memory-lean / checkpointed if asked, on ``device``."""
+                    rank: int = 8, num_classes: int = 10, device: str | torch.device = "cpu",
+                    target: str = "conv"):
+    """A :func:`convpeft.methods.prepare`-d model (adapters on the ``target`` layers, head
+    trainable) in train mode, memory-lean / checkpointed if asked, on ``device``."""
     from convpeft.checkpoint import checkpoint_blocks
     from convpeft.lean import lean_activations
     from convpeft.methods import MethodConfig, prepare
     from convpeft.models import build_model
 
     model = build_model(model_name, num_classes).to(device)
-    p = prepare(model, MethodConfig(method, rank=rank, bn=bn, target="conv"))
+    p = prepare(model, MethodConfig(method, rank=rank, bn=bn, target=target))
     p.train_mode()
     if lean:
         lean_activations(p.model)
