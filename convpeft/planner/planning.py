@@ -166,7 +166,7 @@ def plan(
     *,
     resolution: int = 224,
     methods: Sequence[str] | None = None,
-    ranks: Sequence[int] = DEFAULT_RANKS,
+    ranks: Sequence[int] | None = DEFAULT_RANKS,
     lean: bool | str = False,
     bn: str = "train",
     optimizer: str = "adamw",
