@@ -91,21 +91,6 @@ def test_peak_matches_allocator_trace(frozen, one_thread):
     assert abs(p.memory_peak_allocator - full) / full < 0.01
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_peak_matches_cuda_allocator():
-    model = _mbv2(frozen=True).cuda()
-    x = torch.randn(8, 3, 64, 64, device="cuda")
-    y = torch.randint(0, 10, (8,), device="cuda")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    torch.cuda.synchronize()
-    known = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *model.buffers(), x, y])
-    other = torch.cuda.memory_allocated() - known  # device memory not ours (earlier tests)
-    p = profile_update(model, opt, x, y, repeat=1)
-    # max_memory_allocated counts everything on the device, including cuDNN workspaces
-    device_peak = p.memory_peak_allocator - other
-    assert abs(p.memory_peak - device_peak) / device_peak < 0.05
-
-
 def test_categories_consistent_and_frozen_ok():
     model = _mbv2(frozen=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
