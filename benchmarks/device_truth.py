@@ -54,18 +54,12 @@ def _build(model_name: str, device: str) -> torch.nn.Module:
 def prepared(model_name: str, method: str, variant: str, device: str = "cpu", rank: int = 8):
     """``model_name`` prepared for ``method`` (BN train for full FT, frozen otherwise) with the
     ``variant``'s memory options, in train mode, on ``device``."""
-    from convpeft.checkpoint import checkpoint_blocks
-    from convpeft.lean import lean_activations
-    from convpeft.methods import MethodConfig, prepare
+    from convpeft.profiler.calibrate import prepared_update
 
     bn = "train" if method == "full" else "freeze"
-    p = prepare(_build(model_name, device), MethodConfig(method, rank=rank, bn=bn))
-    p.train_mode()
-    if variant in ("lean", "lean+ckpt"):
-        lean_activations(p.model)
-    if variant == "lean+ckpt":
-        checkpoint_blocks(p.model)
-    return p
+    return prepared_update(_build(model_name, device), method, bn,
+                           variant in ("lean", "lean+ckpt"), variant == "lean+ckpt",
+                           rank=rank, device=device)
 
 
 def measure_row(model_name: str, method: str, variant: str, batch: int, resolution: int,

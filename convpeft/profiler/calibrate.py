@@ -47,17 +47,20 @@ class Calibration:
     rows: list[dict] = field(default_factory=list)
 
 
-def prepared_update(model_name: str, method: str, bn: str, lean: bool, ckpt: bool, *,
+def prepared_update(model_name: str | torch.nn.Module, method: str, bn: str, lean: bool,
+                    ckpt: bool, *,
                     rank: int = 8, num_classes: int = 10, device: str | torch.device = "cpu",
                     target: str = "conv"):
     """A :func:`convpeft.methods.prepare`-d model (adapters on the ``target`` layers, head
-    trainable) in train mode, memory-lean / checkpointed if asked, on ``device``."""
+    trainable) in train mode, memory-lean / checkpointed if asked, on ``device``.
+    ``model_name`` is a torchvision name (:func:`convpeft.models.build_model`) or a model."""
     from convpeft.checkpoint import checkpoint_blocks
     from convpeft.lean import lean_activations
     from convpeft.methods import MethodConfig, prepare
     from convpeft.models import build_model
 
-    model = build_model(model_name, num_classes).to(device)
+    model = (build_model(model_name, num_classes) if isinstance(model_name, str)
+             else model_name).to(device)
     p = prepare(model, MethodConfig(method, rank=rank, bn=bn, target=target))
     p.train_mode()
     if lean:
@@ -91,7 +94,7 @@ def calibrate(device: str | torch.device = "cpu", *, batch: int = 8, resolution:
         y = torch.randint(0, 10, (batch,), device=device)
         plain_update(p.model, p.optimizer, x, y, loss_fn)  # optimizer state exists
         run = run_instrumented(p.model, p.optimizer, x, y, loss_fn, compare_torch=False,
-                               trace=device.type == "cpu")
+                               trace=device.type == "cpu", collect_scratch=True)
         samples += [(s, e) for s, e in run.op_scratch or [] if s is not None]
         runs.append((cfg, p, run.memory.peak))
     name = device_name(device)

@@ -119,8 +119,8 @@ class InstrumentedRun:
     device_peak: DevicePeak | None  # allocator reading (CUDA, CPU trace, injected probe) or
     # the scratch model's prediction (analytic)
     tensor_peak: int = 0  # the tensor-level peak (live storages only)
-    # each op's shapes and measured excess (bytes held beyond its outputs), from the CPU trace
-    # or the allocator probe: what :func:`convpeft.calibrate` fits the scratch model to
+    # with collect_scratch: each op's shapes and measured excess (bytes held beyond its
+    # outputs), from the CPU trace or the allocator probe: what :func:`convpeft.calibrate` fits
     op_scratch: list[tuple[OpShape | None, int]] | None = None
 
 
@@ -130,7 +130,8 @@ class Instrument(TorchDispatchMode):
 
     def __init__(self, counter: FlopCounter, tracker: MemoryTracker,
                  probe: AllocatorProbe | None = None, foreign: int = 0,
-                 trace: CpuTrace | None = None, scratch: ScratchModel | None = None) -> None:
+                 trace: CpuTrace | None = None, scratch: ScratchModel | None = None,
+                 collect: bool = False) -> None:
         super().__init__()
         self.counter = counter
         self.tracker = tracker
@@ -138,6 +139,7 @@ class Instrument(TorchDispatchMode):
         self.foreign = foreign  # allocator bytes that are not this update's (other tensors)
         self.trace = trace  # CPU allocator trace: markers per op, peak found after the run
         self.scratch = scratch  # analytic: predicted kernel scratch per op
+        self.collect = collect  # record each op's shapes and excess (calibration)
         self.op_features: list[OpShape | None] = []  # per traced op (CPU trace)
         self.probe_samples: list[tuple[OpShape | None, int]] = []  # per probed op: excess
         self.device_peak: DevicePeak | None = None
@@ -147,33 +149,35 @@ class Instrument(TorchDispatchMode):
         tracker = self.tracker
         # an op returning a view or alias of an input (views, in-place, out=) allocates nothing
         # (no storage, no kernel scratch), so it cannot raise the device peak: not probed
-        probe = self.probe
-        if probe is not None and tracker.returns_alias(func):
-            probe = None
+        alias = tracker.returns_alias(func)
+        probe = None if alias else self.probe
         if probe is not None:
             probe.reset_peak()
         trace = self.trace
-        if trace is not None and not tracker.returns_alias(func):
+        if trace is not None and not alias:
             with trace.marker(func):
                 out = func(*args, **kwargs)
-            tracker.on_output(out, func)
-            trace.set_tick(tracker.tick)
-            self.op_features.append(op_features(func, args, kwargs, out))
         else:
             out = func(*args, **kwargs)
-            tracker.on_output(out, func)
+        tracker.on_output(out, func)
         self.counter.record(func, args, kwargs, out)
-        if self.scratch is not None and not tracker.returns_alias(func):
+        # shapes for the scratch model: to predict (analytic) or, when calibrating, to record
+        shape = (op_features(func, args, kwargs, out)
+                 if not alias and (self.scratch is not None or self.collect) else None)
+        if trace is not None and not alias:
+            trace.set_tick(tracker.tick)
+            self.op_features.append(shape)
+        if self.scratch is not None and not alias:
             # the op peaks with its inputs and outputs live plus its scratch (predicted)
-            raw = tracker.current + self.scratch.predict(op_features(func, args, kwargs, out))
+            raw = tracker.current + self.scratch.predict(shape)
             if self.device_peak is None or raw > self.device_peak.raw:
                 self.device_peak = DevicePeak(raw=raw, peak=raw, tick=tracker.tick,
                                               op=str(func))
         if probe is not None:
             # the op peaked with its inputs and its (new) outputs live, plus its scratch
             raw = probe.peak()
-            self.probe_samples.append((op_features(func, args, kwargs, out),
-                                       max(0, raw - probe.current())))
+            if self.collect:
+                self.probe_samples.append((shape, max(0, raw - probe.current())))
             if self.device_peak is None or raw > self.device_peak.raw:
                 self.device_peak = DevicePeak(raw=raw, peak=raw - self.foreign,
                                               tick=tracker.tick, op=str(func))
@@ -272,12 +276,14 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
                      targets: torch.Tensor, loss_fn: LossFn, *, per_layer: bool = False,
                      compare_torch: bool = True,
                      probe: AllocatorProbe | None = None, amp: str = "off",
-                     trace: bool = False, scratch: ScratchModel | None = None
-                     ) -> InstrumentedRun:
+                     trace: bool = False, scratch: ScratchModel | None = None,
+                     collect_scratch: bool = False) -> InstrumentedRun:
     """Run ONE update under the instrumentation. ``probe`` defaults to the CUDA allocator when
     ``inputs`` live on CUDA (None elsewhere). ``trace=True`` (CPU) reads the CPU allocator
     through :class:`~convpeft.profiler.cpu_trace.CpuTrace`; ``scratch`` (analytic, meta tensors)
-    predicts the device peak as the tensors live at each op plus its modelled scratch."""
+    predicts the device peak as the tensors live at each op plus its modelled scratch.
+    ``collect_scratch`` records every op's shapes and measured excess in ``op_scratch`` (what
+    :func:`convpeft.calibrate` fits; off by default, it costs a shape walk per op)."""
     device = inputs.device
     if probe is None and device.type == "cuda":
         probe = CudaProbe(device)
@@ -303,7 +309,8 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
     foreign = max(0, probe.current() - tracker.current) if probe is not None else 0
     resident = tracker.current  # live when tracking starts: the CPU trace counts from here
     cpu_trace = CpuTrace() if trace else None
-    instrument = Instrument(counter, tracker, probe, foreign, trace=cpu_trace, scratch=scratch)
+    instrument = Instrument(counter, tracker, probe, foreign, trace=cpu_trace, scratch=scratch,
+                            collect=collect_scratch)
 
     def set_phase(ph: str) -> None:
         counter.phase = ph
@@ -347,7 +354,8 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
         tick = cpu_trace.ticks[at] if 0 <= at < len(cpu_trace.ticks) else 0
         dpeak = DevicePeak(raw=resident + res.peak, peak=resident + res.peak, tick=tick,
                            op=cpu_trace.names[at] if 0 <= at < len(cpu_trace.names) else "")
-        op_scratch = [(instrument.op_features[o.index], o.excess) for o in res.ops]
+        if collect_scratch:
+            op_scratch = [(instrument.op_features[o.index], o.excess) for o in res.ops]
     elif instrument.probe_samples:
         op_scratch = instrument.probe_samples
     if dpeak is None:
