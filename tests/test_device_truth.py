@@ -70,7 +70,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_cpu_device_peak_is_the_peak_rss_of_a_fresh_process(tmp_path):
     # MobileNetV2 LoRA lean + checkpointed: the update whose oneDNN scratch is largest (the
-    # tensor-level figure misses ~30% of it), so the comparison can tell the two apart
+    # tensor-level figure misses ~13% of it), so the comparison can tell the two apart
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(ROOT)], capture_output=True,
                          text=True, env=env, timeout=600)
@@ -78,7 +78,9 @@ def test_cpu_device_peak_is_the_peak_rss_of_a_fresh_process(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     # RSS counts whole pages and the interpreter's own small allocations: a few % of slack
     assert abs(r["device"] / r["growth"] - 1) < 0.06, r
-    assert r["tensors"] < 0.85 * r["growth"], r  # the tensor-level figure is not the device's
+    # the tensor-level figure is not the device's: it lies well outside the 6% band above
+    # (~13% below here: the batch-chunked conv backward leaves that much oneDNN scratch)
+    assert r["tensors"] < 0.90 * r["growth"], r
 
 
 @pytest.fixture(scope="module")

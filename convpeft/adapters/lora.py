@@ -37,9 +37,13 @@ Two equivalent computations (``mode``), both exact:
 
 * ``"activation"``: ``y = conv(x, W0) + s * conv_B(conv_A(x))`` where ``conv_A`` has the base's
   kernel, stride, padding, dilation, padding mode and groups (``A`` repeated per group,
-  ``g * r`` output channels) and ``conv_B`` is a 1x1 conv with ``groups = g``. Extra cost per
-  step ~ ``3 P r (g K + C_out)`` MACs for ``P = N H_out W_out`` output positions; it saves the
-  ``(N, g r, H_out, W_out)`` intermediate for the backward pass.
+  ``g * r`` output channels) and ``conv_B`` is a 1x1 conv with ``groups = g``, one autograd
+  Function (:class:`LoRAConvFunction`): ``conv_B``'s output accumulates into the base output in
+  place, and the input gradient is one transposed conv with the merged weight ``W0 + s dW``
+  instead of two input-sized gradients and their sum. Extra cost per step ~
+  ``P r (2 g K + 3 C_out)`` MACs with ``A`` trainable (``P = N H_out W_out`` output positions;
+  forward both convs, backward ``B``'s and ``A``'s gradients) plus ``C_out r K`` to form ``dW``;
+  it saves the ``(N, g r, H_out, W_out)`` intermediate, and ``x`` only where ``A`` trains.
 * ``"weight"``: ``y = conv(x, W0 + s dW)``: one conv, the ``C_out r K`` MAC product forming dW,
   and the backward pass computes the full weight gradient ``P C_out K`` MACs (which the frozen
   base layer would skip) before projecting it onto ``A`` and ``B``. It saves no extra activation.
@@ -62,10 +66,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from ..amp import autocast_dtype, cast, no_autocast
 from ..conv_variants import ConvVariant, conv_variant
 from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops, pair
-from ..lean import frozen_conv2d
+from ..lean.functions import chunked_conv2d, conv2d_input_chunked
 from .config import AdapterConfig
 from .layer import WEIGHT_SPACE_DEVICES as WEIGHT_SPACE_DEVICES
 from .layer import AdapterLayer
@@ -99,6 +105,133 @@ def conv_padding(base: nn.Conv2d, *, padding_mode: bool = True,
         return None, "constant", (pads[2], pads[0])
     mode = "constant" if pmode == "zeros" else pmode
     return pads, mode, (0, 0)
+
+
+def accumulate_b_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float,
+                  groups: int) -> torch.Tensor:
+    """``y += s * conv_B(h)`` in place, no autograd: ``y (N, C_out, H, W)``, ``h (N, g r, H, W)``,
+    ``b (C_out, r)``, ``conv_B`` the 1x1 conv with ``groups = g``.
+
+    Ungrouped and contiguous, a 1x1 conv is a batched matmul over channels,
+    ``y[n] (C_out, HW) += s * B @ h[n] (r, HW)``, and ``baddbmm_`` accumulates straight into
+    ``y``: ``y.add_(conv_B(h))`` would first materialise a second output-sized tensor (on CPU
+    plus oneDNN's blocked twin of it). On a large early layer that is the update's peak
+    (ResNet18's stem at batch 64 x 224x224: ``y``, ``conv_B(h)`` and the twin, 3 x 196 MiB)."""
+    if groups == 1 and y.dim() == 4 and y.is_contiguous():
+        n, c = y.shape[:2]
+        r = h.shape[1]
+        y.view(n, c, -1).baddbmm_(b.expand(n, c, r), h.reshape(n, r, -1), alpha=s)
+        return y
+    return y.add_(F.conv2d(h, b.reshape(*b.shape, 1, 1), None, 1, 0, 1, groups), alpha=s)
+
+
+_conv_backward = torch.ops.aten.convolution_backward
+
+
+class LoRAConvFunction(torch.autograd.Function):
+    """``y = conv(x, W0) + bias + s * conv_B(conv_A(x))`` with a hand-written backward (activation
+    space, frozen ``W0``; ``x`` already padded).
+
+    Inputs: ``x (N, C_in, H, W)``, ``weight`` W0 ``(C_out, C_in/g, kh, kw)``, ``bias (C_out,)`` or
+    ``None``, ``a_w`` = ``conv_A``'s weight ``(g r, C_in/g, kh, kw)`` (``A`` repeated per group),
+    ``b (C_out, r)``. Returns ``y (N, C_out, H_out, W_out)``.
+
+    What autograd would do, and why this does less:
+
+    * it would add two input gradients, ``conv_input(gy, W0) + conv_input(gh, A)``, each the
+      size of ``x`` and both live at once (plus the sum, plus each conv's scratch). They are one
+      transposed conv with the merged weight: ``gx = conv_input(gy, W0 + s dW)`` (``dW`` from
+      ``B @ A``, weight-sized): one input-sized tensor, and ``conv_A``'s input-gradient FLOPs
+      become the ``C_out r K`` MACs of forming ``dW``;
+    * ``conv_B``'s output is accumulated into ``y`` (:func:`accumulate_b_`), not added from a copy;
+    * only what the gradients read is saved: ``h = conv_A(x)`` for ``B`` and ``x`` only where
+      ``A`` (or the base weight) trains. With ``A`` frozen (LoRA-FA) that is ``h`` alone, ``g r``
+      channels instead of ``C_in``: LoRA-FA's saving with no separate lean path.
+
+    Autocast (:mod:`convpeft.amp`): inputs are cast to autocast's dtype, ``y`` comes out in it,
+    gradients in each input's own dtype; the stored weight is saved (resident anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_w, b, s, stride, padding, dilation, groups):
+        dt = autocast_dtype(x)
+        ctx.in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
+                         a_w.dtype, b.dtype)
+        stored = weight
+        xc, wc, bc, ac, bcast = (cast(t, dt) for t in (x, weight, bias, a_w, b))
+        with no_autocast(x):
+            h = F.conv2d(xc, ac, None, stride, padding, dilation, groups)
+            y = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
+            accumulate_b_(y, h, bcast, s, groups)
+        # B's gradient reads h; with A frozen (LoRA-FA) keep the smaller of h and x (h is
+        # recomputed from x in backward where x is smaller: depthwise/grouped, g r > C_in)
+        recompute_h = not a_w.requires_grad and xc.numel() < h.numel()
+        keep_x = a_w.requires_grad or weight.requires_grad or recompute_h
+        ctx.save_for_backward(xc if keep_x else None, stored, ac, bcast,
+                              None if recompute_h else h)
+        ctx.x_shape = x.shape
+        ctx.s = s
+        ctx.geom = (list(stride), list(padding), list(dilation), groups)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, weight, a_w, b, h = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        stride, padding, dilation, groups = ctx.geom
+        s = ctx.s
+        gy = gy.to(b.dtype)  # the compute dtype (b was saved cast)
+        n, c = gy.shape[:2]
+        r = b.shape[1]
+        gh = gb = ga = gx = gw = gbias = None
+        if h is None and (need_a or need_b):
+            with no_autocast(x):
+                h = F.conv2d(x, a_w, None, stride, padding, dilation, groups)
+        if need_a or need_b:  # conv_B's backward: gh = s B^T gy, gB = s sum_n gy h^T
+            if groups == 1:
+                g3 = gy.reshape(n, c, -1)
+                if need_a:
+                    gh = torch.bmm(b.t().expand(n, r, c), g3).view(h.shape).mul_(s)
+                if need_b:
+                    gb = torch.bmm(g3, h.reshape(n, r, -1).transpose(1, 2)).sum(0).mul_(s)
+            else:
+                gh, gb4, _ = _conv_backward(gy, h, b.reshape(c, r, 1, 1), None, [1, 1], [0, 0],
+                                            [1, 1], False, [0, 0], groups, [need_a, need_b, False])
+                gh = gh.mul_(s) if gh is not None else None
+                gb = gb4.reshape(c, r).mul_(s) if gb4 is not None else None
+        if need_a:
+            ga = _conv_backward(gh, x, a_w, None, stride, padding, dilation, False, [0, 0],
+                                groups, [False, True, False])[1]
+        del h, gh
+        if need_x:  # one transposed conv with W0 + s dW instead of two input gradients
+            w = cast(weight, gy.dtype)
+            a = a_w[: r].reshape(r, -1).to(w.dtype)
+            merged = torch.addmm(w.reshape(c, -1), b.to(w.dtype), a, alpha=s).view(w.shape)
+            gx = conv2d_input_chunked(ctx.x_shape, merged, gy, stride, padding, dilation,
+                                      groups)
+        if need_w:
+            gw = _conv_backward(gy, x, cast(weight, gy.dtype), None, stride, padding, dilation,
+                                False, [0, 0], groups, [False, True, False])[1]
+        if need_bias:
+            gbias = gy.sum((0, 2, 3), dtype=torch.promote_types(gy.dtype, torch.float32))
+        grads = [cast(g, dt) for g, dt in zip((gx, gw, gbias, ga, gb), ctx.in_dtypes,
+                                              strict=True)]
+        return (*grads, None, None, None, None, None)
+
+
+def lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                a_w: torch.Tensor, b: torch.Tensor, s: float, stride, padding, dilation,
+                groups: int) -> torch.Tensor:
+    """The activation-space LoRA conv (see :class:`LoRAConvFunction`); without anything to
+    differentiate, the same computation with nothing saved."""
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, a_w, b)):
+        return LoRAConvFunction.apply(x, weight, bias, a_w, b, s, stride, padding, dilation,
+                                      groups)
+    h = F.conv2d(x, a_w, None, stride, padding, dilation, groups)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return accumulate_b_(y, h, b.to(y.dtype), s, groups)
 
 
 class LoRAConv2d(AdapterLayer):
@@ -162,32 +295,32 @@ class LoRAConv2d(AdapterLayer):
         return xp if isinstance(self.dropout, nn.Identity) else self._pad(self.dropout(x))
 
     def fa_saves_less(self, x_shape: tuple[int, ...]) -> bool:
-        """LoRA-FA's lean path saves ``h = conv_A(x)`` (``g r`` channels at the output size)
-        instead of ``x``; on depthwise/grouped layers ``g r`` often exceeds ``C_in``, and then
-        keeping ``x`` is smaller, so this decides per layer and input shape."""
+        """Whether LoRA-FA in activation space keeps less than the base layer would: it keeps
+        ``h = conv_A(x)`` (``g r`` channels at the output size) where that is smaller than ``x``
+        (on depthwise/grouped layers ``g r`` often exceeds ``C_in``; then it keeps ``x`` and
+        recomputes ``h``, as the weight space would keep ``x``). The auto mode prefers the
+        activation space for LoRA-FA where this holds."""
         n, (ho, wo) = self._geometry(x_shape)
         return self.groups * self.rank * ho * wo < x_shape[-3] * x_shape[-2] * x_shape[-1]
 
     def _forward_activation(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         xp = self._pad(x)
-        frozen = not (self.lora_A.requires_grad
-                      or any(p.requires_grad for p in base.parameters()))
-        if (self.freeze_a and frozen and torch.is_grad_enabled()
-                and isinstance(self.dropout, nn.Identity) and self.fa_saves_less(tuple(x.shape))):
-            # Both convs on x have frozen weights: run them through a Function that keeps only
-            # the weight, so the one activation saved here is h (for B's gradient).
-            geo = (base.stride, self._conv_pad, base.dilation, base.groups)
-            y = frozen_conv2d(xp, self.base_weight(), base.bias, *geo)
-            h = frozen_conv2d(xp, self.a_conv_weight(), None, *geo)
-            b = F.conv2d(h, self.b_conv_weight(), None, 1, 0, 1, self.groups)
-            return y.add_(b, alpha=self.scaling)
+        if isinstance(self.dropout, nn.Identity):
+            # one Function: one input gradient through W0 + s dW, conv_B accumulated into y,
+            # x saved only where A trains (LoRA-FA keeps h = conv_A(x) alone)
+            return lora_conv2d(xp, self.base_weight(), base.bias, self.a_conv_weight(),
+                               self.lora_B, self.scaling, base.stride, self._conv_pad,
+                               base.dilation, base.groups)
         y = self._conv(xp, self.base_weight(), base.bias)
         # In place: the frozen conv's backward does not need its output, so this saves a copy.
         return y.add_(self.lora_branch(self._lora_input(x, xp)), alpha=self.scaling)
 
     def _forward_weight(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(self._pad(x), self.merged_weight(), self.base_layer.bias)
+        # a large conv's backward in batch chunks: its oneDNN scratch scales with the chunk
+        base = self.base_layer
+        return chunked_conv2d(self._pad(x), self.merged_weight(), base.bias, base.stride,
+                              self._conv_pad, base.dilation, base.groups)
 
     def _geometry(self, x_shape: tuple[int, ...]) -> tuple[int, tuple[int, int]]:
         n = x_shape[0] if len(x_shape) == 4 else 1
@@ -215,8 +348,14 @@ class LoRAConv2d(AdapterLayer):
         full = conv2d_flops(batch=n, in_channels=base.in_channels, out_channels=base.out_channels,
                             kernel_size=base.kernel_size, out_hw=hw, groups=g)
         prod = matmul_flops(self.out_features, r, self.fan_in)
+        # activation space backward (LoRAConvFunction): B's gradient; A's gradient and the
+        # h gradient it reads where A trains; the input gradient is the base layer's own with
+        # the merged weight, plus forming dW (prod)
+        a_trains = not self.freeze_a
+        backward = (fb.backward_weight + (fb.backward_input + fa.backward_weight if a_trains else 0)
+                    + (prod if input_grad else 0))
         return {
-            "activation": (fa.forward + fb.forward, fa.backward + fb.backward),
+            "activation": (fa.forward + fb.forward, backward),
             "weight": (prod, full.backward_weight + 2 * prod),
         }
 

@@ -11,6 +11,7 @@ dtype, which autocast leaves alone) and return gradients in their inputs' dtypes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 
 from ..amp import autocast_dtype, cast, no_autocast
 
-__all__ = ["channel_affine", "frozen_conv2d", "pad2d"]
+__all__ = ["CHUNK_BYTES", "channel_affine", "chunked_conv2d", "conv2d_input_chunked",
+           "frozen_conv2d", "pad2d"]
 
 def _shape_stub(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A zero-stride tensor of ``shape`` (one element of storage) for backward kernels that
@@ -27,6 +29,96 @@ def _shape_stub(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- conv
+
+CHUNK_BYTES = 16 * 2**20
+"""Largest input gradient one conv backward call computes at once (batch chunks above it).
+
+Why: a conv backward on CPU converts its operands to oneDNN's blocked layout and back, so while
+it runs the device holds a blocked twin of the input gradient and of the output gradient beside
+the tensors themselves (measured: MobileNetV2's first stride-2 depthwise conv at batch
+64 x 224x224 takes 367 MiB of such scratch for a 294 MiB input gradient; ResNet18's strided 1x1
+downsample, 3x its input gradient). The input gradient of sample ``n`` depends on sample ``n``
+only, so computing it in batch chunks into one preallocated tensor gives the same values
+bit for bit (the kernel runs per sample alike) while the scratch scales with the chunk; a weight
+gradient is the sum of the chunks' (equal up to float rounding)."""
+
+
+def _chunks(n: int, nbytes: int) -> list[tuple[int, int]]:
+    k = max(1, min(n, -(-nbytes // CHUNK_BYTES)))
+    step = -(-n // k)
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _touched(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every page written once. Why: an untouched allocation holds no physical
+    memory until its chunks are copied in, so the process's peak RSS would sit below what the
+    allocator counts; writing it up front keeps the two the same (the allocator's figure, which
+    the profiler and the planner read, stays the physical one), for a memset's time."""
+    return t.zero_() if t.device.type == "cpu" else t
+
+
+def conv2d_input_chunked(shape: Sequence[int], weight: torch.Tensor, gy: torch.Tensor,
+                         stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``torch.nn.grad.conv2d_input`` in batch chunks of at most :data:`CHUNK_BYTES` of input
+    gradient each, written into one ``shape`` tensor (bit-identical to the one call)."""
+    n = shape[0]
+    spans = _chunks(n, math.prod(shape) * gy.element_size())
+    if len(spans) == 1:
+        return torch.nn.grad.conv2d_input(shape, weight, gy, stride, padding, dilation, groups)
+    gx = _touched(gy.new_empty(shape))
+    for i, j in spans:
+        gx[i:j].copy_(torch.nn.grad.conv2d_input((j - i, *shape[1:]), weight, gy[i:j], stride,
+                                                 padding, dilation, groups))
+    return gx
+
+
+class _ChunkedConv(torch.autograd.Function):
+    """``F.conv2d`` whose backward runs in batch chunks (:data:`CHUNK_BYTES`): the input gradient
+    chunk by chunk into one tensor, the weight gradient summed over the chunks. Saves what
+    autograd's conv saves (input and weight). Not used under autocast (the plain conv runs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.geom = (list(stride), list(padding), list(dilation), groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geom
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = None
+        spans = _chunks(x.shape[0], x.numel() * x.element_size())
+        for i, j in spans:
+            gxi, gwi, _ = torch.ops.aten.convolution_backward(
+                gy[i:j], x[i:j], weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [need_x, need_w, False])
+            if need_x:
+                if len(spans) == 1:
+                    gx = gxi
+                else:
+                    gx = _touched(x.new_empty(x.shape)) if gx is None else gx
+                    gx[i:j].copy_(gxi)
+            if need_w:
+                gw = gwi if gw is None else gw.add_(gwi)
+        gb = gy.sum((0, 2, 3)) if need_b and ctx.has_bias else None
+        return gx, gw, gb, None, None, None, None
+
+
+def chunked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                   groups: int) -> torch.Tensor:
+    """``F.conv2d`` (numeric ``padding``) whose backward works in batch chunks where the input is
+    larger than :data:`CHUNK_BYTES` (see there); the plain conv otherwise, under autocast, or
+    with nothing to differentiate."""
+    if (not torch.is_grad_enabled() or autocast_dtype(x) is not None
+            or x.numel() * x.element_size() <= CHUNK_BYTES
+            or not any(t is not None and t.requires_grad for t in (x, weight, bias))):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _ChunkedConv.apply(x, weight, bias, stride, padding, dilation, groups)
+
 
 
 class _FrozenConv(torch.autograd.Function):
@@ -53,8 +145,8 @@ class _FrozenConv(torch.autograd.Function):
         shape, stride, padding, dilation, groups = ctx.geometry
         x_dtype, dt = ctx.dtypes
         weight = cast(weight, dt)
-        gx = torch.nn.grad.conv2d_input(shape, weight, gy.to(weight.dtype), stride, padding,
-                                        dilation, groups)
+        gx = conv2d_input_chunked(shape, weight, gy.to(weight.dtype), stride, padding,
+                                  dilation, groups)
         return cast(gx, x_dtype), None, None, None, None, None, None
 
 

@@ -10,7 +10,7 @@ The counter sees every aten op of a training update below autograd (through a
   the weight gradient (False for a frozen weight). Each costs as much as the forward, *including*
   the ``1/g`` factor of grouped convs. torch's ``FlopCounterMode`` charges the weight gradient of
   a grouped conv as if it were dense, which is why its figure for depthwise nets is ~30x off.
-* ``mm``/``addmm``/``bmm``/``baddbmm``/``mv``/``addmv``/``dot`` -- ``2 * m * k * n``; the bias
+* ``mm``/``addmm``/``bmm``/``baddbmm(_)``/``mv``/``addmv``/``dot`` -- ``2 * m * k * n``; the bias
   add of ``addmm`` goes to the elementwise figure (torch's counter leaves it out, other counters
   add it to the matmul). ``matmul``/``linear``/``einsum`` decompose into these before we see them.
   In the backward pass a product with a parameter as an operand (``grad_y @ W``) is an *input*
@@ -69,6 +69,7 @@ _MATMUL_OPS = {
     aten.addmm.default,
     aten.bmm.default,
     aten.baddbmm.default,
+    aten.baddbmm_.default,  # LoRA's conv_B accumulating into the base output (adapters.lora)
     aten.mv.default,
     aten.addmv.default,
     aten.dot.default,
@@ -150,7 +151,7 @@ def matmul_op_flops(func: object, args: tuple) -> int:
     if func in (aten.bmm.default,):
         a, b = args[0], args[1]
         return FLOPS_PER_MAC * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-    if func in (aten.baddbmm.default,):
+    if func in (aten.baddbmm.default, aten.baddbmm_.default):
         a, b = args[1], args[2]
         return FLOPS_PER_MAC * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
     if func in (aten.mv.default,):
@@ -251,7 +252,8 @@ def _op_info(func: object) -> _OpInfo:
         info = _OP_INFO[id(func)] = _OpInfo(
             func, kind, _elementwise_rule(func) if kind == _OTHER else None, str(func),
             _torch_formula(func),
-            func in (aten.addmm.default, aten.baddbmm.default, aten.addmv.default))
+            func in (aten.addmm.default, aten.baddbmm.default, aten.baddbmm_.default,
+                     aten.addmv.default))
     return info
 
 

@@ -21,7 +21,17 @@ from torch import nn
 from ..flops import FLOPS_PER_MAC
 
 # fvcore operator names whose count is multiply-accumulates.
-_MAC_OPERATORS = ("conv", "linear", "matmul", "addmm", "bmm", "einsum")
+_MAC_OPERATORS = ("conv", "linear", "matmul", "addmm", "bmm", "einsum", "baddbmm_")
+
+
+def _baddbmm_macs(inputs, outputs) -> int:
+    """fvcore handle for ``baddbmm_(self, batch1 (b, n, k), batch2 (b, k, m))``: ``b n k m``
+    MACs (fvcore has none for it; LoRA's ``conv_B`` accumulates with it, see
+    :func:`convpeft.adapters.lora.add_low_rank_`)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    b, n, k = get_shape(inputs[1])
+    return b * n * k * get_shape(inputs[2])[-1]
 
 
 def fvcore_forward_flops(model: nn.Module, inputs: torch.Tensor) -> dict[str, int]:
@@ -40,7 +50,8 @@ def fvcore_forward_flops(model: nn.Module, inputs: torch.Tensor) -> dict[str, in
     with warnings.catch_warnings(), torch.no_grad():
         # fvcore traces with torch.jit, which newer torch releases flag as deprecated.
         warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(model, (inputs,))
+        analysis = FlopCountAnalysis(model, (inputs,)).set_op_handle(
+            "aten::baddbmm_", _baddbmm_macs)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         by_op = analysis.by_operator()
