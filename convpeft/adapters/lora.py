@@ -231,6 +231,9 @@ def lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                       groups)
     h = F.conv2d(x, a_w, None, stride, padding, dilation, groups)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        # an exported graph keeps conv_B a Conv (what runtimes fuse), not an in-place MatMul
+        return y + s * F.conv2d(h, b.to(y.dtype).reshape(*b.shape, 1, 1), None, 1, 0, 1, groups)
     return accumulate_b_(y, h, b.to(y.dtype), s, groups)
 
 
