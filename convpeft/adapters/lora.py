@@ -185,31 +185,43 @@ class LoRAConvFunction(torch.autograd.Function):
         n, c = gy.shape[:2]
         r = b.shape[1]
         gh = gb = ga = gx = gw = gbias = None
-        if h is None and (need_a or need_b):
-            with no_autocast(x):
+        # the input gradient through the merged weight needs a weight-sized temporary: worth it
+        # where the weight is smaller than the input (activations dominate), else the two
+        # input gradients are summed in place
+        merge = need_x and weight.numel() <= math.prod(ctx.x_shape)
+        need_gh = need_a or (need_x and not merge)
+        if h is None and (need_gh or need_b):
+            with no_autocast(gy):
                 h = F.conv2d(x, a_w, None, stride, padding, dilation, groups)
-        if need_a or need_b:  # conv_B's backward: gh = s B^T gy, gB = s sum_n gy h^T
+        if need_gh or need_b:  # conv_B's backward: gh = s B^T gy, gB = s sum_n gy h^T
             if groups == 1:
                 g3 = gy.reshape(n, c, -1)
-                if need_a:
+                if need_gh:
                     gh = torch.bmm(b.t().expand(n, r, c), g3).view(h.shape).mul_(s)
                 if need_b:
                     gb = torch.bmm(g3, h.reshape(n, r, -1).transpose(1, 2)).sum(0).mul_(s)
             else:
                 gh, gb4, _ = _conv_backward(gy, h, b.reshape(c, r, 1, 1), None, [1, 1], [0, 0],
-                                            [1, 1], False, [0, 0], groups, [need_a, need_b, False])
+                                            [1, 1], False, [0, 0], groups,
+                                            [need_gh, need_b, False])
                 gh = gh.mul_(s) if gh is not None else None
                 gb = gb4.reshape(c, r).mul_(s) if gb4 is not None else None
         if need_a:
             ga = _conv_backward(gh, x, a_w, None, stride, padding, dilation, False, [0, 0],
                                 groups, [False, True, False])[1]
-        del h, gh
-        if need_x:  # one transposed conv with W0 + s dW instead of two input gradients
+        del h
+        if merge:  # one transposed conv with W0 + s dW instead of two input gradients
             w = cast(weight, gy.dtype)
             a = a_w[: r].reshape(r, -1).to(w.dtype)
             merged = torch.addmm(w.reshape(c, -1), b.to(w.dtype), a, alpha=s).view(w.shape)
             gx = conv2d_input_chunked(ctx.x_shape, merged, gy, stride, padding, dilation,
                                       groups)
+        elif need_x:
+            gx = conv2d_input_chunked(ctx.x_shape, cast(weight, gy.dtype), gy, stride, padding,
+                                      dilation, groups)
+            gx.add_(conv2d_input_chunked(ctx.x_shape, a_w, gh, stride, padding, dilation,
+                                         groups))
+        del gh
         if need_w:
             gw = _conv_backward(gy, x, cast(weight, gy.dtype), None, stride, padding, dilation,
                                 False, [0, 0], groups, [False, True, False])[1]
