@@ -1,12 +1,13 @@
 """Peak memory of sparse updates (last K blocks train, frozen prefix without graph, chunked).
 
 ``python -m benchmarks.sparse_memory`` runs one real AdamW update per configuration at batch
-64 x 224x224 (``--batch``, ``--resolution``) on the CPU and reads the allocator's peak
-(``profile_update(..., allocator_peak=True)``: torch.profiler's allocation trace, kernel
-scratch included), next to the profiler's tensor-level peak of the same update and the
-analytic prediction from shapes alone (:func:`convpeft.profiler.analytic_profile`). Ratios are
-allocator peak over that of full fine-tuning with BN in train mode (the study's baseline),
-measured in the same run; ``analytic err`` is the analytic peak over the allocator's.
+64 x 224x224 (``--batch``, ``--resolution``) on the CPU and reads the device's peak
+(``profile_update``'s ``memory_peak``: torch.profiler's allocation trace, kernel scratch
+included), next to the tensor-level peak of the same update (``memory_peak_tensors``) and the
+device peak predicted from shapes alone (:func:`convpeft.profiler.analytic_profile`: tensors
+plus each op's kernel scratch from the CPU scratch model). Ratios are the device peak over that
+of full fine-tuning with BN in train mode (the study's baseline), measured in the same run;
+``predicted err`` is the prediction over the measured peak.
 
 Configurations (``--configs``, comma-separated labels; MobileNetV2's blocks are ``features[0..18]``,
 ResNet18's ``layer1.0`` ... ``layer4.1``): the baseline, LoRA r=8 on every conv lean +
@@ -67,7 +68,8 @@ QUICK = (BASELINE, "lora K=4 chunks=8", "lora K=2 chunks=8")
 
 
 def measure(model_name: str, label: str, batch: int, resolution: int) -> dict:
-    """One configuration: allocator, tensor-level and analytic peak of one update (bytes)."""
+    """One configuration: device (allocator), tensor-level and predicted device peak of one
+    update (bytes)."""
     kw = dict(CONFIGS[model_name][label])
     torch.manual_seed(0)
     model = build_model(model_name, 10)
@@ -77,15 +79,15 @@ def measure(model_name: str, label: str, batch: int, resolution: int) -> dict:
     y = torch.randint(0, 10, (batch,))
     t0 = time.perf_counter()
     analytic = analytic_profile(p.model, p.optimizer, tuple(x.shape), compare_torch=False)
-    m = profile_update(p.model, p.optimizer, x, y, repeat=0, compare_torch=False,
-                       allocator_peak=True)
+    m = profile_update(p.model, p.optimizer, x, y, repeat=0, compare_torch=False)
     sparse = p.extra.get("sparse")
     return {"model": model_name, "config": label, "method": kw["name"],
             "update_blocks": kw.get("update_blocks"), "prefix_chunks": kw.get("prefix_chunks", 1),
             "trainable_params": p.trainable_params, "total_params": p.total_params,
             "prefix_modules": len(sparse.prefix) if sparse else 0,
-            "allocator_peak": m.memory_peak_allocator, "tensor_peak": m.memory_peak,
-            "analytic_peak": analytic.memory_peak, "flops_total": m.flops_total,
+            "allocator_peak": m.memory_peak, "tensor_peak": m.memory_peak_tensors,
+            "analytic_peak": analytic.memory_peak, "memory_model": analytic.memory_model,
+            "flops_total": m.flops_total,
             "step_time_s": m.step_time_s, "seconds": time.perf_counter() - t0}
 
 
@@ -110,7 +112,7 @@ def run(models: Sequence[str], labels: Sequence[str] | None, batch: int, resolut
 
 def format_row(r: dict) -> str:
     return (f"{r['model']:13s} {r['config']:30s} allocator {r['allocator_peak'] / MiB:8.1f} MiB "
-            f"x{r['ratio']:.3f}  tensors {r['tensor_peak'] / MiB:8.1f}  analytic "
+            f"x{r['ratio']:.3f}  tensors {r['tensor_peak'] / MiB:8.1f}  predicted "
             f"{r['analytic_peak'] / MiB:8.1f} ({r['analytic_error']:+.1%})  trainable "
             f"{r['trainable_params']:>9,}  {r['flops_total'] / 1e9:6.1f} GFLOP  "
             f"({r['seconds']:.0f} s)")
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = list(QUICK)
     torch.set_num_threads(a.threads)
     print(f"one AdamW update, batch {batch} x {resolution}^2, CPU; peaks in MiB; x: allocator "
-          f"peak over full FT with BN train's; analytic: shapes only, vs the allocator")
+          f"peak over full FT with BN train's; predicted: from shapes only, vs the allocator")
     t0 = time.perf_counter()
     rows = run(models, labels, batch, resolution)
     if a.json:

@@ -59,6 +59,15 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _blocks_list(s: str) -> list[int | None]:
+    """``all,4,8`` -> ``[None, 4, 8]`` (``all``: every layer trains)."""
+    try:
+        return [None if x.lower() == "all" else int(x) for x in _csv_list(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated block counts or 'all', got {s!r}") from None
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None/False ones (the help text says what those mean)."""
 
@@ -100,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpointed blocks (convpeft.checkpoint_blocks; exact, recomputes "
                    "each block's forward in backward): --checkpoint = on for every "
                    "configuration, --checkpoint both = plan each without and with")
+    p.add_argument("--blocks", type=_blocks_list, default=None,
+                   help="sparse updates: comma-separated K values, each training only the last "
+                   "K blocks of the backbone (convpeft.sparse; the frozen prefix builds no "
+                   "graph), 'all' = every layer, e.g. all,2,4 (default: all)")
+    p.add_argument("--prefix-chunks", type=_int_list, default=None,
+                   help="comma-separated micro-batch counts for the frozen prefix of each K in "
+                   "--blocks (exact; default: 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device the peak is predicted for (kernel scratch included; see "
                    "--calibrate) and --verify runs on")
@@ -177,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lean=a.lean, bn=a.bn, optimizer=a.optimizer, batch=a.batch,
                     max_batch=a.max_batch, num_classes=a.num_classes,
                     small_input=a.small_input, progress=None if a.quiet else progress,
-                    device=a.device, checkpoint=a.checkpoint, verify=a.verify)
+                    device=a.device, checkpoint=a.checkpoint, verify=a.verify,
+                    blocks=a.blocks, prefix_chunks=a.prefix_chunks)
         if a.plot is not None:
             plot_plan(rows, a.plot)
     except ValueError as e:  # one line, exit 2 (argparse's usage block would bury it)

@@ -1,5 +1,5 @@
-"""What the planner plans: configurations (method, rank, lean, checkpointed) and the models set up
-for them.
+"""What the planner plans: configurations (method, rank, lean, checkpointed, sparse) and the models
+set up for them.
 
 A :class:`PlanConfig` is one row of the plan before it is evaluated. :func:`expand_configs`
 spans them the way the rank sweep does (ranked methods once per rank, the others once, each
@@ -34,19 +34,26 @@ _GALORE_OPTIMIZER = ("galore brings its own projected AdamW; use optimizer 'adam
 @dataclass(frozen=True)
 class PlanConfig:
     """One planned configuration; ``rank`` is None for methods without one; ``checkpoint``:
-    the backbone's blocks are checkpointed (:func:`convpeft.checkpoint_blocks`)."""
+    the backbone's blocks are checkpointed (:func:`convpeft.checkpoint_blocks`); ``blocks``:
+    only the last ``blocks`` blocks train (:mod:`convpeft.sparse`; None: every layer), the frozen
+    prefix runs in ``prefix_chunks`` micro-batches."""
 
     method: str
     rank: int | None
     lean: bool
     checkpoint: bool = False
+    blocks: int | None = None
+    prefix_chunks: int = 1
 
     @property
     def label(self) -> str:
-        """e.g. ``lora r4 lean ckpt`` or ``full``."""
+        """e.g. ``lora r4 lean ckpt``, ``lora r4 K4 x8`` (last 4 blocks, prefix in 8 chunks) or
+        ``full``."""
         r = f" r{self.rank}" if self.rank is not None else ""
+        k = f" K{self.blocks}" if self.blocks is not None else ""
+        c = f" x{self.prefix_chunks}" if self.prefix_chunks != 1 else ""
         return (f"{self.method}{r}{' lean' if self.lean else ''}"
-                f"{' ckpt' if self.checkpoint else ''}")
+                f"{' ckpt' if self.checkpoint else ''}{k}{c}")
 
 
 def _lean_options(lean: bool | str, what: str = "lean") -> tuple[bool, ...]:
@@ -61,13 +68,19 @@ def _lean_options(lean: bool | str, what: str = "lean") -> tuple[bool, ...]:
 def expand_configs(methods: Sequence[str] | None = None,
                    ranks: Sequence[int] | None = DEFAULT_RANKS,
                    lean: bool | str = False, optimizer: str = "adamw",
-                   checkpoint: bool | str = False) -> list[PlanConfig]:
+                   checkpoint: bool | str = False,
+                   blocks: Sequence[int | None] | None = None,
+                   prefix_chunks: Sequence[int] | None = None) -> list[PlanConfig]:
     """Every (method, rank, lean, checkpoint) to plan: ranked methods once per rank, the others
     once; ``lean`` and ``checkpoint`` take True, False, "off", "on" or "both";
     ``methods=None`` means every registered method (:func:`convpeft.methods.list_methods`),
     less galore when ``optimizer`` is not AdamW (galore brings its own); ``ranks=None`` means
-    :data:`DEFAULT_RANKS`. Duplicates are dropped. ``ValueError`` for an unknown method, a rank
-    below 1, no rank for a ranked method, or galore asked for with another optimizer."""
+    :data:`DEFAULT_RANKS`. ``blocks`` (K values, None meaning every layer; default ``[None]``)
+    and ``prefix_chunks`` (default ``[1]``) span sparse updates: each K with each chunk count
+    (chunks only where K is set; ``head`` takes no K >= 1, it is planned once at K=None).
+    Duplicates are dropped. ``ValueError`` for an unknown method, a rank below 1, a K below 0 or
+    a chunk count below 1, no rank for a ranked method, or galore asked for with another
+    optimizer."""
     from convpeft.methods import get_method, list_methods
 
     default = methods is None
@@ -87,13 +100,25 @@ def expand_configs(methods: Sequence[str] | None = None,
     ranked = [m for m in methods if get_method(m).ranked]
     if ranked and not ranks:
         raise ValueError(f"no rank given for the ranked method(s) {', '.join(ranked)}")
+    blocks = list(dict.fromkeys([None] if blocks is None else blocks))
+    chunks = list(dict.fromkeys([1] if prefix_chunks is None else prefix_chunks))
+    bad = [k for k in blocks if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                                                    or k < 0)]
+    bad += [c for c in chunks if isinstance(c, bool) or not isinstance(c, int) or c < 1]
+    if bad or not blocks or not chunks:
+        raise ValueError(f"blocks must be ints >= 0 or None (every layer) and prefix chunks ints "
+                         f">= 1 (got blocks={blocks}, prefix_chunks={chunks})")
+    sparse = [(k, c) for k in blocks for c in (chunks if k is not None else [1])]
     out = []
     for ck in _lean_options(checkpoint, "checkpoint"):
         for le in _lean_options(lean):
             for m in methods:
                 for r in (ranks if m in ranked else [None]):
-                    out.append(PlanConfig(m, r, le, ck))
-    return out
+                    for k, c in sparse:
+                        if m == "head" and k:  # head only trains no block; K=None covers it
+                            k, c = None, 1
+                        out.append(PlanConfig(m, r, le, ck, k, c))
+    return list(dict.fromkeys(out))
 
 
 def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *,
@@ -117,7 +142,7 @@ def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *
         raise ValueError(_GALORE_OPTIMIZER.format(optimizer))
     kw: dict[str, Any] = {"rank": config.rank} if config.rank is not None else {}
     cfg = MethodConfig(config.method, bn=bn, lean=config.lean, checkpoint=config.checkpoint,
-                       **kw)
+                       update_blocks=config.blocks, prefix_chunks=config.prefix_chunks, **kw)
     with torch.device(device):
         net = (build_model(model, num_classes, small_input=small_input) if isinstance(model, str)
                else model())

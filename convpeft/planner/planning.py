@@ -50,6 +50,8 @@ class PlanRow:
     does not grow with the batch (an adapter's ``B A`` product, GaLore's projections, in
     ``flops_optimizer``) is spread over it.
     ``evaluations``: analytic profiles this row needed. ``checkpoint``: blocks checkpointed.
+    ``blocks``: only the last ``blocks`` blocks train (None: every layer); ``prefix_chunks``:
+    the frozen prefix's micro-batches.
     ``device``: the device kind the peak is predicted for; ``memory_model``: the scratch model
     used (:mod:`convpeft.profiler.scratch`); ``memory_peak_tensors``: the tensor-level part.
     ``verification``: with ``verify=True``, what real updates on the device measured
@@ -85,10 +87,13 @@ class PlanRow:
     memory_model: str = ""
     memory_peak_tensors: int = 0
     verification: Verification | None = None
+    blocks: int | None = None
+    prefix_chunks: int = 1
 
     @property
     def config(self) -> PlanConfig:
-        return PlanConfig(self.method, self.rank, self.lean, self.checkpoint)
+        return PlanConfig(self.method, self.rank, self.lean, self.checkpoint, self.blocks,
+                          self.prefix_chunks)
 
     @property
     def label(self) -> str:
@@ -116,7 +121,8 @@ def _row(config: PlanConfig, prof: UpdateProfile, *, model: str, resolution: int
         flops_update=prof.flops_total, trainable_params=prof.trainable_params,
         total_params=prof.total_params, evaluations=len(peaks), peaks=dict(peaks),
         checkpoint=config.checkpoint, device=device, memory_model=prof.memory_model,
-        memory_peak_tensors=prof.memory_peak_tensors)
+        memory_peak_tensors=prof.memory_peak_tensors, blocks=config.blocks,
+        prefix_chunks=config.prefix_chunks)
 
 
 class _AnalyticPeak:
@@ -179,6 +185,8 @@ def plan(
     checkpoint: bool | str = False,
     verify: bool = False,
     scratch=None,
+    blocks: Sequence[int | None] | None = None,
+    prefix_chunks: Sequence[int] | None = None,
 ) -> list[PlanRow]:
     """One :class:`PlanRow` per configuration: the largest batch whose update fits ``budget``.
 
@@ -194,6 +202,10 @@ def plan(
     configurations. ``verify=True`` runs real updates on ``device`` at each planned batch and
     the next one, and steps the batch down while the measured peak exceeds the budget (on
     CUDA the criterion is ``max_memory_reserved``); each row keeps the measurements.
+    ``blocks`` (K values; None = every layer) and ``prefix_chunks`` add sparse updates that
+    train only the last K blocks, the frozen prefix in that many micro-batches
+    (:mod:`convpeft.sparse`); a row's ``blocks``/``prefix_chunks`` say which, its
+    ``trainable_params`` how much of the network trains.
 
     Rows are sorted best first: largest max batch, then lowest peak (with ``batch``: fitting
     rows first, then lowest peak). ``ValueError`` (saying what to change) for bad arguments or a
@@ -229,7 +241,7 @@ def plan(
     if verify and device == "cuda" and not torch.cuda.is_available():
         raise ValueError("verify=True on device 'cuda' needs a CUDA GPU here; plan without "
                          "verify, or verify on 'cpu'")
-    configs = expand_configs(methods, ranks, lean, optimizer, checkpoint)
+    configs = expand_configs(methods, ranks, lean, optimizer, checkpoint, blocks, prefix_chunks)
 
     rows: list[PlanRow] = []
     for i, config in enumerate(configs):
