@@ -97,3 +97,26 @@ def test_pareto_marks_what_the_seeds_cannot_separate(rows):
     assert "Pareto front of the means" in labels
     assert any(lab.startswith("not separable from") for lab in labels)
     plt.close(fig)
+
+
+def test_pareto_keeps_sparse_updates_apart_and_draws_the_published_ratios(rows):
+    # the reference rows with a copy of LoRA's marked as trained on the last 4 blocks only,
+    # at half the memory and 10 points less: it must be its own point, not averaged into LoRA's
+    grp = _group(rows, "resnet18", "new_classes")
+    sparse = [dict(r, update_blocks="4", memory_peak=str(float(r["memory_peak"]) / 2),
+                   target_acc=str(max(0.0, float(r["target_acc"]) - 0.1)))
+              for r in grp if r["method"] == "lora"]
+    fig = plot_pareto(grp + sparse, "resnet18", "digits", "new_classes")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(lab.startswith("TinyTL") for lab in labels)
+    assert any(lab.startswith("Back Razor") for lab in labels)
+    n_lora = len({r["rank"] for r in grp if r["method"] == "lora"})
+    lora_pts = [c for c in ax.collections if c.get_label() == "LoRA"]
+    assert sum(len(c.get_offsets()) for c in lora_pts) == 2 * n_lora
+    # without sparse rows the published ratios are not drawn (nothing there compares to them)
+    plain = plot_pareto(grp, "resnet18", "digits", "new_classes")
+    assert not any(t.get_text().startswith("TinyTL")
+                   for t in plain.axes[0].get_legend().get_texts())
+    plt.close(fig)
+    plt.close(plain)

@@ -88,30 +88,62 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _by_seed(rows: Sequence[dict]) -> dict[tuple[str, int | None], dict[int, float]]:
-    """Target accuracy per (method, rank) and seed, for paired comparisons."""
-    out: dict[tuple[str, int | None], dict[int, float]] = defaultdict(dict)
+def _blocks_of(r: dict) -> int | None:
+    """A row's ``update_blocks`` (None: every layer trains)."""
+    k = r.get("update_blocks")
+    return None if k in (None, "", "all") else int(float(k))
+
+
+Key = tuple[str, "int | None", "int | None"]  # (method, rank, update_blocks)
+
+
+def _split_by_blocks(rows: Sequence[dict]) -> dict[int | None, list[dict]]:
+    out: dict[int | None, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[_blocks_of(r)].append(r)
+    return out
+
+
+def _by_seed(rows: Sequence[dict]) -> dict[Key, dict[int, float]]:
+    """Target accuracy per (method, rank, update_blocks) and seed, for paired comparisons."""
+    out: dict[Key, dict[int, float]] = defaultdict(dict)
     for r in rows:
         v = num(r.get("target_acc"))
         if v is not None and r.get("seed") not in (None, ""):
-            out[(str(r["method"]), rank_of(r))][int(r["seed"])] = v
+            out[(str(r["method"]), rank_of(r), _blocks_of(r))][int(r["seed"])] = v
     return out
+
+
+REFERENCE_RATIOS: dict[str, float] = {
+    "TinyTL (bias + lite residual)": 1 / 6.5,
+    "Back Razor": 1 / 9.2,
+}
+"""Published training-memory ratios to full fine-tuning (TinyTL: 6.5x less, Cai et al. 2020;
+Back Razor: 9.2x less, Jiang et al. 2022), drawn as reference lines at that fraction of the
+plotted full fine-tuning's peak (from their papers, not measured here)."""
 
 
 def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
     """Mean target accuracy (95% interval bars) vs peak memory per configuration: the Pareto
     front of the means with the band of its members' intervals, and a ring round each
-    configuration the seeds do not separate from the most accurate one."""
+    configuration the seeds do not separate from the most accurate one. A configuration is
+    (method, rank, ``update_blocks``): sparse updates are points of their own, and where there
+    are any and full fine-tuning is plotted, :data:`REFERENCE_RATIOS` are drawn as vertical
+    lines at those fractions of full fine-tuning's peak."""
     from benchmarks.sweep.findings import separation
 
-    acc = _interval_by(rows, "target_acc")
-    mem = _mean_by(rows, "memory_peak")
+    acc: dict[Key, object] = {}
+    mem: dict[Key, float] = {}
+    for k, sub in _split_by_blocks(rows).items():  # sparse updates are configurations too
+        acc.update({(m, r, k): iv for (m, r), iv in _interval_by(sub, "target_acc").items()})
+        mem.update({(m, r, k): v for (m, r), v in _mean_by(sub, "memory_peak").items()})
     keys = [k for k in acc if k in mem]
     if not keys:
         return None
     pts = [(mem[k] / MIB, 100 * acc[k].mean) for k in keys]
-    labels = [method_label(m) + ("" if r is None else f" r{r}") for m, r in keys]
-    methods = [m for m, _ in keys]
+    labels = [method_label(m) + ("" if r is None else f" r{r}")
+              + ("" if b is None else f" last {b}") for m, r, b in keys]
+    methods = [m for m, _, _ in keys]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in dict.fromkeys(methods):
         idx = [i for i, mm in enumerate(methods) if mm == m]
@@ -144,6 +176,12 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
         ax.scatter([pts[i][0] for i in same], [pts[i][1] for i in same], s=150,
                    facecolors="none", edgecolors="black", lw=0.8, zorder=4,
                    label=f"not separable from {labels[best]} (paired, 95%)")
+    full = mem.get(("full", None, None))
+    if full is not None and any(b is not None for _, _, b in keys):
+        # sparse rows: the published ratios of the systems edge users compare against
+        for (name, ratio), ls in zip(REFERENCE_RATIOS.items(), (":", "-."), strict=True):
+            ax.axvline(full * ratio / MIB, color="gray", ls=ls, lw=1, zorder=1,
+                       label=f"{name}: {ratio:.3f}x full FT (published)")
     for i in front:
         ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(7, 0),
                     va="center", fontsize=7, color="red", zorder=5,
