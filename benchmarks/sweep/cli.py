@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "standard (groups=1) convs only, batch 32 x 224x224, ImageNet stem, ranks "
                    "1..64, one seed, cost only (implies --profile-only; offline: digits images "
                    "feed the profiled batch). Accuracy with the study's adapters: --preset "
-                   "default --target standard")
+                   "default --target standard. 'budget' = fine-tuning under a memory budget: "
+                   "head / full FT / LoRA r=4 training every layer or only the last 2, 4 or 8 "
+                   "blocks (frozen prefix in 8 chunks), default tasks, 5 seeds")
     g.add_argument("--models", type=_csv_list, default=None,
                    help="comma-separated torchvision model names, e.g. mobilenet_v2,resnet18 "
                    "(preset's list if omitted)")
@@ -182,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing of each backbone block (exact; one extra "
                    "forward of the blocks per update), recorded in the checkpoint column")
-    t.add_argument("--prefix-chunks", type=int, default=1,
+    t.add_argument("--prefix-chunks", type=int, default=None,
                    help="rows with --update-blocks K: run the frozen prefix in N micro-batches "
-                   "(exact; lowers the peak), recorded in the prefix_chunks column (default 1)")
+                   "(exact; lowers the peak), recorded in the prefix_chunks column (default: "
+                   "the preset's, 1 except 'budget': 8)")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     x = p.add_argument_group("execution")
@@ -317,7 +320,8 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         lean=a.lean,
         amp=a.amp,
         checkpoint=a.checkpoint,
-        prefix_chunks=a.prefix_chunks,
+        prefix_chunks=(a.prefix_chunks if a.prefix_chunks is not None
+                       else pre.extra.get("prefix_chunks", 1)),
         target=a.target if a.target is not None else pre.target,
     )
     if settings.prefix_chunks < 1:
@@ -351,7 +355,8 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         _check_writable_dir(resolve_cache_dir(), "pretrain cache",
                             "set $CONVPEFT_CACHE to a folder you can write")
     _check_executor(a)
-    grid = expand_grid(models, tasks, methods, ranks, seeds, a.update_blocks)
+    grid = expand_grid(models, tasks, methods, ranks, seeds,
+                       a.update_blocks if a.update_blocks is not None else pre.update_blocks)
     return SweepPlan(grid, settings, Path(a.out),
                      plots, formats, a.executor, a.address, a.cpus_per_task, a.gpus_per_task)
 

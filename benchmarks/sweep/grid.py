@@ -175,6 +175,7 @@ class Preset:
     resolution: int
     extra: dict = field(default_factory=dict)
     target: str = "conv"  # the adapters' layers (SweepSettings.target); --target overrides
+    update_blocks: list = field(default_factory=lambda: [None])  # --update-blocks overrides
 
 
 PRESETS: dict[str, Preset] = {
@@ -236,6 +237,25 @@ PRESETS: dict[str, Preset] = {
         extra={"profile_only": True, "small_input": False, "corruption": "contrast",
                "severity": 3},
         target="standard",
+    ),
+    # Fine-tuning under a memory budget: sparse updates (only the last K blocks train, the
+    # frozen prefix without a graph, in 8 micro-batches) against LoRA on every conv, full
+    # fine-tuning and head only, on the default tasks and data, 5 seeds for paired intervals.
+    # Full FT of the last K blocks is the classic "fine-tune the top layers" baseline. The
+    # memory these configurations need at a realistic size is benchmarks.sparse_memory's.
+    "budget": Preset(
+        models=["mobilenet_v2", "resnet18"],
+        tasks=["shift", "new_classes"],
+        methods=["head", "full", "lora"],
+        ranks=[4],
+        seeds=[0, 1, 2, 3, 4],
+        dataset={"shift": "digits", "new_classes": "digits"},
+        epochs=2,
+        batch_size=32,
+        resolution=12,
+        extra={"few_shot": 20, "test_per_class": 20, "corruption": "contrast", "severity": 3,
+               "pretrain_batch_size": 32, "pretrain_epochs": 2, "prefix_chunks": 8},
+        update_blocks=[None, 2, 4, 8],
     ),
 }
 
