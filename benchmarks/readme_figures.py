@@ -286,6 +286,55 @@ def device_truth_block() -> str:
     return "\n".join(lines) + "\n"
 
 
+SPARSE_MEMORY_JSON = "plots/sparse_memory_cpu.json"
+"""The committed sparse-update memory run docs/sparse.md quotes (``benchmarks.sparse_memory
+--json``)."""
+_SPARSE_NAMES = {
+    "full (BN train)": "full FT, BN train (baseline)",
+    "lora lean+ckpt (every layer)": "LoRA every conv, lean + ckpt, BN train (every layer)",
+    "head K=0 chunks=8": "head only, backbone in 8 chunks",
+}
+
+
+def _sparse_name(label: str) -> str:
+    """``lora K=4 chunks=8`` -> ``LoRA last 4, prefix in 8 chunks``."""
+    if label in _SPARSE_NAMES:
+        return _SPARSE_NAMES[label]
+    parts = label.split()
+    from convpeft.methods import get_method
+
+    name = get_method(parts[0]).label
+    k = parts[1].removeprefix("K=")
+    chunks = parts[2].removeprefix("chunks=") if len(parts) > 2 else None
+    return f"{name} last {k} blocks" + (f", prefix in {chunks} chunks" if chunks else "")
+
+
+def sparse_memory_block() -> str:
+    """docs/sparse.md's table: device peak (CPU allocator), ratio to full FT, tensor-level and
+    predicted device peak per sparse configuration, from :data:`SPARSE_MEMORY_JSON`."""
+    import json
+
+    data = json.loads((ROOT / SPARSE_MEMORY_JSON).read_text())
+    names = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet18"}
+    lines = ["| model | configuration | trainable params | device peak | x full FT | tensors "
+             "| predicted (error) |", "|---|---|---:|---:|---:|---:|---:|"]
+    prev = None
+    for r in data["rows"]:
+        model = names.get(r["model"], r["model"]) if r["model"] != prev else ""
+        prev = r["model"]
+        unit = " MiB" if model else ""
+        lines.append(f"| {model} | {_sparse_name(r['config'])} | {r['trainable_params']:,} "
+                     f"| {r['allocator_peak'] / 2**20:.0f}{unit} | {r['ratio']:.3f} "
+                     f"| {r['tensor_peak'] / 2**20:.0f} | {r['analytic_peak'] / 2**20:.0f} "
+                     f"({r['analytic_error']:+.1%}) |")
+    within = sum(abs(r["analytic_error"]) <= 0.03 for r in data["rows"])
+    lines.append("")
+    lines.append(f"MiB, batch {data['batch']} x {data['resolution']}x{data['resolution']}; "
+                 f"{within} of {len(data['rows'])} predictions within 3% of the measured peak "
+                 f"(largest error {max(abs(r['analytic_error']) for r in data['rows']):.1%}).")
+    return "\n".join(lines) + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "plan": plan_block,
     "default-run": default_run_block,
@@ -294,6 +343,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "onnx-ops": onnx_ops_block,
     "lean-memory": lean_memory_block,
     "device-truth": device_truth_block,
+    "sparse-memory": sparse_memory_block,
 }
 """Block name -> the function that writes its markdown."""
 
