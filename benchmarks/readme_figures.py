@@ -335,6 +335,80 @@ def sparse_memory_block() -> str:
     return "\n".join(lines) + "\n"
 
 
+BUDGET_CSV = "plots/rank_sweep_budget.csv"
+"""The committed ``--preset budget`` run (``python -m benchmarks.rank_sweep --preset budget``)."""
+
+
+def _budget_cell(acc: dict, refs: Sequence[dict | None]) -> str:
+    """``mean [low, high]`` of the target accuracy (%), then per reference the paired
+    difference to it (mean, ``=`` where the seeds do not separate them, ``+``/``-`` where they
+    do; blank for the reference itself)."""
+    from benchmarks.sweep.stats import compare_paired, metric_interval, paired_interval
+
+    iv = metric_interval(list(acc.values()), "target_acc")
+    diffs = []
+    for ref in refs:
+        if ref is None or ref is acc:
+            diffs.append("")
+            continue
+        d = paired_interval(acc, ref)
+        mark = {1: "+", -1: "-", 0: "="}.get(compare_paired(d), "?")
+        diffs.append(f"{100 * d.mean:+.1f} {mark}")
+    return f"{100 * iv.mean:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]; " + " / ".join(diffs)
+
+
+def budget_block() -> str:
+    """README's "Fine-tuning under a memory budget": per model and configuration, the device
+    peak at batch 64 x 224x224 over full FT's (:data:`SPARSE_MEMORY_JSON`, where measured) and
+    the target accuracy of the committed budget run (:data:`BUDGET_CSV`) per task, with the
+    paired differences to LoRA on every layer and to head only."""
+    import csv
+    import json
+    from collections import defaultdict
+
+    with (ROOT / BUDGET_CSV).open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("status", "ok") == "ok"]
+    mem = json.loads((ROOT / SPARSE_MEMORY_JSON).read_text())["rows"]
+    ratio = {(r["model"], r["method"], r["update_blocks"]): r["ratio"] for r in mem
+             if r["prefix_chunks"] in (None, 8) or r["update_blocks"] is None}
+    acc: dict = defaultdict(dict)  # (model, task, method, K) -> {seed: acc}
+    for r in rows:
+        k = int(float(r["update_blocks"])) if r.get("update_blocks") not in (None, "") else None
+        acc[(r["model"], r["task"], r["method"], k)][int(r["seed"])] = float(r["target_acc"])
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    names = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet18"}
+    head = "| model | configuration | device peak x full FT | " + " | ".join(
+        f"{t}: accuracy % [95%]; vs LoRA every layer / vs head only" for t in tasks) + " |"
+    lines = [head, "|---|---|---:|" + "---|" * len(tasks)]
+    from convpeft.methods import get_method
+
+    for model in dict.fromkeys(r["model"] for r in rows):
+        keys = sorted({(m, k) for (mm, _, m, k) in acc if mm == model},
+                      key=lambda mk: (mk[0] != "head", mk[0] != "lora", mk[0],
+                                      -(mk[1] if mk[1] is not None else 99)))
+        first = True
+        for m, k in keys:
+            label = get_method(m).label + (" every layer" if k is None and m != "head"
+                                           else "" if k is None else f" last {k} blocks")
+            x = ratio.get((model, m, k if m != "head" else 0))
+            if m == "full" and k is None:
+                x = 1.0
+            cells = [_budget_cell(acc[(model, t, m, k)], [acc.get((model, t, "lora", None)),
+                                                          acc.get((model, t, "head", None))])
+                     if (model, t, m, k) in acc else "" for t in tasks]
+            lines.append(f"| {names.get(model, model) if first else ''} | {label} | "
+                         f"{'' if x is None else f'{x:.3f}'} | " + " | ".join(cells) + " |")
+            first = False
+    seeds = sorted({int(r["seed"]) for r in rows})
+    lines.append("")
+    lines.append(f"{len(seeds)} seeds; `=`: the paired 95% interval of the difference contains "
+                 "0, `+`/`-`: above/below it; device peak: CPU allocator, LoRA r=8 lean, "
+                 "prefix in 8 chunks (`benchmarks.sparse_memory`), blank where not "
+                 "measured; accuracy: LoRA r=4, the default tasks (`--preset budget`), "
+                 f"{rows[0]['env_cpu']}.")
+    return "\n".join(lines) + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "plan": plan_block,
     "default-run": default_run_block,
@@ -344,6 +418,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "lean-memory": lean_memory_block,
     "device-truth": device_truth_block,
     "sparse-memory": sparse_memory_block,
+    "budget": budget_block,
 }
 """Block name -> the function that writes its markdown."""
 

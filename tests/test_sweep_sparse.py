@@ -60,3 +60,25 @@ def test_profile_only_sweep_records_the_axis_and_summarises_each_k(tmp_path):
         summary = list(csv.DictReader(f))
     assert [(s["method"], s["update_blocks"]) for s in summary] == [
         ("head", ""), ("head", "0"), ("lora", ""), ("lora", "3")]
+
+
+def test_findings_keep_sparse_rows_out_of_the_every_layer_comparisons():
+    from benchmarks.sweep.findings import findings_markdown
+
+    def row(method, k, peak, seed):
+        return {"status": "ok", "model": "m", "dataset": "digits", "task": "shift",
+                "method": method, "rank": "", "seed": seed, "update_blocks": k,
+                "memory_peak": peak, "flops_total": 100.0, "flops_forward": 50.0,
+                "flops_backward": 50.0, "target_acc": 0.5 + 0.01 * seed, "bn": "train",
+                "batch_size": 8, "resolution": 8, "env_device": "cpu", "target": "conv"}
+
+    rows = [row("full", None, 100.0 * 2**20, s) for s in range(3)]
+    rows += [row("full", 2, 10.0 * 2**20, s) for s in range(3)]
+    rows += [row("lora", None, 50.0 * 2**20, s) | {"rank": 4} for s in range(3)]
+    md = findings_markdown(rows)
+    # full FT's peak is its every-layer figure (100 MiB), not a mean with the sparse rows (55)
+    assert "| m | shift | 100.0 |" in md and "55.0" not in md
+    assert "configurations of their own" in md
+    # the sparse rows are an accuracy configuration of their own, over their own 3 seeds
+    assert "| m | shift | full FT, last 2 blocks |" in md
+    assert "mean over 3 seed(s)" in md

@@ -194,12 +194,20 @@ def findings_markdown(rows: Sequence[dict], out: str = "OUT") -> str:
                      f"({', '.join(f'`{t}`' for t in targets)}).")
     lines.append("")
 
-    plain = [r for r in rows if variant_of(r) == "plain"]
+    # sections 1-3 compare updates of every layer; sparse rows (only the last K blocks train)
+    # would be averaged into their method's figures there, so they appear in the accuracy
+    # section only, each K a configuration of its own
+    every = [r for r in rows if r.get("update_blocks") in (None, "")]
+    if len(every) < len(rows):
+        lines += ["Sections 1-3 compare updates of every layer; the sparse rows (`update_blocks`"
+                  " = K: only the last K blocks train) are configurations of their own in the "
+                  "accuracy section.", ""]
+    plain = [r for r in every if variant_of(r) == "plain"]
     lines += _section("## 1. Peak-memory saving of LoRA/DoRA vs full fine-tuning",
                       memory_savings(plain), lambda recs: _memory_lines(plain, recs))
     lines += _section("## 2. FLOP reduction of LoRA/DoRA vs full fine-tuning (forward + backward)",
                       flop_reductions(plain), lambda recs: _flop_lines(plain, recs))
-    lean = lean_savings(rows)
+    lean = lean_savings(every)
     if lean:
         lines += ["## 3. Lean and checkpointed updates vs full fine-tuning", ""]
         lines += _lean_lines(lean)
@@ -254,8 +262,15 @@ def _lean_lines(recs: list[dict]) -> list[str]:
     return lines
 
 
+def _blocks_of(r: dict) -> int | None:
+    """A row's ``update_blocks`` as an int, None where every layer trains."""
+    k = r.get("update_blocks")
+    return None if k in (None, "", "all") else int(float(k))
+
+
 def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
-    """One record per (model, dataset, task, settings, method, rank) with a target accuracy:
+    """One record per (model, dataset, task, settings, method, rank, update_blocks) with a
+    target accuracy:
     ``target``/``source``/``zero_shot`` :class:`~benchmarks.sweep.stats.Interval` over the seeds of
     its ``ok`` rows (``source``/``zero_shot`` None when absent), ``seeds`` and ``by_seed``
     (seed -> target accuracy, for paired comparisons)."""
@@ -264,7 +279,7 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
         if r.get("status") != "ok" or num(r.get("target_acc")) is None:
             continue
         k = (r["model"], r.get("dataset"), r["task"], r.get("settings_signature"), r["method"],
-             rank_of(r))
+             rank_of(r), _blocks_of(r))
         d = vals.setdefault(k, {"target_acc": [], "source_acc": [], "zero_shot_acc": [],
                                 "seed": [], "by_seed": {}})
         for f in ("target_acc", "source_acc", "zero_shot_acc"):
@@ -274,11 +289,13 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
         if r.get("seed") not in (None, ""):
             d["by_seed"][int(r["seed"])] = num(r["target_acc"])
     out = []
-    for (model, ds, task, sig, method, rank), d in sorted(
+    for (model, ds, task, sig, method, rank, blocks), d in sorted(
             vals.items(), key=lambda kv: tuple(str(x) for x in kv[0][:5]) + (
-                -1 if kv[0][5] is None else kv[0][5],)):
+                -1 if kv[0][5] is None else kv[0][5],
+                -1 if kv[0][6] is None else -kv[0][6])):
         out.append(dict(
             model=model, dataset=ds, task=task, signature=sig, method=method, rank=rank,
+            update_blocks=blocks,
             seeds=sorted(s for s in d["seed"] if s is not None),
             target=metric_interval(d["target_acc"], "target_acc"), by_seed=d["by_seed"],
             source=(metric_interval(d["source_acc"], "source_acc") if d["source_acc"]
@@ -357,13 +374,15 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
             text += "; below it (the seeds separate them): " + ", ".join(
                 _config_label(r) for r in below)
         lines.append(text + ".")
-        full = next((r for r in recs if r["method"] == "full" and r["rank"] is None), None)
+        full = next((r for r in recs if r["method"] == "full" and r["rank"] is None
+                     and r.get("update_blocks") is None), None)
         if full is None:
             continue
         ranked = [r for r in recs if r["rank"] is not None]
         for method in dict.fromkeys(r["method"] for r in ranked):
-            parts = [f"r={r['rank']} {_verdict(r, full)}"
-                     for r in ranked if r["method"] == method]
+            parts = [f"r={r['rank']}" + ("" if r.get("update_blocks") is None
+                                         else f" last {r['update_blocks']} blocks")
+                     + f" {_verdict(r, full)}" for r in ranked if r["method"] == method]
             lines.append(f"  - {method_label(method)} vs full FT: " + ", ".join(parts) + ".")
     lines += ["", "Target accuracy [%], mean [95% interval] over seeds:", ""]
     ranks = sorted({r["rank"] for r in acc if r["rank"] is not None})
@@ -373,11 +392,13 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
               "|---|---|---|" + "---:|" * len(cols)]
     rows_: dict[tuple, dict] = {}
     for r in acc:
-        rows_.setdefault((r["model"], r["task"], r["signature"], r["method"]), {})[r["rank"]] = r
-    for (model, task, _, method), by_rank in rows_.items():
+        rows_.setdefault((r["model"], r["task"], r["signature"], r["method"],
+                          r.get("update_blocks")), {})[r["rank"]] = r
+    for (model, task, _, method, blocks), by_rank in rows_.items():
         keys = ([None] if "no rank" in cols else []) + ranks
         cells = [by_rank[k]["target"].format(unit="") if k in by_rank else "" for k in keys]
-        lines.append(f"| {model} | {task} | {method_label(method)} | " + " | ".join(cells) + " |")
+        label = method_label(method) + ("" if blocks is None else f", last {blocks} blocks")
+        lines.append(f"| {model} | {task} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
