@@ -306,7 +306,8 @@ def _sparse_name(label: str) -> str:
     name = get_method(parts[0]).label
     k = parts[1].removeprefix("K=")
     chunks = parts[2].removeprefix("chunks=") if len(parts) > 2 else None
-    return f"{name} last {k} blocks" + (f", prefix in {chunks} chunks" if chunks else "")
+    blocks = "last block" if k == "1" else f"last {k} blocks"
+    return f"{name} {blocks}" + (f", prefix in {chunks} chunks" if chunks else "")
 
 
 def sparse_memory_block() -> str:
@@ -389,7 +390,8 @@ def budget_block() -> str:
         first = True
         for m, k in keys:
             label = get_method(m).label + (" every layer" if k is None and m != "head"
-                                           else "" if k is None else f" last {k} blocks")
+                                           else "" if k is None else " last block" if k == 1
+                                           else f" last {k} blocks")
             x = ratio.get((model, m, k if m != "head" else 0))
             if m == "full" and k is None:
                 x = 1.0

@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "1..64, one seed, cost only (implies --profile-only; offline: digits images "
                    "feed the profiled batch). Accuracy with the study's adapters: --preset "
                    "default --target standard. 'budget' = fine-tuning under a memory budget: "
-                   "head / full FT / LoRA r=4 training every layer or only the last 2, 4 or 8 "
-                   "blocks (frozen prefix in 8 chunks), default tasks, 5 seeds")
+                   "head / full FT / LoRA r=4 training every layer or only the last 1, 2, 4 or "
+                   "8 blocks (frozen prefix in 8 chunks), default tasks, 5 seeds")
     g.add_argument("--models", type=_csv_list, default=None,
                    help="comma-separated torchvision model names, e.g. mobilenet_v2,resnet18 "
                    "(preset's list if omitted)")

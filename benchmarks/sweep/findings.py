@@ -308,9 +308,14 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
 
 def _config_label(rec: dict) -> str:
     rank = "" if rec["rank"] is None else f" r={rec['rank']}"
-    k = rec.get("update_blocks")
-    sparse = "" if k in (None, "") else f" last {k} blocks"
-    return method_label(rec["method"]) + rank + sparse
+    return method_label(rec["method"]) + rank + _blocks_label(rec.get("update_blocks"))
+
+
+def _blocks_label(k) -> str:
+    """`` last K blocks`` (`` last block`` for 1; empty where every layer trains)."""
+    if k in (None, ""):
+        return ""
+    return " last block" if str(k) == "1" else f" last {k} blocks"
 
 
 def separation(a: dict, b: dict) -> int | None:
@@ -380,8 +385,7 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
             continue
         ranked = [r for r in recs if r["rank"] is not None]
         for method in dict.fromkeys(r["method"] for r in ranked):
-            parts = [f"r={r['rank']}" + ("" if r.get("update_blocks") is None
-                                         else f" last {r['update_blocks']} blocks")
+            parts = [f"r={r['rank']}" + _blocks_label(r.get("update_blocks"))
                      + f" {_verdict(r, full)}" for r in ranked if r["method"] == method]
             lines.append(f"  - {method_label(method)} vs full FT: " + ", ".join(parts) + ".")
     lines += ["", "Target accuracy [%], mean [95% interval] over seeds:", ""]
@@ -397,7 +401,8 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
     for (model, task, _, method, blocks), by_rank in rows_.items():
         keys = ([None] if "no rank" in cols else []) + ranks
         cells = [by_rank[k]["target"].format(unit="") if k in by_rank else "" for k in keys]
-        label = method_label(method) + ("" if blocks is None else f", last {blocks} blocks")
+        label = method_label(method) + ("," + _blocks_label(blocks) if blocks is not None
+                                        else "")
         lines.append(f"| {model} | {task} | {label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -255,7 +255,7 @@ PRESETS: dict[str, Preset] = {
         resolution=12,
         extra={"few_shot": 20, "test_per_class": 20, "corruption": "contrast", "severity": 3,
                "pretrain_batch_size": 32, "pretrain_epochs": 2, "prefix_chunks": 8},
-        update_blocks=[None, 2, 4, 8],
+        update_blocks=[None, 1, 2, 4, 8],
     ),
 }
 
