@@ -27,6 +27,21 @@ def rank_of(row: dict) -> int | None:
     return None if v in (None, "") else int(v)
 
 
+def blocks_of(row: dict) -> int | None:
+    """The row's ``update_blocks`` (only the last K blocks trained) as an int; None where every
+    layer trained (``None``, an empty CSV cell, or ``"all"``)."""
+    k = row.get("update_blocks")
+    return None if k in (None, "", "all") else int(float(k))
+
+
+def blocks_label(k: object) -> str:
+    """`` last K blocks`` (`` last block`` for 1) for an ``update_blocks`` value; empty where
+    every layer trained."""
+    if k in (None, ""):
+        return ""
+    return " last block" if str(k) == "1" else f" last {k} blocks"
+
+
 def variant_of(row: dict) -> str:
     """How a row's update ran: ``"plain"``, ``"lean"``, ``"ckpt"`` or ``"lean + ckpt"``
     (the ``lean``/``checkpoint`` columns; rows from before they existed are plain)."""

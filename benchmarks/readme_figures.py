@@ -300,14 +300,14 @@ def _sparse_name(label: str) -> str:
     """``lora K=4 chunks=8`` -> ``LoRA last 4, prefix in 8 chunks``."""
     if label in _SPARSE_NAMES:
         return _SPARSE_NAMES[label]
-    parts = label.split()
+    from benchmarks.common import blocks_label
     from convpeft.methods import get_method
 
+    parts = label.split()
     name = get_method(parts[0]).label
     k = parts[1].removeprefix("K=")
     chunks = parts[2].removeprefix("chunks=") if len(parts) > 2 else None
-    blocks = "last block" if k == "1" else f"last {k} blocks"
-    return f"{name} {blocks}" + (f", prefix in {chunks} chunks" if chunks else "")
+    return f"{name}{blocks_label(k)}" + (f", prefix in {chunks} chunks" if chunks else "")
 
 
 def sparse_memory_block() -> str:
@@ -367,6 +367,9 @@ def budget_block() -> str:
     import json
     from collections import defaultdict
 
+    from benchmarks.common import blocks_label, blocks_of
+    from convpeft.methods import get_method
+
     with (ROOT / BUDGET_CSV).open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("status", "ok") == "ok"]
     mem = json.loads((ROOT / SPARSE_MEMORY_JSON).read_text())["rows"]
@@ -374,15 +377,13 @@ def budget_block() -> str:
              if r["prefix_chunks"] in (None, 8) or r["update_blocks"] is None}
     acc: dict = defaultdict(dict)  # (model, task, method, K) -> {seed: acc}
     for r in rows:
-        k = int(float(r["update_blocks"])) if r.get("update_blocks") not in (None, "") else None
-        acc[(r["model"], r["task"], r["method"], k)][int(r["seed"])] = float(r["target_acc"])
+        acc[(r["model"], r["task"], r["method"], blocks_of(r))][int(r["seed"])] = float(
+            r["target_acc"])
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     names = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet18"}
     head = "| model | configuration | device peak x full FT | " + " | ".join(
         f"{t}: accuracy % [95%]; vs LoRA every layer / vs head only" for t in tasks) + " |"
     lines = [head, "|---|---|---:|" + "---|" * len(tasks)]
-    from convpeft.methods import get_method
-
     for model in dict.fromkeys(r["model"] for r in rows):
         keys = sorted({(m, k) for (mm, _, m, k) in acc if mm == model},
                       key=lambda mk: (mk[0] != "head", mk[0] != "lora", mk[0],
@@ -390,8 +391,7 @@ def budget_block() -> str:
         first = True
         for m, k in keys:
             label = get_method(m).label + (" every layer" if k is None and m != "head"
-                                           else "" if k is None else " last block" if k == 1
-                                           else f" last {k} blocks")
+                                           else blocks_label(k))
             x = ratio.get((model, m, k if m != "head" else 0))
             if m == "full" and k is None:
                 x = 1.0

@@ -36,54 +36,32 @@ from convpeft.profiler import analytic_profile, profile_update
 MiB = 2**20
 # label -> MethodConfig keywords (rank 8 where the method takes one); per model the K differ
 BASELINE = "full (BN train)"
-CONFIGS: dict[str, dict[str, dict]] = {
-    "mobilenet_v2": {
-        BASELINE: {"name": "full"},
-        "lora lean+ckpt (every layer)": {"name": "lora", "lean": True, "checkpoint": True},
-        "lora K=4": {"name": "lora", "update_blocks": 4, "lean": True},
-        "lora K=4 chunks=8": {"name": "lora", "update_blocks": 4, "prefix_chunks": 8,
-                              "lean": True},
-        "lora K=8 chunks=8": {"name": "lora", "update_blocks": 8, "prefix_chunks": 8,
-                              "lean": True},
-        "lora K=1 chunks=8": {"name": "lora", "update_blocks": 1, "prefix_chunks": 8,
-                              "lean": True},
-        "lora K=2 chunks=8": {"name": "lora", "update_blocks": 2, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=1 chunks=8": {"name": "full", "update_blocks": 1, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=2 chunks=8": {"name": "full", "update_blocks": 2, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=4 chunks=8": {"name": "full", "update_blocks": 4, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=8 chunks=8": {"name": "full", "update_blocks": 8, "prefix_chunks": 8,
-                              "lean": True},
-        "bitfit K=8 chunks=8": {"name": "bitfit", "update_blocks": 8, "prefix_chunks": 8,
-                                "lean": True},
-        "head K=0 chunks=8": {"name": "head", "update_blocks": 0, "prefix_chunks": 8},
-    },
-    "resnet18": {
-        BASELINE: {"name": "full"},
-        "lora lean+ckpt (every layer)": {"name": "lora", "lean": True, "checkpoint": True},
-        "lora K=2": {"name": "lora", "update_blocks": 2, "lean": True},
-        "lora K=2 chunks=8": {"name": "lora", "update_blocks": 2, "prefix_chunks": 8,
-                              "lean": True},
-        "lora K=4 chunks=8": {"name": "lora", "update_blocks": 4, "prefix_chunks": 8,
-                              "lean": True},
-        "lora K=8 chunks=8": {"name": "lora", "update_blocks": 8, "prefix_chunks": 8,
-                              "lean": True},
-        "lora K=1 chunks=8": {"name": "lora", "update_blocks": 1, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=1 chunks=8": {"name": "full", "update_blocks": 1, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=2 chunks=8": {"name": "full", "update_blocks": 2, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=4 chunks=8": {"name": "full", "update_blocks": 4, "prefix_chunks": 8,
-                              "lean": True},
-        "full K=8 chunks=8": {"name": "full", "update_blocks": 8, "prefix_chunks": 8,
-                              "lean": True},
-        "head K=0 chunks=8": {"name": "head", "update_blocks": 0, "prefix_chunks": 8},
-    },
+_EVERY_LAYER = {
+    BASELINE: {"name": "full"},
+    "lora lean+ckpt (every layer)": {"name": "lora", "lean": True, "checkpoint": True},
 }
+
+
+def _sparse(method: str, k: int, chunks: int = 8) -> tuple[str, dict]:
+    """``(label, keywords)`` of a sparse update: the last ``k`` blocks train (lean, except head
+    only, which has nothing to make lean), the frozen prefix in ``chunks`` micro-batches."""
+    kw: dict = {"name": method, "update_blocks": k}
+    if chunks != 1:
+        kw["prefix_chunks"] = chunks
+    if method != "head":
+        kw["lean"] = True
+    return f"{method} K={k}" + (f" chunks={chunks}" if chunks != 1 else ""), kw
+
+
+CONFIGS: dict[str, dict[str, dict]] = {
+    "mobilenet_v2": {**_EVERY_LAYER, **dict(_sparse(*c) for c in (
+        ("lora", 4, 1), ("lora", 4), ("lora", 8), ("lora", 1), ("lora", 2), ("full", 1),
+        ("full", 2), ("full", 4), ("full", 8), ("bitfit", 8), ("head", 0)))},
+    "resnet18": {**_EVERY_LAYER, **dict(_sparse(*c) for c in (
+        ("lora", 2, 1), ("lora", 2), ("lora", 4), ("lora", 8), ("lora", 1), ("full", 1),
+        ("full", 2), ("full", 4), ("full", 8), ("head", 0)))},
+}
+
 QUICK = (BASELINE, "lora K=4 chunks=8", "lora K=2 chunks=8")
 
 

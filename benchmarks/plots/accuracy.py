@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
-from benchmarks.common import MIB, method_label, num, rank_of
+from benchmarks.common import MIB, blocks_of, method_label, num, rank_of
 from benchmarks.plots.common import (
     BAND,
     _interval_by,
@@ -88,19 +88,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _blocks_of(r: dict) -> int | None:
-    """A row's ``update_blocks`` (None: every layer trains)."""
-    k = r.get("update_blocks")
-    return None if k in (None, "", "all") else int(float(k))
-
-
 Key = tuple[str, "int | None", "int | None"]  # (method, rank, update_blocks)
 
 
 def _split_by_blocks(rows: Sequence[dict]) -> dict[int | None, list[dict]]:
     out: dict[int | None, list[dict]] = defaultdict(list)
     for r in rows:
-        out[_blocks_of(r)].append(r)
+        out[blocks_of(r)].append(r)
     return out
 
 
@@ -110,7 +104,7 @@ def _by_seed(rows: Sequence[dict]) -> dict[Key, dict[int, float]]:
     for r in rows:
         v = num(r.get("target_acc"))
         if v is not None and r.get("seed") not in (None, ""):
-            out[(str(r["method"]), rank_of(r), _blocks_of(r))][int(r["seed"])] = v
+            out[(str(r["method"]), rank_of(r), blocks_of(r))][int(r["seed"])] = v
     return out
 
 

@@ -43,6 +43,8 @@ from pathlib import Path
 from benchmarks.common import (
     MIB,
     VARIANTS,
+    blocks_label,
+    blocks_of,
     method_label,
     num,
     primary_rows,
@@ -262,12 +264,6 @@ def _lean_lines(recs: list[dict]) -> list[str]:
     return lines
 
 
-def _blocks_of(r: dict) -> int | None:
-    """A row's ``update_blocks`` as an int, None where every layer trains."""
-    k = r.get("update_blocks")
-    return None if k in (None, "", "all") else int(float(k))
-
-
 def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
     """One record per (model, dataset, task, settings, method, rank, update_blocks) with a
     target accuracy:
@@ -279,7 +275,7 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
         if r.get("status") != "ok" or num(r.get("target_acc")) is None:
             continue
         k = (r["model"], r.get("dataset"), r["task"], r.get("settings_signature"), r["method"],
-             rank_of(r), _blocks_of(r))
+             rank_of(r), blocks_of(r))
         d = vals.setdefault(k, {"target_acc": [], "source_acc": [], "zero_shot_acc": [],
                                 "seed": [], "by_seed": {}})
         for f in ("target_acc", "source_acc", "zero_shot_acc"):
@@ -308,14 +304,7 @@ def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
 
 def _config_label(rec: dict) -> str:
     rank = "" if rec["rank"] is None else f" r={rec['rank']}"
-    return method_label(rec["method"]) + rank + _blocks_label(rec.get("update_blocks"))
-
-
-def _blocks_label(k) -> str:
-    """`` last K blocks`` (`` last block`` for 1; empty where every layer trains)."""
-    if k in (None, ""):
-        return ""
-    return " last block" if str(k) == "1" else f" last {k} blocks"
+    return method_label(rec["method"]) + rank + blocks_label(rec.get("update_blocks"))
 
 
 def separation(a: dict, b: dict) -> int | None:
@@ -385,7 +374,7 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
             continue
         ranked = [r for r in recs if r["rank"] is not None]
         for method in dict.fromkeys(r["method"] for r in ranked):
-            parts = [f"r={r['rank']}" + _blocks_label(r.get("update_blocks"))
+            parts = [f"r={r['rank']}" + blocks_label(r.get("update_blocks"))
                      + f" {_verdict(r, full)}" for r in ranked if r["method"] == method]
             lines.append(f"  - {method_label(method)} vs full FT: " + ", ".join(parts) + ".")
     lines += ["", "Target accuracy [%], mean [95% interval] over seeds:", ""]
@@ -401,7 +390,7 @@ def _accuracy_lines(acc: list[dict]) -> list[str]:
     for (model, task, _, method, blocks), by_rank in rows_.items():
         keys = ([None] if "no rank" in cols else []) + ranks
         cells = [by_rank[k]["target"].format(unit="") if k in by_rank else "" for k in keys]
-        label = method_label(method) + ("," + _blocks_label(blocks) if blocks is not None
+        label = method_label(method) + ("," + blocks_label(blocks) if blocks is not None
                                         else "")
         lines.append(f"| {model} | {task} | {label} | " + " | ".join(cells) + " |")
     return lines
