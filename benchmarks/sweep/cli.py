@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision of fine-tuning and of the profiled update "
                    "(torch.autocast; fp32 master weights; fp16 needs CUDA and gets a "
                    "GradScaler), recorded in the amp column (default: off = fp32)")
+    t.add_argument("--no-precise-bn", action="store_true",
+                   help="evaluate with the BN running averages collected while training; by "
+                   "default BN statistics are recomputed for the final weights on the target "
+                   "training data first (convpeft.train.recalibrate_bn; short runs leave the "
+                   "running averages lagging the weights), recorded in the precise_bn column")
     t.add_argument("--checkpoint", action="store_true",
                    help="activation checkpointing of each backbone block (exact; one extra "
                    "forward of the blocks per update), recorded in the checkpoint column")
@@ -320,6 +325,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         lean=a.lean,
         amp=a.amp,
         checkpoint=a.checkpoint,
+        precise_bn=not a.no_precise_bn,
         prefix_chunks=(a.prefix_chunks if a.prefix_chunks is not None
                        else pre.extra.get("prefix_chunks", 1)),
         target=a.target if a.target is not None else pre.target,

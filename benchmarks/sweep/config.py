@@ -279,7 +279,7 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
                        batch_size=settings.batch_size, seed=cfg.seed, device=dev,
                        progress=False, copy_model=True, eval_every_epoch=False,
                        keep_model=True, zero_shot=sources.zero_shot.get(zs_key),
-                       amp=settings.amp)
+                       amp=settings.amp, precise_bn=settings.precise_bn)
         sources.zero_shot[zs_key] = (res.zero_shot_acc, res.zero_shot_source_acc)
         for k in ("zero_shot_acc", "zero_shot_source_acc", "target_acc", "source_acc",
                   "forgetting", "recovered_fraction", "train_time_s"):

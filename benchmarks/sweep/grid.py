@@ -65,6 +65,9 @@ class SweepSettings:
     # the layers the adapters (and GaLore) take, a convpeft.layer_kinds target: "conv" (every
     # conv, ours) or "standard" (groups == 1 convs only, the study's: peft refuses depthwise)
     target: str = "conv"
+    # BN statistics recomputed for the final weights before evaluating (convpeft.train's
+    # precise_bn); off: evaluate with the running averages collected while training
+    precise_bn: bool = True
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
@@ -84,6 +87,8 @@ class SweepSettings:
             d.pop("amp")
         if d["target"] == "conv":  # likewise
             d.pop("target")
+        if not d["precise_bn"]:  # likewise: rows from before precise BN keep their keys
+            d.pop("precise_bn")
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

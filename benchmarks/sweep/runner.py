@@ -89,6 +89,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "amp": s.amp,
         "checkpoint": s.checkpoint,
         "target": s.target,
+        "precise_bn": s.precise_bn if not s.profile_only else None,
         "mode": "profile-only" if s.profile_only else "train",
         "settings_signature": s.signature(),
         # present in every row (None under --profile-only or on failure): a uniform table

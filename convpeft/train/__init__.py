@@ -32,12 +32,13 @@ steps, shared by both), :mod:`~convpeft.train.evaluation`, :mod:`~convpeft.train
 and :mod:`~convpeft.train.finetuning`.
 """
 
+from .batchnorm import recalibrate_bn, snapshot_bn
 from .cache import resolve_cache_dir
 from .determinism import deterministic_torch, state_dict_sha256
 from .evaluation import evaluate
 from .finetuning import FinetuneResult, finetune
 from .loop import default_device
-from .pretraining import PRETRAIN_DEFAULTS, pretrain, recalibrate_bn
+from .pretraining import PRETRAIN_DEFAULTS, pretrain
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
@@ -47,6 +48,7 @@ __all__ = [
     "deterministic_torch",
     "evaluate",
     "recalibrate_bn",
+    "snapshot_bn",
     "finetune",
     "pretrain",
     "state_dict_sha256",

@@ -10,6 +10,7 @@ back, parameter counts and timings, JSON-able without the model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,7 @@ from ..amp import check_amp, grad_scaler
 from ..data import Task
 from ..methods import MethodConfig, prepare
 from ..models import expand_head, get_head
+from .batchnorm import recalibrate_bn, snapshot_bn
 from .evaluation import evaluate
 from .loop import _batches_per_epoch, _progress, _train_epoch, default_device
 
@@ -35,7 +37,8 @@ class FinetuneResult:
     ``zero_shot_source_acc - source_acc``. ``recovered_fraction`` (shift only) = share of the
     shift's drop (clean minus zero-shot) won back. ``train_time_s``: the optimisation steps only;
     ``wall_time_s``: the whole call incl. evaluations. ``amp``: the training compute dtype
-    ("off" = fp32).
+    ("off" = fp32). ``precise_bn``: BN statistics recomputed for the final weights before
+    evaluating (see :func:`finetune`).
     """
 
     method: str
@@ -61,6 +64,7 @@ class FinetuneResult:
     report: dict = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     amp: str = "off"
+    precise_bn: bool = True
 
     def to_dict(self) -> dict:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
@@ -92,6 +96,7 @@ def finetune(
     keep_model: bool = True,
     zero_shot: tuple[float, float] | None = None,
     amp: str = "off",
+    precise_bn: bool = True,
 ) -> FinetuneResult:
     """Adapt ``model`` to ``task.target_train`` with ``method``; see :class:`FinetuneResult`.
 
@@ -103,7 +108,13 @@ def finetune(
     same model and seed before any update, when the caller already has them (a sweep runs many
     methods from one source model): the two baseline evaluations are then skipped. ``amp``
     ("off", "bf16", "fp16"; see the module docstring) is checked against ``device`` before
-    anything runs: fp16 on the CPU is refused.
+    anything runs: fp16 on the CPU is refused. ``precise_bn`` (default): before each evaluation
+    the running statistics of the BNs the method runs in train mode are recomputed exactly on
+    ``task.target_train`` for the current weights (:func:`~convpeft.train.recalibrate_bn`; one
+    forward pass, no gradients); an evaluation before the last epoch puts the running averages
+    back afterwards, so training does not depend on how often it evaluates. ``False``: evaluate
+    with the running averages BN collected while training (they lag the weights; see
+    :mod:`convpeft.train.batchnorm`).
     """
     t_call = time.perf_counter()
     cfg = MethodConfig(method) if isinstance(method, str) else copy.copy(method)
@@ -144,8 +155,15 @@ def finetune(
             dt = time.perf_counter() - start
             train_time += dt
             row = {"epoch": ep + 1, "loss": loss, "train_acc": acc, "time_s": dt}
-            if eval_every_epoch or ep == epochs - 1:
-                row["target_acc"] = evaluate(model, task.target_test, device=device)
+            last = ep == epochs - 1
+            if eval_every_epoch or last:
+                with contextlib.ExitStack() as stack:
+                    if precise_bn:
+                        if not last:
+                            stack.enter_context(snapshot_bn(model))
+                        recalibrate_bn(model, task.target_train, batch_size=batch_size,
+                                       device=device, train_mode=prepared.train_mode)
+                    row["target_acc"] = evaluate(model, task.target_test, device=device)
             history.append(row)
     model.eval()
     target_acc = history[-1]["target_acc"] if history else zero_shot
@@ -161,5 +179,5 @@ def finetune(
         recovered_fraction=recovered, trainable_params=prepared.trainable_params,
         total_params=prepared.total_params, train_time_s=train_time,
         wall_time_s=time.perf_counter() - t_call, report=_report_dict(prepared.report),
-        model=model if keep_model else None, amp=amp,
+        model=model if keep_model else None, amp=amp, precise_bn=precise_bn,
     )

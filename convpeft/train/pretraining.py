@@ -21,8 +21,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..data import ImageDataset, Task, build_task
+from ..data import Task, build_task
 from ..models import build_model
+from .batchnorm import recalibrate_bn
 from .cache import (
     _backend,
     _cache_error,
@@ -43,33 +44,6 @@ PRETRAIN_DEFAULTS = {"epochs": 5, "lr": 3e-3, "batch_size": 64, "weight_decay": 
 """``threads``: intra-op threads during pretraining (a reduction split over another number of
 threads sums in another order, so the thread count changes the weights); 2 fits a laptop and
 CI, a bigger machine only pretrains a little slower than it could."""
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
-                   device: torch.device) -> int:
-    """Replace every BatchNorm's running statistics by the exact average over ``data`` (one
-    pass in train mode, no gradients, momentum ``None`` = cumulative average); returns the
-    number of BN layers. After a short one-cycle run the running averages still remember the
-    first steps' weights, and a depthwise-separable net evaluated with them can collapse to one
-    class; the recalibrated statistics are those of the final weights. Modes and momenta are
-    restored."""
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return 0
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x, _ in data.batches(batch_size, device=device):
-        model(x)
-    for m, mom in zip(bns, momenta, strict=True):
-        m.momentum = mom
-    model.train(was_training)
-    return len(bns)
 
 
 def pretrain(
