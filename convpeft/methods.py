@@ -11,8 +11,10 @@ bitfit     every bias + the classifier (AdamW). torchvision's convs that a BN fo
            1x1 convs and hidden classifier Linear).
 lora       low-rank adapters on the ``target`` convs (:func:`convpeft.apply_adapters`) + the
            classifier (+ BN affine under ``bn="train"``); AdamW over those
-lora-fa    as lora with ``A`` frozen at its random init (LoRA-FA): half the adapter trains, and
-           a conv saves ``A x`` instead of ``x`` for backward where that is smaller
+lora-fa    as lora with ``A`` frozen (LoRA-FA): half the adapter trains, and a conv saves
+           ``A x`` instead of ``x`` for backward where that is smaller; ``A`` is set along each
+           layer's principal input directions on the training data before the first step
+           (``fa_init="data"``, :mod:`convpeft.adapters.lora_fa`) or kept at its random draw
 dora       as lora, with weight-decomposed (magnitude/direction) adapters
 galore     every parameter; :func:`convpeft.optim.galore_optimizer` projects the ``target``
            convs' gradients to rank ``rank`` (AdamW state in the projected space), plain AdamW
@@ -75,6 +77,7 @@ __all__ = [
 ]
 
 BN_POLICIES = ("train", "freeze", "stats")
+FA_INITS = ("data", "random")
 DEFAULT_BN = "train"
 
 
@@ -104,7 +107,10 @@ class MethodConfig:
     the frozen prefix run without a graph in
     ``prefix_chunks`` micro-batches and its BN per ``prefix_bn``; the report is in
     ``PreparedMethod.extra["sparse"]``. ``checkpoint=True`` then checkpoints the trainable
-    blocks only.
+    blocks only. ``fa_init`` (lora-fa): ``"data"`` (default) has the training loop set the
+    frozen ``A`` to the top-r principal directions of each layer's inputs before the first
+    step (:func:`convpeft.adapters.calibrate_frozen_a`, which :func:`convpeft.train.finetune`
+    calls; :func:`prepare` itself sees no data), ``"random"`` keeps the random draw.
     """
 
     name: str
@@ -123,6 +129,7 @@ class MethodConfig:
     sparse_blocks: list[str] | None = None
     prefix_chunks: int = 1
     prefix_bn: str = "eval"
+    fa_init: str = "data"
 
     def __post_init__(self) -> None:
         spec = get_method(self.name)
@@ -134,6 +141,9 @@ class MethodConfig:
                              f"(got {ck!r})")
         if self.bn not in BN_POLICIES:
             raise ValueError(f"bn must be one of {', '.join(BN_POLICIES)} (got {self.bn!r})")
+        if self.fa_init not in FA_INITS:
+            raise ValueError(f"fa_init must be one of {', '.join(FA_INITS)} (got "
+                             f"{self.fa_init!r})")
         for key, value, kind in (("adapter", self.adapter, AdapterConfig),
                                  ("galore", self.galore, GaLoreSettings)):
             if value is not None and not isinstance(value, kind):

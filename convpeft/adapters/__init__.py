@@ -1,8 +1,9 @@
 """LoRA and DoRA adapters for every Conv2d geometry (standard, pointwise, grouped, depthwise)
 and for nn.Linear; see :mod:`convpeft.adapters.lora` for the factorisation and the two
 computation modes, :mod:`convpeft.adapters.layer` for what every wrapper shares (the choice of
-mode, merging), :mod:`convpeft.adapters.dora` for DoRA, :mod:`convpeft.adapters.state` for
-saving/loading and :mod:`convpeft.adapters.peft_format` for peft's directory format."""
+mode, merging), :mod:`convpeft.adapters.dora` for DoRA, :mod:`convpeft.adapters.lora_fa` for
+LoRA-FA's frozen ``A`` set from data, :mod:`convpeft.adapters.state` for saving/loading and
+:mod:`convpeft.adapters.peft_format` for peft's directory format."""
 
 from .config import AdapterConfig
 from .config import scaling as scaling
@@ -10,6 +11,7 @@ from .dora import DoRAConv2d, DoRALinear
 from .dora import DoRAConvFunction as DoRAConvFunction
 from .layer import AdapterLayer
 from .lora import LoRAConv2d, LoRALinear
+from .lora_fa import FrozenACalibration, calibrate_frozen_a
 from .model import (
     AdapterReport,
     AdapterRow,
@@ -30,7 +32,8 @@ from .state import adapter_state_dict, load_adapter_state_dict, load_adapters, s
 # (tests and power users use them) but are implementation details, not API.
 __all__ = [
     "AdapterConfig", "AdapterLayer", "AdapterReport", "AdapterRow", "DoRAConv2d", "DoRALinear",
-    "LoRAConv2d", "LoRALinear", "adapter_for", "adapter_layers", "adapter_report",
-    "adapter_state_dict", "apply_adapters", "is_adapter", "load_adapter_state_dict",
-    "load_adapters", "merge_adapters", "save_adapters", "unmerge_adapters",
+    "FrozenACalibration", "LoRAConv2d", "LoRALinear", "adapter_for", "adapter_layers",
+    "adapter_report", "adapter_state_dict", "apply_adapters", "calibrate_frozen_a", "is_adapter",
+    "load_adapter_state_dict", "load_adapters", "merge_adapters", "save_adapters",
+    "unmerge_adapters",
 ]

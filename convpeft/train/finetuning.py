@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.lora_fa import calibrate_frozen_a
 from ..amp import check_amp, grad_scaler
 from ..data import Task
 from ..methods import MethodConfig, prepare
@@ -140,6 +141,9 @@ def finetune(
     zero_shot, zero_shot_src = (float(a) for a in zero_shot)
 
     prepared = prepare(model, cfg)
+    if cfg.fa_init == "data":  # LoRA-FA's frozen A along the inputs' principal directions
+        calibrate_frozen_a(model, task.target_train, batch_size=batch_size, device=device,
+                           train_mode=prepared.train_mode)
     scaler = grad_scaler(device, amp)
     g = torch.Generator().manual_seed(seed)
     history = []
