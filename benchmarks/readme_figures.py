@@ -411,6 +411,55 @@ def budget_block() -> str:
     return "\n".join(lines) + "\n"
 
 
+LORA_FA_CSV = "plots/rank_sweep_lora_fa.csv"
+"""The committed LoRA vs LoRA-FA run (``python -m benchmarks.rank_sweep --methods lora,lora-fa
+--ranks 1,4,16 --seeds 10``)."""
+
+
+def lora_fa_block() -> str:
+    """docs/memory.md's "LoRA-FA's accuracy": LoRA and LoRA-FA's mean target accuracy per net,
+    task and rank in the committed run (:data:`LORA_FA_CSV`) and the paired difference
+    LoRA-FA minus LoRA with its 95% interval, plus the machine that measured it."""
+    import csv
+    from collections import defaultdict
+
+    from benchmarks.sweep.stats import metric_interval, paired_interval
+
+    with (ROOT / LORA_FA_CSV).open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("status", "ok") == "ok"]
+    acc: dict = defaultdict(dict)  # (model, task, method, rank) -> {seed: acc}
+    for r in rows:
+        acc[(r["model"], r["task"], r["method"], int(r["rank"]))][int(r["seed"])] = float(
+            r["target_acc"])
+    ranks = sorted({k[3] for k in acc})
+    names = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet18"}
+    lines = ["| | " + " | ".join(f"r={r}" for r in ranks) + " |",
+             "|---|" + "---|" * len(ranks)]
+    worst = None
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for task in dict.fromkeys(r["task"] for r in rows):
+            cells = []
+            for rank in ranks:
+                lo, fa = acc[(model, task, "lora", rank)], acc[(model, task, "lora-fa", rank)]
+                d = paired_interval(fa, lo)
+                worst = d if worst is None or d.mean < worst.mean else worst
+                cells.append(
+                    f"{100 * metric_interval(list(lo.values()), 'target_acc').mean:.1f} / "
+                    f"{100 * metric_interval(list(fa.values()), 'target_acc').mean:.1f}; "
+                    f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]")
+            lines.append(f"| {names.get(model, model)} {task.replace('_', ' ')} | "
+                         + " | ".join(cells) + " |")
+    seeds = sorted({int(r["seed"]) for r in rows})
+    r0 = rows[0]
+    lines.append("")
+    lines.append(
+        f"Target accuracy %, LoRA / LoRA-FA; LoRA-FA minus LoRA in points, mean [paired 95% "
+        f"interval] over {len(seeds)} seeds; lowest mean {100 * worst.mean:+.1f}. Measured on "
+        f"one machine: {r0['env_cpu']}, {r0['env_threads']} threads, torch "
+        f"{r0['env_torch_version']} (the rows: [{LORA_FA_CSV}]({LORA_FA_CSV})).")
+    return "\n".join(lines) + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "plan": plan_block,
     "default-run": default_run_block,
@@ -421,6 +470,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "device-truth": device_truth_block,
     "sparse-memory": sparse_memory_block,
     "budget": budget_block,
+    "lora-fa": lora_fa_block,
 }
 """Block name -> the function that writes its markdown."""
 

@@ -68,6 +68,28 @@ ADAPTERS = ("lora", "dora")
 NO_REFERENCE = "No LoRA/DoRA rows with a full-FT reference of the same model and task."
 
 
+def _machine(r: dict) -> str:
+    """Which processor measured a row, e.g. ``Intel(R) Xeon(R) Processor, 2 threads, torch
+    2.14.1`` (the GPU's name on CUDA)."""
+    gpu = r.get("env_gpu") if str(r.get("env_device") or "").startswith("cuda") else None
+    name = gpu or r.get("env_cpu") or "unknown processor"
+    threads = r.get("env_threads")
+    parts = [str(name)]
+    if threads not in (None, "") and not gpu:
+        parts.append(f"{threads} threads")
+    if r.get("env_torch_version"):
+        parts.append(f"torch {r['env_torch_version']}")
+    return ", ".join(parts)
+
+
+def _precise(r: dict) -> str:
+    """How BN was evaluated: rows from before precise BN have no ``precise_bn`` column."""
+    p = r.get("precise_bn")
+    if p in (True, "True", "true", 1, "1"):
+        return ", BN statistics recomputed for the final weights before evaluating"
+    return ", evaluated with the BN running averages of training"
+
+
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -184,9 +206,13 @@ def findings_markdown(rows: Sequence[dict], out: str = "OUT") -> str:
                  "optimizer state + activations + temporaries).")
     lines.append("")
     setup = sorted({(r.get("batch_size"), r.get("resolution"), r.get("env_device"),
-                     r.get("bn")) for r in rows if r.get("status") == "ok"}, key=str)
-    for bs, res, dev, bn in setup:
-        lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev}, BN policy {bn!r}.")
+                     r.get("bn"), _machine(r), _precise(r))
+                    for r in rows if r.get("status") == "ok"}, key=str)
+    for bs, res, dev, bn, machine, precise in setup:
+        lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev} ({machine}), BN "
+                     f"policy {bn!r}{precise}. Accuracies are this machine's: another CPU or GPU "
+                     "rounds differently and lands elsewhere within the intervals (check with "
+                     "`python -m benchmarks.compare_runs`); costs follow from shapes.")
     targets = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
     study_rows, rows = rows, primary_rows(rows)
     main = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
