@@ -198,3 +198,17 @@ def test_finetune_sets_a_from_the_data_unless_told_to_keep_the_random_draw():
     for ad, ar in zip(a_data, a_rand, strict=True):
         assert not torch.allclose(ad, ar)
         assert torch.allclose(ad @ ad.T, torch.eye(2) * FROZEN_A_ROW_NORM ** 2, atol=1e-5)
+
+
+def test_a_large_dataset_is_sampled_evenly_not_by_its_first_images():
+    """A class-sorted dataset larger than ``max_images``: the images used cover every class."""
+    from convpeft.adapters.lora_fa import _batches
+    from convpeft.data import ImageDataset
+
+    labels = torch.arange(10).repeat_interleave(30)  # 300 images, sorted by class
+    images = (labels.view(-1, 1, 1, 1).expand(300, 3, 4, 4) * 20).to(torch.uint8)
+    ds = ImageDataset(images, labels, [str(i) for i in range(10)], "sorted")
+    got = torch.cat(_batches(ds, 8, torch.device("cpu"), 30))
+    assert got.shape[0] == 30
+    classes = (got[:, 0, 0, 0] * 255 / 20).round().long()  # each image's class, from its value
+    assert set(classes.tolist()) == set(range(10))

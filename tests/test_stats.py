@@ -163,3 +163,21 @@ def test_findings_pair_configurations_that_share_seeds():
     shifted = [dict(r, seed=r["seed"] + 10) if r["method"] == "lora" else r for r in rows]
     md = findings_markdown(shifted)
     assert "indistinguishable from it: LoRA r=4" in md and "r=4 indistinguishable." in md
+
+
+def test_findings_name_the_machine_and_how_bn_was_evaluated():
+    """Accuracies are one machine's: findings say which processor measured them (the GPU's
+    name only when the rows ran on CUDA) and whether BN statistics were recomputed."""
+    rows = _accuracy_rows()
+    for r in rows:
+        r.update(env_cpu="Example CPU 9000", env_threads=3, env_torch_version="2.9.0",
+                 env_device="cpu", env_gpu="Example GPU", precise_bn=True, batch_size=32,
+                 resolution=12, bn="train")
+    md = findings_markdown(rows)
+    assert "on cpu (Example CPU 9000, 3 threads, torch 2.9.0)" in md
+    assert "BN statistics recomputed for the final weights" in md and "Example GPU" not in md
+    for r in rows:
+        r.update(env_device="cuda:0", precise_bn=None)
+    md = findings_markdown(rows)
+    assert "on cuda:0 (Example GPU, torch 2.9.0)" in md
+    assert "evaluated with the BN running averages of training" in md

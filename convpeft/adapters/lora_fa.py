@@ -92,6 +92,9 @@ def _patches(layer: AdapterLayer, x: torch.Tensor) -> Iterable[torch.Tensor]:
 
 def _batches(data, batch_size: int, device: torch.device, max_images: int) -> list[torch.Tensor]:
     if hasattr(data, "batches"):  # convpeft.data.ImageDataset
+        n = len(data)
+        if n > max_images:  # evenly spread over the dataset: a class-sorted one stays covered
+            data = data.subset([i * n // max_images for i in range(max_images)])
         it = (x for x, _ in data.batches(batch_size, device=device))
     else:  # an iterable of input tensors or of (input, target, ...) tuples, e.g. a DataLoader
         it = (b[0] if isinstance(b, (tuple, list)) else b for b in data)
@@ -119,7 +122,8 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
 
     ``data``: a :class:`~convpeft.data.ImageDataset` or an iterable of input batches (tensors,
     or tuples whose first item is the input, e.g. a ``DataLoader``); at most ``max_images``
-    images are used, in batches of ``batch_size`` for a dataset. ``iters``: forward passes;
+    images are used (from a dataset, spread evenly over it; from an iterable, the first
+    ones), in batches of ``batch_size`` for a dataset. ``iters``: forward passes;
     each but the last is one step of subspace iteration, the last picks the top r directions
     of the subspace found (Rayleigh-Ritz) and measures ``captured``.
     ``train_mode()`` sets the modes of the passes (default ``model.train()``: BN normalises
