@@ -111,6 +111,18 @@ def test_pareto_keeps_sparse_updates_apart_and_draws_the_published_ratios(rows):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(lab.startswith("TinyTL") for lab in labels)
     assert any(lab.startswith("Back Razor") for lab in labels)
+    # the exact floor of LoRA on every layer at the rows' size, where update_floor puts it
+    from benchmarks.lean_memory import update_floor
+    from convpeft.methods import MethodConfig, prepare
+    from convpeft.models import build_model
+
+    r0 = next(r for r in grp if r["method"] == "lora")
+    net = build_model("resnet18", 10, small_input=True)
+    opt = prepare(net, MethodConfig("lora", rank=int(r0["rank"]))).optimizer
+    res = int(r0["resolution"])
+    floor = update_floor(net, opt, (int(r0["batch_size"]), 3, res, res))["floor"] / 2**20
+    line = next(ln for ln in ax.get_lines() if ln.get_label().startswith("exact floor"))
+    assert line.get_xdata()[0] == pytest.approx(floor)
     n_lora = len({r["rank"] for r in grp if r["method"] == "lora"})
     lora_pts = [c for c in ax.collections if c.get_label() == "LoRA"]
     assert sum(len(c.get_offsets()) for c in lora_pts) == 2 * n_lora

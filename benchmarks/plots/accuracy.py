@@ -117,13 +117,36 @@ Back Razor: 9.2x less, Jiang et al. 2022), drawn as reference lines at that frac
 plotted full fine-tuning's peak (from their papers, not measured here)."""
 
 
+def exact_floor(rows: Sequence[dict], model: str) -> float | None:
+    """Bytes below which no exact update of LoRA on every layer can go, at the rows' batch,
+    resolution, rank and BN policy (:func:`benchmarks.lean_memory.update_floor`: resident state
+    plus the worst layer's input and output gradients; a tensor-level lower bound, like the
+    sweep's ``memory_peak``). None without an every-layer LoRA row."""
+    from benchmarks.lean_memory import update_floor
+    from convpeft.methods import MethodConfig, prepare
+    from convpeft.models import build_model
+
+    lora = [r for r in rows if r.get("method") == "lora" and blocks_of(r) is None
+            and rank_of(r) is not None and num(r.get("batch_size")) and num(r.get("resolution"))]
+    if not lora:
+        return None
+    r0 = lora[0]
+    small = str(r0.get("small_input", True)).lower() not in ("false", "0")
+    net = build_model(model, 10, small_input=small)
+    prepared = prepare(net, MethodConfig("lora", rank=rank_of(r0), bn=r0.get("bn") or "train"))
+    res = int(num(r0["resolution"]))
+    return float(update_floor(net, prepared.optimizer,
+                              (int(num(r0["batch_size"])), 3, res, res))["floor"])
+
+
 def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
     """Mean target accuracy (95% interval bars) vs peak memory per configuration: the Pareto
     front of the means with the band of its members' intervals, and a ring round each
     configuration the seeds do not separate from the most accurate one. A configuration is
     (method, rank, ``update_blocks``): sparse updates are points of their own, and where there
     are any and full fine-tuning is plotted, :data:`REFERENCE_RATIOS` are drawn as vertical
-    lines at those fractions of full fine-tuning's peak."""
+    lines at those fractions of full fine-tuning's peak, and the exact floor of LoRA on every
+    layer (:func:`exact_floor`) as a dashed one."""
     from benchmarks.sweep.findings import separation
 
     acc: dict[Key, object] = {}
@@ -176,6 +199,10 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
         for (name, ratio), ls in zip(REFERENCE_RATIOS.items(), (":", "-."), strict=True):
             ax.axvline(full * ratio / MIB, color="gray", ls=ls, lw=1, zorder=1,
                        label=f"{name}: {ratio:.3f}x full FT (published)")
+        floor = exact_floor(rows, model)
+        if floor is not None:  # what sparse updates go below: no exact every-layer update can
+            ax.axvline(floor / MIB, color="black", ls="--", lw=1, zorder=1,
+                       label=f"exact floor, LoRA every layer: {floor / full:.3f}x full FT")
     for i in front:
         ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(7, 0),
                     va="center", fontsize=7, color="red", zorder=5,
