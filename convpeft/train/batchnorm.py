@@ -48,19 +48,15 @@ def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
     if not bns or len(data) == 0:
         return 0
     modes = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for m in bns}
-    reset: list[_BN] = []
-
-    def first_call_in_train_mode(m: _BN, args: tuple) -> None:
-        # Reset lazily, at the moment a BN first normalises in train mode: one that is forced
-        # into eval mode (a sparse update's prefix) or never reached must keep the statistics
-        # it normalises with, or everything after it would be calibrated on wrong inputs.
-        if m.training and m not in reset:
-            m.reset_running_stats()
-            m.momentum = None
-            reset.append(m)
-
-    hooks = [m.register_forward_pre_hook(first_call_in_train_mode) for m in bns]
+    saved = {m: (m.momentum, m.num_batches_tracked.clone()) for m in bns}
+    # momentum None averages cumulatively with weight 1 / num_batches_tracked: from a count of
+    # 0 the first batch that a BN normalises in train mode replaces its statistics outright and
+    # the later ones average in. Nothing is reset up front, so a BN that never normalises in
+    # train mode (forced into eval mode by a sparse update's prefix, which its module call
+    # merely passes through; never reached) keeps the statistics it normalises with.
+    for m in bns:
+        m.momentum = None
+        m.num_batches_tracked.zero_()
     device = torch.device(device)
     try:
         # the caller's RNG is left alone, so a run that evaluates more often trains the same
@@ -74,14 +70,22 @@ def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
                     m.training = False
             for x, _ in data.batches(batch_size, device=device):
                 model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, mom in momenta.items():
+    except BaseException:
+        for m, (mom, count) in saved.items():  # mean and var: snapshot_bn put them back
             m.momentum = mom
+            m.num_batches_tracked.copy_(count)
+        raise
+    finally:
         for m, mode in modes.items():
             m.training = mode
-    return len(reset)
+    done = 0
+    for m, (mom, count) in saved.items():
+        m.momentum = mom
+        if int(m.num_batches_tracked) == 0:  # never normalised in train mode: as it was
+            m.num_batches_tracked.copy_(count)
+        else:
+            done += 1
+    return done
 
 
 class snapshot_bn:
