@@ -14,12 +14,7 @@ from convpeft.train import finetune, recalibrate_bn, snapshot_bn
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: quickest on one thread
 
 
 @pytest.fixture(scope="module")

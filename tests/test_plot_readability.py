@@ -91,8 +91,9 @@ def test_equal_methods_are_drawn_side_by_side(rows):
 
 
 def test_pareto_marks_what_the_seeds_cannot_separate(rows):
-    grp = _group(rows, "resnet18", "new_classes")
-    fig = plot_pareto(grp, "resnet18", "digits", "new_classes")
+    # ResNet18 shift: the reference's seeds separate few configurations from the best there
+    grp = _group(rows, "resnet18", "shift")
+    fig = plot_pareto(grp, "resnet18", "digits", "shift")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "Pareto front of the means" in labels
     assert any(lab.startswith("not separable from") for lab in labels)
