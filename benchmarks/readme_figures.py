@@ -304,10 +304,13 @@ def _sparse_name(label: str) -> str:
     from convpeft.methods import get_method
 
     parts = label.split()
+    ckpt = parts[-1] == "ckpt"
+    parts = parts[:-1] if ckpt else parts
     name = get_method(parts[0]).label
     k = parts[1].removeprefix("K=")
     chunks = parts[2].removeprefix("chunks=") if len(parts) > 2 else None
-    return f"{name}{blocks_label(k)}" + (f", prefix in {chunks} chunks" if chunks else "")
+    return (f"{name}{blocks_label(k)}" + (f", prefix in {chunks} chunks" if chunks else "")
+            + (", blocks checkpointed" if ckpt else ""))
 
 
 def sparse_memory_block() -> str:
@@ -373,8 +376,11 @@ def budget_block() -> str:
     with (ROOT / BUDGET_CSV).open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("status", "ok") == "ok"]
     mem = json.loads((ROOT / SPARSE_MEMORY_JSON).read_text())["rows"]
-    ratio = {(r["model"], r["method"], r["update_blocks"]): r["ratio"] for r in mem
-             if r["prefix_chunks"] in (None, 8) or r["update_blocks"] is None}
+    ratio, ckpt_ratio = {}, {}  # checkpointed sparse rows: exact, so the same accuracy
+    for r in mem:
+        if r["prefix_chunks"] in (None, 8) or r["update_blocks"] is None:
+            key = (r["model"], r["method"], r["update_blocks"])
+            (ckpt_ratio if r.get("checkpoint") and r["update_blocks"] else ratio)[key] = r["ratio"]
     acc: dict = defaultdict(dict)  # (model, task, method, K) -> {seed: acc}
     for r in rows:
         acc[(r["model"], r["task"], r["method"], blocks_of(r))][int(r["seed"])] = float(
@@ -401,6 +407,9 @@ def budget_block() -> str:
             lines.append(f"| {names.get(model, model) if first else ''} | {label} | "
                          f"{'' if x is None else f'{x:.3f}'} | " + " | ".join(cells) + " |")
             first = False
+            if (model, m, k) in ckpt_ratio:  # same trained weights: checkpointing is exact
+                lines.append(f"|  | {label}, checkpointed | {ckpt_ratio[(model, m, k)]:.3f} | "
+                             + " | ".join("same as above" if c else "" for c in cells) + " |")
     seeds = sorted({int(r["seed"]) for r in rows})
     lines.append("")
     lines.append(f"{len(seeds)} seeds; `=`: the paired 95% interval of the difference contains "

@@ -13,7 +13,8 @@ Configurations (``--configs``, comma-separated labels; MobileNetV2's blocks are 
 ResNet18's ``layer1.0`` ... ``layer4.1``): the baseline, LoRA r=8 on every conv lean +
 checkpointed (the exact update of every layer, for reference), and sparse updates
 ``MethodConfig(update_blocks=K, prefix_chunks=N, lean=True)`` of LoRA, BitFit, full FT and
-head only (K=0: the whole backbone is the frozen prefix). Sparse rows train BN in train mode
+head only (K=0: the whole backbone is the frozen prefix), and on ResNet18 full FT of the last 2
+and 4 blocks with those blocks checkpointed too (``ckpt``). Sparse rows train BN in train mode
 inside the last K blocks; the prefix's BN is frozen (eval). ``--quick``: batch 4 x 64x64,
 two configurations per model (for tests). One configuration at a time: at 64 x 224x224 each
 needs up to ~5 GiB and a minute or more of a 2-core CPU.
@@ -42,15 +43,20 @@ _EVERY_LAYER = {
 }
 
 
-def _sparse(method: str, k: int, chunks: int = 8) -> tuple[str, dict]:
+def _sparse(method: str, k: int, chunks: int = 8, ckpt: bool = False) -> tuple[str, dict]:
     """``(label, keywords)`` of a sparse update: the last ``k`` blocks train (lean, except head
-    only, which has nothing to make lean), the frozen prefix in ``chunks`` micro-batches."""
+    only, which has nothing to make lean), the frozen prefix in ``chunks`` micro-batches, and
+    with ``ckpt`` the trainable blocks checkpointed (exact: the accuracy of the same row
+    without it)."""
     kw: dict = {"name": method, "update_blocks": k}
     if chunks != 1:
         kw["prefix_chunks"] = chunks
     if method != "head":
         kw["lean"] = True
-    return f"{method} K={k}" + (f" chunks={chunks}" if chunks != 1 else ""), kw
+    if ckpt:
+        kw["checkpoint"] = True
+    return (f"{method} K={k}" + (f" chunks={chunks}" if chunks != 1 else "")
+            + (" ckpt" if ckpt else "")), kw
 
 
 CONFIGS: dict[str, dict[str, dict]] = {
@@ -59,7 +65,8 @@ CONFIGS: dict[str, dict[str, dict]] = {
         ("full", 2), ("full", 4), ("full", 8), ("bitfit", 8), ("head", 0)))},
     "resnet18": {**_EVERY_LAYER, **dict(_sparse(*c) for c in (
         ("lora", 2, 1), ("lora", 2), ("lora", 4), ("lora", 8), ("lora", 1), ("full", 1),
-        ("full", 2), ("full", 4), ("full", 8), ("head", 0)))},
+        ("full", 2), ("full", 4), ("full", 8), ("head", 0), ("full", 2, 8, True),
+        ("full", 4, 8, True)))},
 }
 
 QUICK = (BASELINE, "lora K=4 chunks=8", "lora K=2 chunks=8")
@@ -81,6 +88,7 @@ def measure(model_name: str, label: str, batch: int, resolution: int) -> dict:
     sparse = p.extra.get("sparse")
     return {"model": model_name, "config": label, "method": kw["name"],
             "update_blocks": kw.get("update_blocks"), "prefix_chunks": kw.get("prefix_chunks", 1),
+            "checkpoint": bool(kw.get("checkpoint")),
             "trainable_params": p.trainable_params, "total_params": p.total_params,
             "prefix_modules": len(sparse.prefix) if sparse else 0,
             "allocator_peak": m.memory_peak, "tensor_peak": m.memory_peak_tensors,
