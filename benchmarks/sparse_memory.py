@@ -13,11 +13,12 @@ Configurations (``--configs``, comma-separated labels; MobileNetV2's blocks are 
 ResNet18's ``layer1.0`` ... ``layer4.1``): the baseline, LoRA r=8 on every conv lean +
 checkpointed (the exact update of every layer, for reference), and sparse updates
 ``MethodConfig(update_blocks=K, prefix_chunks=N, lean=True)`` of LoRA, BitFit, full FT and
-head only (K=0: the whole backbone is the frozen prefix), and on ResNet18 full FT of the last 2
-and 4 blocks with those blocks checkpointed too (``ckpt``). Sparse rows train BN in train mode
-inside the last K blocks; the prefix's BN is frozen (eval). ``--quick``: batch 4 x 64x64,
-two configurations per model (for tests). One configuration at a time: at 64 x 224x224 each
-needs up to ~5 GiB and a minute or more of a 2-core CPU.
+head only (K=0: the whole backbone is the frozen prefix), and full FT of the last 8 blocks
+(MobileNetV2) or of the last 2 and 4 (ResNet18) with those blocks checkpointed too
+(``ckpt``). Sparse rows train BN in train mode inside the last K blocks; the prefix's BN is
+frozen (eval). ``--quick``: batch 4 x 64x64, two configurations per model (for tests). One
+configuration at a time: at 64 x 224x224 each needs up to ~5 GiB and a minute or more of a
+2-core CPU.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _sparse(method: str, k: int, chunks: int = 8, ckpt: bool = False) -> tuple[s
 CONFIGS: dict[str, dict[str, dict]] = {
     "mobilenet_v2": {**_EVERY_LAYER, **dict(_sparse(*c) for c in (
         ("lora", 4, 1), ("lora", 4), ("lora", 8), ("lora", 1), ("lora", 2), ("full", 1),
-        ("full", 2), ("full", 4), ("full", 8), ("bitfit", 8), ("head", 0)))},
+        ("full", 2), ("full", 4), ("full", 8), ("bitfit", 8), ("head", 0), ("full", 8, 8, True)))},
     "resnet18": {**_EVERY_LAYER, **dict(_sparse(*c) for c in (
         ("lora", 2, 1), ("lora", 2), ("lora", 4), ("lora", 8), ("lora", 1), ("full", 1),
         ("full", 2), ("full", 4), ("full", 8), ("head", 0), ("full", 2, 8, True),
