@@ -36,8 +36,9 @@ Sparse updates (``MethodConfig.update_blocks=K``, :mod:`convpeft.sparse`): any m
 only what runs from the last K blocks of the backbone on (adapters, BN affine, biases or every
 weight there, and the head); the prefix before them is frozen, runs without a graph and, with
 ``prefix_chunks=N``, in N micro-batches. Its BNs stay in eval mode with the source model's
-running statistics (``prefix_bn="eval"``, even under ``bn="stats"``), or follow ``bn``
-(``prefix_bn="model"``, unchunked only).
+running statistics (``prefix_bn="eval"``, even under ``bn="stats"``; with
+``prefix_stats="target"`` those statistics are first re-estimated on the training data and
+frozen again), or follow ``bn`` (``prefix_bn="model"``, unchunked only).
 
 ``model.train()`` puts every BN back in train mode, so the loop must call :func:`set_bn_mode`
 (or :meth:`PreparedMethod.train_mode`) after it; :func:`convpeft.train.finetune` does.
@@ -78,6 +79,7 @@ __all__ = [
 
 BN_POLICIES = ("train", "freeze", "stats")
 FA_INITS = ("data", "random")
+PREFIX_STATS = ("source", "target")
 DEFAULT_BN = "train"
 
 
@@ -111,6 +113,10 @@ class MethodConfig:
     frozen ``A`` to the top-r principal directions of each layer's inputs before the first
     step (:func:`convpeft.adapters.calibrate_frozen_a`, which :func:`convpeft.train.finetune`
     calls; :func:`prepare` itself sees no data), ``"random"`` keeps the random draw.
+    ``prefix_stats`` (sparse updates with ``prefix_bn="eval"``): ``"source"`` (default) keeps
+    the source model's BN statistics in the frozen prefix, ``"target"`` has the training loop
+    re-estimate them on the training data before the first step and freeze them again
+    (:func:`convpeft.train.adapt_prefix_bn`, AdaBN for the prefix; exact chunking kept).
     """
 
     name: str
@@ -129,6 +135,7 @@ class MethodConfig:
     sparse_blocks: list[str] | None = None
     prefix_chunks: int = 1
     prefix_bn: str = "eval"
+    prefix_stats: str = "source"
     fa_init: str = "data"
 
     def __post_init__(self) -> None:
@@ -165,9 +172,18 @@ class MethodConfig:
         c = self.prefix_chunks
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"prefix_chunks must be an int >= 1 (got {c!r})")
-        if k is None and (c != 1 or self.sparse_blocks is not None or self.prefix_bn != "eval"):
-            raise ValueError("prefix_chunks / sparse_blocks / prefix_bn need update_blocks=K "
+        if k is None and (c != 1 or self.sparse_blocks is not None or self.prefix_bn != "eval"
+                          or self.prefix_stats != "source"):
+            raise ValueError("prefix_chunks / sparse_blocks / prefix_bn / prefix_stats need "
+                             "update_blocks=K "
                              "(the number of last blocks that train; 0: head only)")
+        if self.prefix_stats not in PREFIX_STATS:
+            raise ValueError(f"prefix_stats must be one of {', '.join(PREFIX_STATS)} "
+                             f"(got {self.prefix_stats!r})")
+        if self.prefix_stats == "target" and self.prefix_bn != "eval":
+            raise ValueError("prefix_stats='target' re-estimates a frozen prefix's BN statistics "
+                             "(prefix_bn='eval'); with prefix_bn='model' the prefix's BNs "
+                             "already follow their mode: drop one of the two")
         if self.prefix_bn not in PREFIX_BN:
             raise ValueError(f"prefix_bn must be one of {', '.join(PREFIX_BN)} "
                              f"(got {self.prefix_bn!r})")

@@ -157,3 +157,45 @@ def test_finetune_evaluates_with_precise_statistics_without_changing_training(ta
     m.train()
     want, _ = _exact_stats(m, bn, task.target_train, 8)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_adapt_prefix_bn_re_estimates_the_prefix_only_and_finetune_keeps_it_frozen(task):
+    """prefix_stats='target': the frozen prefix's BN statistics are those of the target data
+    (AdaBN), set before training and untouched by it; the suffix and the training as before."""
+    from convpeft.train import adapt_prefix_bn
+
+    torch.manual_seed(0)
+    source = build_model("resnet18", 10, small_input=True)
+    with torch.no_grad():  # a source model's statistics
+        for m in source.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    cfg = MethodConfig("full", update_blocks=1, prefix_chunks=2, prefix_stats="target")
+    split = cfg.split(source)
+    import copy
+    model = copy.deepcopy(source)
+    stem_in = []
+    h = model.bn1.register_forward_pre_hook(lambda m, a: stem_in.append(a[0].clone()))
+    n = adapt_prefix_bn(model, split.prefix, task.target_train, batch_size=4, device=CPU)
+    h.remove()
+    n_prefix = sum(isinstance(m, nn.BatchNorm2d) for name, m in model.named_modules()
+                   if split.in_prefix(name))
+    assert n == n_prefix and n_prefix > 0
+    want = torch.stack([x.mean(dim=(0, 2, 3)) for x in stem_in]).mean(0)
+    assert torch.allclose(model.bn1.running_mean, want, atol=1e-5)
+    suffix = model.layer4[1].bn2
+    assert torch.equal(suffix.running_mean, source.layer4[1].bn2.running_mean)
+    kw = dict(epochs=1, batch_size=8, seed=0, device="cpu", progress=False,
+              eval_every_epoch=False)
+    r = finetune(source, cfg, task, **kw)
+    # the fine-tuned prefix holds exactly the adapted statistics (frozen during training)
+    assert torch.equal(r.model.bn1.running_mean, model.bn1.running_mean)
+    plain = finetune(source, MethodConfig("full", update_blocks=1, prefix_chunks=2), task, **kw)
+    assert torch.equal(plain.model.bn1.running_mean, source.bn1.running_mean)
+    with pytest.raises(ValueError, match="need update_blocks"):
+        MethodConfig("full", prefix_stats="target")
+    with pytest.raises(ValueError, match="prefix_bn='model'"):
+        MethodConfig("full", update_blocks=1, prefix_bn="model", prefix_stats="target")
+    with pytest.raises(ValueError, match="prefix_stats must be one of source, target"):
+        MethodConfig("full", update_blocks=1, prefix_stats="adabn")

@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows with --update-blocks K: run the frozen prefix in N micro-batches "
                    "(exact; lowers the peak), recorded in the prefix_chunks column (default: "
                    "the preset's, 1 except 'budget': 8)")
+    t.add_argument("--prefix-stats", choices=("source", "target"), default=None,
+                   help="rows with --update-blocks K: the frozen prefix's BN statistics, the "
+                   "source model's or re-estimated on the target training data before the first "
+                   "step (AdaBN of the prefix), recorded in the prefix_stats column (default: "
+                   "the preset's, source except 'budget': target)")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     x = p.add_argument_group("execution")
@@ -328,6 +333,8 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         precise_bn=not a.no_precise_bn,
         prefix_chunks=(a.prefix_chunks if a.prefix_chunks is not None
                        else pre.extra.get("prefix_chunks", 1)),
+        prefix_stats=(a.prefix_stats if a.prefix_stats is not None
+                      else pre.extra.get("prefix_stats", "source")),
         target=a.target if a.target is not None else pre.target,
     )
     if settings.prefix_chunks < 1:

@@ -237,7 +237,8 @@ def method_config(cfg: Config, settings: SweepSettings):
     if settings.lr is not None:
         kw["lr"] = settings.lr
     if cfg.update_blocks is not None:
-        kw.update(update_blocks=cfg.update_blocks, prefix_chunks=settings.prefix_chunks)
+        kw.update(update_blocks=cfg.update_blocks, prefix_chunks=settings.prefix_chunks,
+                  prefix_stats=settings.prefix_stats)
     return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint,
                         target=settings.target, **kw)
 

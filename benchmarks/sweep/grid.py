@@ -62,6 +62,9 @@ class SweepSettings:
     amp: str = "off"  # convpeft.amp: fine-tuning and the profiled update under autocast
     checkpoint: bool = False  # convpeft.checkpoint_blocks on every prepared model
     prefix_chunks: int = 1  # sparse rows (update_blocks set): micro-batches of the frozen prefix
+    # sparse rows: the frozen prefix's BN statistics, the source model's or re-estimated on
+    # the target data before training (MethodConfig.prefix_stats)
+    prefix_stats: str = "source"
     # the layers the adapters (and GaLore) take, a convpeft.layer_kinds target: "conv" (every
     # conv, ours) or "standard" (groups == 1 convs only, the study's: peft refuses depthwise)
     target: str = "conv"
@@ -83,6 +86,8 @@ class SweepSettings:
                 d.pop(k)
         if d["prefix_chunks"] == 1:  # likewise
             d.pop("prefix_chunks")
+        if d["prefix_stats"] == "source":  # likewise
+            d.pop("prefix_stats")
         if d["amp"] == "off":  # likewise
             d.pop("amp")
         if d["target"] == "conv":  # likewise
@@ -259,7 +264,8 @@ PRESETS: dict[str, Preset] = {
         batch_size=32,
         resolution=12,
         extra={"few_shot": 20, "test_per_class": 20, "corruption": "contrast", "severity": 3,
-               "pretrain_batch_size": 32, "pretrain_epochs": 2, "prefix_chunks": 8},
+               "pretrain_batch_size": 32, "pretrain_epochs": 2, "prefix_chunks": 8,
+               "prefix_stats": "target"},
         update_blocks=[None, 1, 2, 4, 8],
     ),
 }

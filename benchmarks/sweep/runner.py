@@ -75,6 +75,7 @@ def _base_row(cfg: Config, s: SweepSettings, env: dict) -> dict:
         "rank": cfg.rank,
         "update_blocks": cfg.update_blocks,
         "prefix_chunks": s.prefix_chunks if cfg.update_blocks is not None else None,
+        "prefix_stats": s.prefix_stats if cfg.update_blocks is not None else None,
         "seed": cfg.seed,
         "corruption": s.corruption if cfg.task == "shift" else None,
         "severity": s.severity if cfg.task == "shift" else None,

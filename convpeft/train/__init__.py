@@ -32,7 +32,7 @@ steps, shared by both), :mod:`~convpeft.train.evaluation`, :mod:`~convpeft.train
 and :mod:`~convpeft.train.finetuning`.
 """
 
-from .batchnorm import recalibrate_bn, snapshot_bn
+from .batchnorm import adapt_prefix_bn, recalibrate_bn, snapshot_bn
 from .cache import resolve_cache_dir
 from .determinism import deterministic_torch, state_dict_sha256
 from .evaluation import evaluate
@@ -42,6 +42,7 @@ from .pretraining import PRETRAIN_DEFAULTS, pretrain
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
+    "adapt_prefix_bn",
     "FinetuneResult",
     "resolve_cache_dir",
     "default_device",

@@ -12,6 +12,8 @@ an update moves the weights, so it hit high ranks hardest and made them look uns
 :func:`recalibrate_bn` replaces them by the exact average over one pass of data in train mode
 under ``no_grad`` (what Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021, call PreciseBN).
 It costs one forward pass over the training set and no more memory than an update's forward.
+:func:`adapt_prefix_bn` does the same for a sparse update's frozen prefix before training
+(AdaBN: its statistics re-estimated on the target data, then frozen again).
 Only BNs that actually run in train mode during the pass are touched: a BN that a
 ``train_mode`` callable leaves in eval mode (``bn="freeze"``), that a sparse update's frozen
 prefix forces into eval mode, or that the forward never reaches keeps its statistics.
@@ -86,6 +88,31 @@ def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
         else:
             done += 1
     return done
+
+
+def adapt_prefix_bn(model: nn.Module, prefix: list[str], data: ImageDataset, *,
+                    batch_size: int, device: torch.device | str) -> int:
+    """Re-estimate the running statistics of the BNs inside the modules named in ``prefix`` (a
+    sparse update's frozen prefix, :class:`convpeft.sparse.SparseSplit`) on ``data``, before
+    the model is wrapped for the sparse update; every other BN keeps its statistics. This is
+    AdaBN for the frozen part of the network: on a distribution shift the source model's
+    statistics no longer fit the target inputs, and a prefix that runs in eval mode would
+    otherwise never see the target's. Afterwards the prefix is a fixed function again (eval
+    mode, frozen statistics), so chunking it stays exact. ``batch_size``: the micro-batch of
+    the pass (a sparse update passes its batch over ``prefix_chunks``, so the pass needs no
+    more memory than the update's chunked prefix). Returns how many BNs were re-estimated."""
+    inside = {id(m) for name, mod in model.named_modules()
+              if any(name == p or name.startswith(p + ".") for p in prefix)
+              for m in [mod] if isinstance(m, _BN)}
+
+    def prefix_train_mode() -> None:
+        model.eval()
+        for m in model.modules():
+            if id(m) in inside:
+                m.train()
+
+    return recalibrate_bn(model, data, batch_size=batch_size, device=device,
+                          train_mode=prefix_train_mode)
 
 
 class snapshot_bn:

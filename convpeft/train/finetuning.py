@@ -24,7 +24,7 @@ from ..amp import check_amp, grad_scaler
 from ..data import Task
 from ..methods import MethodConfig, prepare
 from ..models import expand_head, get_head
-from .batchnorm import recalibrate_bn, snapshot_bn
+from .batchnorm import adapt_prefix_bn, recalibrate_bn, snapshot_bn
 from .evaluation import evaluate
 from .loop import _batches_per_epoch, _progress, _train_epoch, default_device
 
@@ -140,6 +140,10 @@ def finetune(
                      evaluate(model, task.source_test, device=device))
     zero_shot, zero_shot_src = (float(a) for a in zero_shot)
 
+    split = cfg.split(model)
+    if split is not None and cfg.prefix_stats == "target":  # before the sparse wrapping
+        adapt_prefix_bn(model, split.prefix, task.target_train, device=device,
+                        batch_size=max(1, batch_size // cfg.prefix_chunks))
     prepared = prepare(model, cfg)
     if cfg.fa_init == "data":  # LoRA-FA's frozen A along the inputs' principal directions
         calibrate_frozen_a(model, task.target_train, batch_size=batch_size, device=device,
