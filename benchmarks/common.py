@@ -42,6 +42,16 @@ def blocks_label(k: object) -> str:
     return " last block" if str(k) == "1" else f" last {k} blocks"
 
 
+def flag_of(row: dict, key: str, default: bool = False) -> bool:
+    """A boolean column of a row as a bool: parsed rows hold True/False, rows read straight
+    from a CSV hold "True"/"False"; ``default`` where the cell is missing or empty (rows from
+    before the column existed)."""
+    v = row.get(key)
+    if v in (None, ""):
+        return default
+    return v if isinstance(v, bool) else str(v).lower() in ("true", "1")
+
+
 def variant_of(row: dict) -> str:
     """How a row's update ran: ``"plain"``, ``"lean"``, ``"ckpt"`` or ``"lean + ckpt"``
     (the ``lean``/``checkpoint`` columns; rows from before they existed are plain)."""

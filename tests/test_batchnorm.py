@@ -177,7 +177,7 @@ def test_adapt_prefix_bn_re_estimates_the_prefix_only_and_finetune_keeps_it_froz
     model = copy.deepcopy(source)
     stem_in = []
     h = model.bn1.register_forward_pre_hook(lambda m, a: stem_in.append(a[0].clone()))
-    n = adapt_prefix_bn(model, split.prefix, task.target_train, batch_size=4, device=CPU)
+    n = adapt_prefix_bn(model, split, task.target_train, batch_size=4, device=CPU)
     h.remove()
     n_prefix = sum(isinstance(m, nn.BatchNorm2d) for name, m in model.named_modules()
                    if split.in_prefix(name))

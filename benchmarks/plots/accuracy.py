@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
-from benchmarks.common import MIB, blocks_of, method_label, num, rank_of
+from benchmarks.common import MIB, blocks_of, flag_of, method_label, num, rank_of
 from benchmarks.plots.common import (
     BAND,
     _interval_by,
@@ -131,8 +131,7 @@ def exact_floor(rows: Sequence[dict], model: str) -> float | None:
     if not lora:
         return None
     r0 = lora[0]
-    small = str(r0.get("small_input", True)).lower() not in ("false", "0")
-    net = build_model(model, 10, small_input=small)
+    net = build_model(model, 10, small_input=flag_of(r0, "small_input", default=True))
     prepared = prepare(net, MethodConfig("lora", rank=rank_of(r0), bn=r0.get("bn") or "train"))
     res = int(num(r0["resolution"]))
     return float(update_floor(net, prepared.optimizer,

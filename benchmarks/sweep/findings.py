@@ -45,6 +45,7 @@ from benchmarks.common import (
     VARIANTS,
     blocks_label,
     blocks_of,
+    flag_of,
     method_label,
     num,
     primary_rows,
@@ -84,8 +85,7 @@ def _machine(r: dict) -> str:
 
 def _precise(r: dict) -> str:
     """How BN was evaluated: rows from before precise BN have no ``precise_bn`` column."""
-    p = r.get("precise_bn")
-    if p in (True, "True", "true", 1, "1"):
+    if flag_of(r, "precise_bn"):
         return ", BN statistics recomputed for the final weights before evaluating"
     return ", evaluated with the BN running averages of training"
 

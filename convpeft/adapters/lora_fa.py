@@ -131,7 +131,8 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
     modes and the RNG are left as they were. Call before the first optimizer step:
     ``convpeft.train.finetune`` does for method ``lora-fa`` (``MethodConfig.fa_init="data"``).
     """
-    from ..train.batchnorm import snapshot_bn  # the training package imports the adapters
+    # the training package imports the adapters
+    from ..train.batchnorm import bn_pass, snapshot_bn
 
     if iters < 1:
         raise ValueError(f"iters must be >= 1 (got {iters})")
@@ -171,15 +172,9 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
             acc[name] = y
         return pre
 
-    modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
     try:
-        with snapshot_bn(model), torch.random.fork_rng(
-                devices=[device] if torch.device(device).type == "cuda" else []):
-            (train_mode or model.train)()
-            for m in model.modules():  # no dropout or drop-path: BNs alone keep train mode
-                if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.training = False
+        with snapshot_bn(model), bn_pass(model, train_mode, device):
             for it in range(iters):
                 measure = it == iters - 1
                 acc.clear()
@@ -187,7 +182,7 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
                 for x in batches:
                     model(x)
                 captured = {}
-                for name, _ in layers:
+                for name, layer in layers:
                     y = acc.get(name)
                     if y is None:  # the forward never reached this layer
                         continue
@@ -199,14 +194,12 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
                     # the top r Ritz vectors, which hold sum(top r eigenvalues of T) of the
                     # patches' energy tr(X^T X)
                     lam, u = torch.linalg.eigh((q[name].T @ y).double())
-                    r = min(dict(layers)[name].rank, y.shape[0])
+                    r = min(layer.rank, y.shape[0])
                     final[name] = (q[name] @ u.flip(-1)[:, :r].float())
                     captured[name] = float(lam.flip(-1)[:r].sum()) / max(energy[name], 1e-30)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     done = 0
     for name, m in layers:
         if name not in final:

@@ -21,13 +21,17 @@ prefix forces into eval mode, or that the forward never reaches keeps its statis
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..data import ImageDataset
+
+if TYPE_CHECKING:
+    from ..sparse import SparseSplit
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -49,67 +53,74 @@ def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns or len(data) == 0:
         return 0
-    modes = {m: m.training for m in model.modules()}
-    saved = {m: (m.momentum, m.num_batches_tracked.clone()) for m in bns}
-    # momentum None averages cumulatively with weight 1 / num_batches_tracked: from a count of
-    # 0 the first batch that a BN normalises in train mode replaces its statistics outright and
-    # the later ones average in. Nothing is reset up front, so a BN that never normalises in
-    # train mode (forced into eval mode by a sparse update's prefix, which its module call
-    # merely passes through; never reached) keeps the statistics it normalises with.
-    for m in bns:
-        m.momentum = None
-        m.num_batches_tracked.zero_()
-    device = torch.device(device)
+    momenta = {m: m.momentum for m in bns}
+    counts = {m: m.num_batches_tracked.clone() for m in bns}
     try:
-        # the caller's RNG is left alone, so a run that evaluates more often trains the same
-        with snapshot_bn(model, restore="on_error"), \
-                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            (train_mode or model.train)()
-            # everything but the BNs as at evaluation (no dropout, no drop-path): the
-            # statistics are those of the inputs the BNs will see when the model is evaluated
-            for m in model.modules():
-                if not isinstance(m, _BN):
-                    m.training = False
+        # snapshot first: a failed pass puts back the statistics and the counts zeroed below
+        with snapshot_bn(model, restore="on_error"), bn_pass(model, train_mode, device):
+            # momentum None averages cumulatively with weight 1 / num_batches_tracked: from a
+            # count of 0 the first batch that a BN normalises in train mode replaces its
+            # statistics outright and the later ones average in. Nothing is reset up front, so
+            # a BN that never normalises in train mode (forced into eval mode by a sparse
+            # update's prefix, which its module call merely passes through; never reached)
+            # keeps the statistics it normalises with.
+            for m in bns:
+                m.momentum = None
+                m.num_batches_tracked.zero_()
             for x, _ in data.batches(batch_size, device=device):
                 model(x)
-    except BaseException:
-        for m, (mom, count) in saved.items():  # mean and var: snapshot_bn put them back
-            m.momentum = mom
-            m.num_batches_tracked.copy_(count)
-        raise
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        for m in bns:
+            m.momentum = momenta[m]
     done = 0
-    for m, (mom, count) in saved.items():
-        m.momentum = mom
+    for m in bns:
         if int(m.num_batches_tracked) == 0:  # never normalised in train mode: as it was
-            m.num_batches_tracked.copy_(count)
+            m.num_batches_tracked.copy_(counts[m])
         else:
             done += 1
     return done
 
 
-def adapt_prefix_bn(model: nn.Module, prefix: list[str], data: ImageDataset, *,
+@contextlib.contextmanager
+def bn_pass(model: nn.Module, train_mode: Callable[[], Any] | None,
+            device: torch.device | str) -> Iterator[nn.Module]:
+    """Modes for a no-grad pass that reads BN-normalised inputs: ``train_mode()`` (default
+    ``model.train()``) decides the BNs' modes, every other module runs in eval mode (no
+    dropout, no drop-path: the inputs the layers see when the model is evaluated), and the
+    caller's RNG is forked, so a run that makes such passes trains the same. Every module's
+    mode is put back on exit. BN statistics are the caller's to guard (:class:`snapshot_bn`)."""
+    modes = {m: m.training for m in model.modules()}
+    device = torch.device(device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            (train_mode or model.train)()
+            for m in model.modules():
+                if not isinstance(m, _BN):
+                    m.training = False
+            yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def adapt_prefix_bn(model: nn.Module, split: SparseSplit, data: ImageDataset, *,
                     batch_size: int, device: torch.device | str) -> int:
-    """Re-estimate the running statistics of the BNs inside the modules named in ``prefix`` (a
-    sparse update's frozen prefix, :class:`convpeft.sparse.SparseSplit`) on ``data``, before
-    the model is wrapped for the sparse update; every other BN keeps its statistics. This is
-    AdaBN for the frozen part of the network: on a distribution shift the source model's
-    statistics no longer fit the target inputs, and a prefix that runs in eval mode would
-    otherwise never see the target's. Afterwards the prefix is a fixed function again (eval
-    mode, frozen statistics), so chunking it stays exact. ``batch_size``: the micro-batch of
-    the pass (a sparse update passes its batch over ``prefix_chunks``, so the pass needs no
-    more memory than the update's chunked prefix). Returns how many BNs were re-estimated."""
-    inside = {id(m) for name, mod in model.named_modules()
-              if any(name == p or name.startswith(p + ".") for p in prefix)
-              for m in [mod] if isinstance(m, _BN)}
+    """Re-estimate the running statistics of the BNs in ``split``'s frozen prefix (a sparse
+    update's, :func:`convpeft.sparse.sparse_split`) on ``data``, before the model is wrapped for
+    the sparse update; every other BN keeps its statistics. This is AdaBN for the frozen part
+    of the network: on a distribution shift the source model's statistics no longer fit the
+    target inputs, and a prefix that runs in eval mode would otherwise never see the target's.
+    Afterwards the prefix is a fixed function again (eval mode, frozen statistics), so chunking
+    it stays exact. ``batch_size``: the micro-batch of the pass (a sparse update passes its
+    batch over ``prefix_chunks``, so the pass needs no more memory than the update's chunked
+    prefix). Returns how many BNs were re-estimated."""
+    prefix_bns = [m for name, m in model.named_modules()
+                  if isinstance(m, _BN) and split.in_prefix(name)]
 
     def prefix_train_mode() -> None:
         model.eval()
-        for m in model.modules():
-            if id(m) in inside:
-                m.train()
+        for m in prefix_bns:
+            m.train()
 
     return recalibrate_bn(model, data, batch_size=batch_size, device=device,
                           train_mode=prefix_train_mode)

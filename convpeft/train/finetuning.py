@@ -140,9 +140,8 @@ def finetune(
                      evaluate(model, task.source_test, device=device))
     zero_shot, zero_shot_src = (float(a) for a in zero_shot)
 
-    split = cfg.split(model)
-    if split is not None and cfg.prefix_stats == "target":  # before the sparse wrapping
-        adapt_prefix_bn(model, split.prefix, task.target_train, device=device,
+    if cfg.prefix_stats == "target":  # (needs update_blocks) before the sparse wrapping
+        adapt_prefix_bn(model, cfg.split(model), task.target_train, device=device,
                         batch_size=max(1, batch_size // cfg.prefix_chunks))
     prepared = prepare(model, cfg)
     if cfg.fa_init == "data":  # LoRA-FA's frozen A along the inputs' principal directions
