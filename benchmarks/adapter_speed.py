@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convpeft
-from convpeft.layer_kinds import select_layers
+from convpeft.core.layer_kinds import select_layers
 from convpeft.profiler.memory import tensor_peak
 
 MIB = 2**20

@@ -64,7 +64,7 @@ VARIANTS = ("plain", "lean", "ckpt", "lean + ckpt")
 
 
 def target_of(row: dict) -> str:
-    """The layers a row's adapters took (the ``target`` column, a :mod:`convpeft.layer_kinds`
+    """The layers a row's adapters took (the ``target`` column, a :mod:`convpeft.core.layer_kinds`
     target); rows from before the column existed had them on every conv."""
     return row.get("target") or "conv"
 

@@ -39,8 +39,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from convpeft.checkpoint import checkpoint_blocks, restore_checkpointing
-from convpeft.lean import lean_activations, restore_activations
+from convpeft.memory.checkpoint import checkpoint_blocks, restore_checkpointing
+from convpeft.memory.lean import lean_activations, restore_activations
 from convpeft.profiler import analytic_profile, profile_update
 from convpeft.profiler.analytic import meta_copy
 from convpeft.profiler.calibrate import prepared_update
@@ -69,7 +69,7 @@ CONFIGS = [  # (label, method, bn, lean, checkpointed)
 def prepared(model_name: str, method: str, bn: str, lean: bool, rank: int,
              ckpt: bool = False, target: str = "conv"):
     """``model_name`` (ImageNet stem, 10 classes) prepared for ``method`` with adapters on the
-    ``target`` layers (:mod:`convpeft.layer_kinds`), in train mode, lean/checkpointed if asked
+    ``target`` layers (:mod:`convpeft.core.layer_kinds`), in train mode, lean/checkpointed if asked
     (:func:`convpeft.profiler.calibrate.prepared_update`)."""
     return prepared_update(model_name, method, bn, lean, ckpt, rank=rank, target=target)
 

@@ -1,5 +1,9 @@
 """convpeft: parameter-efficient fine-tuning for edge CNNs, and what each update really costs."""
 
+from convpeft.memory.checkpoint import CheckpointReport, checkpoint_blocks, restore_checkpointing
+from convpeft.memory.lean import LeanReport, lean_activations, restore_activations
+from convpeft.memory.sparse import SparseReport, restore_sparse, sparse_update
+
 from .adapters import (
     AdapterReport,
     adapter_state_dict,
@@ -9,12 +13,9 @@ from .adapters import (
     merge_adapters,
     save_adapters,
 )
-from .checkpoint import CheckpointReport, checkpoint_blocks, restore_checkpointing
 from .export import check_onnx, export_executorch, export_onnx, onnx_op_counts
-from .lean import LeanReport, lean_activations, restore_activations
 from .planner import PlanRow
 from .profiler.calibrate import Calibration, calibrate
-from .sparse import SparseReport, restore_sparse, sparse_update
 
 __version__ = "0.1.0"
 

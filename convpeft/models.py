@@ -34,7 +34,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .layer_kinds import set_submodule
+from convpeft.core.layer_kinds import set_submodule
 
 __all__ = [
     "TESTED_MODELS",

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "configuration, --checkpoint both = plan each without and with")
     p.add_argument("--blocks", type=_blocks_list, default=None,
                    help="sparse updates: comma-separated K values, each training only the last "
-                   "K blocks of the backbone (convpeft.sparse; the frozen prefix builds no "
+                   "K blocks of the backbone (convpeft.memory.sparse; the frozen prefix builds no "
                    "graph), 'all' = every layer, e.g. all,2,4 (default: all)")
     p.add_argument("--prefix-chunks", type=_int_list, default=None,
                    help="comma-separated micro-batch counts for the frozen prefix of each K in "

@@ -19,7 +19,7 @@ from convpeft.adapters import (
     make_adapter,
     unmerge_adapters,
 )
-from convpeft.flops import conv2d_flops
+from convpeft.core.flops import conv2d_flops
 
 KINDS = {
     "standard": lambda: nn.Conv2d(4, 6, 3, padding=1),

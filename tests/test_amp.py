@@ -18,8 +18,8 @@ from torch import nn
 
 import convpeft
 from convpeft.adapters import make_adapter
-from convpeft.amp import autocast, check_amp, grad_scaler
-from convpeft.lean import saved_bytes_by_layer
+from convpeft.core.amp import autocast, check_amp, grad_scaler
+from convpeft.memory.lean import saved_bytes_by_layer
 
 KINDS = {
     "standard": lambda: nn.Conv2d(4, 6, 3, padding=1),
@@ -347,7 +347,7 @@ def test_profile_amp_refusals():
     (["--amp", "bf16", "--analytic"], "--amp bf16 with --analytic"),
 ])
 def test_profile_cli_refuses_amp_it_cannot_run(argv, message, capsys):
-    from convpeft.profile import main
+    from convpeft.profiler.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -357,7 +357,7 @@ def test_profile_cli_refuses_amp_it_cannot_run(argv, message, capsys):
 def test_profile_cli_records_amp(capsys):
     import json
 
-    from convpeft.profile import main
+    from convpeft.profiler.cli import main
 
     argv = ["--model", "resnet18", "--method", "dora", "--rank", "2", "--batch", "2",
             "--resolution", "16", "--small-input", "--repeat", "1", "--warmup", "1",

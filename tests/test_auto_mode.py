@@ -10,7 +10,7 @@ from torch import nn
 
 import convpeft
 from convpeft.adapters import adapter_report, make_adapter
-from convpeft.lean import saved_bytes_by_layer
+from convpeft.memory.lean import saved_bytes_by_layer
 
 DENSE = (8, 64, 16, 16)  # a dense 3x3 conv on a large map: activation space has fewer FLOPs
 

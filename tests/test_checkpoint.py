@@ -11,7 +11,7 @@ from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from convpeft import apply_adapters, checkpoint_blocks, lean_activations, restore_checkpointing
-from convpeft.checkpoint import detect_blocks, recomputing
+from convpeft.memory.checkpoint import detect_blocks, recomputing
 from convpeft.profiler import analytic_profile, profile_update
 
 
@@ -229,7 +229,7 @@ def test_method_config_checkpoint_and_bad_names_leave_model_untouched() -> None:
 def test_profile_cli_checkpoint_flag(capsys) -> None:
     import json
 
-    from convpeft.profile import main
+    from convpeft.profiler.cli import main
 
     argv = ["--model", "resnet18", "--method", "lora-fa", "--bn", "freeze", "--lean",
             "--batch", "2", "--resolution", "32", "--analytic", "--no-torch", "--json"]

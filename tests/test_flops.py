@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from convpeft.flops import (
+from convpeft.core.flops import (
     FLOPS_PER_MAC,
     conv2d_flops,
     conv2d_macs,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from convpeft.flops import matmul_flops, svd_flops
+from convpeft.core.flops import matmul_flops, svd_flops
 from convpeft.optim import (
     PROJ_TYPES,
     ConvGaLoreAdamW,

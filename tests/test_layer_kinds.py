@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from convpeft.layer_kinds import layer_kind, select_layers
+from convpeft.core.layer_kinds import layer_kind, select_layers
 
 
 def _net() -> nn.Sequential:

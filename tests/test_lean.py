@@ -12,14 +12,14 @@ from torch import nn
 from torchvision.models import mobilenet_v2, mobilenet_v3_small, resnet18
 
 from convpeft import apply_adapters
-from convpeft.lean import (
+from convpeft.memory.lean import (
     lean_activations,
     pack_mask,
     restore_activations,
     saved_bytes_by_layer,
     unpack_mask,
 )
-from convpeft.lean.masks import CHUNK
+from convpeft.ops.masks import CHUNK
 
 GEOMETRIES = {
     "standard": dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
@@ -99,9 +99,9 @@ def test_activation_gradient_at_the_kinks(act, dtype, saves, monkeypatch):
     """The mask must say exactly where torch's backward passes the gradient, kinks included
     (0, -0, the clamp bounds, and their nearest floats on either side, NaN of either sign);
     ``mask16`` packs and unpacks 91 elements in 6 passes of 16, the last one partial.
-    ``output``: a clamp whose consumer saves its output (convpeft.lean.probe) reads the flags
+    ``output``: a clamp whose consumer saves its output (convpeft.memory.lean.probe) reads the flags
     off that output instead, exactly as well (LeakyReLU always keeps a mask)."""
-    monkeypatch.setattr("convpeft.lean.masks.CHUNK", 16 if saves == "mask16" else CHUNK)
+    monkeypatch.setattr("convpeft.ops.masks.CHUNK", 16 if saves == "mask16" else CHUNK)
     module = ACTS[act]()
     lo, hi = {"relu6": (0.0, 6.0), "hardtanh": (-0.5, 0.5)}.get(act.split("_")[0], (0.0, None))
     points = [lo, -0.0, 0.0] + ([hi] if hi is not None else [])

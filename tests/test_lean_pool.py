@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convpeft.lean import lean_activations, max_pool2d_lean, pool, saved_bytes_by_layer
+from convpeft.memory.lean import lean_activations, max_pool2d_lean, saved_bytes_by_layer
+from convpeft.ops import pool
 
 GEOMETRIES = [  # kernel, stride, padding, dilation, ceil_mode, input shape
     (3, 2, 1, 1, False, (3, 4, 17, 19)),  # ResNet's stem pool, odd sizes

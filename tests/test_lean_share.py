@@ -1,5 +1,5 @@
 """Lean activations whose output the next layer saves anyway keep that output, not a mask
-(convpeft.lean.probe): exact gradients, hand-computed bytes, the probe's fallbacks."""
+(convpeft.memory.lean.probe): exact gradients, hand-computed bytes, the probe's fallbacks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 from torchvision.models import mobilenet_v2, resnet18
 
 from convpeft import apply_adapters
-from convpeft.lean import lean_activations, saved_bytes_by_layer
-from convpeft.lean.probe import example_shape, outputs_saved_downstream
+from convpeft.memory.lean import lean_activations, saved_bytes_by_layer
+from convpeft.memory.lean.probe import example_shape, outputs_saved_downstream
 
 CLAMPS = {"relu": nn.ReLU, "relu_inplace": lambda: nn.ReLU(True), "relu6": nn.ReLU6,
           "relu6_inplace": lambda: nn.ReLU6(True), "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5)}

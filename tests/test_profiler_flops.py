@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from convpeft.flops import conv2d_flops, linear_flops
+from convpeft.core.flops import conv2d_flops, linear_flops
 from convpeft.profiler import CountFlops, profile_update
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from convpeft.flops import svd_flops
+from convpeft.core.flops import svd_flops
 from convpeft.profiler import CountFlops, analytic_profile, profile_update
 
 tv = pytest.importorskip("torchvision")
@@ -101,7 +101,7 @@ def test_analytic_agrees_with_measured_on_adapters(method):
 
 
 def test_cli_table_and_json(capsys):
-    from convpeft.profile import main
+    from convpeft.profiler.cli import main
 
     assert main(["--model", "mobilenet_v2", "--method", "lora", "--rank", "2", "--batch", "2",
                  "--resolution", "32", "--repeat", "1", "--json"]) == 0
@@ -122,7 +122,7 @@ def test_cli_table_and_json(capsys):
 
 
 def test_cli_bad_model_is_an_error(capsys):
-    from convpeft.profile import main
+    from convpeft.profiler.cli import main
 
     assert main(["--model", "no_such_net", "--batch", "2", "--resolution", "32"]) == 2
     assert "error" in capsys.readouterr().err

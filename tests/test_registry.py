@@ -1,4 +1,4 @@
-"""The one registry behaviour (convpeft.registry) behind methods, datasets and corruptions:
+"""The one registry behaviour (convpeft.core.registry) behind methods, datasets and corruptions:
 names in registration order, a taken name refused (never silently replaced), unknown names
 answered with the choices."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from convpeft.core.registry import Registry
 from convpeft.data import (
     corruptions,
     datasets,
@@ -16,7 +17,6 @@ from convpeft.data import (
     load_dataset,
 )
 from convpeft.methods import MethodSpec, get_method, list_methods, register_method
-from convpeft.registry import Registry
 
 
 def test_registry_keeps_order_and_refuses_a_taken_name():

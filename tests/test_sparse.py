@@ -9,9 +9,9 @@ from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from convpeft import sparse_update
+from convpeft.memory.sparse import restore_sparse, sparse_blocks, sparse_split
 from convpeft.methods import MethodConfig, prepare
 from convpeft.profiler import analytic_profile, profile_update
-from convpeft.sparse import restore_sparse, sparse_blocks, sparse_split
 
 
 def _resnet() -> nn.Module:

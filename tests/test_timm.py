@@ -27,7 +27,7 @@ from timm.layers.conv2d_same import Conv2dSameExport  # noqa: E402
 
 from convpeft import apply_adapters, lean_activations, merge_adapters  # noqa: E402
 from convpeft.adapters import adapter_layers, make_adapter  # noqa: E402
-from convpeft.conv_variants import (  # noqa: E402
+from convpeft.core.conv_variants import (  # noqa: E402
     ConvVariant,
     UnsupportedLayerError,
     register_conv_variant,

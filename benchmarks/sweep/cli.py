@@ -26,8 +26,8 @@ from benchmarks.sweep.grid import (
     expand_grid,
     parse_dataset,
 )
-from convpeft.amp import AMP_MODES, check_amp
-from convpeft.layer_kinds import TARGETS
+from convpeft.core.amp import AMP_MODES, check_amp
+from convpeft.core.layer_kinds import TARGETS
 from convpeft.methods import list_methods
 from convpeft.models import TESTED_MODELS, list_models
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--update-blocks", type=_update_blocks, default=None,
                    help="comma-separated grid axis: 'all' (every block trains, the default) "
                    "and/or K (only the last K backbone blocks train, the frozen prefix runs "
-                   "without a graph; convpeft.sparse), e.g. 'all,2,4'; recorded in the "
+                   "without a graph; convpeft.memory.sparse), e.g. 'all,2,4'; recorded in the "
                    "update_blocks column and the row key. K=0 (the whole backbone frozen) "
                    "runs for head only, K>0 for every other method")
     g.add_argument("--tasks", type=_csv_list, default=None,
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers the adapters (and GaLore) take, recorded in the target column "
                    "and the row key: conv = every conv (the 'default' and 'paper' presets); "
                    "standard = groups=1 convs only, what peft accepts (the 'study' preset); "
-                   "see convpeft.layer_kinds for the other kinds (preset's if omitted)")
+                   "see convpeft.core.layer_kinds for the other kinds (preset's if omitted)")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=None,
                    help="dataset for every task (digits, cifar10, cifar100, ...), or per task "

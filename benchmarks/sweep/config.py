@@ -130,7 +130,7 @@ class SourceCache:
         return src
 
     def _build_source(self, cfg: Config):
-        from convpeft.layer_kinds import layer_kind
+        from convpeft.core.layer_kinds import layer_kind
         from convpeft.models import build_model
 
         task = self.task(cfg)

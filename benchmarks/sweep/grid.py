@@ -5,8 +5,8 @@ the methods registered with ``ranked=True`` (LoRA, LoRA-FA, DoRA, GaLore:
 ``convpeft.methods.list_methods(ranked=True)``); the others (full fine-tuning, head-only, BitFit)
 run once per (model, task, seed) with ``rank=None``. ``update_blocks`` (``--update-blocks``) is
 an optional axis: ``None`` trains what the method trains everywhere (the default grid), ``K``
-only the last K blocks (:mod:`convpeft.sparse`; K=0, the whole backbone frozen and graph-free,
-is head only's alone: every method trains just the head there). It is a row column
+only the last K blocks (:mod:`convpeft.memory.sparse`; K=0, the whole backbone frozen and
+graph-free, is head only's alone: every method trains just the head there). It is a row column
 and, when set, part of the row key and of the configuration's label (``lora-r4-K2``).
 
 The *settings* (dataset, corruption, epochs, batch size, adapter target, ...) are shared by
@@ -59,13 +59,13 @@ class SweepSettings:
     profile_repeat: int = 3
     device: str = "cpu"
     lean: bool = False  # convpeft.lean_activations on every prepared model
-    amp: str = "off"  # convpeft.amp: fine-tuning and the profiled update under autocast
+    amp: str = "off"  # convpeft.core.amp: fine-tuning and the profiled update under autocast
     checkpoint: bool = False  # convpeft.checkpoint_blocks on every prepared model
     prefix_chunks: int = 1  # sparse rows (update_blocks set): micro-batches of the frozen prefix
     # sparse rows: the frozen prefix's BN statistics, the source model's or re-estimated on
     # the target data before training (MethodConfig.prefix_stats)
     prefix_stats: str = "source"
-    # the layers the adapters (and GaLore) take, a convpeft.layer_kinds target: "conv" (every
+    # the layers the adapters (and GaLore) take, a convpeft.core.layer_kinds target: "conv" (every
     # conv, ours) or "standard" (groups == 1 convs only, the study's: peft refuses depthwise)
     target: str = "conv"
     # BN statistics recomputed for the final weights before evaluating (convpeft.train's

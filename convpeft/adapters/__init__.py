@@ -12,20 +12,11 @@ from .dora import DoRAConvFunction as DoRAConvFunction
 from .layer import AdapterLayer
 from .lora import LoRAConv2d, LoRALinear
 from .lora_fa import FrozenACalibration, calibrate_frozen_a
-from .model import (
-    AdapterReport,
-    AdapterRow,
-    adapter_for,
-    adapter_layers,
-    adapter_report,
-    apply_adapters,
-    is_adapter,
-    merge_adapters,
-    unmerge_adapters,
-)
+from .model import adapter_for, apply_adapters, merge_adapters, unmerge_adapters
 from .model import (
     make_adapter as make_adapter,
 )
+from .report import AdapterReport, AdapterRow, adapter_layers, adapter_report, is_adapter
 from .state import adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 
 # The public surface. DoRAConvFunction, scaling and make_adapter stay importable from here

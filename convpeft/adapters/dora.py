@@ -7,7 +7,7 @@
 output channel only ever sees its own group's inputs). As in DoRA §4.3 the norm is *detached*:
 it follows dW in the forward pass but gets no gradient, so gradients reach ``A``, ``B`` and
 ``m`` only. ``m`` starts at ``||W0||_c``, so the layer equals the base at init. For a conv variant
-(:mod:`convpeft.conv_variants`) ``W0`` is the effective weight (e.g. the standardised one), so
+(:mod:`convpeft.core.conv_variants`) ``W0`` is the effective weight (e.g. the standardised one), so
 the norm is that of the weight the layer really convolves with.
 
 Two exact computations, chosen like LoRA's (see :mod:`convpeft.adapters.lora`):
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..amp import autocast_dtype, cast, no_autocast
-from ..flops import pair
+from convpeft.core.amp import autocast_dtype, cast, no_autocast
+from convpeft.core.flops import pair
+
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .lora import LoRAConv2d, LoRALinear
@@ -55,7 +56,7 @@ class DoRAConvFunction(torch.autograd.Function):
     or ``None``; ``a_w`` (g r, C_in/g, kh, kw); ``b_w`` (C_out, r, 1, 1); ``c`` (C_out,).
     Returns ``y`` (N, C_out, H_out, W_out). Gradients are computed only for inputs that need them.
 
-    Autocast: casts explicitly (see :mod:`convpeft.amp`): under ``torch.autocast`` on ``x``'s
+    Autocast: casts explicitly (see :mod:`convpeft.core.amp`): under ``torch.autocast`` on ``x``'s
     device every input is cast to autocast's dtype and ``y`` comes out in it (as the plain conv
     of the weight path would); the gradients come back in each input's own dtype, the ``c`` and
     bias reductions accumulated in fp32.
@@ -64,7 +65,7 @@ class DoRAConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups):
         # Under autocast: every float input in autocast's dtype, the body with autocast off
-        # (see convpeft.amp); outside it ``dt`` is None and nothing is cast.
+        # (see convpeft.core.amp); outside it ``dt`` is None and nothing is cast.
         dt = autocast_dtype(x)
         ctx.in_dtypes = [None if t is None else t.dtype
                          for t in (x, x_lora, weight, bias, a_w, b_w, c)]

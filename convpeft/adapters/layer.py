@@ -14,7 +14,7 @@ shape and device (the reason is kept in ``last_reason`` and shown by the adapter
 * on CUDA (:data:`WEIGHT_SPACE_DEVICES`): weight space. The GPU cost model comes from published
   H100 figures, not from a measurement here: weight space within 1.06-1.20x of full fine-tuning,
   activation space 1.3-5x slower on depthwise-heavy nets;
-* elsewhere (CPU): both are evaluated with :mod:`convpeft.flops` (forward + backward while
+* elsewhere (CPU): both are evaluated with :mod:`convpeft.core.flops` (forward + backward while
   training, forward only under ``no_grad``) and the cheaper is taken; ties go to weight space
   (fewer saved activations). DoRA never takes activation space where it would save more for
   backward than weight space (reason ``"memory"``): its activation path keeps ``z`` and the
@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..layer_kinds import layer_kind
+from convpeft.core.layer_kinds import layer_kind
+
 from .config import AdapterConfig
 
 WEIGHT_SPACE_DEVICES: tuple[str, ...] = ("cuda",)
@@ -149,7 +150,7 @@ class AdapterLayer(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The weight the base layer's forward really uses (``W0``; for a conv variant such as a
-        weight-standardised conv, its effective weight, :mod:`convpeft.conv_variants`)."""
+        weight-standardised conv, its effective weight, :mod:`convpeft.core.conv_variants`)."""
         return self.base_layer.weight
 
     @property

@@ -50,7 +50,7 @@ Two equivalent computations (``mode``), both exact:
 
 ``nn.Conv2d`` subclasses whose ``forward`` does more (timm's TF-"SAME" ``Conv2dSame``, the
 weight-standardised ``StdConv2d``/``ScaledStdConv2d``) are reproduced through their
-:mod:`convpeft.conv_variants` entry: ``W0`` above is the *effective* weight the subclass
+:mod:`convpeft.core.conv_variants` entry: ``W0`` above is the *effective* weight the subclass
 convolves with and ``x`` is padded the way it pads; unregistered subclasses are refused. A layer
 whose effective weight is not its stored weight cannot absorb ``s dW`` in place:
 :meth:`AdapterLayer.unload` then returns a plain layer holding ``W0_eff + s dW`` instead.
@@ -68,10 +68,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..amp import autocast_dtype, cast, no_autocast
-from ..conv_variants import ConvVariant, conv_variant
-from ..flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops, pair
-from ..lean.functions import chunked_conv2d, conv2d_input_chunked
+from convpeft.core.amp import autocast_dtype, cast, no_autocast
+from convpeft.core.conv_variants import ConvVariant, conv_variant
+from convpeft.core.flops import conv2d_flops, conv2d_output_hw, linear_flops, matmul_flops, pair
+from convpeft.ops.conv import chunked_conv2d, conv2d_input_chunked
+
 from .config import AdapterConfig
 from .layer import WEIGHT_SPACE_DEVICES as WEIGHT_SPACE_DEVICES
 from .layer import AdapterLayer
@@ -85,7 +86,7 @@ def conv_padding(base: nn.Conv2d, *, padding_mode: bool = True,
     by itself (zeros, symmetric). Non-zero padding modes and asymmetric ``'same'`` padding (even
     kernels) need an explicit ``F.pad`` first; then the conv gets ``conv_pad = (0, 0)``.
     ``padding_mode=False``: pad with zeros whatever ``base.padding_mode`` says (a conv variant
-    whose forward ignores it, :mod:`convpeft.conv_variants`). Input-size-dependent padding
+    whose forward ignores it, :mod:`convpeft.core.conv_variants`). Input-size-dependent padding
     (TF "SAME") is the variant's and comes before this.
     """
     kh, kw = pair(base.kernel_size)
@@ -148,7 +149,7 @@ class LoRAConvFunction(torch.autograd.Function):
       ``A`` (or the base weight) trains. With ``A`` frozen (LoRA-FA) that is ``h`` alone, ``g r``
       channels instead of ``C_in``: LoRA-FA's saving with no separate lean path.
 
-    Autocast (:mod:`convpeft.amp`): inputs are cast to autocast's dtype, ``y`` comes out in it,
+    Autocast (:mod:`convpeft.core.amp`): inputs are cast to autocast's dtype, ``y`` comes out in it,
     gradients in each input's own dtype; the stored weight is saved (resident anyway).
     """
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.batchnorm import bn_pass, snapshot_bn
 from .layer import AdapterLayer
 
 FROZEN_A_ROW_NORM = 3 ** -0.5
@@ -131,9 +132,6 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
     modes and the RNG are left as they were. Call before the first optimizer step:
     ``convpeft.train.finetune`` does for method ``lora-fa`` (``MethodConfig.fa_init="data"``).
     """
-    # the training package imports the adapters
-    from ..train.batchnorm import bn_pass, snapshot_bn
-
     if iters < 1:
         raise ValueError(f"iters must be >= 1 (got {iters})")
     if max_images < 1:

@@ -1,7 +1,7 @@
 """Model-level API: put adapters on a model, report them, merge them away.
 
 Layers are checked before any is wrapped: a conv/linear subclass whose ``forward`` convpeft
-cannot reproduce (:mod:`convpeft.conv_variants`) is refused with its name and class, and so are
+cannot reproduce (:mod:`convpeft.core.conv_variants`) is refused with its name and class, and so are
 peft's adapter modules (a ``get_peft_model`` result) and everything inside them; the model is
 left as it was. Merging folds ``s dW`` into each layer's weight where it can and replaces a
 weight-transforming layer (weight-standardised conv) by an equivalent plain one.
@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ..conv_variants import check_supported_layer
-from ..layer_kinds import (
+from convpeft.core.conv_variants import check_supported_layer
+from convpeft.core.layer_kinds import (
     Target,
     check_target,
     layer_kind,
@@ -33,10 +32,12 @@ from ..layer_kinds import (
     select_layers,
     set_submodule,
 )
+
 from .config import AdapterConfig
 from .dora import DoRAConv2d, DoRALinear
 from .layer import AdapterLayer
 from .lora import LoRAConv2d, LoRALinear
+from .report import AdapterReport, adapter_layers, adapter_report, is_adapter, module_names
 
 _CLASSES = {
     ("lora", "conv"): LoRAConv2d,
@@ -44,25 +45,6 @@ _CLASSES = {
     ("dora", "conv"): DoRAConv2d,
     ("dora", "linear"): DoRALinear,
 }
-
-
-def is_adapter(module: nn.Module) -> bool:
-    """Whether ``module`` is a convpeft adapter wrapper (it then has ``.base_layer``)."""
-    return isinstance(module, AdapterLayer)
-
-
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """``(name, wrapper)`` of every adapter in ``model``, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
-
-
-def module_names(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(module): every qualified name it appears under}``, first the one
-    ``named_modules()`` gives it (a module used at several places has several)."""
-    out: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        out.setdefault(id(m), []).append(n)
-    return out
 
 
 def foreign_adapter(module: nn.Module) -> str | None:
@@ -80,7 +62,7 @@ def adapter_for(layer: nn.Module, config: AdapterConfig) -> AdapterLayer:
     """Wrap one ``nn.Conv2d``/``nn.Linear`` with the adapter ``config`` describes (its
     ``rank`` is this layer's: see :meth:`AdapterConfig.for_layer`). A conv/linear subclass with
     a ``forward`` convpeft cannot reproduce raises
-    :class:`convpeft.conv_variants.UnsupportedLayerError`."""
+    :class:`convpeft.core.conv_variants.UnsupportedLayerError`."""
     kind = layer_kind(layer)
     if kind is None:
         raise TypeError(f"cannot adapt {type(layer).__name__}; only nn.Conv2d and nn.Linear")
@@ -93,108 +75,6 @@ def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None =
     """Wrap one layer: shorthand for ``adapter_for(layer, AdapterConfig(method, rank, alpha,
     **kw))`` (``kw``: any other :class:`AdapterConfig` field)."""
     return adapter_for(layer, AdapterConfig(method=method, rank=rank, alpha=alpha, **kw))
-
-
-@dataclass
-class AdapterRow:
-    """One adapted layer: ``shape`` is the base weight's, ``layer_params`` its element count;
-    ``shared_with``: the other names of a module used at several places (one adapter serves
-    them all).
-    ``last_mode``/``mode_reason``: what the layer's last forward computed in and why (see
-    :meth:`convpeft.adapters.layer.AdapterLayer.resolve_mode`); a report taken after a forward
-    (``adapter_report(model)``) shows what ``mode="auto"`` chose per layer."""
-
-    name: str
-    kind: str
-    method: str
-    shape: tuple[int, ...]
-    rank: int
-    scaling: float
-    mode: str
-    adapter_params: int
-    layer_params: int
-    last_mode: str | None = None  # the computation the last forward used (None: none yet)
-    mode_reason: str | None = None  # fixed | flops | memory | cuda | dropout | lora-fa
-    shared_with: list[str] = field(default_factory=list)  # the module's other places, if shared
-
-    @property
-    def outgrows_layer(self) -> bool:
-        """The adapter has more parameters than the weight it adapts (rank too large)."""
-        return self.adapter_params > self.layer_params
-
-
-@dataclass
-class AdapterReport:
-    """What :func:`apply_adapters` did; ``str(report)`` is a table."""
-
-    layers: list[AdapterRow] = field(default_factory=list)
-    adapter_params: int = 0
-    trainable_params: int = 0
-    total_params: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        rows = []
-        for r in self.layers:
-            d = asdict(r)
-            d["shape"] = list(r.shape)
-            d["outgrows_layer"] = r.outgrows_layer
-            rows.append(d)
-        return {
-            "layers": rows,
-            "adapter_params": self.adapter_params,
-            "trainable_params": self.trainable_params,
-            "total_params": self.total_params,
-        }
-
-    def __str__(self) -> str:
-        head = ("layer", "kind", "method", "weight shape", "rank", "mode", "adapter", "layer")
-        body = [
-            (r.name + (f" (also at {', '.join(r.shared_with)})" if r.shared_with else ""),
-             r.kind, r.method, "x".join(map(str, r.shape)), str(r.rank),
-             r.mode if r.last_mode is None or r.mode != "auto"
-             else f"auto: {r.last_mode} ({r.mode_reason})",
-             f"{r.adapter_params:,}" + (" *" if r.outgrows_layer else ""), f"{r.layer_params:,}")
-            for r in self.layers
-        ]
-        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
-                  for i, h in enumerate(head)]
-        fmt = "  ".join(f"{{:{'<' if i < 6 else '>'}{w}}}" for i, w in enumerate(widths))
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in body]
-        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        lines.append(
-            f"{len(self.layers)} adapted layers, {self.adapter_params:,} adapter params; "
-            f"trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.2f}%)"
-        )
-        if any(r.outgrows_layer for r in self.layers):
-            lines.append("* adapter larger than the layer it adapts: lower the rank there")
-        if any(r.shared_with for r in self.layers):
-            lines.append("also at: a module used at several places has one adapter at all of "
-                         "them (trained and merged for every use)")
-        return "\n".join(lines)
-
-
-def _row(name: str, m: AdapterLayer, names: list[str]) -> AdapterRow:
-    w = m.base_layer.weight
-    return AdapterRow(name=name, kind=m.kind, method=m.method, shape=tuple(w.shape), rank=m.rank,
-                      scaling=m.scaling, mode=m.mode, adapter_params=m.num_adapter_params(),
-                      layer_params=w.numel(), last_mode=m.last_mode, mode_reason=m.last_reason,
-                      shared_with=[n for n in names if n != name])
-
-
-def adapter_report(model: nn.Module, names: Iterable[str] | None = None) -> AdapterReport:
-    """Report on the adapters of ``model`` (only those in ``names`` if given) and its totals."""
-    wanted = None if names is None else set(names)
-    places = module_names(model)
-    rows = [_row(n, m, places[id(m)]) for n, m in adapter_layers(model)
-            if wanted is None or n in wanted]
-    params = list(model.parameters())
-    return AdapterReport(
-        layers=rows,
-        adapter_params=sum(m.num_adapter_params() for _, m in adapter_layers(model)),
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params),
-    )
 
 
 @contextlib.contextmanager
@@ -500,8 +380,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "AdapterReport", "AdapterRow", "adapter_layers", "adapter_report", "all_or_nothing",
-    "adapter_for", "apply_adapters", "check_layers", "foreign_adapter", "is_adapter",
-    "make_adapter", "merge_adapters", "module_names", "set_trainable",
+    "all_or_nothing", "adapter_for", "apply_adapters", "check_layers", "foreign_adapter",
+    "make_adapter", "merge_adapters", "set_trainable",
     "unmerge_adapters", "wrap_layers",
 ]

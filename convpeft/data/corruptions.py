@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..registry import Registry
+from convpeft.core.registry import Registry
 
 __all__ = ["check_severity", "corrupt", "get_corruption", "list_corruptions",
            "register_corruption"]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..registry import Registry
+from convpeft.core.registry import Registry
 
 __all__ = [
     "ImageDataset",

@@ -64,8 +64,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from convpeft.layer_kinds import check_target, layer_kind, select_layers
-from convpeft.profiler.memory import state_bytes
+from convpeft.core.accounting import state_bytes
+from convpeft.core.layer_kinds import check_target, layer_kind, select_layers
 
 from . import summary as cost
 from .projector import (
@@ -384,7 +384,7 @@ def galore_optimizer(
     ``params``:
 
     * an ``nn.Module``: its trainable params, named by qualified name; the weights of the layers
-      ``convpeft.layer_kinds.select_layers(model, target, exclude)`` selects are projected,
+      ``convpeft.core.layer_kinds.select_layers(model, target, exclude)`` selects are projected,
       everything else (BN, biases, non-target layers) gets plain AdamW. ``exclude`` is a regex
       or a list of them over qualified layer names (a string is ONE pattern).
     * an iterable of tensors or ``(name, tensor)`` pairs: targets by shape -- ``target="conv"``

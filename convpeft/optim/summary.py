@@ -4,7 +4,7 @@
 ``"fallback"``: targeted but ``rank >= min(m, n)``, so plain AdamW; ``"plain"``: not targeted),
 and the optimizer-state bytes it holds after its first step next to plain AdamW's two full-shape
 moments. The FLOP functions are the optimizer's share of an update, in convpeft's convention
-(2 FLOPs per multiply-accumulate, :mod:`convpeft.flops`): the SVD of a refresh, the projection
+(2 FLOPs per multiply-accumulate, :mod:`convpeft.core.flops`): the SVD of a refresh, the projection
 matmuls of every step, and the elementwise Adam arithmetic.
 
 Everything here is a cost model: it reads param-group shapes and settings, never the state
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from convpeft.flops import matmul_flops, svd_flops
+from convpeft.core.flops import matmul_flops, svd_flops
 
 from .projector import matrix_shape, projected_groups, projected_shapes, projection_side
 
@@ -39,7 +39,7 @@ class GaLoreRow:
     first step; ``adamw_state_bytes`` what plain AdamW would (two moments of the full shape)."""
 
     name: str
-    kind: str | None  # layer kind of its module (convpeft.layer_kinds) or None
+    kind: str | None  # layer kind of its module (convpeft.core.layer_kinds) or None
     shape: tuple[int, ...]
     matrix_shape: tuple[int, int] | None  # None for params that were never GaLore candidates
     role: str  # "galore" | "fallback" (rank >= min side) | "plain" (not targeted)
@@ -183,7 +183,7 @@ def projection_matmul_flops(m: int, n: int, rank: int, proj_type: str) -> int:
 
 def refresh_flops(groups: Groups) -> int:
     """FLOPs of ONE refresh of all projections: a thin SVD of each projected ``m x n`` gradient
-    (:func:`convpeft.flops.svd_flops`). The projection matmuls are not included."""
+    (:func:`convpeft.core.flops.svd_flops`). The projection matmuls are not included."""
     return sum(svd_flops(*matrix_shape(p.shape))
                for g in projected_groups(groups) for p in g["params"])
 

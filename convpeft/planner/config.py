@@ -35,8 +35,8 @@ _GALORE_OPTIMIZER = ("galore brings its own projected AdamW; use optimizer 'adam
 class PlanConfig:
     """One planned configuration; ``rank`` is None for methods without one; ``checkpoint``:
     the backbone's blocks are checkpointed (:func:`convpeft.checkpoint_blocks`); ``blocks``:
-    only the last ``blocks`` blocks train (:mod:`convpeft.sparse`; None: every layer), the frozen
-    prefix runs in ``prefix_chunks`` micro-batches."""
+    only the last ``blocks`` blocks train (:mod:`convpeft.memory.sparse`; None: every layer), the
+    frozen prefix runs in ``prefix_chunks`` micro-batches."""
 
     method: str
     rank: int | None

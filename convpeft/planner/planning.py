@@ -204,7 +204,7 @@ def plan(
     CUDA the criterion is ``max_memory_reserved``); each row keeps the measurements.
     ``blocks`` (K values; None = every layer) and ``prefix_chunks`` add sparse updates that
     train only the last K blocks, the frozen prefix in that many micro-batches
-    (:mod:`convpeft.sparse`); a row's ``blocks``/``prefix_chunks`` say which, its
+    (:mod:`convpeft.memory.sparse`); a row's ``blocks``/``prefix_chunks`` say which, its
     ``trainable_params`` how much of the network trains.
 
     Rows are sorted best first: largest max batch, then lowest peak (with ``batch``: fitting
@@ -265,8 +265,11 @@ def plan(
                 return build_configured(model, c, bn=bn, optimizer=optimizer,
                                         num_classes=num_classes, small_input=small_input,
                                         device=device)
-            v = row.verification = verify_row(row, build, device=device,
-                                              num_classes=num_classes)
+            start = row.max_batch if row.max_batch is not None else row.batch
+            v = row.verification = verify_row(
+                start, build, budget=row.budget, resolution=row.resolution,
+                min_batch=row.min_batch, probe_next=row.max_batch is not None and not row.capped,
+                device=device, num_classes=num_classes)
             if row.max_batch is not None:
                 row.max_batch, row.fits = v.batch, v.fits
             else:  # a fixed batch: does that batch fit when measured?

@@ -20,12 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .planning import PlanRow
 
 MAX_TRIES = 8
 
@@ -74,36 +70,39 @@ def measure_peak(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     return peak, peak
 
 
-def verify_row(row: PlanRow, build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]],
-               *, device: str, num_classes: int = 10) -> Verification:
-    """Measure ``row``'s planned batch on ``device`` and step down while it does not fit
-    (module docstring). ``build()`` returns a fresh model and optimizer on ``device``."""
+def verify_row(start: int, build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer]],
+               *, budget: int, resolution: int, min_batch: int = 1, probe_next: bool = True,
+               device: str, num_classes: int = 10) -> Verification:
+    """Measure a planned batch ``start`` on ``device`` and step down (not below ``min_batch``)
+    while its peak exceeds ``budget`` bytes (module docstring); ``probe_next``: once a batch
+    fits, measure the next one up too (a plan that searched, uncapped). ``build()`` returns a
+    fresh model and optimizer on ``device``. It takes the row's figures, not the
+    :class:`~convpeft.planner.PlanRow`, so the planner imports it and not the other way round."""
     criterion = ("torch.cuda.max_memory_reserved" if device == "cuda"
                  else "CPU allocator trace")
     v = Verification(batch=0, fits=False, criterion=criterion)
-    n = row.max_batch if row.max_batch is not None else row.batch
-    n = max(n, row.min_batch)
+    n = max(start, min_batch)
     for _ in range(MAX_TRIES):
         model, opt = build()
         try:
-            peak, alloc = measure_peak(model, opt, n, row.resolution, num_classes, device)
+            peak, alloc = measure_peak(model, opt, n, resolution, num_classes, device)
         finally:
             del model, opt
         v.measured[n], v.allocated[n] = peak, alloc
-        if peak <= row.budget:
+        if peak <= budget:
             v.batch, v.fits = n, True
             break
-        if n <= row.min_batch:
+        if n <= min_batch:
             break
         v.steps += 1
-        n = max(row.min_batch, min(n - 1, int(n * row.budget / peak)))
-    if v.fits and row.max_batch is not None and not row.capped:
+        n = max(min_batch, min(n - 1, int(n * budget / peak)))
+    if v.fits and probe_next:
         # does the next batch up fit too? (measured already if the plan stepped down past it)
         up = v.batch + 1
         if up not in v.measured:
             model, opt = build()
-            peak, alloc = measure_peak(model, opt, up, row.resolution, num_classes, device)
+            peak, alloc = measure_peak(model, opt, up, resolution, num_classes, device)
             del model, opt
             v.measured[up], v.allocated[up] = peak, alloc
-        v.next_fits = v.measured[up] <= row.budget
+        v.next_fits = v.measured[up] <= budget
     return v

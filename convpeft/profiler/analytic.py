@@ -13,40 +13,14 @@ instrumented step on a tiny batch, with no memory for activations.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from convpeft.profiler.memory import state_tensors
+from convpeft.core.accounting import meta_copy as meta_copy  # re-exported
 
 OptimizerArg = torch.optim.Optimizer | Callable[[nn.Module], torch.optim.Optimizer]
-
-
-def _to_meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t, device="meta")
-
-
-def meta_copy(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
-    """Deep copy of ``model`` (and ``optimizer``, keeping their links) whose parameters,
-    buffers, gradients and optimizer state live on the meta device. No tensor data is copied:
-    the memo maps every tensor to a fresh meta tensor before ``deepcopy`` reaches it."""
-    memo: dict[int, object] = {}
-    for p in model.parameters():
-        mp = nn.Parameter(_to_meta(p), requires_grad=p.requires_grad)
-        if p.grad is not None:
-            mp.grad = _to_meta(p.grad)
-        memo[id(p)] = mp
-    for b in model.buffers():
-        memo[id(b)] = _to_meta(b)
-    if optimizer is not None:
-        for t in state_tensors(optimizer):
-            # 0-dim CPU step counters stay real: optimizers read them with .item()
-            if t.dim() > 0 or t.device.type != "cpu":
-                memo[id(t)] = _to_meta(t)
-        return copy.deepcopy((model, optimizer), memo)
-    return copy.deepcopy(model, memo)
 
 
 def meta_setup(model: nn.Module, optimizer: OptimizerArg, input_shape: Sequence[int],

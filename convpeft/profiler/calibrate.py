@@ -54,8 +54,8 @@ def prepared_update(model_name: str | torch.nn.Module, method: str, bn: str, lea
     """A :func:`convpeft.methods.prepare`-d model (adapters on the ``target`` layers, head
     trainable) in train mode, memory-lean / checkpointed if asked, on ``device``.
     ``model_name`` is a torchvision name (:func:`convpeft.models.build_model`) or a model."""
-    from convpeft.checkpoint import checkpoint_blocks
-    from convpeft.lean import lean_activations
+    from convpeft.memory.checkpoint import checkpoint_blocks
+    from convpeft.memory.lean import lean_activations
     from convpeft.methods import MethodConfig, prepare
     from convpeft.models import build_model
 

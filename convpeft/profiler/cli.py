@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from convpeft.amp import AMP_MODES, check_amp
+from convpeft.core.amp import AMP_MODES, check_amp
 from convpeft.methods import get_method, list_methods
 from convpeft.profiler import analytic_profile, format_profile, profile_update
 
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(convpeft.checkpoint_blocks; exact; recomputes their forward)")
     ap.add_argument("--update-blocks", type=int, default=None, metavar="K",
                     help="train only the last K backbone blocks; the frozen prefix runs without "
-                    "a graph (convpeft.sparse)")
+                    "a graph (convpeft.memory.sparse)")
     ap.add_argument("--prefix-chunks", type=int, default=1, metavar="N",
                     help="with --update-blocks: run the frozen prefix in N micro-batches (exact)")
     ap.add_argument("--update-proj-gap", type=int, default=200, help="GaLore refresh period")
@@ -152,3 +152,9 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (rank {args.rank})" if get_method(args.method).ranked else ""))
         print(format_profile(prof))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

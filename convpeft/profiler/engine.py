@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from convpeft.amp import autocast
+from convpeft.core.amp import autocast
 from convpeft.profiler.cpu_trace import CpuTrace
 from convpeft.profiler.flop_counter import FlopCounter, FlopTally
 from convpeft.profiler.layer_tracker import LayerTracker

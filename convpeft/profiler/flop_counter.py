@@ -4,7 +4,7 @@ The counter sees every aten op of a training update below autograd (through a
 ``TorchDispatchMode``), so it counts exactly the products autograd really runs:
 
 * ``aten.convolution`` -- forward, ``2 * out.numel() * (C_in/g) * k_h * k_w`` (2 FLOPs per MAC,
-  :mod:`convpeft.flops`). Transposed convs: ``2 * in.numel() * (C_out/g) * k_h * k_w``.
+  :mod:`convpeft.core.flops`). Transposed convs: ``2 * in.numel() * (C_out/g) * k_h * k_w``.
 * ``aten.convolution_backward`` -- its ``output_mask`` says which gradients autograd asked for:
   ``mask[0]`` the input gradient (False for the first layer or after a frozen prefix), ``mask[1]``
   the weight gradient (False for a frozen weight). Each costs as much as the forward, *including*
@@ -15,7 +15,8 @@ The counter sees every aten op of a training update below autograd (through a
   add it to the matmul). ``matmul``/``linear``/``einsum`` decompose into these before we see them.
   In the backward pass a product with a parameter as an operand (``grad_y @ W``) is an *input*
   gradient, a product without one (``grad_y^T @ x``) is a *weight* gradient.
-* ``linalg_svd``/``_linalg_svd`` -- :func:`convpeft.flops.svd_flops` (GaLore's projection refresh).
+* ``linalg_svd``/``_linalg_svd`` -- :func:`convpeft.core.flops.svd_flops` (GaLore's projection
+refresh).
 
 Conv subclasses need no special case: timm's TF-"SAME" ``Conv2dSame`` pads with
 ``constant_pad_nd`` (free) and the conv that follows is counted on the padded input, as it runs;
@@ -23,7 +24,7 @@ weight standardisation (``StdConv2d``/``ScaledStdConv2d``) is a batch norm over 
 it lands in the elementwise figure (``6 * weight.numel()`` forward, ``8 *`` backward where the
 weight trains).
 
-A checkpointed block (:mod:`convpeft.checkpoint`) re-runs its forward during backward; those
+A checkpointed block (:mod:`convpeft.memory.checkpoint`) re-runs its forward during backward; those
 ops are booked as forward work (``flops_forward``, elementwise ``forward``), so a checkpointed
 update's forward figure is the plain one plus the recomputed blocks' forward.
 
@@ -47,8 +48,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry as _TORCH_FLOP_REGISTRY
 
-from convpeft.checkpoint import recomputing
-from convpeft.flops import FLOPS_PER_MAC, svd_flops
+from convpeft.core.flops import FLOPS_PER_MAC, svd_flops
+from convpeft.memory.checkpoint import recomputing
 from convpeft.profiler.memory import storage_key
 
 aten = torch.ops.aten

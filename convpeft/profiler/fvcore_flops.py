@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..flops import FLOPS_PER_MAC
+from convpeft.core.flops import FLOPS_PER_MAC
 
 # fvcore operator names whose count is multiply-accumulates.
 _MAC_OPERATORS = ("conv", "linear", "matmul", "addmm", "bmm", "einsum", "baddbmm_")
@@ -43,7 +43,7 @@ def fvcore_forward_flops(model: nn.Module, inputs: torch.Tensor) -> dict[str, in
 
     Returns:
         ``{"total": ..., <operator>: ...}`` with only conv/linear/matmul-type operators, each
-        already multiplied by :data:`convpeft.flops.FLOPS_PER_MAC`.
+        already multiplied by :data:`convpeft.core.flops.FLOPS_PER_MAC`.
     """
     from fvcore.nn import FlopCountAnalysis
 

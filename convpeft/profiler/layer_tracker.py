@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from convpeft.checkpoint import recomputing
-from convpeft.layer_kinds import layer_kind
+from convpeft.core.layer_kinds import layer_kind
+from convpeft.memory.checkpoint import recomputing
 
 _LAYER_KEY = "convpeft_layer"
 

@@ -37,34 +37,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from convpeft.core.accounting import (  # re-exported: the profiler's public names
+    state_bytes as state_bytes,
+)
+from convpeft.core.accounting import state_tensors, storage_key
+from convpeft.core.accounting import untyped_storage_key as _key
+
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 #: where the device's allocator is read (the CPU trace, CUDA) or predicted (analytic), the bytes
 #: beyond the tensors live at the device's peak: kernel scratch that an op allocates and frees
 #: inside itself (oneDNN's blocked-layout copies on the CPU, cuDNN/cuBLAS workspaces on CUDA)
 SCRATCH = "scratch"
 WORKSPACE = SCRATCH  # the name this category had before it was measured on the CPU too
-
-
-def _key(storage: torch.UntypedStorage) -> int:
-    # the C++ StorageImpl address: the one place the project reads this private attribute
-    return storage._cdata
-
-
-def storage_key(t: torch.Tensor) -> int:
-    """Identity of ``t``'s storage, valid while it lives (also for meta/fake tensors)."""
-    return _key(t.untyped_storage())
-
-
-def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor held in ``optimizer.state`` (nested lists/dicts included)."""
-    leaves = tree_flatten([dict(s) for s in optimizer.state.values()])[0]
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every storage held in ``optimizer.state``, each storage counted once, whole."""
-    sizes = {storage_key(t): t.untyped_storage().nbytes() for t in state_tensors(optimizer)}
-    return sum(sizes.values())
 
 
 @dataclass

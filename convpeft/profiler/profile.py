@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from convpeft.amp import check_amp
+from convpeft.core.amp import check_amp
 from convpeft.profiler.analytic import OptimizerArg, meta_setup
 from convpeft.profiler.engine import (
     InstrumentedRun,

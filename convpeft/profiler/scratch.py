@@ -11,7 +11,7 @@ On CUDA the same role is played by cuDNN/cuBLAS workspaces.
 The model gives each op an *excess* (bytes held at its own peak beyond what it returns), so the
 device peak is ``max over ops of (tensors live after the op + its excess)``. Ops are described
 from shapes only (:func:`op_features`, also on meta tensors); a conv is keyed by pass, layer kind
-(:mod:`convpeft.layer_kinds`) and whether it is strided, and its features are the byte sizes of
+(:mod:`convpeft.core.layer_kinds`) and whether it is strided, and its features are the byte sizes of
 its operands with channels padded to the layout's block ``B``:
 
 ============  ==============================================================================
@@ -72,7 +72,7 @@ def _nbytes(t: object) -> int:
 
 
 def _conv_kind(c_in: int, groups: int, kernel: tuple[int, ...]) -> str:
-    # the vocabulary of convpeft.layer_kinds, from the op's arguments instead of a module
+    # the vocabulary of convpeft.core.layer_kinds, from the op's arguments instead of a module
     if groups == 1:
         return "pointwise" if all(k == 1 for k in kernel) else "standard"
     return "depthwise" if groups == c_in else "grouped"
@@ -217,7 +217,7 @@ def device_name(device: torch.device | str) -> str:
 
 
 def _cache_file(device: torch.device | str) -> Path:
-    from convpeft.train.cache import resolve_cache_dir
+    from convpeft.core.paths import resolve_cache_dir
 
     slug = "".join(ch if ch.isalnum() else "_" for ch in device_name(device))[:80]
     return resolve_cache_dir() / "scratch" / f"{torch.device(device).type}-{slug}-" \

@@ -20,7 +20,7 @@ vectorised kernels, and training amplifies that, so accuracies agree across mach
 within their seed intervals while FLOPs and memory agree exactly.
 CUDA is used when available unless ``device`` says otherwise.
 
-Mixed precision (``finetune(..., amp="bf16"|"fp16")``, :mod:`convpeft.amp`): forward and loss
+Mixed precision (``finetune(..., amp="bf16"|"fp16")``, :mod:`convpeft.core.amp`): forward and loss
 under ``torch.autocast``, fp32 master weights and optimizer state; fp16 (CUDA only) scales the
 loss with a ``GradScaler``. Pretraining and evaluation stay fp32 (the cached source weights do
 not depend on how they are later fine-tuned; accuracy is that of the fp32 weights).

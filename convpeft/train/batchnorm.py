@@ -21,20 +21,19 @@ prefix forces into eval mode, or that the forward never reaches keeps its statis
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..core.batchnorm import BN as _BN
+from ..core.batchnorm import bn_pass
+from ..core.batchnorm import snapshot_bn as snapshot_bn  # re-exported: convpeft.train's API
 from ..data import ImageDataset
 
 if TYPE_CHECKING:
-    from ..sparse import SparseSplit
-
-_BN = nn.modules.batchnorm._BatchNorm
-
+    from convpeft.memory.sparse import SparseSplit
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
@@ -81,33 +80,11 @@ def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
     return done
 
 
-@contextlib.contextmanager
-def bn_pass(model: nn.Module, train_mode: Callable[[], Any] | None,
-            device: torch.device | str) -> Iterator[nn.Module]:
-    """Modes for a no-grad pass that reads BN-normalised inputs: ``train_mode()`` (default
-    ``model.train()``) decides the BNs' modes, every other module runs in eval mode (no
-    dropout, no drop-path: the inputs the layers see when the model is evaluated), and the
-    caller's RNG is forked, so a run that makes such passes trains the same. Every module's
-    mode is put back on exit. BN statistics are the caller's to guard (:class:`snapshot_bn`)."""
-    modes = {m: m.training for m in model.modules()}
-    device = torch.device(device)
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            (train_mode or model.train)()
-            for m in model.modules():
-                if not isinstance(m, _BN):
-                    m.training = False
-            yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def adapt_prefix_bn(model: nn.Module, split: SparseSplit, data: ImageDataset, *,
                     batch_size: int, device: torch.device | str) -> int:
     """Re-estimate the running statistics of the BNs in ``split``'s frozen prefix (a sparse
-    update's, :func:`convpeft.sparse.sparse_split`) on ``data``, before the model is wrapped for
-    the sparse update; every other BN keeps its statistics. This is AdaBN for the frozen part
+    update's, :func:`convpeft.memory.sparse.sparse_split`) on ``data``, before the model is wrapped
+    for the sparse update; every other BN keeps its statistics. This is AdaBN for the frozen part
     of the network: on a distribution shift the source model's statistics no longer fit the
     target inputs, and a prefix that runs in eval mode would otherwise never see the target's.
     Afterwards the prefix is a fixed function again (eval mode, frozen statistics), so chunking
@@ -124,29 +101,3 @@ def adapt_prefix_bn(model: nn.Module, split: SparseSplit, data: ImageDataset, *,
 
     return recalibrate_bn(model, data, batch_size=batch_size, device=device,
                           train_mode=prefix_train_mode)
-
-
-class snapshot_bn:
-    """``with snapshot_bn(model): ...`` puts every BN's buffers back as they were on exit, so a
-    loop can recalibrate, evaluate mid-run and carry on with the statistics it had;
-    ``restore="on_error"``: only when the block raises (a failed call leaves them as they were).
-    """
-
-    def __init__(self, model: nn.Module, *, restore: str = "always"):
-        if restore not in ("always", "on_error"):
-            raise ValueError(f"restore must be 'always' or 'on_error' (got {restore!r})")
-        self.model = model
-        self.restore = restore
-
-    def __enter__(self) -> nn.Module:
-        self._saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
-                       for m in self.model.modules() if isinstance(m, _BN)]
-        return self.model
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        if self.restore == "on_error" and exc_type is None:
-            return
-        with torch.no_grad():
-            for m, bufs in self._saved:
-                for k, b in bufs.items():
-                    getattr(m, k).copy_(b)

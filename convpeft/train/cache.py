@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.paths import resolve_cache_dir as resolve_cache_dir  # re-exported
 from ..data import ImageDataset
 
 
@@ -33,17 +34,6 @@ def _backend(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"{device.type}:{torch.backends.cpu.get_cpu_capability()}"
-
-
-def resolve_cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """``path``, else ``$CONVPEFT_CACHE``, else ``$XDG_CACHE_HOME/convpeft`` (``~/.cache``)."""
-    if path is not None:
-        return Path(path).expanduser()
-    env = os.environ.get("CONVPEFT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "convpeft"
 
 
 def _cache_error(path: Path, e: OSError) -> OSError:

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from convpeft.core.amp import check_amp, grad_scaler
+
 from ..adapters.lora_fa import calibrate_frozen_a
-from ..amp import check_amp, grad_scaler
 from ..data import Task
 from ..methods import MethodConfig, prepare
 from ..models import expand_head, get_head

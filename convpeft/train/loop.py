@@ -2,8 +2,8 @@
 
 :func:`_train_epoch` shuffles with the caller's seeded generator (so a run repeats for a seed),
 augments by random translation where asked, runs forward and loss under autocast when mixed
-precision is on (:mod:`convpeft.amp`; fp16 scales the loss with a ``GradScaler``), and steps the
-optimizer and an optional per-step scheduler. A last batch smaller than half a batch is dropped:
+precision is on (:mod:`convpeft.core.amp`; fp16 scales the loss with a ``GradScaler``), and steps
+the optimizer and an optional per-step scheduler. A last batch smaller than half a batch is dropped:
 BatchNorm statistics of 1-3 images are noise. Module modes are the caller's
 (``train_mode``), since a method may keep some BatchNorms frozen.
 """
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..amp import autocast
+from convpeft.core.amp import autocast
+
 from ..data import ImageDataset
 
 

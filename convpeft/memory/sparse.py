@@ -9,7 +9,7 @@ preallocated boundary activation, which the rest of the model (the **suffix**: t
 blocks, the head and whatever runs after the boundary) receives at the full batch: the peak is
 no longer set by the stem's activations at the full batch, only by one chunk's.
 
-Blocks (``blocks=None``): those :func:`convpeft.checkpoint.detect_blocks` finds (torchvision
+Blocks (``blocks=None``): those :func:`convpeft.memory.checkpoint.detect_blocks` finds (torchvision
 ResNet: ``layer1.0`` ... ``layer4.1``; MobileNetV2/V3, EfficientNet: ``features[i]``), with a
 block that is itself an ``nn.Sequential`` of blocks replaced by its blocks (torchvision
 EfficientNet's and timm's stages: ``blocks.2.0``, ``blocks.2.1``, ...), in model order; or a
@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import _is_block, detect_blocks
+from convpeft.memory.checkpoint import _is_block, detect_blocks
 
 __all__ = ["PREFIX_BN", "SparseReport", "SparseSplit", "restore_sparse", "sparse_blocks",
            "sparse_split", "sparse_update"]
@@ -72,7 +72,8 @@ def sparse_blocks(model: nn.Module, blocks: Sequence[str] | None = None
                   ) -> tuple[list[str], str]:
     """``(names, how chosen)``: the blocks ``update_blocks`` counts from the end, in model order.
 
-    ``blocks=None``: :func:`convpeft.checkpoint.detect_blocks`'s blocks, each ``nn.Sequential``
+    ``blocks=None``: :func:`convpeft.memory.checkpoint.detect_blocks`'s blocks, each
+    ``nn.Sequential``
     among them whose children include blocks replaced by those children (recursively). Or a
     list of submodule names (not nested in one another, each named once). ``ValueError``
     naming the fix otherwise."""
@@ -202,7 +203,7 @@ class _Chain:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("sparse_update: the input requires a gradient, which the "
                                "graph-free prefix cannot give; call report.undo() "
-                               "(convpeft.sparse.restore_sparse(model)) for input gradients")
+                               "(convpeft.memory.sparse.restore_sparse(model)) for input gradients")
         _STATE.pending = None
         forced = [b for b in self.norms if b.training] if self.bn == "eval" else []
         for b in forced:
@@ -309,7 +310,7 @@ def restore_sparse(model: nn.Module) -> int:
 def sparse_update(model: nn.Module, update_blocks: int, *, blocks: Sequence[str] | None = None,
                   prefix_chunks: int = 1, prefix_bn: str = "eval") -> SparseReport:
     """Run everything before the last ``update_blocks`` blocks of ``model`` without a graph, in
-    ``prefix_chunks`` micro-batches (see :mod:`convpeft.sparse`), in place and reversibly.
+    ``prefix_chunks`` micro-batches (see :mod:`convpeft.memory.sparse`), in place and reversibly.
 
     The prefix must already be frozen (:func:`convpeft.methods.prepare` with
     ``MethodConfig(update_blocks=K)`` freezes it and puts adapters only after it). ``blocks``:

@@ -9,7 +9,7 @@ their *input*, as torch's own backward would. Not quite free: the output then li
 activation's own backward, one layer past the consumer's, so one extra tensor is alive there;
 that beats a mask per layer held from forward to backward, except inside a checkpointed block,
 where only one block's masks are alive at a time and the lean forward keeps them
-(:func:`convpeft.checkpoint.in_checkpointed_block`).
+(:func:`convpeft.memory.checkpoint.in_checkpointed_block`).
 
 Who saves what depends on the graph, not on the module tree, so :func:`outputs_saved_downstream`
 runs the (already lean) model once on a meta copy, which computes nothing and allocates
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from convpeft.profiler.memory import storage_key
+from convpeft.core.accounting import meta_copy, storage_key
 
 __all__ = ["example_shape", "outputs_saved_downstream"]
 
@@ -53,7 +53,6 @@ def outputs_saved_downstream(model: nn.Module, names: Iterable[str],
     by another op in one forward of ``model`` (on a meta copy; ``model`` is not touched, its
     train/eval modes and requires_grad flags are used as they are). Raises whatever the
     forward raises (the caller decides what to fall back to)."""
-    from convpeft.profiler.analytic import meta_copy  # the profiler imports lean: no cycle
 
     wanted = set(names)
     if not wanted:

@@ -9,7 +9,7 @@ saved 3 * 4 + 8 = 20 bytes per output; now 1.
 Forward runs the same kernel (``max_pool2d_with_indices``; outputs identical) and encodes the
 offsets; backward decodes the int64 indices and runs torch's own backward kernel, so gradients
 are those of the plain op, ties included. Both run over batch chunks so that the int64
-transients stay about :data:`convpeft.lean.masks.CHUNK` elements. Integer arithmetic only, no
+transients stay about :data:`convpeft.ops.masks.CHUNK` elements. Integer arithmetic only, no
 value read in Python: meta-safe.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.utils import _pair
 
-from .masks import CHUNK
+from convpeft.ops.masks import CHUNK
 
 __all__ = ["max_pool2d_lean", "pool_offsets_fit"]
 

@@ -1,5 +1,5 @@
 """Autograd Functions for frozen convs and norms that save only what their backward needs
-(see :mod:`convpeft.lean`; the activations are in :mod:`.masks`).
+(see :mod:`convpeft.memory.lean`; the activations are in :mod:`.masks`).
 
 Each runs the same kernel as the plain op in ``forward`` (so outputs are bit-identical) and
 computes the same input gradient in ``backward``; what differs is what sits in ``ctx`` between
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..amp import autocast_dtype, cast, no_autocast
+from convpeft.core.amp import autocast_dtype, cast, no_autocast
 
 __all__ = ["CHUNK_BYTES", "channel_affine", "chunked_conv2d", "conv2d_input_chunked",
            "frozen_conv2d", "pad2d"]
@@ -125,7 +125,7 @@ class _FrozenConv(torch.autograd.Function):
     """conv2d with frozen weight and bias: saves the weight (resident anyway), not the input.
     ``grad_x`` is the transposed convolution of ``grad_y`` with ``W``; it needs only x's shape.
 
-    Under autocast (see :mod:`convpeft.amp`) the conv runs in autocast's dtype and ``y`` comes
+    Under autocast (see :mod:`convpeft.core.amp`) the conv runs in autocast's dtype and ``y`` comes
     out in it; the *stored* weight is what is saved and is cast again in backward, so nothing
     but the resident weight is kept between the passes; ``grad_x`` is returned in x's dtype."""
 

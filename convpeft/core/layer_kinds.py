@@ -14,7 +14,7 @@ kind            definition
 
 An ``nn.Conv2d`` subclass (timm's ``Conv2dSame``, ``StdConv2d``...) has the kind of its
 geometry; whether an adapter can reproduce its ``forward`` is decided by
-:mod:`convpeft.conv_variants` (unregistered ones are refused by ``apply_adapters``).
+:mod:`convpeft.core.conv_variants` (unregistered ones are refused by ``apply_adapters``).
 
 Targets accepted by :func:`select_layers` (and by ``apply_adapters``/``galore_optimizer``):
 a kind above, ``"conv"`` (every Conv2d), ``"standard"`` (every ``groups == 1`` conv, so pointwise

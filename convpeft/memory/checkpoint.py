@@ -70,7 +70,7 @@ def recomputing() -> bool:
 def in_checkpointed_block() -> bool:
     """True while a checkpointed block runs, in its first forward or its recomputation (this
     thread): what a layer saves must be the same in both (torch checks it), and
-    :mod:`convpeft.lean` keeps its activation masks there."""
+    :mod:`convpeft.memory.lean` keeps its activation masks there."""
     return getattr(_STATE, "inside", 0) > 0
 
 
@@ -282,7 +282,8 @@ def _wrap(m: nn.Module, name: str) -> None:
 
 def checkpoint_blocks(model: nn.Module, *, blocks: Sequence[str] | None = None
                       ) -> CheckpointReport:
-    """Run each block of ``model`` under activation checkpointing (see :mod:`convpeft.checkpoint`),
+    """Run each block of ``model`` under activation checkpointing (see
+    :mod:`convpeft.memory.checkpoint`),
     in place and reversibly; outputs, gradients and BN running statistics are those of the
     plain model. ``blocks``: submodule names, or None to auto-detect (ResNet residual blocks,
     else the children of the largest ``nn.Sequential`` of blocks). Calling it again replaces

@@ -216,7 +216,7 @@ _REGISTRY: dict[type, ConvVariant] = {}
 def register_conv_variant(cls: type, variant: ConvVariant) -> None:
     """Describe how the ``nn.Conv2d`` subclass ``cls`` computes (see :class:`ConvVariant`), so
     that adapters and lean activations accept it. A class is registered once, as in the other
-    registries (:mod:`convpeft.registry`): registering it again with another variant raises
+    registries (:mod:`convpeft.core.registry`): registering it again with another variant raises
     ``ValueError`` (the same variant again is a no-op)."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)):
         raise TypeError(f"register_conv_variant takes an nn.Conv2d subclass, got {cls!r}")
@@ -272,7 +272,7 @@ def conv_variant(m: nn.Conv2d, name: str = "") -> ConvVariant:
     variant = registered_conv_variant(m)
     if variant is None:
         raise UnsupportedLayerError(_refusal(
-            name, m, "nn.Conv2d", "describe it with convpeft.conv_variants."
+            name, m, "nn.Conv2d", "describe it with convpeft.core.conv_variants."
             "register_conv_variant(cls, ConvVariant(...))"))
     return variant
 

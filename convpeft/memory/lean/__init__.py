@@ -28,7 +28,7 @@ What stays plain, and why:
   own gradient, and the wrapper computes both from the one saved tensor (never saved twice);
 * a subclass of ``nn.BatchNorm2d``/``nn.ReLU``/... (its ``forward`` may do more than the op
   we replace), an ``nn.Conv2d`` subclass with its own ``forward`` that
-  :mod:`convpeft.conv_variants` does not describe or with a parametrised weight (a row says
+  :mod:`convpeft.core.conv_variants` does not describe or with a parametrised weight (a row says
   so), a BN with a trainable scale (its gradient needs the normalised input; a trainable
   *bias* alone, as in BitFit, is lean: its gradient is a sum of ``grad_y``), and a BN while it
   is in train mode (batch statistics need the input; checked on every call, so
@@ -59,11 +59,11 @@ Works on the ``meta`` device (no data-dependent Python), so the profiler's analy
 predicts the memory of lean updates.
 """
 
-from .functions import frozen_conv2d, pad2d
-from .masks import pack_mask, unpack_mask
-from .model import LeanReport, LeanRow, lean_activations, restore_activations
-from .pool import max_pool2d_lean
-from .saved import saved_bytes_by_layer
+from convpeft.memory.lean.model import LeanReport, LeanRow, lean_activations, restore_activations
+from convpeft.memory.lean.saved import saved_bytes_by_layer
+from convpeft.ops.conv import frozen_conv2d, pad2d
+from convpeft.ops.masks import pack_mask, unpack_mask
+from convpeft.ops.pool import max_pool2d_lean
 
 __all__ = ["LeanReport", "LeanRow", "frozen_conv2d", "lean_activations", "max_pool2d_lean",
            "pack_mask", "pad2d", "restore_activations", "saved_bytes_by_layer", "unpack_mask"]

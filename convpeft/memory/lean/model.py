@@ -16,15 +16,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..amp import autocast_dtype
-from ..checkpoint import in_checkpointed_block
-from ..conv_variants import registered_conv_variant
-from ..layer_kinds import layer_kind
-from .functions import channel_affine, frozen_conv2d, pad2d
-from .masks import clamp_masked, leaky_relu_masked
-from .pool import max_pool2d_lean, pool_offsets_fit
-from .probe import outputs_saved_downstream
-from .saved import saved_bytes_by_layer
+from convpeft.core.amp import autocast_dtype
+from convpeft.core.conv_variants import registered_conv_variant
+from convpeft.core.layer_kinds import layer_kind
+from convpeft.memory.checkpoint import in_checkpointed_block
+from convpeft.memory.lean.probe import outputs_saved_downstream
+from convpeft.memory.lean.saved import saved_bytes_by_layer
+from convpeft.ops.conv import channel_affine, frozen_conv2d, pad2d
+from convpeft.ops.masks import clamp_masked, leaky_relu_masked
+from convpeft.ops.pool import max_pool2d_lean, pool_offsets_fit
 
 __all__ = ["LeanReport", "LeanRow", "lean_activations", "restore_activations"]
 
@@ -147,7 +147,7 @@ _LEAN_FORWARDS: dict[type, tuple[str, Callable]] = {
 @dataclass
 class LeanRow:
     """One layer: ``action`` is ``"conv"``, ``"norm"``, ``"act"``, ``"pool"`` when made lean, else
-    ``"plain"`` with ``reason``. ``kind`` uses :mod:`convpeft.layer_kinds` for convs.
+    ``"plain"`` with ``reason``. ``kind`` uses :mod:`convpeft.core.layer_kinds` for convs.
     ``plain_bytes``/``lean_bytes``: what the layer itself saved for backward in one forward of
     the ``example_input`` (``None`` without one)."""
 
@@ -231,7 +231,7 @@ def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
     if action == "conv":
         if registered_conv_variant(m) is None:
             return ("nn.Conv2d subclass with its own forward, not registered in "
-                    "convpeft.conv_variants (run as it is)")
+                    "convpeft.core.conv_variants (run as it is)")
         if parametrize.is_parametrized(m):
             return "parametrized weight (run as it is)"
         if name in adapted_bases:
@@ -253,7 +253,7 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
                      example_input: torch.Tensor | None = None) -> LeanReport:
     """Make ``model``'s frozen convs, eval-mode BatchNorms with a frozen scale, ReLU /
     ReLU6 / LeakyReLU / Hardtanh and MaxPool2d save only what backward needs (see
-    :mod:`convpeft.lean`), in place. Outputs and gradients are unchanged.
+    :mod:`convpeft.memory.lean`), in place. Outputs and gradients are unchanged.
 
     Decided per layer *now*: freeze parameters first (BN train/eval is checked per call). A
     layer unfrozen later warns once and runs its plain forward; calling this again

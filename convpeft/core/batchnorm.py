@@ -1,0 +1,71 @@
+"""BatchNorm utilities every layer above may use: which modules are BNs, running a no-grad
+pass with the modes an evaluation sees (:func:`bn_pass`), and putting BN buffers back
+(:class:`snapshot_bn`).
+
+LoRA-FA's data-set ``A`` (:mod:`convpeft.adapters.lora_fa`) and precise BN
+(:mod:`convpeft.train.batchnorm`) both read BN-normalised inputs in a no-grad pass and must leave
+the model's modes, statistics and the caller's RNG as they were; the one way to do that lives
+here, below both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BN", "bn_pass", "snapshot_bn"]
+
+BN = nn.modules.batchnorm._BatchNorm
+"""Every BatchNorm class (1-d, 2-d, 3-d, SyncBatchNorm, lazy ones) derives from it."""
+
+
+@contextlib.contextmanager
+def bn_pass(model: nn.Module, train_mode: Callable[[], Any] | None,
+            device: torch.device | str) -> Iterator[nn.Module]:
+    """Modes for a no-grad pass that reads BN-normalised inputs: ``train_mode()`` (default
+    ``model.train()``) decides the BNs' modes, every other module runs in eval mode (no
+    dropout, no drop-path: the inputs the layers see when the model is evaluated), and the
+    caller's RNG is forked, so a run that makes such passes trains the same. Every module's
+    mode is put back on exit. BN statistics are the caller's to guard (:class:`snapshot_bn`)."""
+    modes = {m: m.training for m in model.modules()}
+    device = torch.device(device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            (train_mode or model.train)()
+            for m in model.modules():
+                if not isinstance(m, BN):
+                    m.training = False
+            yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class snapshot_bn:
+    """``with snapshot_bn(model): ...`` puts every BN's buffers back as they were on exit, so a
+    loop can recalibrate, evaluate mid-run and carry on with the statistics it had;
+    ``restore="on_error"``: only when the block raises (a failed call leaves them as they were).
+    """
+
+    def __init__(self, model: nn.Module, *, restore: str = "always"):
+        if restore not in ("always", "on_error"):
+            raise ValueError(f"restore must be 'always' or 'on_error' (got {restore!r})")
+        self.model = model
+        self.restore = restore
+
+    def __enter__(self) -> nn.Module:
+        self._saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
+                       for m in self.model.modules() if isinstance(m, BN)]
+        return self.model
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if self.restore == "on_error" and exc_type is None:
+            return
+        with torch.no_grad():
+            for m, bufs in self._saved:
+                for k, b in bufs.items():
+                    getattr(m, k).copy_(b)
