@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from convpeft.profiler import WORKSPACE, RefreshingOptimizer, profile_update
+from convpeft.profiler import SCRATCH, RefreshingOptimizer, profile_update
 from convpeft.profiler.engine import check_inputs, run_instrumented, warm_up
 from convpeft.profiler.memory import CATEGORIES, storage_key
 
@@ -64,9 +64,9 @@ def test_device_peak_above_tensors_gains_a_workspace_category(spike_at):
     # the peak is the device's reading for this update: other tensors (foreign) do not count
     assert run.device_peak.raw == 10**9 + 50 * 2**20
     assert mem.peak == 50 * 2**20
-    assert set(mem.by_category) == {*CATEGORIES, WORKSPACE}
+    assert set(mem.by_category) == {*CATEGORIES, SCRATCH}
     assert sum(mem.by_category.values()) == mem.peak
-    tensors = mem.peak - mem.by_category[WORKSPACE]
+    tensors = mem.peak - mem.by_category[SCRATCH]
     assert 0 < tensors < mem.peak
     # what was live at the device's peak includes the parameters and the batch
     assert mem.by_category["params"] == sum(p.numel() * 4 for p in model.parameters())
@@ -78,7 +78,7 @@ def test_device_peak_below_tensors_keeps_the_tensor_peak_with_zero_workspace():
                              nn.CrossEntropyLoss())
     probe = ScriptedAllocator(held, foreign=123, spike=1, spike_at=2)
     run = run_instrumented(model, opt, x, y, nn.CrossEntropyLoss(), probe=probe)
-    assert run.memory.by_category[WORKSPACE] == 0
+    assert run.memory.by_category[SCRATCH] == 0
     assert run.memory.peak == plain.memory.peak
     assert sum(run.memory.by_category.values()) == run.memory.peak
 

@@ -12,7 +12,6 @@ from convpeft.profiler.fvcore_flops import fvcore_forward_flops
 from convpeft.profiler.memory import (
     CATEGORIES,
     SCRATCH,
-    WORKSPACE,
     MemoryReport,
     MemoryTracker,
 )
@@ -27,7 +26,6 @@ from convpeft.profiler.scratch import ScratchModel, scratch_model
 __all__ = [
     "CATEGORIES",
     "SCRATCH",
-    "WORKSPACE",
     "ScratchModel",
     "scratch_model",
     "AllocatorProbe",

@@ -95,9 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tensor-level", action="store_true",
                     help="CPU: skip the allocator trace; the peak is then the tensor-level one "
                     "(what ops return, without kernel scratch), a little faster")
-    ap.add_argument("--allocator-peak", action="store_true",
-                    help="the default now (the device's peak, kernel scratch included); kept so "
-                    "that old command lines still run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
 

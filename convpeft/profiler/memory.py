@@ -48,7 +48,6 @@ CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "tempora
 #: beyond the tensors live at the device's peak: kernel scratch that an op allocates and frees
 #: inside itself (oneDNN's blocked-layout copies on the CPU, cuDNN/cuBLAS workspaces on CUDA)
 SCRATCH = "scratch"
-WORKSPACE = SCRATCH  # the name this category had before it was measured on the CPU too
 
 
 @dataclass
