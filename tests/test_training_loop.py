@@ -327,3 +327,42 @@ def test_per_sample_gradients_with_memory_techniques(technique):
             if p.requires_grad:
                 torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-5,
                                            atol=1e-5 * float(p.grad.abs().max()))
+
+
+# ---- 5. torch.compile -------------------------------------------------------------------------
+def _compiled_model(technique: str) -> nn.Module:
+    if technique in ("lora", "dora"):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6(), nn.Conv2d(8, 8, 1),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+        convpeft.apply_adapters(model, technique, rank=2, target="all")  # mode auto
+        return model
+    return _swapped(technique)
+
+
+@pytest.mark.parametrize("technique", ["lora", "dora", "lean", "checkpoint", "both", "sparse"])
+def test_compiles_once_without_graph_breaks(technique):
+    """One compilation for repeated training steps (the auto mode's per-layer cache, filled by
+    the first call, is not read while tracing), no graph break (lean's masks trace: no
+    ``storage_offset()``, in-place activations return their dirty input); the compiled steps
+    (AOTAutograd, eager kernels) give the eager outputs and gradients."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _compiled_model(technique)
+    ref = _step(copy.deepcopy(model))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for _ in range(3):
+        _step(compiled)
+    # one graph handed to the backend: a recompilation or a graph break would make two
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+    out, grads = _step(torch.compile(copy.deepcopy(model), backend="aot_eager"))
+    torch.testing.assert_close(out, ref[0], rtol=1e-6, atol=1e-6)
+    grads = {n.removeprefix("_orig_mod."): g for n, g in grads.items()}
+    assert grads.keys() == ref[1].keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref[1][n], rtol=1e-5, atol=1e-6)

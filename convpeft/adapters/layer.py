@@ -214,7 +214,11 @@ class AdapterLayer(nn.Module):
             return "activation", "lora-fa"  # LoRA-FA's lean path; weight space would keep x
         device = device or self.base_layer.weight.device.type
         key = (tuple(x_shape), bool(training), bool(input_grad), device)
-        hit = self._mode_cache.get(key)
+        # torch.compile traces this once per graph: the choice is baked into the graph, and
+        # reading or filling the cache there would guard on its contents (a cache filled by
+        # the first call fails that guard: a second compilation)
+        cached = not torch.compiler.is_compiling()
+        hit = self._mode_cache.get(key) if cached else None
         if hit is not None:
             return hit
         if device in WEIGHT_SPACE_DEVICES:
@@ -226,7 +230,8 @@ class AdapterLayer(nn.Module):
             saved = self._saved_elements(tuple(x_shape)) if training else None
             if hit[0] == "activation" and saved and saved["activation"] > saved["weight"]:
                 hit = ("weight", "memory")
-        self._mode_cache[key] = hit
+        if cached:
+            self._mode_cache[key] = hit
         return hit
 
     def adapter_flops(self, x_shape: tuple[int, ...], mode: str | None = None) -> int:

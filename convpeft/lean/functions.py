@@ -27,7 +27,9 @@ def in_func_transform() -> bool:
     Functions (and the chunked conv) then step aside for the plain op: their masks and offsets
     reinterpret storage (``view(torch.int64)`` of bytes, ``storage_offset``) and slice the
     batch, which ``vmap`` cannot batch; per-sample gradients stay exact, without the saving."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    # torch.compile traces under an interpreter of its own: not a transform of the user's
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            and not torch.compiler.is_compiling())
 
 
 def _shape_stub(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
