@@ -62,14 +62,17 @@ class DoRAConvFunction(torch.autograd.Function):
     bias reductions accumulated in fp32.
     """
 
+    # torch.func (grad, vmap, per-sample gradients): forward without ctx plus setup_context;
+    # vmap runs forward, setup_context and backward on batched tensors (all plain torch ops)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups):
+    def forward(x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups):
+        """``(y, h, z)``: the output, and the LoRA intermediate and ``z`` backward reads (not
+        differentiable)."""
         # Under autocast: every float input in autocast's dtype, the body with autocast off
         # (see convpeft.core.amp); outside it ``dt`` is None and nothing is cast.
         dt = autocast_dtype(x)
-        ctx.in_dtypes = [None if t is None else t.dtype
-                         for t in (x, x_lora, weight, bias, a_w, b_w, c)]
-        stored_weight = weight
         x, x_lora, weight, bias, a_w, b_w, c = (
             cast(t, dt) for t in (x, x_lora, weight, bias, a_w, b_w, c))
         with no_autocast(x):
@@ -79,18 +82,31 @@ class DoRAConvFunction(torch.autograd.Function):
             z.add_(F.conv2d(h, b_w, None, 1, 0, 1, groups), alpha=s)
             cv = c.reshape(1, -1, 1, 1)
             y = torch.addcmul(bias.reshape(1, -1, 1, 1), z, cv) if bias is not None else z * cv
+        return y, h, z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups = inputs
+        _, h, z = output
+        ctx.mark_non_differentiable(h, z)
+        ctx.set_materialize_grads(False)  # no zeros for h's and z's (never used) gradients
+        dt = autocast_dtype(x)  # as in forward (same autocast state): the casts are repeated
+        ctx.in_dtypes = [None if t is None else t.dtype
+                         for t in (x, x_lora, weight, bias, a_w, b_w, c)]
         # Under autocast x, h and z are saved in the compute dtype (half of fp32's bytes); the
         # base weight is saved as stored (resident anyway) and cast again in backward, where
         # autocast's own conv would keep a low-precision copy of it; the small factors and c
         # are saved cast.
-        ctx.save_for_backward(x, x_lora, stored_weight, a_w, b_w, c, h, z)
+        ctx.save_for_backward(cast(x, dt), cast(x_lora, dt), weight, cast(a_w, dt),
+                              cast(b_w, dt), cast(c, dt), h, z)
         ctx.s = s
         ctx.geom = (list(stride), list(padding), list(dilation), groups)
-        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy):
+    def backward(ctx, gy, _gh=None, _gz=None):
+        if gy is None:  # y got no gradient (grads are not materialised: see setup_context)
+            return (None,) * 12
         # Forward, per output channel o:  z = conv(x, W) + s * conv_B(h),  h = conv_A(x_lora),
         # y = c_o * z + bias_o.  So, with gz = dL/dz = c * gy:
         #   dL/dc_o    = sum_{n,i,j} gy * z          (why z is saved)
@@ -192,7 +208,7 @@ class DoRAConv2d(_DoRAMixin, LoRAConv2d):
         return DoRAConvFunction.apply(
             xp, x_lora, w0, base.bias, self.a_conv_weight(), self.b_conv_weight(), c,
             self.scaling, pair(base.stride), self._conv_pad, pair(base.dilation), self.groups,
-        )
+        )[0]
 
 
 class DoRALinear(_DoRAMixin, LoRALinear):

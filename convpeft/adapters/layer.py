@@ -88,6 +88,11 @@ class AdapterLayer(nn.Module):
         self._mode_cache: dict[tuple, tuple[str, str]] = {}
         self.last_mode: str | None = None
         self.last_reason: str | None = None  # why last_mode: see resolve_mode
+        # A merged-reversible layer saves and loads as if unmerged (see _state_dict_unmerged);
+        # module-level functions, so the model still pickles and deep-copies.
+        self._remerge_after_load: str | None = None
+        self.register_state_dict_post_hook(_state_dict_unmerged)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
 
     # -- settings (read from the layer's config) ------------------------------------------------
     @property
@@ -210,7 +215,11 @@ class AdapterLayer(nn.Module):
             return "activation", "lora-fa"  # LoRA-FA's lean path; weight space would keep x
         device = device or self.base_layer.weight.device.type
         key = (tuple(x_shape), bool(training), bool(input_grad), device)
-        hit = self._mode_cache.get(key)
+        # torch.compile traces this once per graph: the choice is baked into the graph, and
+        # reading or filling the cache there would guard on its contents (a cache filled by
+        # the first call fails that guard: a second compilation)
+        cached = not torch.compiler.is_compiling()
+        hit = self._mode_cache.get(key) if cached else None
         if hit is not None:
             return hit
         if device in WEIGHT_SPACE_DEVICES:
@@ -222,7 +231,8 @@ class AdapterLayer(nn.Module):
             saved = self._saved_elements(tuple(x_shape)) if training else None
             if hit[0] == "activation" and saved and saved["activation"] > saved["weight"]:
                 hit = ("weight", "memory")
-        self._mode_cache[key] = hit
+        if cached:
+            self._mode_cache[key] = hit
         return hit
 
     def adapter_flops(self, x_shape: tuple[int, ...], mode: str | None = None) -> int:
@@ -304,8 +314,58 @@ class AdapterLayer(nn.Module):
         self._unmerged_weight = None
         return self._restore_flags(self.base_layer)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling: refuse here, with
+        # the fix, instead of TorchScript's message about converting AdapterConfig
+        raise TypeError(
+            f"torch.jit.script cannot compile a convpeft adapter ({type(self).__name__} around "
+            f"a {type(self.base_layer).__name__}: its forward picks its computation in Python); "
+            "merge first: convpeft.merge_adapters(model) replaces every adapter by a plain "
+            "layer holding W0 + s*dW, which scripts. (torch.compile and torch.export take the "
+            "adapted model as it is.)")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # A state dict always holds W0 (a merged layer saves its unmerged weight), so a merged
+        # layer loads unmerged (its children load after this) and merges again afterwards, with
+        # what was loaded (_remerge_after_load): the update is never counted twice or dropped.
+        if self.merged:
+            self.unmerge()
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            self._remerge_after_load = "assign" if assign else "copy"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
         return (
             f"method={self.method}, kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, "
             f"scaling={self.scaling:g}, mode={self.mode}, merged={self.merged}"
         )
+
+
+def _state_dict_unmerged(module: AdapterLayer, state_dict: dict, prefix: str,
+                         local_metadata: dict) -> None:
+    """State-dict hook: a merged-reversible layer (``merge_adapters(model, unload=False)``)
+    saves its *unmerged* base weight ``W0`` next to ``A``, ``B`` (and DoRA's ``m``), so its
+    state dict equals the unmerged layer's and loads into any adapted model without counting
+    ``s dW`` twice. (``_unmerged_weight`` is the detached copy :meth:`AdapterLayer.merge`
+    keeps, the tensor :meth:`AdapterLayer.unmerge` writes back.)"""
+    key = f"{prefix}base_layer.weight"
+    if module.merged and module._unmerged_weight is not None and key in state_dict:
+        state_dict[key] = module._unmerged_weight
+
+
+def _remerge_after_load(module: AdapterLayer, incompatible_keys) -> None:
+    """Load-state-dict post hook: merge again a layer that was merged before the load (see
+    :meth:`AdapterLayer._load_from_state_dict`), now with the loaded ``W0``, ``A``, ``B``."""
+    how, module._remerge_after_load = module._remerge_after_load, None
+    if how is None:
+        return
+    base = module.base_layer
+    if how == "assign":
+        # load_state_dict(assign=True) made the caller's tensor the weight: merging in place
+        # would write W0 + s dW into the caller's state dict, so merge into a copy
+        w = base.weight
+        base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    module.merge()

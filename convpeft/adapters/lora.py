@@ -108,6 +108,12 @@ def conv_padding(base: nn.Conv2d, *, padding_mode: bool = True,
     return pads, mode, (0, 0)
 
 
+def _is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (``torch.func.vmap``; in-place ``baddbmm_`` has no
+    batching rule there and would fall back to a slow per-sample loop, with a warning)."""
+    return torch._C._functorch.is_batchedtensor(t)
+
+
 def accumulate_b_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float,
                   groups: int) -> torch.Tensor:
     """``y += s * conv_B(h)`` in place, no autograd: ``y (N, C_out, H, W)``, ``h (N, g r, H, W)``,
@@ -118,7 +124,7 @@ def accumulate_b_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float,
     ``y``: ``y.add_(conv_B(h))`` would first materialise a second output-sized tensor (on CPU
     plus oneDNN's blocked twin of it). On a large early layer that is the update's peak
     (ResNet18's stem at batch 64 x 224x224: ``y``, ``conv_B(h)`` and the twin, 3 x 196 MiB)."""
-    if groups == 1 and y.dim() == 4 and y.is_contiguous():
+    if groups == 1 and y.dim() == 4 and y.is_contiguous() and not _is_batched(y):
         n, c = y.shape[:2]
         r = h.shape[1]
         y.view(n, c, -1).baddbmm_(b.expand(n, c, r), h.reshape(n, r, -1), alpha=s)
@@ -153,31 +159,46 @@ class LoRAConvFunction(torch.autograd.Function):
     gradients in each input's own dtype; the stored weight is saved (resident anyway).
     """
 
+    # torch.func (grad, vmap, per-sample gradients): forward without ctx plus setup_context;
+    # vmap runs forward, setup_context and backward on batched tensors (all plain torch ops)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, weight, bias, a_w, b, s, stride, padding, dilation, groups):
+    def forward(x, weight, bias, a_w, b, s, stride, padding, dilation, groups):
+        """``(y, h)``: the output and ``h = conv_A(x)`` (for backward; not differentiable)."""
         dt = autocast_dtype(x)
-        ctx.in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
-                         a_w.dtype, b.dtype)
-        stored = weight
         xc, wc, bc, ac, bcast = (cast(t, dt) for t in (x, weight, bias, a_w, b))
         with no_autocast(x):
             h = F.conv2d(xc, ac, None, stride, padding, dilation, groups)
             y = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
             accumulate_b_(y, h, bcast, s, groups)
+        return y, h
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, a_w, b, s, stride, padding, dilation, groups = inputs
+        y, h = output
+        ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)  # no zeros for h's (never used) gradient
+        dt = autocast_dtype(x)  # as in forward (same autocast state): the casts are repeated
+        ctx.in_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype,
+                         a_w.dtype, b.dtype)
+        need_w, need_a = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         # B's gradient reads h; with A frozen (LoRA-FA) keep the smaller of h and x (h is
         # recomputed from x in backward where x is smaller: depthwise/grouped, g r > C_in)
-        recompute_h = not a_w.requires_grad and xc.numel() < h.numel()
-        keep_x = a_w.requires_grad or weight.requires_grad or recompute_h
-        ctx.save_for_backward(xc if keep_x else None, stored, ac, bcast,
-                              None if recompute_h else h)
+        recompute_h = not need_a and x.numel() < h.numel()
+        keep_x = need_a or need_w or recompute_h
+        ctx.save_for_backward(cast(x, dt) if keep_x else None, weight, cast(a_w, dt),
+                              cast(b, dt), None if recompute_h else h)
         ctx.x_shape = x.shape
         ctx.s = s
         ctx.geom = (list(stride), list(padding), list(dilation), groups)
-        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy):
+    def backward(ctx, gy, _gh=None):
+        if gy is None:  # y got no gradient (grads are not materialised: see setup_context)
+            return (None,) * 10
         x, weight, a_w, b, h = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         stride, padding, dilation, groups = ctx.geom
@@ -241,7 +262,7 @@ def lora_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, a_w, b)):
         return LoRAConvFunction.apply(x, weight, bias, a_w, b, s, stride, padding, dilation,
-                                      groups)
+                                      groups)[0]
     h = F.conv2d(x, a_w, None, stride, padding, dilation, groups)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():

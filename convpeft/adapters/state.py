@@ -99,7 +99,8 @@ def load_adapter_state_dict(
     (those named in ``buffers`` if given, e.g. a file's declared ones; default any) are
     accepted: an entry naming a frozen weight (e.g. a ``base_layer.weight``) is refused.
     With ``strict``, every adapter parameter of the model must be present. Everything is
-    checked before the first copy, so a refused state changes nothing."""
+    checked before the first copy, so a refused state changes nothing. Layers merged with
+    ``merge_adapters(model, unload=False)`` stay merged, with the loaded adapter folded in."""
     params = dict(model.named_parameters())
     adapter_names = set(_adapter_param_names(model))
     targets: dict[str, torch.Tensor] = {
@@ -144,9 +145,18 @@ def load_adapter_state_dict(
                 f"{tuple(targets[k].shape)}: it was saved with another rank/target/architecture; "
                 "apply_adapters with the saved settings or use load_adapters(model, directory)"
             )
+    # a merged layer (merge_adapters(model, unload=False)) computes with W0 + s dW folded in:
+    # unmerge it, load, merge again, so the weight in use follows the loaded adapter
+    merged = [m for _, m in adapter_layers(model) if m.merged]
     with torch.no_grad():
-        for k, v in state.items():
-            targets[k].copy_(v)
+        for m in merged:
+            m.unmerge()
+        try:
+            for k, v in state.items():
+                targets[k].copy_(v)
+        finally:
+            for m in merged:
+                m.merge()
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike, *,

@@ -30,7 +30,8 @@ input is what it saves anyway). Like ``lean_activations``, the ``forward`` of ea
 swapped on the instance (``state_dict`` unchanged; works before or after adapters and lean
 activations; survives ``copy.deepcopy``, so the analytic profiler traces it on the meta device);
 :meth:`CheckpointReport.undo` / :func:`restore_checkpointing` put the plain forward back.
-Under ``torch.no_grad()`` (evaluation) a block runs its plain forward.
+Under ``torch.no_grad()`` (evaluation) and inside ``torch.func`` transforms (which support no
+saved-tensor hooks) a block runs its plain forward.
 
 Memory accounting caveat: the recomputed tensors are held by the checkpoint, outside autograd's
 ``saved_tensors_hooks``, so the profiler files them under ``temporaries``, not
@@ -41,13 +42,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+from convpeft.memory.instance_forward import swap_forward
 
 __all__ = ["CheckpointReport", "checkpoint_blocks", "detect_blocks", "in_checkpointed_block",
            "recomputing", "resolve_blocks", "restore_checkpointing"]
@@ -114,6 +116,10 @@ def _recompute_context(block: nn.Module) -> Iterator[None]:
 
 def _needs_checkpoint(block: nn.Module, args: tuple, kwargs: dict) -> bool:
     if not torch.is_grad_enabled():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # inside torch.func (grad, vmap): it supports no saved-tensor hooks, which torch's
+        # checkpoint needs, so the block runs plain (exact gradients, no saving)
         return False
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     return any(t.requires_grad for t in tensors) or any(p.requires_grad
@@ -276,7 +282,7 @@ def resolve_blocks(model: nn.Module, blocks: Sequence[str] | None = None
 
 
 def _wrap(m: nn.Module, name: str) -> None:
-    m.forward = types.MethodType(_checkpointed_forward, m)
+    swap_forward(m, _checkpointed_forward)  # picklable, unlike a bound method
     setattr(m, _MARK, name)
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import math
 import threading
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +57,7 @@ import torch
 from torch import nn
 
 from convpeft.memory.checkpoint import _is_block, detect_blocks
+from convpeft.memory.instance_forward import swap_forward
 
 __all__ = ["PREFIX_BN", "SparseReport", "SparseSplit", "restore_sparse", "sparse_blocks",
            "sparse_split", "sparse_update"]
@@ -345,7 +345,7 @@ def sparse_update(model: nn.Module, update_blocks: int, *, blocks: Sequence[str]
         return report
     chain = _Chain(split.prefix, modules, prefix_chunks, prefix_bn)
     for i, m in enumerate(modules):
-        m.forward = types.MethodType(_sparse_forward, m)
+        swap_forward(m, _sparse_forward)  # picklable, unlike a bound method
         m.__dict__[_MARK] = (chain, i)
         report._modules.append(m)
     return report

@@ -20,7 +20,17 @@ import torch.nn.functional as F
 from convpeft.core.amp import autocast_dtype, cast, no_autocast
 
 __all__ = ["CHUNK_BYTES", "channel_affine", "chunked_conv2d", "conv2d_input_chunked",
-           "frozen_conv2d", "pad2d"]
+           "frozen_conv2d", "in_func_transform", "pad2d"]
+
+def in_func_transform() -> bool:
+    """Are we inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``...)? Lean's
+    Functions (and the chunked conv) then step aside for the plain op: their masks and offsets
+    reinterpret storage (``view(torch.int64)`` of bytes, ``storage_offset``) and slice the
+    batch, which ``vmap`` cannot batch; per-sample gradients stay exact, without the saving."""
+    # torch.compile traces under an interpreter of its own: not a transform of the user's
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            and not torch.compiler.is_compiling())
+
 
 def _shape_stub(like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A zero-stride tensor of ``shape`` (one element of storage) for backward kernels that
@@ -114,7 +124,7 @@ def chunked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     larger than :data:`CHUNK_BYTES` (see there); the plain conv otherwise, under autocast, or
     with nothing to differentiate."""
     if (not torch.is_grad_enabled() or autocast_dtype(x) is not None
-            or x.numel() * x.element_size() <= CHUNK_BYTES
+            or x.numel() * x.element_size() <= CHUNK_BYTES or in_func_transform()
             or not any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return _ChunkedConv.apply(x, weight, bias, stride, padding, dilation, groups)

@@ -49,10 +49,12 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _pack_bytes(flags: torch.Tensor) -> torch.Tensor:
-    """``uint8`` 0/1 flags (1-D) -> packed bytes, flag ``8 k + i`` at bit ``i`` of byte ``k``."""
+def _pack_bytes(flags: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+    """``uint8`` 0/1 flags (1-D) -> packed bytes, flag ``8 k + i`` at bit ``i`` of byte ``k``.
+    ``fresh``: ``flags`` starts its own storage (no offset to check: ``storage_offset()`` is
+    an int torch.compile cannot trace, a graph break per activation)."""
     pad = (-flags.numel()) % 8
-    if pad or flags.storage_offset() % 8:
+    if pad or (not fresh and flags.storage_offset() % 8):
         flags = F.pad(flags, (0, pad))
     return ((flags.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
@@ -82,7 +84,9 @@ def _chunked_flags(t: torch.Tensor, passes: Callable[[torch.Tensor, torch.Tensor
     ones = flat.new_ones(()).expand(min(n, CHUNK))
 
     def pack(c: torch.Tensor) -> torch.Tensor:
-        return _pack_bytes(passes(ones[:c.numel()], c).to(torch.bool).view(torch.uint8))
+        # a new bool tensor: its own storage, offset 0
+        return _pack_bytes(passes(ones[:c.numel()], c).to(torch.bool).view(torch.uint8),
+                           fresh=True)
 
     if n <= CHUNK:
         return pack(flat)
@@ -125,7 +129,13 @@ class _Clamp(torch.autograd.Function):
     def forward(ctx, x, lo, hi, inplace, keep_output):
         if inplace:
             ctx.mark_dirty(x)
-            y = x.clamp_(lo, hi) if hi is not None else x.clamp_min_(lo)
+            # return x itself (torch.compile traces mark_dirty only when the dirty input is
+            # what forward returns; clamp_'s result is x, but not to its tracer)
+            if hi is not None:
+                x.clamp_(lo, hi)
+            else:
+                x.clamp_min_(lo)
+            y = x
         else:
             y = x.clamp(lo, hi) if hi is not None else x.clamp_min(lo)
         if hi is None:
@@ -163,7 +173,8 @@ class _LeakyReLU(torch.autograd.Function):
         ctx.slope = slope
         if inplace:
             ctx.mark_dirty(x)
-            return F.leaky_relu_(x, slope)
+            F.leaky_relu_(x, slope)
+            return x  # x itself, for torch.compile (see _Clamp)
         return F.leaky_relu(x, slope)
 
     @staticmethod

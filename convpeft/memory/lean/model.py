@@ -7,7 +7,6 @@ instance attribute ``forward`` is set, which :func:`restore_activations` deletes
 
 from __future__ import annotations
 
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +19,10 @@ from convpeft.core.amp import autocast_dtype
 from convpeft.core.conv_variants import registered_conv_variant
 from convpeft.core.layer_kinds import layer_kind
 from convpeft.memory.checkpoint import in_checkpointed_block
+from convpeft.memory.instance_forward import swap_forward
 from convpeft.memory.lean.probe import outputs_saved_downstream
 from convpeft.memory.lean.saved import saved_bytes_by_layer
-from convpeft.ops.conv import channel_affine, frozen_conv2d, pad2d
+from convpeft.ops.conv import channel_affine, frozen_conv2d, in_func_transform, pad2d
 from convpeft.ops.masks import clamp_masked, leaky_relu_masked
 from convpeft.ops.pool import max_pool2d_lean, pool_offsets_fit
 
@@ -40,8 +40,9 @@ def _frozen(*params: torch.Tensor | None) -> bool:
 
 
 def _records(x: torch.Tensor) -> bool:
-    """Would autograd record an op on ``x``? (If not, the plain path saves nothing.)"""
-    return torch.is_grad_enabled() and x.requires_grad
+    """Would autograd record an op on ``x``? (If not, the plain path saves nothing.) Under a
+    ``torch.func`` transform the plain path runs too (see :func:`.functions.in_func_transform`)."""
+    return torch.is_grad_enabled() and x.requires_grad and not in_func_transform()
 
 
 def _warn_unfrozen(m: nn.Module) -> None:
@@ -88,7 +89,8 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def _norm_forward(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     bias_grad = self.bias is not None and self.bias.requires_grad
-    if self.training or not torch.is_grad_enabled() or not (x.requires_grad or bias_grad):
+    if (self.training or not torch.is_grad_enabled() or not (x.requires_grad or bias_grad)
+            or in_func_transform()):
         return type(self).forward(self, x)  # batch statistics, or nothing would be saved
     if self.weight is not None and self.weight.requires_grad:
         _warn_unfrozen(self)
@@ -282,7 +284,7 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
         if reason:
             report.rows.append(LeanRow(name, type(m).__name__, "plain", kind, reason))
             continue
-        m.forward = types.MethodType(fwd, m)
+        swap_forward(m, fwd)  # picklable, unlike a bound method
         setattr(m, _MARK, action)
         setattr(m, _NAME, name)
         setattr(m, _OWNER, report._token)
