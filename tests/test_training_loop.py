@@ -278,7 +278,7 @@ def test_per_sample_gradients_match_a_loop(method, kind, mode):
 
 
 def test_lora_conv_function_gradcheck():
-    from convpeft.adapters.lora import LoRAConvFunction
+    from convpeft.ops.adapter_conv import LoRAConvFunction
 
     g = torch.Generator().manual_seed(0)
 

@@ -5,10 +5,11 @@ mode, merging), :mod:`convpeft.adapters.dora` for DoRA, :mod:`convpeft.adapters.
 LoRA-FA's frozen ``A`` set from data, :mod:`convpeft.adapters.state` for saving/loading and
 :mod:`convpeft.adapters.peft_format` for peft's directory format."""
 
+from convpeft.ops.adapter_conv import DoRAConvFunction as DoRAConvFunction
+
 from .config import AdapterConfig
 from .config import scaling as scaling
 from .dora import DoRAConv2d, DoRALinear
-from .dora import DoRAConvFunction as DoRAConvFunction
 from .layer import AdapterLayer
 from .lora import LoRAConv2d, LoRALinear
 from .lora_fa import FrozenACalibration, calibrate_frozen_a

@@ -29,10 +29,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from convpeft.core.amp import autocast_dtype, cast, no_autocast
 from convpeft.core.flops import pair
+from convpeft.ops.adapter_conv import DoRAConvFunction
 
 from .config import AdapterConfig
 from .layer import AdapterLayer
@@ -40,119 +39,9 @@ from .lora import LoRAConv2d, LoRALinear
 
 _NORM_EPS = 1e-12
 
-_conv_backward = torch.ops.aten.convolution_backward.default
-
-
 def _row_norm(w: torch.Tensor) -> torch.Tensor:
     """``||w||_c``: L2 norm of each output row of ``w`` (any dims), shape ``(C_out,)``."""
     return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
-
-
-class DoRAConvFunction(torch.autograd.Function):
-    """``y = c * (conv(x, W0) + s * conv_B(conv_A(x_lora))) + bias`` with hand-written backward.
-
-    Inputs: ``x`` (N, C_in, H, W) already padded; ``x_lora`` the LoRA branch input (dropout
-    applied) or ``None`` when it is ``x``; ``weight`` (C_out, C_in/g, kh, kw); ``bias`` (C_out,)
-    or ``None``; ``a_w`` (g r, C_in/g, kh, kw); ``b_w`` (C_out, r, 1, 1); ``c`` (C_out,).
-    Returns ``y`` (N, C_out, H_out, W_out). Gradients are computed only for inputs that need them.
-
-    Autocast: casts explicitly (see :mod:`convpeft.core.amp`): under ``torch.autocast`` on ``x``'s
-    device every input is cast to autocast's dtype and ``y`` comes out in it (as the plain conv
-    of the weight path would); the gradients come back in each input's own dtype, the ``c`` and
-    bias reductions accumulated in fp32.
-    """
-
-    # torch.func (grad, vmap, per-sample gradients): forward without ctx plus setup_context;
-    # vmap runs forward, setup_context and backward on batched tensors (all plain torch ops)
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups):
-        """``(y, h, z)``: the output, and the LoRA intermediate and ``z`` backward reads (not
-        differentiable)."""
-        # Under autocast: every float input in autocast's dtype, the body with autocast off
-        # (see convpeft.core.amp); outside it ``dt`` is None and nothing is cast.
-        dt = autocast_dtype(x)
-        x, x_lora, weight, bias, a_w, b_w, c = (
-            cast(t, dt) for t in (x, x_lora, weight, bias, a_w, b_w, c))
-        with no_autocast(x):
-            xl = x if x_lora is None else x_lora
-            h = F.conv2d(xl, a_w, None, stride, padding, dilation, groups)
-            z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-            z.add_(F.conv2d(h, b_w, None, 1, 0, 1, groups), alpha=s)
-            cv = c.reshape(1, -1, 1, 1)
-            y = torch.addcmul(bias.reshape(1, -1, 1, 1), z, cv) if bias is not None else z * cv
-        return y, h, z
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, x_lora, weight, bias, a_w, b_w, c, s, stride, padding, dilation, groups = inputs
-        _, h, z = output
-        ctx.mark_non_differentiable(h, z)
-        ctx.set_materialize_grads(False)  # no zeros for h's and z's (never used) gradients
-        dt = autocast_dtype(x)  # as in forward (same autocast state): the casts are repeated
-        ctx.in_dtypes = [None if t is None else t.dtype
-                         for t in (x, x_lora, weight, bias, a_w, b_w, c)]
-        # Under autocast x, h and z are saved in the compute dtype (half of fp32's bytes); the
-        # base weight is saved as stored (resident anyway) and cast again in backward, where
-        # autocast's own conv would keep a low-precision copy of it; the small factors and c
-        # are saved cast.
-        ctx.save_for_backward(cast(x, dt), cast(x_lora, dt), weight, cast(a_w, dt),
-                              cast(b_w, dt), cast(c, dt), h, z)
-        ctx.s = s
-        ctx.geom = (list(stride), list(padding), list(dilation), groups)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, _gh=None, _gz=None):
-        if gy is None:  # y got no gradient (grads are not materialised: see setup_context)
-            return (None,) * 12
-        # Forward, per output channel o:  z = conv(x, W) + s * conv_B(h),  h = conv_A(x_lora),
-        # y = c_o * z + bias_o.  So, with gz = dL/dz = c * gy:
-        #   dL/dc_o    = sum_{n,i,j} gy * z          (why z is saved)
-        #   dL/dbias_o = sum_{n,i,j} gy
-        #   dL/dh, dL/dB = conv_backward of the 1x1 grouped conv_B at gz, times s
-        #   dL/dx_lora, dL/dA = conv_backward of conv_A at dL/dh
-        #   dL/dx, dL/dW = conv_backward of the base conv at gz
-        # and when x_lora is x (no dropout) its two gradients add. convolution_backward takes
-        # (grad_out, input, weight, bias_sizes, stride, padding, dilation, transposed,
-        # output_padding, groups, output_mask=[grad_input?, grad_weight?, grad_bias?]).
-        x, x_lora, weight, a_w, b_w, c, h, z = ctx.saved_tensors
-        (need_x, need_xl_in, need_w, need_bias, need_a, need_b, need_c,
-         *_) = ctx.needs_input_grad
-        stride, padding, dilation, groups = ctx.geom
-        s = ctx.s
-        gy = gy.to(z.dtype)  # the output's dtype, as a rule; a caller may upcast it
-        weight = cast(weight, z.dtype)
-        # the per-channel reductions accumulate in fp32 at least (bf16 sums lose digits)
-        acc = torch.promote_types(z.dtype, torch.float32)
-        g_c = (gy * z).sum((0, 2, 3), dtype=acc) if need_c else None
-        g_bias = gy.sum((0, 2, 3), dtype=acc) if need_bias else None
-        del z
-        gz = gy * c.reshape(1, -1, 1, 1)
-        need_xl = need_xl_in if x_lora is not None else need_x
-        need_h = need_a or need_xl
-        g_h, g_bw, _ = _conv_backward(gz, h, b_w, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-                                      groups, [need_h, need_b, False])
-        g_aw = g_xl = None
-        if need_h:
-            g_h.mul_(s)
-            xl = x if x_lora is None else x_lora
-            g_xl, g_aw, _ = _conv_backward(g_h, xl, a_w, None, stride, padding, dilation, False,
-                                           [0, 0], groups, [need_xl, need_a, False])
-        if g_bw is not None:
-            g_bw.mul_(s)
-        g_x = g_w = None
-        if need_x or need_w:
-            g_x, g_w, _ = _conv_backward(gz, x, weight, None, stride, padding, dilation, False,
-                                         [0, 0], groups, [need_x, need_w, False])
-        if x_lora is None and g_xl is not None:
-            g_x = g_xl if g_x is None else g_x.add_(g_xl)
-            g_xl = None
-        # each gradient in its input's dtype (fp32 parameters get fp32 gradients under autocast)
-        grads = [cast(g, dt) for g, dt in zip((g_x, g_xl, g_w, g_bias, g_aw, g_bw, g_c),
-                                              ctx.in_dtypes, strict=True)]
-        return (*grads, None, None, None, None, None)
 
 
 class _DoRAMixin:
