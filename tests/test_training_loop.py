@@ -366,3 +366,25 @@ def test_compiles_once_without_graph_breaks(technique):
     assert grads.keys() == ref[1].keys()
     for n, g in grads.items():
         torch.testing.assert_close(g, ref[1][n], rtol=1e-5, atol=1e-6)
+
+
+def _traced_functions(model: nn.Module) -> int:
+    """How many custom autograd Functions torch.compile's graph of ``model`` applies."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(torch.randn(2, 3, 8, 8))
+    return sum("autograd_function_apply" in str(n.target) for g in graphs
+               for n in g.graph.nodes)
+
+
+def test_compiled_lean_layers_stay_lean():
+    """Compiling does not quietly drop lean's Functions (only torch.func transforms do)."""
+    lean, plain = _traced_functions(_swapped("lean")), _traced_functions(_swapped("none"))
+    # lean adds the three blocks' BN affines and ReLU masks (the stem's input needs no
+    # gradient, so its layers run plain, compiled or not)
+    assert lean == plain + 6

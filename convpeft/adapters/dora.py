@@ -94,10 +94,15 @@ class DoRAConv2d(_DoRAMixin, LoRAConv2d):
         x_lora = None if isinstance(self.dropout, nn.Identity) else self._pad(self.dropout(x))
         c = self.channel_scale()
         w0 = self.base_weight()
-        return DoRAConvFunction.apply(
-            xp, x_lora, w0, base.bias, self.a_conv_weight(), self.b_conv_weight(), c,
-            self.scaling, pair(base.stride), self._conv_pad, pair(base.dilation), self.groups,
-        )[0]
+        args = (xp, x_lora, w0, base.bias, self.a_conv_weight(), self.b_conv_weight(), c,
+                self.scaling, pair(base.stride), self._conv_pad, pair(base.dilation),
+                self.groups)
+        if not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in args[:7])):
+            # nothing to differentiate (evaluation, an exported graph): the same ops, run
+            # plainly (a tracer then sees the convs, not a Function with extra outputs)
+            return DoRAConvFunction.forward(*args)[0]
+        return DoRAConvFunction.apply(*args)[0]
 
 
 class DoRALinear(_DoRAMixin, LoRALinear):
