@@ -104,6 +104,10 @@ def _batches(data, batch_size: int, device: torch.device, max_images: int) -> li
             raise TypeError(f"calibrate_frozen_a: data yielded {type(x).__name__}, expected "
                             "input tensors or (input, target) tuples")
         x = x[: max_images - seen].to(device)
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            # one NaN pixel spreads through X^T X and eigh fails to converge much later
+            raise ValueError(f"calibrate_frozen_a: batch {len(out)} of data contains NaN or "
+                             "inf; pass finite inputs (check the data's normalisation)")
         out.append(x)
         seen += x.shape[0]
         if seen >= max_images:
@@ -132,8 +136,14 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
     ``convpeft.train.finetune`` does for method ``lora-fa`` (``MethodConfig.fa_init="data"``).
     """
     # the training package imports the adapters
+    from ..atomic import model_transaction
     from ..train.batchnorm import bn_pass, snapshot_bn
 
+    for key, v in (("batch_size", batch_size), ("iters", iters), ("max_images", max_images)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{key} must be an int (got {v!r})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     if iters < 1:
         raise ValueError(f"iters must be >= 1 (got {iters})")
     if max_images < 1:
@@ -162,6 +172,9 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
     def hook(name: str, layer: AdapterLayer):
         def pre(mod, args):
             x = args[0]
+            if layer.kind != "linear" and (x.dim() != 4
+                                           or x.shape[1] != layer.base_layer.in_channels):
+                return  # not this conv's input: let the conv itself say what it expected
             qn = q[name].to(x.device)
             y = acc.get(name)
             for p in _patches(layer, x):
@@ -174,7 +187,7 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
 
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
     try:
-        with snapshot_bn(model), bn_pass(model, train_mode, device):
+        with model_transaction(model), snapshot_bn(model), bn_pass(model, train_mode, device):
             for it in range(iters):
                 measure = it == iters - 1
                 acc.clear()
