@@ -164,7 +164,10 @@ class CheckpointReport:
 def _restore(m: nn.Module) -> None:
     """The plain forward again (the owner stays: :func:`resolve_blocks` re-wraps for it)."""
     if m.__dict__.pop(_MARK, None) is not None:
-        remove_forward(m, "checkpoint")  # a sparse wrapper over it (convpeft.forwards) stays
+        # a sparse wrapper over it (convpeft.forwards) stays; a block wrapped before the
+        # forwards were stacked (an old pickle) has its forward popped as before
+        if not remove_forward(m, "checkpoint"):
+            m.__dict__.pop("forward", None)
 
 
 def _release(m: nn.Module) -> None:

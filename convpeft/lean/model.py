@@ -214,7 +214,10 @@ class LeanReport:
 
 def _restore(m: nn.Module) -> None:
     if getattr(m, _MARK, None) is not None:
-        remove_forward(m, "lean")  # a sparse wrapper over it (convpeft.forwards) stays
+        # a sparse wrapper over it (convpeft.forwards) stays; a module made lean before the
+        # forwards were stacked (an old pickle) has its forward popped as before
+        if not remove_forward(m, "lean"):
+            m.__dict__.pop("forward", None)
         for attr in (_MARK, _NAME, _WARNED, _SHARED, _OWNER):
             m.__dict__.pop(attr, None)
 

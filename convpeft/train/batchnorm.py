@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import model_transaction
 from ..data import ImageDataset
+from ..sparse import prefix_bn_follows_mode
 
 if TYPE_CHECKING:
     from ..sparse import SparseSplit
@@ -150,8 +151,6 @@ def adapt_prefix_bn(model: nn.Module, split: SparseSplit, data: ImageDataset, *,
     (the order of a custom loop): the wrapping keeps the prefix's BNs in eval mode, and this
     pass lifts that for its duration, so they are re-estimated all the same. ``split`` must be
     one of ``model`` (``ValueError`` naming the missing module otherwise)."""
-    from ..sparse import prefix_bn_follows_mode  # the memory techniques sit below training
-
     modules = dict(model.named_modules())
     missing = [p for p in split.prefix if p not in modules]
     if missing:
