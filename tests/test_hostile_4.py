@@ -545,3 +545,46 @@ def test_any_exception_from_a_model_is_a_clean_error():
     with pytest.raises(ValueError, match=r"failed on a batch of shape \(1, 3, 64, 64\): Wrong"):
         forward_loss(Asserts(), torch.randn(1, 3, 64, 64), torch.zeros(1, dtype=torch.long),
                      nn.CrossEntropyLoss())
+
+
+# ----------------------------------------------------------------------------- the one pattern
+
+
+def test_model_transaction_puts_back_children_hooks_flags_and_buffers():
+    from convpeft.atomic import model_transaction
+
+    shared = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), shared, nn.Sequential(shared))
+    before = model[0].register_forward_hook(lambda *a: None)  # made outside: must still work
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="late"), model_transaction(model):
+        model[0] = nn.Identity()
+        model[1].register_forward_pre_hook(lambda *a: None)
+        model[1].momentum = None
+        model[1].running_mean.fill_(7.0)
+        model[2][0].weight.requires_grad_(False)
+        model.train(False)
+        raise RuntimeError("late")
+    assert_same(model, snap)
+    assert not model[1]._forward_pre_hooks and model[1].momentum == 0.1
+    assert model[2][0] is shared
+    before.remove()
+    assert not model[0]._forward_hooks
+
+
+def test_a_foreign_forward_under_a_sparse_update_runs_and_comes_back():
+    model = _resnet().requires_grad_(False).eval()
+    calls = []
+    plain = model.maxpool.forward
+
+    def mine(x):
+        calls.append(1)
+        return plain(x)
+
+    model.maxpool.forward = mine
+    x = torch.randn(2, 3, 32, 32)
+    report = sparse_update(model, 1)
+    model(x)
+    assert calls  # the sparse chain ran the user's forward under it
+    report.undo()
+    assert model.maxpool.forward is mine
