@@ -557,8 +557,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = sorted(set(only or ()) - set(GENERATORS))
     if bad:
         p.error(f"unknown --only block(s) {bad}; choose from {', '.join(GENERATORS)}")
+    root = Path(a.root).expanduser()
+    if not (root / "README.md").is_file():
+        p.exit(2, f"{p.prog}: error: --root {a.root}: no README.md there; pass the "
+               "repository's root folder (the one holding README.md and docs/)\n")
     try:
-        stale = run(a.write, root=Path(a.root), only=only)
+        stale = run(a.write, root=root, only=only)
     except ValueError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     if a.write:

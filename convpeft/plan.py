@@ -197,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     blocks=a.blocks, prefix_chunks=a.prefix_chunks)
         if a.plot is not None:
             plot_plan(rows, a.plot)
-    except ValueError as e:  # one line, exit 2 (argparse's usage block would bury it)
-        parser.exit(2, f"{parser.prog}: error: {str(e).splitlines()[0]}\n")
+    except (ValueError, TypeError) as e:  # one line, exit 2 (argparse's usage block buries it)
+        parser.exit(2, f"{parser.prog}: error: {(str(e) or type(e).__name__).splitlines()[0]}\n")
     if a.json:
         print(json.dumps({"rows": [r.to_dict() for r in rows]}, indent=1))
     else:
@@ -213,7 +213,7 @@ def _calibrate(parser: argparse.ArgumentParser, device: str) -> int:
 
     try:
         c = calibrate(device)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {str(e).splitlines()[0]}\n")
     print(f"scratch model for {device}: {c.model.source}; block {c.model.block}; cached at "
           f"{c.path}")

@@ -162,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.results is not None or a.plots is not None:
             p.error(f"--reference reads {REFERENCE_CSV} and writes {REFERENCE_DIR}/: "
                     "drop RESULTS and --plots, or drop --reference")
+        if not Path(REFERENCE_CSV).is_file():  # the committed paths are the checkout's
+            repo = Path(__file__).resolve().parents[2]
+            p.exit(2, f"{p.prog}: error: --reference reads {REFERENCE_CSV} from the current "
+                   f"folder, which has none; run it from the repository's root (cd {repo})\n")
         files = write_reference(formats)
         print(f"{len(files)} files -> {REFERENCE_DIR}/ (from {REFERENCE_CSV})")
         return 0

@@ -9,7 +9,7 @@ import argparse
 import importlib.util
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -370,8 +370,32 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
     _check_executor(a)
     grid = expand_grid(models, tasks, methods, ranks, seeds,
                        a.update_blocks if a.update_blocks is not None else pre.update_blocks)
+    settings = _check_sparse_axes(a, grid, methods, settings)
     return SweepPlan(grid, settings, Path(a.out),
                      plots, formats, a.executor, a.address, a.cpus_per_task, a.gpus_per_task)
+
+
+def _check_sparse_axes(a: argparse.Namespace, grid: list, methods: list[str],
+                       settings: SweepSettings) -> SweepSettings:
+    """Refuse a method that --update-blocks leaves without a row (K=0 is head only), and the
+    sparse-only flags where no row is sparse (unused, yet they would change every row's key, so
+    an identical earlier run would no longer resume). A preset's sparse defaults are dropped
+    there instead, for the same reason."""
+    empty = [m for m in methods if not any(c.method == m for c in grid)]
+    if empty:
+        raise ValueError(f"--update-blocks gives method(s) {', '.join(empty)} no row: K=0 "
+                         "(every block frozen) runs for head only, K >= 1 for every other "
+                         "method; add 'all' or a K each of them takes to --update-blocks, or "
+                         "drop them from --methods")
+    if any(c.update_blocks is not None for c in grid):
+        return settings
+    given = [f for f, v in (("--prefix-chunks", a.prefix_chunks),
+                            ("--prefix-stats", a.prefix_stats)) if v is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} apply to sparse rows only, and no row has "
+                         "--update-blocks K; add e.g. --update-blocks all,4 or drop "
+                         f"{' and '.join(given)}")
+    return replace(settings, prefix_chunks=1, prefix_stats="source")
 
 
 def _check_executor(a: argparse.Namespace) -> None:

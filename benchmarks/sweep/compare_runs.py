@@ -103,6 +103,7 @@ class RunComparison:
     cost_mismatches: list[tuple[tuple, str, object, object]] = field(default_factory=list)
     only_reference: list[tuple] = field(default_factory=list)
     only_rerun: list[tuple] = field(default_factory=list)
+    shared: int = 0  # configurations in both runs, whose costs were compared
 
     @property
     def checked(self) -> list[AccuracyCheck]:
@@ -126,10 +127,11 @@ class RunComparison:
 
     @property
     def reproduced(self) -> bool:
-        """Every shared configuration's costs equal, none missing on either side, and no more
-        accuracies outside than chance allows."""
+        """At least one shared configuration, every shared configuration's costs equal, none
+        missing on either side, and no more accuracies outside than chance allows (runs with
+        no accuracy, profile-only ones, reproduce on their costs alone)."""
         return (not self.cost_mismatches and not self.only_reference and not self.only_rerun
-                and bool(self.accuracy) and len(self.outside) <= self.allowed)
+                and self.shared > 0 and len(self.outside) <= self.allowed)
 
     def markdown(self) -> str:
         lines = ["| configuration | metric | reference | rerun | rerun mean inside |",
@@ -139,12 +141,17 @@ class RunComparison:
             lines.append(f"| {c.label} | {c.metric} | {c.reference.format()} | "
                          f"{c.rerun.format()} | {mark} |")
         p = self.expected_outside_rate
-        lines += ["", f"Accuracy: {len(self.outside)} of {len(self.checked)} rerun means outside "
-                  f"the reference's 95% interval"
-                  + (f" (a faithful rerun: {100 * p:.1f}% expected, up to {self.allowed} "
-                     f"allowed)" if p is not None else "") + "."]
-        n_groups = len(self.accuracy) // max(1, len({c.metric for c in self.accuracy}))
-        if self.cost_mismatches:
+        if self.accuracy:
+            lines += ["", f"Accuracy: {len(self.outside)} of {len(self.checked)} rerun means "
+                      f"outside the reference's 95% interval"
+                      + (f" (a faithful rerun: {100 * p:.1f}% expected, up to {self.allowed} "
+                         f"allowed)" if p is not None else "") + "."]
+        else:
+            lines = ["Accuracy: none in both runs (profile-only rows): costs alone compared."]
+        n_groups = self.shared
+        if not n_groups:
+            lines.append("Costs: no configuration is in both runs, so nothing was compared.")
+        elif self.cost_mismatches:
             lines.append(f"Costs: {len(self.cost_mismatches)} values differ:")
             lines += [f"- {dict(zip(GROUP_COLUMNS, g, strict=True))} {col}: {a} vs {b}"
                       for g, col, a, b in self.cost_mismatches]
@@ -178,6 +185,7 @@ def compare_runs(reference: Sequence[dict], rerun: Sequence[dict],
         b = new.get(key)
         if b is None:
             continue
+        out.shared += 1
         out.cost_mismatches += [(key, c, a.get(c), b.get(c)) for c in CHECKED_COSTS
                                 if not _same(a.get(c), b.get(c))]
         for m in metrics:

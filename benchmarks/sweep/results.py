@@ -163,8 +163,10 @@ def _jsonable(v):
 
 # Columns whose type the tables, plots and findings rely on. A row carrying one of them with
 # another type (a hand-edited or foreign JSONL: ``"rank": "abc"``) is not a row of ours.
-_STR_COLUMNS = ("key", "model", "dataset", "task", "method", "status", "error", "mode")
-_INT_COLUMNS = ("rank", "seed", "epochs", "batch_size", "resolution")
+_STR_COLUMNS = ("key", "model", "dataset", "task", "method", "status", "error", "mode",
+                "prefix_stats")
+_INT_COLUMNS = ("rank", "seed", "epochs", "batch_size", "resolution", "update_blocks",
+                "prefix_chunks")
 # accuracies, sizes, FLOPs, memory, times: the leading columns from zero_shot_acc on
 _NUMBER_COLUMNS = LEADING_COLUMNS[LEADING_COLUMNS.index("zero_shot_acc"):]
 
@@ -212,12 +214,16 @@ def read_jsonl(path: Path) -> list[dict]:
                 bad.append((i, why))
                 continue
             rows.append(row)
+    _warn_skipped(path, bad)
+    return rows
+
+
+def _warn_skipped(path: Path, bad: list[tuple[int, str]]) -> None:
     if bad:
         shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) ({shown}{more})",
-                      stacklevel=2)
-    return rows
+                      stacklevel=3)
 
 
 def _parse_cell(s: str):
@@ -237,9 +243,23 @@ def _parse_cell(s: str):
 
 
 def read_csv(path: Path) -> list[dict]:
-    """Rows of a results CSV, with numbers parsed back."""
+    """Rows of a results CSV, with numbers parsed back. A line that is not a row (a cell of a
+    known column with the wrong type, e.g. ``rank`` ``abc``; see :func:`row_problem`) is
+    skipped with a warning naming the file and line, as in the JSONL."""
+    rows: list[dict] = []
+    bad: list[tuple[int, str]] = []
     with path.open(newline="") as f:
-        return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        for row in reader:
+            parsed = {k: (v if k in _STR_COLUMNS and v != "" else _parse_cell(v))
+                      for k, v in row.items() if k is not None and v is not None}
+            why = row_problem(parsed)
+            if why is None:
+                rows.append(parsed)
+            else:
+                bad.append((reader.line_num, why))
+    _warn_skipped(path, bad)
+    return rows
 
 
 def dedupe(rows: Iterable[dict]) -> list[dict]:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.atomic import model_transaction
 from ..core.batchnorm import bn_pass, snapshot_bn
 from .layer import AdapterLayer
 
@@ -105,6 +106,10 @@ def _batches(data, batch_size: int, device: torch.device, max_images: int) -> li
             raise TypeError(f"calibrate_frozen_a: data yielded {type(x).__name__}, expected "
                             "input tensors or (input, target) tuples")
         x = x[: max_images - seen].to(device)
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            # one NaN pixel spreads through X^T X and eigh fails to converge much later
+            raise ValueError(f"calibrate_frozen_a: batch {len(out)} of data contains NaN or "
+                             "inf; pass finite inputs (check the data's normalisation)")
         out.append(x)
         seen += x.shape[0]
         if seen >= max_images:
@@ -132,6 +137,11 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
     modes and the RNG are left as they were. Call before the first optimizer step:
     ``convpeft.train.finetune`` does for method ``lora-fa`` (``MethodConfig.fa_init="data"``).
     """
+    for key, v in (("batch_size", batch_size), ("iters", iters), ("max_images", max_images)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{key} must be an int (got {v!r})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     if iters < 1:
         raise ValueError(f"iters must be >= 1 (got {iters})")
     if max_images < 1:
@@ -160,6 +170,9 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
     def hook(name: str, layer: AdapterLayer):
         def pre(mod, args):
             x = args[0]
+            if layer.kind != "linear" and (x.dim() != 4
+                                           or x.shape[1] != layer.base_layer.in_channels):
+                return  # not this conv's input: let the conv itself say what it expected
             qn = q[name].to(x.device)
             y = acc.get(name)
             for p in _patches(layer, x):
@@ -172,7 +185,7 @@ def calibrate_frozen_a(model: nn.Module, data, *, batch_size: int = 64,
 
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
     try:
-        with snapshot_bn(model), bn_pass(model, train_mode, device):
+        with model_transaction(model), snapshot_bn(model), bn_pass(model, train_mode, device):
             for it in range(iters):
                 measure = it == iters - 1
                 acc.clear()

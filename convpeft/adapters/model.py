@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from convpeft.core.atomic import model_transaction
 from convpeft.core.conv_variants import check_supported_layer
 from convpeft.core.layer_kinds import (
     Target,
@@ -80,24 +81,13 @@ def make_adapter(method: str, layer: nn.Module, rank: int, alpha: float | None =
 @contextlib.contextmanager
 def all_or_nothing(model: nn.Module) -> Iterator[None]:
     """Run the block; if it raises, put ``model`` back exactly as it was: every submodule the
-    block replaced (adapter wrappers keep the original as ``base_layer``, so it is still there)
-    and every parameter's ``requires_grad``. Parameter *values* are the caller's to protect
-    (:func:`convpeft.adapters.state.load_adapter_state_dict` checks before it copies)."""
-    modules = dict(model.named_modules(remove_duplicate=False))  # every place of a shared one
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
+    block replaced (adapter wrappers keep the original as ``base_layer``, so it is still there),
+    every parameter's ``requires_grad``, instance attributes and buffers. The one pattern every
+    model-changing call uses, :func:`convpeft.core.atomic.model_transaction`. Parameter *values* are
+    the caller's to protect (:func:`convpeft.adapters.state.load_adapter_state_dict` checks
+    before it copies)."""
+    with model_transaction(model):
         yield
-    except BaseException:
-        for name, mod in modules.items():
-            if not name:
-                continue
-            parent_name, _, attr = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else model
-            if getattr(parent, attr, None) is not mod:
-                setattr(parent, attr, mod)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        raise
 
 
 def _kind_counts(model: nn.Module) -> str:

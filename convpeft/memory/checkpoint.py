@@ -49,7 +49,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from convpeft.memory.instance_forward import swap_forward
+from convpeft.core.atomic import model_transaction
+from convpeft.memory.forwards import foreign_forward, remove_forward, set_forward
 
 __all__ = ["CheckpointReport", "checkpoint_blocks", "detect_blocks", "in_checkpointed_block",
            "recomputing", "resolve_blocks", "restore_checkpointing"]
@@ -168,7 +169,10 @@ class CheckpointReport:
 def _restore(m: nn.Module) -> None:
     """The plain forward again (the owner stays: :func:`resolve_blocks` re-wraps for it)."""
     if m.__dict__.pop(_MARK, None) is not None:
-        m.__dict__.pop("forward", None)
+        # a sparse wrapper over it (convpeft.memory.forwards) stays; a block wrapped before the
+        # forwards were stacked (an old pickle) has its forward popped as before
+        if not remove_forward(m, "checkpoint"):
+            m.__dict__.pop("forward", None)
 
 
 def _release(m: nn.Module) -> None:
@@ -249,9 +253,9 @@ def _check_blocks(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
             raise ValueError(f"block {n!r} is a bare {type(m).__name__}: checkpointing one layer "
                              "saves nothing (its input is kept either way); name a block that "
                              "contains several layers")
-        if "forward" in m.__dict__:
+        if foreign_forward(m):
             raise ValueError(f"block {n!r} already has its forward replaced on the instance "
-                             "(by something other than checkpoint_blocks); undo that first")
+                             "(by something other than convpeft's techniques); undo that first")
         out.append(m)
     twice = sorted({n for n in names if list(names).count(n) > 1})
     if twice:
@@ -282,7 +286,7 @@ def resolve_blocks(model: nn.Module, blocks: Sequence[str] | None = None
 
 
 def _wrap(m: nn.Module, name: str) -> None:
-    swap_forward(m, _checkpointed_forward)  # picklable, unlike a bound method
+    set_forward(m, "checkpoint", _checkpointed_forward)  # under a sparse wrapper, if any
     setattr(m, _MARK, name)
 
 
@@ -296,13 +300,14 @@ def checkpoint_blocks(model: nn.Module, *, blocks: Sequence[str] | None = None
     the previous choice. On error the model is left as it was.
     """
     names, source = resolve_blocks(model, blocks)
-    restore_checkpointing(model)
     modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}
     report = CheckpointReport(source=source)
-    for n in sorted(names, key=order.__getitem__):
-        _wrap(modules[n], n)
-        setattr(modules[n], _OWNER, report._token)
-        report.blocks.append(n)
-        report._modules.append(modules[n])
+    with model_transaction(model):
+        restore_checkpointing(model)
+        for n in sorted(names, key=order.__getitem__):
+            _wrap(modules[n], n)
+            setattr(modules[n], _OWNER, report._token)
+            report.blocks.append(n)
+            report._modules.append(modules[n])
     return report

@@ -41,30 +41,41 @@ The input must not require a gradient (the prefix has none to give it).
 
 Like :func:`convpeft.lean_activations`, the ``forward`` of each prefix module is swapped on the
 instance (``state_dict`` unchanged; survives ``copy.deepcopy``, so the analytic profiler traces
-it on the meta device); apply it *after* lean activations and checkpointing (which also swap
-forwards; :func:`convpeft.methods.prepare` does) and undo it first: :meth:`SparseReport.undo`
-/ :func:`restore_sparse`.
+it on the meta device). Lean activations and checkpointing swap forwards too; the three compose
+in any order and undo in any order (:mod:`convpeft.memory.forwards`: the sparse wrapper always runs
+outside and calls whatever is under it at run time). :meth:`SparseReport.undo` /
+:func:`restore_sparse` unwrap the prefix; a stale report leaves a newer split alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from convpeft.core.atomic import model_transaction
 from convpeft.memory.checkpoint import _is_block, detect_blocks
-from convpeft.memory.instance_forward import swap_forward
+from convpeft.memory.forwards import forward_below, remove_forward, set_forward
 
-__all__ = ["PREFIX_BN", "SparseReport", "SparseSplit", "restore_sparse", "sparse_blocks",
-           "sparse_split", "sparse_update"]
+__all__ = ["PREFIX_BN", "SparseReport", "SparseSplit", "check_sparse", "prefix_bn_follows_mode",
+           "restore_sparse", "sparse_blocks", "sparse_split", "sparse_update"]
 
 PREFIX_BN = ("eval", "model")
-_MARK = "_convpeft_sparse"  # on a prefix module: (its _Chain, its index in it)
-_STATE = threading.local()
+_MARK = "_convpeft_sparse"  # on a prefix module: (its _Chain, its index, the report's token)
+class _State(threading.local):
+    # class-level defaults: every thread sees them before its first write, so reading the
+    # state never depends on whether a chain ran yet (torch.compile guards on that otherwise
+    # and compiles the model a second time after the first step)
+    running = 0
+    pending = None
+
+
+_STATE = _State()
 
 
 # ----------------------------------------------------------------------------- the split
@@ -178,16 +189,15 @@ class _Chain:
     def __init__(self, names: list[str], modules: list[nn.Module], chunks: int, bn: str) -> None:
         self.names = names
         self.modules = modules
-        self.previous = [m.__dict__.get("forward") for m in modules]  # lean / checkpoint
         self.chunks = chunks
         self.bn = bn
         self.norms = [b for m in modules for b in m.modules()
                       if isinstance(b, nn.modules.batchnorm._BatchNorm)]
 
     def plain(self, i: int, *args, **kwargs):
-        prev = self.previous[i]
-        m = self.modules[i]
-        return prev(*args, **kwargs) if prev is not None else type(m).forward(m, *args, **kwargs)
+        # whatever runs under the sparse layer now (lean / checkpointing, or the class's
+        # forward), looked up per call: an undo of either in any order is seen at once
+        return forward_below(self.modules[i], "sparse")(*args, **kwargs)
 
     def _through(self, x: torch.Tensor) -> torch.Tensor:
         for m in self.modules:
@@ -238,16 +248,15 @@ class _Chain:
             raise RuntimeError(
                 f"sparse_update: prefix module {self.names[i]!r} was called with something "
                 f"other than {self.names[i - 1]!r}'s output: this model's forward does not run "
-                f"its prefix ({', '.join(self.names)}) as a chain in registration order (or "
-                "lean_activations / checkpoint_blocks was undone under it). Undo sparse_update "
-                "first (report.undo()), and pass blocks=[...] whose boundary the forward "
-                "reaches as a chain")
+                f"its prefix ({', '.join(self.names)}) as a chain in registration order. "
+                "Undo sparse_update first (report.undo()), and pass blocks=[...] whose "
+                "boundary the forward reaches as a chain")
         _STATE.pending = (self, i + 1, x) if i + 1 < len(self.modules) else None
         return x
 
 
 def _sparse_forward(self: nn.Module, *args, **kwargs):
-    chain, i = self.__dict__[_MARK]
+    chain, i, _ = self.__dict__[_MARK]
     if getattr(_STATE, "running", 0) > 0:
         return chain.plain(i, *args, **kwargs)
     if i == 0:
@@ -260,7 +269,10 @@ def _sparse_forward(self: nn.Module, *args, **kwargs):
 class SparseReport:
     """What :func:`sparse_update` did: the split (``update_blocks``, ``trainable_blocks``,
     ``prefix`` modules, ``prefix_params`` count, ``blocks`` and how they were chosen:
-    ``source``), ``prefix_chunks`` and ``prefix_bn``. ``undo()`` restores the plain forwards."""
+    ``source``), ``prefix_chunks`` and ``prefix_bn``. ``undo()`` restores the plain forwards
+    (those of lean activations / checkpointing where they are on), only of the modules this
+    call wrapped and a later call has not re-wrapped, so a stale report cannot unwrap part of a
+    newer split."""
 
     update_blocks: int
     trainable_blocks: list[str]
@@ -271,11 +283,21 @@ class SparseReport:
     blocks: list[str] = field(default_factory=list)
     source: str = ""
     _modules: list[nn.Module] = field(default_factory=list, repr=False)
+    _token: object = field(default_factory=object, repr=False, compare=False)
 
-    def undo(self) -> None:
+    def undo(self) -> int:
+        """Unwrap the prefix modules this call wrapped; returns how many. A later
+        :func:`sparse_update` call re-wraps the prefix for its own report (it restores every
+        module first), so undoing a stale report leaves the newer split whole (use
+        :func:`restore_sparse` for all)."""
+        n = 0
         for m in self._modules:
-            _restore(m)
+            entry = m.__dict__.get(_MARK)
+            if entry is not None and entry[2] is self._token:
+                _restore(m)
+                n += 1
         self._modules.clear()
+        return n
 
     def __str__(self) -> str:
         shown = ", ".join(self.trainable_blocks[:4]) + (
@@ -286,15 +308,8 @@ class SparseReport:
 
 
 def _restore(m: nn.Module) -> None:
-    entry = m.__dict__.pop(_MARK, None)
-    if entry is None:
-        return
-    chain, i = entry
-    prev = chain.previous[i]
-    if prev is not None:
-        m.forward = prev
-    else:
-        m.__dict__.pop("forward", None)
+    if m.__dict__.pop(_MARK, None) is not None:
+        remove_forward(m, "sparse")  # what runs under it (lean, checkpointing) stays
 
 
 def restore_sparse(model: nn.Module) -> int:
@@ -317,35 +332,65 @@ def sparse_update(model: nn.Module, update_blocks: int, *, blocks: Sequence[str]
     the candidate blocks (None: detected). ``prefix_bn``: ``"eval"`` (frozen running statistics,
     default) or ``"model"`` (as the model's mode says; not chunked). Calling it again replaces
     the previous split. On error the model is left as it was."""
+    split = sparse_split(model, update_blocks, blocks=blocks)
+    check_sparse(model, split, prefix_chunks=prefix_chunks, prefix_bn=prefix_bn)
+    params = dict(model.named_parameters())
+    modules = [model.get_submodule(n) for n in split.prefix]
+    report = SparseReport(update_blocks, split.trainable_blocks, split.prefix,
+                          sum(params[n].numel() for n in split.prefix_params), prefix_chunks,
+                          prefix_bn, split.blocks, split.source)
+    with model_transaction(model):
+        restore_sparse(model)
+        if modules:
+            chain = _Chain(split.prefix, modules, prefix_chunks, prefix_bn)
+            for i, m in enumerate(modules):
+                set_forward(m, "sparse", _sparse_forward)
+                m.__dict__[_MARK] = (chain, i, report._token)
+                report._modules.append(m)
+    return report
+
+
+@contextlib.contextmanager
+def prefix_bn_follows_mode(model: nn.Module) -> Iterator[None]:
+    """While inside, the BNs in every sparse-wrapped prefix of ``model`` follow their own mode
+    (as under ``prefix_bn="model"``) instead of being held in eval mode: what
+    :func:`convpeft.train.adapt_prefix_bn` needs to re-estimate them after :func:`prepare`."""
+    chains = {id(e[0]): e[0] for m in model.modules()
+              if (e := m.__dict__.get(_MARK)) is not None}
+    saved = [(c, c.bn) for c in chains.values()]
+    for c, _ in saved:
+        c.bn = "model"
+    try:
+        yield
+    finally:
+        for c, bn in saved:
+            c.bn = bn
+
+
+def check_sparse(model: nn.Module, split: SparseSplit, *, prefix_chunks: int = 1,
+                 prefix_bn: str = "eval", frozen: bool = True) -> None:
+    """Refuse what :func:`sparse_update` would refuse for ``split`` of ``model``, touching
+    nothing: bad ``prefix_chunks`` / ``prefix_bn``, ``prefix_bn="model"`` chunked over a
+    BatchNorm, and (``frozen=True``) a prefix parameter that trains.
+    :func:`convpeft.methods.prepare` calls it with ``frozen=False`` before its setup (which
+    freezes the prefix), so a bad combination fails before the model changes."""
     if isinstance(prefix_chunks, bool) or not isinstance(prefix_chunks, int) or prefix_chunks < 1:
         raise ValueError(f"prefix_chunks must be an int >= 1 (got {prefix_chunks!r})")
     if prefix_bn not in PREFIX_BN:
         raise ValueError(f"prefix_bn must be one of {', '.join(PREFIX_BN)} (got {prefix_bn!r})")
-    split = sparse_split(model, update_blocks, blocks=blocks)
-    params = dict(model.named_parameters())
-    training = sorted(n for n in split.prefix_params if params[n].requires_grad)
-    if training:
-        raise ValueError(
-            f"sparse_update: {len(training)} parameters of the frozen prefix train "
-            f"({', '.join(training[:4])}{', ...' if len(training) > 4 else ''}); freeze them "
-            "(requires_grad_(False)) or use MethodConfig(..., update_blocks=K), which trains "
-            "only the last K blocks")
-    modules = [model.get_submodule(n) for n in split.prefix]
+    if frozen:
+        params = dict(model.named_parameters())
+        training = sorted(n for n in split.prefix_params if params[n].requires_grad)
+        if training:
+            raise ValueError(
+                f"sparse_update: {len(training)} parameters of the frozen prefix train "
+                f"({', '.join(training[:4])}{', ...' if len(training) > 4 else ''}); freeze "
+                "them (requires_grad_(False)) or use MethodConfig(..., update_blocks=K), which "
+                "trains only the last K blocks")
     if prefix_bn == "model" and prefix_chunks > 1 and any(
-            isinstance(b, nn.modules.batchnorm._BatchNorm) for m in modules for b in m.modules()):
+            isinstance(b, nn.modules.batchnorm._BatchNorm)
+            for n in split.prefix for b in model.get_submodule(n).modules()):
         raise ValueError(
             "prefix_bn='model' with prefix_chunks > 1: the prefix has BatchNorm, and a "
             "micro-batch's statistics are not the full batch's (not exact); use "
             "prefix_bn='eval' (frozen running statistics) or prefix_chunks=1")
-    restore_sparse(model)
-    report = SparseReport(update_blocks, split.trainable_blocks, split.prefix,
-                          sum(params[n].numel() for n in split.prefix_params), prefix_chunks,
-                          prefix_bn, split.blocks, split.source)
-    if not modules:
-        return report
-    chain = _Chain(split.prefix, modules, prefix_chunks, prefix_bn)
-    for i, m in enumerate(modules):
-        swap_forward(m, _sparse_forward)  # picklable, unlike a bound method
-        m.__dict__[_MARK] = (chain, i)
-        report._modules.append(m)
-    return report

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from convpeft.adapters import apply_adapters
+from convpeft.core.atomic import model_transaction
 from convpeft.core.layer_kinds import select_layers
 from convpeft.memory.checkpoint import checkpoint_blocks, resolve_blocks
 from convpeft.memory.lean import lean_activations
-from convpeft.memory.sparse import sparse_update
+from convpeft.memory.sparse import SparseSplit, check_sparse, sparse_update
 from convpeft.models import get_head
 from convpeft.optim import galore_optimizer
 
@@ -184,11 +185,21 @@ def _apply_bn_freezing(model: nn.Module, cfg: MethodConfig) -> None:
 def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
     """Set ``model`` up for ``config`` (in place): trainable flags, adapters, optimizer, BN.
 
-    ``config`` may be a method name (defaults for everything else).
+    ``config`` may be a method name (defaults for everything else). All or nothing: what can
+    be checked on the plain model is checked first, and a step that fails later (a method
+    that leaves nothing to train, an interrupt) puts the model back exactly as it was
+    (:func:`convpeft.core.atomic.model_transaction`).
     """
     cfg = MethodConfig(config) if isinstance(config, str) else config
-    spec = get_method(cfg.name)
+    if not isinstance(cfg, MethodConfig):
+        raise TypeError(f"config must be a MethodConfig or a method name, got "
+                        f"{type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare: model must be a torch.nn.Module, got {type(model).__name__}")
     split = cfg.split(model)  # checked first: a bad K or block name leaves the model untouched
+    if split is not None:  # chunking / prefix BN refused now, not after the setup
+        check_sparse(model, split, prefix_chunks=cfg.prefix_chunks, prefix_bn=cfg.prefix_bn,
+                     frozen=False)
     blocks = None
     if cfg.checkpoint:
         blocks = None if cfg.checkpoint is True else list(cfg.checkpoint)
@@ -196,6 +207,13 @@ def prepare(model: nn.Module, config: MethodConfig | str) -> PreparedMethod:
             blocks = list(split.trainable_blocks)
         if blocks is None or blocks:
             resolve_blocks(model, blocks)
+    with model_transaction(model):
+        return _prepare(model, cfg, split, blocks)
+
+
+def _prepare(model: nn.Module, cfg: MethodConfig, split: SparseSplit | None,
+             blocks: list[str] | None) -> PreparedMethod:
+    spec = get_method(cfg.name)
     opt, report = spec.setup(model, cfg)
     if split is not None:
         params = dict(model.named_parameters())

@@ -108,6 +108,12 @@ def expand_configs(methods: Sequence[str] | None = None,
     if bad or not blocks or not chunks:
         raise ValueError(f"blocks must be ints >= 0 or None (every layer) and prefix chunks ints "
                          f">= 1 (got blocks={blocks}, prefix_chunks={chunks})")
+    if chunks != [1] and all(k is None for k in blocks):
+        # chunks apply to a sparse update's frozen prefix only: without a K they would be
+        # dropped silently (MethodConfig and the profiler CLI refuse the same)
+        raise ValueError(f"prefix_chunks={chunks} needs blocks (--blocks K): the chunks split "
+                         "a sparse update's frozen prefix; add e.g. --blocks all,4 or drop "
+                         "--prefix-chunks")
     sparse = [(k, c) for k in blocks for c in (chunks if k is not None else [1])]
     out = []
     for ck in _lean_options(checkpoint, "checkpoint"):

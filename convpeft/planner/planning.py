@@ -143,10 +143,13 @@ class _AnalyticPeak:
         try:
             p = analytic_profile(self.model, self.optimizer, (n, 3, res, res), compare_torch=False,
                                  device=self.device, scratch=self.scratch)
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{self.what}, batch {n} x 3 x {res} x {res}: {first} (if the "
-                             "input is too small for the model, use a larger resolution)") from e
+            # the resolution hint only where the model refused the input (not, e.g., an
+            # output that is no logits tensor)
+            hint = (" (if the input is too small for the model, use a larger resolution)"
+                    if "failed on a batch" in first or not isinstance(e, ValueError) else "")
+            raise ValueError(f"{self.what}, batch {n} x 3 x {res} x {res}: {first}{hint}") from e
         self.profiles[n] = p
         return p.memory_peak
 
@@ -238,6 +241,10 @@ def plan(
                          f"(got {type(model).__name__})")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda' (got {device!r})")
+    if device == "cuda" and scratch is None and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': no CUDA GPU here, and the device model is looked up "
+                         "by the GPU's name; plan on the machine with the GPU (calibrate it "
+                         "there first), or plan for device 'cpu'")
     if verify and device == "cuda" and not torch.cuda.is_available():
         raise ValueError("verify=True on device 'cuda' needs a CUDA GPU here; plan without "
                          "verify, or verify on 'cpu'")

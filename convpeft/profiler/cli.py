@@ -138,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                                   per_layer=args.per_layer, compare_torch=not args.no_torch,
                                   allocator_peak=False if args.tensor_level else None,
                                   amp=args.amp)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if what.startswith("the model failed on a batch"):  # name the flags that set it
+            what += f" (--model {args.model} --resolution {args.resolution}: try another)"
+        elif what.startswith("the model returned"):
+            what += f" (--model {args.model})"
+        print(f"error: {what}", file=sys.stderr)
         return 2
     if args.json:
         out = {"model": args.model, "method": args.method, "rank": args.rank, **prof.to_dict()}

@@ -222,15 +222,24 @@ def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  loss_fn: LossFn, amp: str = "off") -> torch.Tensor:
     """``loss_fn(model(inputs), targets)``, with errors that say which side does not fit; under
     ``torch.autocast`` for ``amp`` != "off" (backward then runs outside it)."""
+    # any exception a model raises on a batch (torchvision's ViT asserts its input size) is
+    # the model refusing the input: a clean error naming the shape, not a traceback
     try:
         with autocast(inputs.device, amp):
             out = model(inputs)
-    except (RuntimeError, ValueError, IndexError) as e:
-        raise ValueError(f"the model failed on a batch of shape {tuple(inputs.shape)}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - re-raised as ValueError, the cause chained
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the model failed on a batch of shape {tuple(inputs.shape)}: "
+                         f"{what}") from e
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the model returned {type(out).__name__}, not a tensor of logits "
+                         "(torchvision's GoogLeNet and Inception v3 return auxiliary logits in "
+                         "train mode): profile a model whose forward returns the logits, e.g. "
+                         "built with aux_logits=False")
     try:
         with autocast(inputs.device, amp):
             loss = loss_fn(out, targets)
-    except (RuntimeError, ValueError, IndexError) as e:
+    except Exception as e:  # noqa: BLE001 - re-raised as ValueError, the cause chained
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model output {shape} does not fit the loss "
                          f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} with targets "

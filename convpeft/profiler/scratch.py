@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ import torch
 
 BLOCKS = (1, 8, 16)
 _FAMILY = {"conv_fwd": 4, "conv_bwd": 4}  # features per conv pass; other ops have 2
+MAX_COEF = 1e6
+"""Largest coefficient a model may hold: a coefficient is scratch bytes per operand byte (the
+fitted ones are below 10); anything near this is a damaged file, not a kernel."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,26 @@ class ScratchModel:
     coef: dict[str, list[float]] = field(default_factory=dict)
     source: str = "uncalibrated: no kernel scratch modelled"
 
+    def __post_init__(self) -> None:
+        # a model that cannot predict a finite, non-negative byte count is refused here, so a
+        # damaged cache fails where it is read (and is skipped there), not inside a plan
+        if not isinstance(self.device, str) or not isinstance(self.source, str):
+            raise ValueError("device and source must be strings")
+        if isinstance(self.block, bool) or self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {', '.join(map(str, BLOCKS))} "
+                             f"(got {self.block!r})")
+        if not isinstance(self.coef, dict):
+            raise ValueError(f"coef must be a dict, got {type(self.coef).__name__}")
+        for key, c in self.coef.items():
+            want = _FAMILY.get(key.split("/", 1)[0], 2)
+            if not isinstance(c, (list, tuple)) or len(c) != want:
+                raise ValueError(f"coef[{key!r}] must be a list of {want} numbers (got {c!r})")
+            for x in c:
+                if isinstance(x, bool) or not isinstance(x, (int, float)) \
+                        or not 0.0 <= x <= MAX_COEF:  # NaN fails every comparison
+                    raise ValueError(f"coef[{key!r}] holds {x!r}; coefficients are finite "
+                                     f"numbers in [0, {MAX_COEF:g}]")
+
     def predict(self, s: OpShape | None) -> int:
         """Predicted excess of one op in bytes (0 for an op the model does not know)."""
         if s is None:
@@ -150,7 +174,12 @@ class ScratchModel:
     @classmethod
     def from_json(cls, text: str) -> ScratchModel:
         d = json.loads(text)
-        return cls(device=str(d["device"]), block=int(d["block"]),
+        if not isinstance(d, dict) or not isinstance(d.get("coef"), dict):
+            raise ValueError("not a scratch model: expected an object with a 'coef' object")
+        block = d["block"]
+        if isinstance(block, float) and block.is_integer():
+            block = int(block)
+        return cls(device=str(d["device"]), block=block,
                    coef={str(k): [float(x) for x in v] for k, v in d["coef"].items()},
                    source=str(d["source"]))
 
@@ -241,18 +270,27 @@ def scratch_model(device: torch.device | str = "cpu") -> ScratchModel:
     if path.is_file():
         try:
             return ScratchModel.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry is ignored, not fatal: fall back to the default
+        except (ValueError, KeyError, TypeError, OverflowError, OSError,
+                UnicodeDecodeError) as e:
+            # a damaged cache entry is skipped, not fatal (one bad file would otherwise break
+            # every plan on the machine), and said so: the plan then uses the shipped default
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"ignoring the damaged device-model cache {path} ({first[:200]}); "
+                          "using the shipped default. Delete the file, or rerun "
+                          "`python -m convpeft.plan --calibrate` to rebuild it",
+                          RuntimeWarning, stacklevel=2)
     return default_model(device)
 
 
 def save_calibration(model: ScratchModel, device: torch.device | str) -> Path:
-    """Write ``model`` to the calibration cache for ``device`` (atomically) and return the path."""
+    """Write ``model`` to the calibration cache for ``device`` and return the path: atomically
+    and never through a link (the new file is written under a fresh temporary name and
+    renamed over the entry, :func:`convpeft.adapters.files.write_files`), so a symlink planted
+    in the cache cannot redirect the write to a file outside it."""
+    from convpeft.adapters.files import write_files
+
     path = _cache_file(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(model.to_json())
-    tmp.replace(path)
+    write_files(path.parent, {path.name: model.to_json().encode()})
     return path
 
 

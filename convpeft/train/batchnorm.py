@@ -21,12 +21,15 @@ prefix forces into eval mode, or that the forward never reaches keeps its statis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from convpeft.memory.sparse import prefix_bn_follows_mode
+
+from ..core.atomic import model_transaction
 from ..core.batchnorm import BN as _BN
 from ..core.batchnorm import bn_pass
 from ..core.batchnorm import snapshot_bn as snapshot_bn  # re-exported: convpeft.train's API
@@ -35,13 +38,41 @@ from ..data import ImageDataset
 if TYPE_CHECKING:
     from convpeft.memory.sparse import SparseSplit
 
+def input_batches(data: ImageDataset | Iterable, batch_size: int, device: torch.device | str,
+                  who: str) -> Iterator[torch.Tensor]:
+    """The input batches ``(N, C, H, W)`` of ``data``, on ``device``: an
+    :class:`~convpeft.data.ImageDataset` in batches of ``batch_size``, or an iterable of input
+    tensors or of ``(input, target, ...)`` tuples (a ``DataLoader``), as they come. ``who`` names
+    the calling function in the errors."""
+    # checked now, not at the first batch: the caller has touched nothing yet
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{who}: batch_size must be an int >= 1 (got {batch_size!r})")
+    if hasattr(data, "batches"):
+        return (x for x, _ in data.batches(batch_size, device=device))
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{who}: data must be an ImageDataset or an iterable of input batches "
+                        f"(a DataLoader), got {type(data).__name__}")
+
+    def each() -> Iterator[torch.Tensor]:
+        for b in data:
+            x = b[0] if isinstance(b, (tuple, list)) and b else b
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{who}: data yielded {type(x).__name__}, expected input "
+                                "tensors or (input, target) tuples")
+            yield x.to(device)
+
+    return each()
+
+
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
+def recalibrate_bn(model: nn.Module, data: ImageDataset | Iterable, *, batch_size: int,
                    device: torch.device | str,
                    train_mode: Callable[[], Any] | None = None) -> int:
     """Replace the running statistics of the BNs that run in train mode by their exact average
     over ``data`` (one pass, no gradients, momentum ``None`` = cumulative average over the
-    batches); returns how many BNs were recalibrated.
+    batches); returns how many BNs were recalibrated. ``data``: an
+    :class:`~convpeft.data.ImageDataset` (in batches of ``batch_size``) or an iterable of input
+    batches (tensors or ``(input, target)`` tuples, e.g. a ``DataLoader``).
 
     ``train_mode()`` sets the BNs' modes for the pass (default ``model.train()``; a fine-tuning
     run passes its method's, so ``bn="freeze"`` recalibrates nothing); every other module runs
@@ -49,14 +80,16 @@ def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
     mode keeps the statistics it had. Modes, momenta and the global RNG are left as they were;
     if the pass fails, the statistics too.
     """
+    batches = input_batches(data, batch_size, device, "recalibrate_bn")
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
-    if not bns or len(data) == 0:
+    if not bns or (hasattr(data, "__len__") and len(data) == 0):
         return 0
     momenta = {m: m.momentum for m in bns}
     counts = {m: m.num_batches_tracked.clone() for m in bns}
     try:
-        # snapshot first: a failed pass puts back the statistics and the counts zeroed below
-        with snapshot_bn(model, restore="on_error"), bn_pass(model, train_mode, device):
+        # a failed pass puts back the statistics and the counts zeroed below (and everything
+        # else about the model)
+        with model_transaction(model), bn_pass(model, train_mode, device):
             # momentum None averages cumulatively with weight 1 / num_batches_tracked: from a
             # count of 0 the first batch that a BN normalises in train mode replaces its
             # statistics outright and the later ones average in. Nothing is reset up front, so
@@ -66,7 +99,7 @@ def recalibrate_bn(model: nn.Module, data: ImageDataset, *, batch_size: int,
             for m in bns:
                 m.momentum = None
                 m.num_batches_tracked.zero_()
-            for x, _ in data.batches(batch_size, device=device):
+            for x in batches:
                 model(x)
     finally:
         for m in bns:
@@ -90,8 +123,20 @@ def adapt_prefix_bn(model: nn.Module, split: SparseSplit, data: ImageDataset, *,
     Afterwards the prefix is a fixed function again (eval mode, frozen statistics), so chunking
     it stays exact. ``batch_size``: the micro-batch of the pass (a sparse update passes its
     batch over ``prefix_chunks``, so the pass needs no more memory than the update's chunked
-    prefix). Returns how many BNs were re-estimated."""
-    prefix_bns = [m for name, m in model.named_modules()
+    prefix). Returns how many BNs were re-estimated.
+
+    Also after :func:`convpeft.methods.prepare` has wrapped the model for the sparse update
+    (the order of a custom loop): the wrapping keeps the prefix's BNs in eval mode, and this
+    pass lifts that for its duration, so they are re-estimated all the same. ``split`` must be
+    one of ``model`` (``ValueError`` naming the missing module otherwise)."""
+    modules = dict(model.named_modules())
+    missing = [p for p in split.prefix if p not in modules]
+    if missing:
+        raise ValueError(f"adapt_prefix_bn: the split's prefix names {missing[0]!r}, which "
+                         f"{type(model).__name__} does not have; pass the split of this "
+                         "model (MethodConfig.split(model) or "
+                         "convpeft.memory.sparse.sparse_split(model, K))")
+    prefix_bns = [m for name, m in modules.items()
                   if isinstance(m, _BN) and split.in_prefix(name)]
 
     def prefix_train_mode() -> None:
@@ -99,5 +144,6 @@ def adapt_prefix_bn(model: nn.Module, split: SparseSplit, data: ImageDataset, *,
         for m in prefix_bns:
             m.train()
 
-    return recalibrate_bn(model, data, batch_size=batch_size, device=device,
-                          train_mode=prefix_train_mode)
+    with prefix_bn_follows_mode(model):
+        return recalibrate_bn(model, data, batch_size=batch_size, device=device,
+                              train_mode=prefix_train_mode)

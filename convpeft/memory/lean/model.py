@@ -16,10 +16,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from convpeft.core.amp import autocast_dtype
+from convpeft.core.atomic import model_transaction
 from convpeft.core.conv_variants import registered_conv_variant
 from convpeft.core.layer_kinds import layer_kind
 from convpeft.memory.checkpoint import in_checkpointed_block
-from convpeft.memory.instance_forward import swap_forward
+from convpeft.memory.forwards import foreign_forward, remove_forward, set_forward
 from convpeft.memory.lean.probe import outputs_saved_downstream
 from convpeft.memory.lean.saved import saved_bytes_by_layer
 from convpeft.ops.conv import channel_affine, frozen_conv2d, in_func_transform, pad2d
@@ -215,7 +216,10 @@ class LeanReport:
 
 def _restore(m: nn.Module) -> None:
     if getattr(m, _MARK, None) is not None:
-        m.__dict__.pop("forward", None)
+        # a sparse wrapper over it (convpeft.memory.forwards) stays; a module made lean before the
+        # forwards were stacked (an old pickle) has its forward popped as before
+        if not remove_forward(m, "lean"):
+            m.__dict__.pop("forward", None)
         for attr in (_MARK, _NAME, _WARNED, _SHARED, _OWNER):
             m.__dict__.pop(attr, None)
 
@@ -225,6 +229,8 @@ def _plain_reason(name: str, m: nn.Module, adapted_bases: set[str],
     action = "conv" if isinstance(m, nn.Conv2d) else _LEAN_FORWARDS[type(m)][0]
     if not {"conv": convs, "norm": norms, "act": activations, "pool": pools}[action]:
         return f"{action}s=False"
+    if foreign_forward(m):
+        return "forward replaced on the instance by other code (run as it is)"
     if action == "pool":
         if m.return_indices:
             return "return_indices=True (the caller gets the int64 indices anyway)"
@@ -267,6 +273,14 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
     bytes each layer saves for backward, plain and lean, into the report.
     ``report.undo()`` (or :func:`restore_activations`) restores every plain forward.
     """
+    with model_transaction(model):  # a failed call (probe, measurement) changes nothing
+        return _lean_activations(model, convs, norms, activations, pools, share_outputs,
+                                 example_input)
+
+
+def _lean_activations(model: nn.Module, convs: bool, norms: bool, activations: bool,
+                      pools: bool, share_outputs: bool,
+                      example_input: torch.Tensor | None) -> LeanReport:
     restore_activations(model)
     plain = saved_bytes_by_layer(model, example_input) if example_input is not None else {}
     adapted_bases = {f"{n}.base_layer" if n else "base_layer"
@@ -284,24 +298,16 @@ def lean_activations(model: nn.Module, *, convs: bool = True, norms: bool = True
         if reason:
             report.rows.append(LeanRow(name, type(m).__name__, "plain", kind, reason))
             continue
-        swap_forward(m, fwd)  # picklable, unlike a bound method
+        set_forward(m, "lean", fwd)  # under a sparse wrapper if there is one
         setattr(m, _MARK, action)
         setattr(m, _NAME, name)
         setattr(m, _OWNER, report._token)
         report._modules.append(m)
         report.rows.append(LeanRow(name, type(m).__name__, action, kind, saves=_SAVES[action]))
     if share_outputs:
-        try:
-            _share_outputs(model, report, example_input)
-        except BaseException:
-            report.undo()  # interrupted: leave the model as it was
-            raise
+        _share_outputs(model, report, example_input)
     if example_input is not None:
-        try:
-            report.lean_bytes = saved_bytes_by_layer(model, example_input)
-        except BaseException:
-            report.undo()  # a failed call leaves the model as it was
-            raise
+        report.lean_bytes = saved_bytes_by_layer(model, example_input)
         for r in report.rows:
             r.plain_bytes = plain.get(r.name, 0)
             r.lean_bytes = report.lean_bytes.get(r.name, 0)
