@@ -67,15 +67,12 @@ __all__ = ["PREFIX_BN", "SparseReport", "SparseSplit", "check_sparse", "prefix_b
 
 PREFIX_BN = ("eval", "model")
 _MARK = "_convpeft_sparse"  # on a prefix module: (its _Chain, its index, the report's token)
-class _State(threading.local):
-    # class-level defaults: every thread sees them before its first write, so reading the
-    # state never depends on whether a chain ran yet (torch.compile guards on that otherwise
-    # and compiles the model a second time after the first step)
-    running = 0
-    pending = None
-
-
-_STATE = _State()
+_STATE = threading.local()
+# set up front for the importing thread (other threads read the getattr defaults): the state
+# then looks the same before and after the first chain ran, and torch.compile, which guards on
+# it, compiles the model once instead of again after the first step
+_STATE.running = 0
+_STATE.pending = None
 
 
 # ----------------------------------------------------------------------------- the split
