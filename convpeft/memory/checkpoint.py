@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from convpeft.core.atomic import model_transaction
-from convpeft.memory.forwards import foreign_forward, remove_forward, set_forward
+from convpeft.memory.forwards import foreign_forward, remove_forward, set_forward, undo_marked
 
 __all__ = ["CheckpointReport", "checkpoint_blocks", "detect_blocks", "in_checkpointed_block",
            "recomputing", "resolve_blocks", "restore_checkpointing"]
@@ -183,12 +183,7 @@ def _release(m: nn.Module) -> None:
 
 def restore_checkpointing(model: nn.Module) -> int:
     """Undo :func:`checkpoint_blocks` on every module of ``model``; returns how many."""
-    n = 0
-    for m in model.modules():
-        if _MARK in m.__dict__:
-            _release(m)
-            n += 1
-    return n
+    return undo_marked(model, _MARK, _release)
 
 
 def _has_params(m: nn.Module) -> bool:

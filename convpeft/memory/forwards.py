@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 __all__ = ["DEPTH", "InstanceForward", "forward_below", "foreign_forward", "has_forward",
-           "remove_forward", "set_forward"]
+           "remove_forward", "set_forward", "undo_marked"]
 
 DEPTH = {"lean": 0, "checkpoint": 0, "sparse": 1}
 """Where each owner's layer sits: lower is closer to the module's own computation."""
@@ -138,3 +138,14 @@ def forward_below(m: nn.Module, owner: str) -> Callable[..., object]:
     # the class's forward on m; a partial rather than types.MethodType, which torch.compile
     # cannot build while tracing (a graph break at every wrapped module)
     return functools.partial(type(m).forward, m)
+
+
+def undo_marked(model: nn.Module, mark: str, undo: Callable[[nn.Module], None]) -> int:
+    """``undo(m)`` on every module of ``model`` that carries the instance attribute ``mark``
+    (the technique's tag); returns how many: what ``restore_activations``,
+    ``restore_checkpointing`` and ``restore_sparse`` each do with their own tag."""
+    marked = [m for m in model.modules() if mark in m.__dict__]
+    for m in marked:
+        undo(m)
+    return len(marked)
+

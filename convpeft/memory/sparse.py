@@ -60,7 +60,7 @@ from torch import nn
 
 from convpeft.core.atomic import model_transaction
 from convpeft.memory.checkpoint import _is_block, detect_blocks
-from convpeft.memory.forwards import forward_below, remove_forward, set_forward
+from convpeft.memory.forwards import forward_below, remove_forward, set_forward, undo_marked
 
 __all__ = ["PREFIX_BN", "SparseReport", "SparseSplit", "check_sparse", "prefix_bn_follows_mode",
            "restore_sparse", "sparse_blocks", "sparse_split", "sparse_update"]
@@ -311,12 +311,7 @@ def _restore(m: nn.Module) -> None:
 
 def restore_sparse(model: nn.Module) -> int:
     """Undo :func:`sparse_update` on every module of ``model``; returns how many."""
-    n = 0
-    for m in model.modules():
-        if _MARK in m.__dict__:
-            _restore(m)
-            n += 1
-    return n
+    return undo_marked(model, _MARK, _restore)
 
 
 def sparse_update(model: nn.Module, update_blocks: int, *, blocks: Sequence[str] | None = None,

@@ -20,7 +20,7 @@ from convpeft.core.atomic import model_transaction
 from convpeft.core.conv_variants import registered_conv_variant
 from convpeft.core.layer_kinds import layer_kind
 from convpeft.memory.checkpoint import in_checkpointed_block
-from convpeft.memory.forwards import foreign_forward, remove_forward, set_forward
+from convpeft.memory.forwards import foreign_forward, remove_forward, set_forward, undo_marked
 from convpeft.memory.lean.probe import outputs_saved_downstream
 from convpeft.memory.lean.saved import saved_bytes_by_layer
 from convpeft.ops.conv import channel_affine, frozen_conv2d, in_func_transform, pad2d
@@ -337,9 +337,4 @@ def _share_outputs(model: nn.Module, report: LeanReport,
 
 def restore_activations(model: nn.Module) -> int:
     """Undo :func:`lean_activations` on every module of ``model``; returns how many."""
-    n = 0
-    for m in model.modules():
-        if getattr(m, _MARK, None) is not None:
-            _restore(m)
-            n += 1
-    return n
+    return undo_marked(model, _MARK, _restore)
