@@ -252,14 +252,20 @@ def _check_blocks(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
             raise ValueError(f"block {n!r} already has its forward replaced on the instance "
                              "(by something other than convpeft's techniques); undo that first")
         out.append(m)
+    check_distinct_blocks(names, "checkpoint one of them")
+    return out
+
+
+def check_distinct_blocks(names: Sequence[str], fix: str) -> None:
+    """``ValueError`` where ``names`` repeats a module or names two nested ones (``fix``: what
+    the caller should do instead, e.g. "checkpoint one of them")."""
     twice = sorted({n for n in names if list(names).count(n) > 1})
     if twice:
         raise ValueError(f"blocks names a module more than once: {', '.join(twice)}")
     for a in names:
         for b in names:
             if a != b and b.startswith(a + "."):
-                raise ValueError(f"blocks {a!r} and {b!r} are nested: checkpoint one of them")
-    return out
+                raise ValueError(f"blocks {a!r} and {b!r} are nested: {fix}")
 
 
 def resolve_blocks(model: nn.Module, blocks: Sequence[str] | None = None

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from convpeft.core.atomic import model_transaction
-from convpeft.memory.checkpoint import _is_block, detect_blocks
+from convpeft.memory.checkpoint import _is_block, check_distinct_blocks, detect_blocks
 from convpeft.memory.forwards import forward_below, remove_forward, set_forward, undo_marked
 
 __all__ = ["PREFIX_BN", "SparseReport", "SparseSplit", "check_sparse", "prefix_bn_follows_mode",
@@ -115,13 +115,7 @@ def sparse_blocks(model: nn.Module, blocks: Sequence[str] | None = None
             close = [k for k in modules if k and (k.startswith(n) or n.startswith(k))][:5]
             raise ValueError(f"no submodule named {n!r} in {type(model).__name__}"
                              + (f" (close: {', '.join(close)})" if close else ""))
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"blocks names a module more than once: {', '.join(twice)}")
-    for a in names:
-        for b in names:
-            if a != b and b.startswith(a + "."):
-                raise ValueError(f"blocks {a!r} and {b!r} are nested: name one of them")
+    check_distinct_blocks(names, "name one of them")
     return sorted(names, key=order.__getitem__), "given"
 
 
