@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from convpeft.cli_args import HelpFormatter, blocks_list, csv_list, int_list
 from convpeft.planner import (
     DEFAULT_MAX_BATCH,
     DEFAULT_RANKS,
@@ -48,35 +49,6 @@ from convpeft.planner import (
 __all__ = ["PlanRow", "build_parser", "main", "plan"]
 
 
-def _csv_list(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in _csv_list(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _blocks_list(s: str) -> list[int | None]:
-    """``all,4,8`` -> ``[None, 4, 8]`` (``all``: every layer trains)."""
-    try:
-        return [None if x.lower() == "all" else int(x) for x in _csv_list(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated block counts or 'all', got {s!r}") from None
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None/False ones (the help text says what those mean)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from convpeft.methods import BN_POLICIES, list_methods
 
@@ -86,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configuration (method, rank, lean), predicted from shapes alone (analytic profile on "
         "meta tensors: no data, any model size). Defaults are the rank sweep's: adapters / "
         "GaLore on every conv, head trainable, BN in train mode, AdamW.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", default="mobilenet_v2",
                    help="torchvision classification model (convpeft.models.list_models())")
@@ -96,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "powers of 1000 (K/M/G/T alone the same: 300M = 300,000,000 bytes), "
                    "KiB/MiB/GiB/TiB = powers of 1024 (512MiB = 536,870,912 bytes); required "
                    "unless --calibrate")
-    p.add_argument("--methods", type=_csv_list, default=None,
+    p.add_argument("--methods", type=csv_list, default=None,
                    help=f"comma-separated methods from {','.join(list_methods())} "
                    "(default: all of them)")
-    p.add_argument("--ranks", type=_int_list, default=list(DEFAULT_RANKS),
+    p.add_argument("--ranks", type=int_list, default=list(DEFAULT_RANKS),
                    help="comma-separated ranks for the ranked methods "
                    f"({','.join(list_methods(ranked=True))})")
     p.add_argument("--lean", nargs="?", const="on", default="off", choices=LEAN_CHOICES,
@@ -109,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpointed blocks (convpeft.checkpoint_blocks; exact, recomputes "
                    "each block's forward in backward): --checkpoint = on for every "
                    "configuration, --checkpoint both = plan each without and with")
-    p.add_argument("--blocks", type=_blocks_list, default=None,
+    p.add_argument("--blocks", type=blocks_list, default=None,
                    help="sparse updates: comma-separated K values, each training only the last "
                    "K blocks of the backbone (convpeft.memory.sparse; the frozen prefix builds no "
                    "graph), 'all' = every layer, e.g. all,2,4 (default: all)")
-    p.add_argument("--prefix-chunks", type=_int_list, default=None,
+    p.add_argument("--prefix-chunks", type=int_list, default=None,
                    help="comma-separated micro-batch counts for the frozen prefix of each K in "
                    "--blocks (exact; default: 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -46,3 +46,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_one_line_error(capsys, *needles: str) -> None:
+    """A command line refused its input the way every CLI here must: one line on stderr naming
+    the problem (each of ``needles``), no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+

@@ -116,19 +116,34 @@ def _retry_works(m, saved_dir, expected, x):
     torch.testing.assert_close(m(x), expected)
 
 
-def test_adapter_file_cannot_overwrite_a_base_weight(saved, tmp_path):
+def _set_in_file(saved_dir, key: str, value: torch.Tensor) -> dict:
+    """Write ``value`` under ``key`` into the saved adapter file (a tampered file); returns
+    the file's state as it was before."""
     from safetensors.torch import load_file, save_file
 
-    good, expected, x = saved
-    bad = _copy(good, tmp_path, "bad")
-    state = load_file(str(bad / "adapter_model.safetensors"))
-    state["0.base_layer.weight"] = torch.full((8, 3, 3, 3), 1e6)
-    save_file(state, str(bad / "adapter_model.safetensors"))
+    path = str(saved_dir / "adapter_model.safetensors")
+    state = load_file(path)
+    before = dict(state)
+    state[key] = value
+    save_file(state, path)
+    return before
+
+
+def _load_refused(saved_dir, exc: type[Exception], match: str) -> nn.Module:
+    """Loading ``saved_dir`` into a fresh model raises ``exc`` and changes nothing."""
     m = tiny()
     snap = snapshot(m)
-    with pytest.raises(KeyError, match=r"overwrite frozen weights.*0\.base_layer\.weight"):
-        load_adapters(m, bad)
+    with pytest.raises(exc, match=match):
+        load_adapters(m, saved_dir)
     assert_same(m, snap)
+    return m
+
+
+def test_adapter_file_cannot_overwrite_a_base_weight(saved, tmp_path):
+    good, expected, x = saved
+    bad = _copy(good, tmp_path, "bad")
+    _set_in_file(bad, "0.base_layer.weight", torch.full((8, 3, 3, 3), 1e6))
+    m = _load_refused(bad, KeyError, r"overwrite frozen weights.*0\.base_layer\.weight")
     _retry_works(m, good, expected, x)
 
 
@@ -346,20 +361,12 @@ def test_a_callable_target_selecting_adapter_parts_or_non_layers_is_refused():
 
 
 def test_an_adapter_file_may_only_set_the_buffers_its_config_lists(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     src = tiny()
     apply_adapters(src, "lora", 2)
     d = save_adapters(src, tmp_path / "nobuf", include_buffers=False)
-    state = load_file(str(d / "adapter_model.safetensors"))
-    assert not any("running" in k for k in state)
-    state["1.running_mean"] = torch.full((8,), 1e6)
-    save_file(state, str(d / "adapter_model.safetensors"))
-    m = tiny()
-    snap = snapshot(m)
-    with pytest.raises(KeyError, match=r"1\.running_mean.*'buffers'"):
-        load_adapters(m, d)
-    assert_same(m, snap)
+    before = _set_in_file(d, "1.running_mean", torch.full((8,), 1e6))
+    assert not any("running" in k for k in before)
+    m = _load_refused(d, KeyError, r"1\.running_mean.*'buffers'")
     # a save with buffers lists them and loads them
     d2 = save_adapters(src, tmp_path / "buf")
     listed = json.loads((d2 / "adapter_config.json").read_text())["buffers"]

@@ -19,6 +19,8 @@ from convpeft import checkpoint_blocks, lean_activations, sparse_update
 from convpeft.memory.sparse import restore_sparse
 from convpeft.methods import MethodConfig, prepare
 
+from conftest import assert_one_line_error
+
 CPU = torch.device("cpu")
 
 
@@ -439,20 +441,13 @@ def test_compare_runs_of_a_profile_only_run_against_itself(tmp_path, capsys):
     assert "no configuration is in both runs" in capsys.readouterr().out
 
 
-def _one_line_error(capsys, *needles: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-
-
 def test_readme_figures_with_a_root_without_readme(tmp_path, capsys):
     from benchmarks.readme_figures import main
 
     with pytest.raises(SystemExit) as e:
         main(["--check", "--root", str(tmp_path)])
     assert e.value.code == 2
-    _one_line_error(capsys, "--root", "no README.md")
+    assert_one_line_error(capsys, "--root", "no README.md")
 
 
 def test_plot_reference_from_outside_the_repository(tmp_path, monkeypatch, capsys):
@@ -462,7 +457,7 @@ def test_plot_reference_from_outside_the_repository(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as e:
         main(["--reference"])
     assert e.value.code == 2
-    _one_line_error(capsys, "--reference", "repository's root")
+    assert_one_line_error(capsys, "--reference", "repository's root")
     assert not any(tmp_path.iterdir())
 
 
@@ -475,7 +470,7 @@ def test_plan_refuses_prefix_chunks_without_blocks(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", "resnet18", "--budget", "512MiB", "--prefix-chunks", "8"])
     assert e.value.code == 2
-    _one_line_error(capsys, "--blocks", "--prefix-chunks")
+    assert_one_line_error(capsys, "--blocks", "--prefix-chunks")
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -491,7 +486,7 @@ def test_rank_sweep_refuses_sparse_axes_that_do_nothing(argv, needles, tmp_path,
         rank_sweep.main([*argv, "--models", "resnet18", "--ranks", "2", "--profile-only",
                          "--out", str(tmp_path / "out"), "--dry-run"])
     assert e.value.code == 2
-    _one_line_error(capsys, *needles)
+    assert_one_line_error(capsys, *needles)
     assert not (tmp_path / "out" / "findings.md").exists()
 
 
@@ -530,7 +525,7 @@ def test_profiler_cli_on_a_model_whose_output_is_not_logits(capsys):
 
     assert main(["--model", "googlenet", "--method", "head", "--analytic", "--batch", "2",
                  "--resolution", "64", "--no-torch"]) == 2
-    _one_line_error(capsys, "GoogLeNetOutputs", "--model googlenet")
+    assert_one_line_error(capsys, "GoogLeNetOutputs", "--model googlenet")
 
 
 def test_any_exception_from_a_model_is_a_clean_error():

@@ -28,6 +28,8 @@ from benchmarks.sweep.findings import findings_markdown
 from benchmarks.sweep.grid import PRESETS, Config, SweepSettings, expand_grid, parse_dataset
 from benchmarks.sweep.results import ResultsStore, flatten, load_results, read_jsonl
 
+from conftest import assert_one_line_error
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -436,13 +438,6 @@ def test_bad_grid_or_output_flags_exit_2_with_one_line(bad, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # checked before anything is written
 
 
-def _assert_one_line_error(capsys, *needles: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-
-
 def test_sweep_figures_and_findings_stay_under_the_results_folder(tmp_path, monkeypatch):
     """The main job never writes the clone's tracked files (issue 26): the default sweep's
     figures and findings go under results/ (git-ignored); another --out draws into OUT/plots;
@@ -520,7 +515,7 @@ def test_file_shaped_output_folder_is_refused_before_running(flag, tmp_path, cap
         with pytest.raises(SystemExit) as e:
             rank_sweep.main(["--models", "mobilenet_v2", flag, str(path)])
         assert e.value.code == 2
-        _assert_one_line_error(capsys, "is a file", str(f))
+        assert_one_line_error(capsys, "is a file", str(f))
     assert f.read_text() == "x"
 
 
@@ -548,7 +543,7 @@ def test_read_only_output_folder_is_refused(flag, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             rank_sweep.main(["--models", "mobilenet_v2", flag, str(ro / "out")])
         assert e.value.code == 2
-        _assert_one_line_error(capsys, "not writable", str(ro))
+        assert_one_line_error(capsys, "not writable", str(ro))
     finally:
         if ro.is_relative_to(tmp_path):
             ro.chmod(0o700)
@@ -563,7 +558,7 @@ def test_unwritable_pretrain_cache_is_refused_before_running(tmp_path, capsys, m
     with pytest.raises(SystemExit) as e:
         rank_sweep.main(args)
     assert e.value.code == 2
-    _assert_one_line_error(capsys, "pretrain cache", str(blocker), "$CONVPEFT_CACHE")
+    assert_one_line_error(capsys, "pretrain cache", str(blocker), "$CONVPEFT_CACHE")
     assert not (tmp_path / "o").exists()
     # --profile-only pretrains nothing, so it does not need the cache
     assert rank_sweep.main([*args, "--profile-only"]) == 0

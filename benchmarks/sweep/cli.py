@@ -26,41 +26,11 @@ from benchmarks.sweep.grid import (
     expand_grid,
     parse_dataset,
 )
+from convpeft.cli_args import blocks_list, csv_list, int_list
 from convpeft.core.amp import AMP_MODES, check_amp
 from convpeft.core.layer_kinds import TARGETS
 from convpeft.methods import list_methods
 from convpeft.models import TESTED_MODELS, list_models
-
-
-def _csv_list(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in _csv_list(s)]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
-
-
-def _update_blocks(s: str) -> list[int | None]:
-    """``--update-blocks``: ``all`` (None: every block trains) and/or ints K >= 0."""
-    out: list[int | None] = []
-    for x in _csv_list(s):
-        if x == "all":
-            out.append(None)
-            continue
-        try:
-            k = int(x)
-        except ValueError:
-            k = -1
-        if k < 0:
-            raise argparse.ArgumentTypeError(
-                f"expected 'all' and/or ints >= 0 (the last K blocks train), got {x!r}")
-        out.append(k)
-    if not out:
-        raise argparse.ArgumentTypeError("--update-blocks is empty: e.g. 'all,2,4'")
-    return out
 
 
 def _seeds(s: str) -> list[int]:
@@ -76,7 +46,7 @@ def _seeds(s: str) -> list[int]:
             raise argparse.ArgumentTypeError(
                 f"--seeds {s}: the number of seeds must be >= 1 (one given seed k: '{s},')")
         return list(range(n))
-    seeds = _int_list(s)
+    seeds = int_list(s)
     if not seeds or any(x < 0 for x in seeds):
         raise argparse.ArgumentTypeError(f"--seeds {s!r}: seeds must be integers >= 0")
     return seeds
@@ -108,22 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "default --target standard. 'budget' = fine-tuning under a memory budget: "
                    "head / full FT / LoRA r=4 training every layer or only the last 1, 2, 4 or "
                    "8 blocks (frozen prefix in 8 chunks), default tasks, 5 seeds")
-    g.add_argument("--models", type=_csv_list, default=None,
+    g.add_argument("--models", type=csv_list, default=None,
                    help="comma-separated torchvision model names, e.g. mobilenet_v2,resnet18 "
                    "(preset's list if omitted)")
-    g.add_argument("--methods", type=_csv_list, default=None,
+    g.add_argument("--methods", type=csv_list, default=None,
                    help=f"comma-separated methods from {','.join(list_methods())} "
                    f"(default grid: {','.join(DEFAULT_METHODS)})")
-    g.add_argument("--ranks", type=_int_list, default=None,
+    g.add_argument("--ranks", type=int_list, default=None,
                    help="comma-separated ranks for the low-rank methods (lora, dora, galore); "
                    "full/head/bitfit run once per model/task/seed")
-    g.add_argument("--update-blocks", type=_update_blocks, default=None,
+    g.add_argument("--update-blocks", type=blocks_list, default=None,
                    help="comma-separated grid axis: 'all' (every block trains, the default) "
                    "and/or K (only the last K backbone blocks train, the frozen prefix runs "
                    "without a graph; convpeft.memory.sparse), e.g. 'all,2,4'; recorded in the "
                    "update_blocks column and the row key. K=0 (the whole backbone frozen) "
                    "runs for head only, K>0 for every other method")
-    g.add_argument("--tasks", type=_csv_list, default=None,
+    g.add_argument("--tasks", type=csv_list, default=None,
                    help=f"comma-separated tasks from {','.join(ALL_TASKS)}: shift = clean -> "
                    "corrupted images; new_classes = learn held-out classes")
     g.add_argument("--seeds", type=_seeds, default=None,
@@ -352,7 +322,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         raise ValueError(f"unknown model(s) {unknown}: use torchvision classification models, "
                          f"e.g. {', '.join(TESTED_MODELS)} (all: convpeft.models.list_models())")
     plots = None if a.no_plots else (Path(a.plots) if a.plots else default_plots_dir(a.out))
-    formats = _csv_list(a.formats)
+    formats = csv_list(a.formats)
     if plots is not None:
         supported = _figure_formats()
         bad = [f for f in formats if f not in supported]

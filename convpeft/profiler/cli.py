@@ -23,7 +23,7 @@ import sys
 import torch
 
 from convpeft.core.amp import AMP_MODES, check_amp
-from convpeft.methods import get_method, list_methods
+from convpeft.methods import BN_POLICIES, get_method, list_methods
 from convpeft.profiler import analytic_profile, format_profile, profile_update
 
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--weights", default=None, help="pretrained weights name/path (build_model)")
     ap.add_argument("--small-input", action="store_true", help="CIFAR-style stem")
-    ap.add_argument("--bn", default="train", choices=("train", "freeze", "stats"))
+    ap.add_argument("--bn", default="train", choices=BN_POLICIES)
     ap.add_argument("--target", default="conv", help="layers adapted/projected")
     ap.add_argument("--lean", action="store_true",
                     help="memory-lean activations (convpeft.lean_activations; exact)")
