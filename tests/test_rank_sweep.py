@@ -40,6 +40,7 @@ def tiny(models: str = "mobilenet_v2,squeezenet1_0", methods: str = "full,lora",
         "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "1", "--few-shot", "5",
         "--test-per-class", "10", "--batch-size", "16", "--profile-repeat", "1", "--device", "cpu",
         "--formats", "png,svg", "--seeds", "1",  # one seed: seed 0
+        "--cost-at", "2x64",  # deployment costs at a small size: seconds, not minutes
     ]
 
 

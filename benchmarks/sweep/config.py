@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.sweep.cost import CostCache
 from benchmarks.sweep.grid import (
     Config,
     SweepSettings,
@@ -51,6 +52,8 @@ class SourceCache:
         # (model, dataset, task, method, rank) -> the profile columns of that configuration,
         # measured at one seed and copied into the rows of the others (see profile_columns)
         self.profiles: dict[tuple, dict] = {}
+        # the cost_* columns at the deployment size, once per configuration and head size
+        self.costs = CostCache(settings)
 
     def profile_key(self, cfg: Config) -> tuple:
         """What one update's cost depends on within a sweep: everything but the seed."""
@@ -97,6 +100,11 @@ class SourceCache:
         if isinstance(t, Exception):
             raise t
         return t
+
+    def cost(self, cfg: Config) -> dict:
+        """The ``cost_*`` columns of ``cfg`` at the deployment size (:mod:`benchmarks.sweep.cost`;
+        the head as large as the task's after adaptation)."""
+        return self.costs.columns(cfg, self.task(cfg).num_classes)
 
     def group_key(self, cfg: Config) -> tuple:
         """What the source model depends on: (model, dataset, task, seed)."""
@@ -265,6 +273,9 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     # --- cost of one update at the training batch size, on real target images: once per
     # configuration (the first seed that gets here), copied into the rows of the other seeds
     row.update(sources.profile(cfg))
+    # --- cost of one update at the deployment size (--cost-at), on the device: what the
+    # figures and findings report (the proxy-size profile above stays for comparisons)
+    row.update(sources.cost(cfg))
 
     # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
     if not settings.profile_only:

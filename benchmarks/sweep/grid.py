@@ -71,14 +71,24 @@ class SweepSettings:
     # BN statistics recomputed for the final weights before evaluating (convpeft.train's
     # precise_bn); off: evaluate with the running averages collected while training
     precise_bn: bool = True
+    # where costs are taken (benchmarks.sweep.cost): the deployment size, not the proxy's
+    # training size above; predicted from shapes, or measured on the device (--measure-cost);
+    # with a budget (bytes) the largest batch that fits. They change no training number, so
+    # they are not in the signature: a resumed sweep recosts its rows instead of retraining
+    cost_batch: int = 64
+    cost_resolution: int = 224
+    measure_cost: bool = False
+    budget: int | None = None
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
 
     def signature(self) -> str:
-        """Short hash of the settings that change a row's numbers (not data_root/device)."""
+        """Short hash of the settings that change a row's training numbers (not data_root,
+        device, nor where costs are taken)."""
         d = asdict(self)
-        for k in ("data_root", "device"):
+        for k in ("data_root", "device", "cost_batch", "cost_resolution", "measure_cost",
+                  "budget"):
             d.pop(k)
         # off: keys of earlier results stay valid
         for k in ("replay_per_class", "lean", "checkpoint"):
