@@ -182,3 +182,76 @@ def legend(ax, title: str | None = None, **kw) -> None:
 
 def _title(model: str, dataset: str, task: str) -> str:
     return f"{model} — {dataset}, task: {task}"
+
+
+# ------------------------------------------------------------------ configurations and costs
+KEY_COLUMNS: tuple[str, ...] = (
+    "update_blocks", "target", "batch_size", "resolution", "lean", "checkpoint", "amp", "bn",
+    "small_input", "prefix_chunks", "prefix_stats", "settings_signature", "cost_batch",
+    "cost_resolution", "cost_device", "cost_source",
+)
+"""What tells two configurations of one (model, dataset, task) apart besides method, rank and
+seed: rows that differ in one of these are never averaged into one point. A figure splits its
+rows by them (:func:`split_configurations`) except the ones it draws apart itself (the memory
+figure: lean/checkpointed variants as markers; the Pareto figure: each ``update_blocks`` a
+point)."""
+
+
+def _cell(row: dict, column: str):
+    """A key column's value, the same whether the row came from JSONL or CSV (``None``, empty
+    cells and ``"all"`` blocks alike; numbers as numbers; booleans as bools)."""
+    v = row.get(column)
+    if v in (None, "", "all"):
+        return None
+    if column in ("lean", "checkpoint", "small_input"):
+        return v if isinstance(v, bool) else str(v).lower() in ("true", "1")
+    n = num(v)
+    return int(n) if n is not None and float(n).is_integer() else (n if n is not None else v)
+
+
+def split_configurations(rows: Sequence[dict], drawn_apart: Sequence[str] = ()
+                         ) -> list[tuple[dict, list[dict]]]:
+    """The rows split by every :data:`KEY_COLUMNS` value except ``drawn_apart``: a list of
+    ``(what differs, rows)`` in first-seen order, ``what differs`` mapping each key column
+    whose value varies between the parts to this part's value (empty for a single part)."""
+    cols = [c for c in KEY_COLUMNS if c not in drawn_apart]
+    parts: dict[tuple, list[dict]] = {}
+    for r in rows:
+        parts.setdefault(tuple(_cell(r, c) for c in cols), []).append(r)
+    varying = [i for i, c in enumerate(cols) if len({k[i] for k in parts}) > 1]
+    return [({cols[i]: k[i] for i in varying}, grp) for k, grp in parts.items()]
+
+
+def part_suffix(differs: dict) -> str:
+    """A file-name suffix naming what sets a part apart, e.g. ``__batch_size-16`` (empty for
+    the only part)."""
+    return "".join(f"__{c}-{'all' if v is None else v}" for c, v in differs.items()
+                   if c != "settings_signature") + (
+        f"__settings-{differs['settings_signature']}" if "settings_signature" in differs else "")
+
+
+def uses_costs(rows: Sequence[dict]) -> bool:
+    """Whether the rows carry costs at a deployment size (``cost_memory_peak``; rows written
+    before it existed hold only the tensor-level profile at the training size)."""
+    return any(num(r.get("cost_memory_peak")) is not None for r in rows)
+
+
+def cost_field(rows: Sequence[dict], field: str) -> str:
+    """``cost_<field>`` where the rows carry deployment costs, else the training-size
+    ``<field>`` of older rows."""
+    return f"cost_{field}" if uses_costs(rows) else field
+
+
+def cost_where(rows: Sequence[dict]) -> str:
+    """Where the drawn costs were taken, for axis labels and titles: e.g. ``device peak,
+    predicted, batch 64 x 224x224, cpu (AMD EPYC)``, or for older rows ``tensor-level, batch
+    32 x 12x12 (the training size), cpu``."""
+    if uses_costs(rows):
+        r = next(r for r in rows if num(r.get("cost_memory_peak")) is not None)
+        name = r.get("cost_device_name")
+        return (f"{r.get('cost_source')}, batch {r.get('cost_batch')} x "
+                f"{r.get('cost_resolution')}x{r.get('cost_resolution')}, "
+                f"{r.get('cost_device')}" + (f" ({name})" if name else ""))
+    r = rows[0] if rows else {}
+    return (f"tensor-level, batch {r.get('batch_size')} x {r.get('resolution')}x"
+            f"{r.get('resolution')} (the training size), {r.get('env_device') or 'cpu'}")
