@@ -88,7 +88,7 @@ def test_every_configuration_is_drawn_at_its_own_value(rows):
                 for x, _ in coll.get_offsets():
                     xs.add(round(float(x), 3))
             assert "64 x 224x224" in f.axes[0].get_xlabel()
-            assert "predicted" in f.axes[0].get_xlabel()
+            assert "cpu, predicted" in f.axes[0].get_xlabel()
         assert {round(p / MIB, 3) for p, _, _ in CONFIGS.values()} <= xs
 
         memory = {stem: f for stem, f in figs.items() if stem.startswith("memory_")}

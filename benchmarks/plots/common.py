@@ -22,7 +22,10 @@ matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
+from benchmarks.common import cost_field as cost_field  # noqa: E402
+from benchmarks.common import cost_where as cost_where  # noqa: E402
 from benchmarks.common import method_label, num, rank_of  # noqa: E402
+from benchmarks.common import uses_costs as uses_costs  # noqa: E402
 from benchmarks.sweep.stats import Interval, metric_interval  # noqa: E402
 from convpeft.methods import list_methods  # noqa: E402
 
@@ -228,30 +231,3 @@ def part_suffix(differs: dict) -> str:
     return "".join(f"__{c}-{'all' if v is None else v}" for c, v in differs.items()
                    if c != "settings_signature") + (
         f"__settings-{differs['settings_signature']}" if "settings_signature" in differs else "")
-
-
-def uses_costs(rows: Sequence[dict]) -> bool:
-    """Whether the rows carry costs at a deployment size (``cost_memory_peak``; rows written
-    before it existed hold only the tensor-level profile at the training size)."""
-    return any(num(r.get("cost_memory_peak")) is not None for r in rows)
-
-
-def cost_field(rows: Sequence[dict], field: str) -> str:
-    """``cost_<field>`` where the rows carry deployment costs, else the training-size
-    ``<field>`` of older rows."""
-    return f"cost_{field}" if uses_costs(rows) else field
-
-
-def cost_where(rows: Sequence[dict]) -> str:
-    """Where the drawn costs were taken, for axis labels and titles: e.g. ``device peak,
-    predicted, batch 64 x 224x224, cpu (AMD EPYC)``, or for older rows ``tensor-level, batch
-    32 x 12x12 (the training size), cpu``."""
-    if uses_costs(rows):
-        r = next(r for r in rows if num(r.get("cost_memory_peak")) is not None)
-        name = r.get("cost_device_name")
-        return (f"{r.get('cost_source')}, batch {r.get('cost_batch')} x "
-                f"{r.get('cost_resolution')}x{r.get('cost_resolution')}, "
-                f"{r.get('cost_device')}" + (f" ({name})" if name else ""))
-    r = rows[0] if rows else {}
-    return (f"tensor-level, batch {r.get('batch_size')} x {r.get('resolution')}x"
-            f"{r.get('resolution')} (the training size), {r.get('env_device') or 'cpu'}")

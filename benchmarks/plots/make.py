@@ -10,6 +10,12 @@ reference in ``plots/`` (figures, ``findings.md`` and ``rank_sweep_default_summa
 ``plots/rank_sweep_default.csv``. To make a new run the reference, copy its ``results.csv`` over
 that file first.
 
+Costs are drawn at the rows' deployment size (``cost_*`` columns: ``--cost-at``, the device
+peak predicted or measured), the axis labels naming size, device and source; rows from before
+those columns existed are drawn at their training size, labelled tensor-level. Rows that differ
+in a key column (batch size, ``update_blocks``, lean, ...: :data:`FIGURE_KINDS`) get figures of
+their own, the file name suffixed with what sets them apart (``__batch_size-16``).
+
 Per (model, dataset, task):
   ``flops_<model>_<task>``     rank vs FLOPs per update (one line per ranked method; full FT,
                                head and BitFit as horizontal reference lines)

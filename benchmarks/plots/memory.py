@@ -97,7 +97,7 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(lab, h)
     fig.legend(list(legend.values()), list(legend), loc="upper center",
-               ncol=min(len(legend), 7), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+               ncol=min(len(legend), 8), fontsize=8, bbox_to_anchor=(0.5, 1.0))
     what = "" if base == "plain" else f" ({base})"
     fig.suptitle(f"Peak memory of one update{what}, by category\n{_title(model, dataset, task)}",
                  fontsize=10, y=1.1)

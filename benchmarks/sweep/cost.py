@@ -92,6 +92,14 @@ def device_name(device: str) -> str:
     return cpu_name()
 
 
+def model_machine(source: str) -> str:
+    """The machine a device model describes, from its ``source`` (``"shipped default, fitted on
+    Intel(R) Xeon(R) Processor (AVX-512), torch 2.14.1"`` -> ``Intel(R) Xeon(R) Processor
+    (AVX-512)``): a prediction is that machine's, whichever machine computed it."""
+    text = source.split("fitted on ", 1)[-1]
+    return text.split(", torch")[0].strip()
+
+
 def cost_key(cfg: Config, num_classes: int) -> tuple:
     """What a configuration's cost depends on within one sweep (the settings are shared): not
     the seed nor the task, only the head size."""
@@ -123,11 +131,11 @@ def predicted_cost(cfg: Config, s: SweepSettings, num_classes: int) -> dict:
     (module docstring). ``cost_skipped`` (and no figures) under ``--amp``: the analytic trace
     runs on the meta device, which has no autocast."""
     from convpeft.planner import DEFAULT_MAX_BATCH, largest_fitting
-    from convpeft.profiler import analytic_profile
+    from convpeft.profiler import analytic_profile, scratch_model
 
     dev = device_type(s.device)
     out: dict = {"cost_batch": s.cost_batch, "cost_resolution": s.cost_resolution,
-                 "cost_device": dev, "cost_device_name": device_name(s.device)}
+                 "cost_device": dev, "cost_device_name": model_machine(scratch_model(dev).source)}
     if s.amp != "off":
         out["cost_skipped"] = (f"--amp {s.amp}: the device model predicts fp32 updates only "
                                "(rerun with --amp off for deployment costs)")
@@ -229,6 +237,7 @@ def measured_cost(cfg: Config, s: SweepSettings, num_classes: int, predicted: di
     out = dict(predicted)
     step = statistics.median(m["times"])
     out.update(cost_source="measured", cost_memory_peak=m["peak"],
+               cost_device_name=device_name(s.device),
                cost_memory_allocated=m["allocated"],
                cost_memory_error=(predicted["cost_memory_predicted"] / m["allocated"] - 1
                                   if predicted.get("cost_memory_predicted") else None),

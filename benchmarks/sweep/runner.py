@@ -17,7 +17,12 @@ For every configuration (model, task, method, rank, seed) the sweep
    once per configuration, not per seed: what an update costs depends on shapes only, so the
    other seeds' rows copy the profile columns (``profile_seed`` says which seed measured them;
    a resumed sweep reuses a profile already on disk);
-4. saves the trainable tensors with safetensors to measure the adapter's size on disk;
+4. takes the cost of one update at the deployment size, ``--cost-at`` (default batch 64 x
+   224x224; :mod:`benchmarks.sweep.cost`): the device peak predicted from shapes (or measured
+   with ``--measure-cost`` in a fresh process), FLOPs, parameters, with ``--budget`` the largest
+   batch that fits — the ``cost_*`` columns the figures and findings report; a rerun with
+   another ``--cost-at`` recosts the finished rows without training;
+5. saves the trainable tensors with safetensors to measure the adapter's size on disk;
 
 and appends one row per (configuration, seed) to ``--out``/results.{jsonl,csv}. The
 configurations run one after another in this process, or as Ray tasks with ``--executor ray
