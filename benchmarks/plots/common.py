@@ -212,15 +212,36 @@ def _cell(row: dict, column: str):
     return int(n) if n is not None and float(n).is_integer() else (n if n is not None else v)
 
 
+SPARSE_ONLY = ("prefix_chunks", "prefix_stats")
+"""Key columns that only sparse rows (``update_blocks`` set) have: an every-layer row has none."""
+
+
 def split_configurations(rows: Sequence[dict], drawn_apart: Sequence[str] = ()
                          ) -> list[tuple[dict, list[dict]]]:
     """The rows split by every :data:`KEY_COLUMNS` value except ``drawn_apart``: a list of
     ``(what differs, rows)`` in first-seen order, ``what differs`` mapping each key column
-    whose value varies between the parts to this part's value (empty for a single part)."""
+    whose value varies between the parts to this part's value (empty for a single part).
+
+    Where ``update_blocks`` is drawn apart (sparse rows beside every-layer ones in one
+    figure), the every-layer rows, which have no prefix settings (:data:`SPARSE_ONLY`), join
+    each part of sparse rows that agrees with them on every other column."""
     cols = [c for c in KEY_COLUMNS if c not in drawn_apart]
+    sparse_apart = "update_blocks" in drawn_apart
     parts: dict[tuple, list[dict]] = {}
+    every: dict[tuple, list[dict]] = {}
     for r in rows:
-        parts.setdefault(tuple(_cell(r, c) for c in cols), []).append(r)
+        key = tuple(_cell(r, c) for c in cols)
+        if sparse_apart and _cell(r, "update_blocks") is None:
+            every.setdefault(key, []).append(r)
+        else:
+            parts.setdefault(key, []).append(r)
+    shared = [i for i, c in enumerate(cols) if c not in SPARSE_ONLY]
+    for key, grp in every.items():
+        homes = [k for k in parts if all(k[i] == key[i] for i in shared)]
+        for k in homes:
+            parts[k] = grp + parts[k]
+        if not homes:
+            parts[key] = grp
     varying = [i for i, c in enumerate(cols) if len({k[i] for k in parts}) > 1]
     return [({cols[i]: k[i] for i in varying}, grp) for k, grp in parts.items()]
 
@@ -229,5 +250,5 @@ def part_suffix(differs: dict) -> str:
     """A file-name suffix naming what sets a part apart, e.g. ``__batch_size-16`` (empty for
     the only part)."""
     return "".join(f"__{c}-{'all' if v is None else v}" for c, v in differs.items()
-                   if c != "settings_signature") + (
+                   if c != "settings_signature" and not (c in SPARSE_ONLY and v is None)) + (
         f"__settings-{differs['settings_signature']}" if "settings_signature" in differs else "")

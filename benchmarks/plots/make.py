@@ -103,11 +103,12 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     return out
 
 
-FIGURE_KINDS = (("flops", plot_flops, ()),
-                ("memory", plot_memory, ("lean", "checkpoint", "settings_signature")),
-                ("accuracy", plot_accuracy, ()),
-                ("pareto", plot_pareto, ("update_blocks",)))
-"""Each per-(model, dataset, task) figure: its name, how it is drawn, and the key columns it
+FIGURE_KINDS = (("flops", "plot_flops", ()),
+                ("memory", "plot_memory", ("lean", "checkpoint", "settings_signature")),
+                ("accuracy", "plot_accuracy", ()),
+                ("pareto", "plot_pareto", ("update_blocks",)))
+"""Each per-(model, dataset, task) figure: its name, the function of this module that draws
+it (looked up when drawing), and the key columns it
 draws apart itself (the memory figure marks the lean / checkpointed variants of a
 configuration on its bar; the Pareto figure makes each ``update_blocks`` a point); by every
 other key column (:data:`benchmarks.plots.common.KEY_COLUMNS`) the rows are split into
@@ -118,9 +119,13 @@ configurations."""
 def iter_figures(rows: Sequence[dict]):
     """``(file stem, figure)`` for every figure the rows support (see :func:`make_plots`)."""
     ok = _ok(primary_rows(rows))
+    # looked up now, not at import: a caller (a test) may have replaced one
+    draw = {"plot_flops": plot_flops, "plot_memory": plot_memory,
+            "plot_accuracy": plot_accuracy, "plot_pareto": plot_pareto}
     for (model, dataset, task), grp in sorted(_group(ok).items()):
         stem = f"{_slug(model)}_{_slug(dataset)}_{_slug(task)}"
-        for kind, fn, apart in FIGURE_KINDS:
+        for kind, name, apart in FIGURE_KINDS:
+            fn = draw[name]
             for differs, part in split_configurations(grp, apart):
                 fig = fn(part, model, dataset, task)
                 if fig is not None:
