@@ -145,7 +145,7 @@ def _default_run_lines() -> list[str]:
     lines.append("- **Memory:** LoRA/DoRA's device peak is " + ", ".join(
         f"{_ratios(v)} full FT's on {m} ({net_kind(rows, m)})" for m, v in mem.items())
         + ": at this size the activations set the peak, and adapters keep them (lean "
-        "activations, checkpointing and sparse updates remove them: below).")
+        "activations, checkpointing and sparse updates remove them).")
     train = _by_model(fl, "train_ours_reduction")
     torch_txt = [f"{_range(theirs[m])} on {m} where ours says {_range(train[m])}" + (
         f" (it counts full FT at {statistics.mean(over[m]):.2f}x the true figure)"
