@@ -91,6 +91,36 @@ def method_label(method: str) -> str:
     return get_method(method).label if method in list_methods() else method
 
 
+def uses_costs(rows: Sequence[dict]) -> bool:
+    """Whether the rows carry costs at a deployment size (``cost_memory_peak``; rows written
+    before it existed hold only the tensor-level profile at the training size)."""
+    return any(num(r.get("cost_memory_peak")) is not None for r in rows)
+
+
+def cost_field(rows: Sequence[dict], field: str) -> str:
+    """``cost_<field>`` where the rows carry deployment costs, else the training-size
+    ``<field>`` of older rows."""
+    return f"cost_{field}" if uses_costs(rows) else field
+
+
+def cost_where(rows: Sequence[dict]) -> str:
+    """Where the drawn costs were taken, for axis labels and titles: e.g. ``batch 64 x
+    224x224, cpu, predicted (device model of Intel(R) Xeon(R) Processor)``, ``batch 64 x
+    224x224, cpu, measured (AMD EPYC)``, or for older rows ``batch 32 x 12x12 (the training
+    size), tensor-level``."""
+    if uses_costs(rows):
+        r = next(r for r in rows if num(r.get("cost_memory_peak")) is not None)
+        name = r.get("cost_device_name")
+        how = str(r.get("cost_source"))
+        if name:
+            how += f" (device model of {name})" if how == "predicted" else f" ({name})"
+        return (f"batch {r.get('cost_batch')} x {r.get('cost_resolution')}x"
+                f"{r.get('cost_resolution')}, {r.get('cost_device')}, {how}")
+    r = rows[0] if rows else {}
+    return (f"batch {r.get('batch_size')} x {r.get('resolution')}x{r.get('resolution')} (the "
+            "training size), tensor-level")
+
+
 DEFAULT_OUT = "results/rank_sweep"
 """The rank sweep's results folder when ``--out`` is not given."""
 REFERENCE_DIR = "plots"

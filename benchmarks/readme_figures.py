@@ -117,31 +117,44 @@ def _by_model(recs: Sequence[dict], field: str) -> dict[str, list[float]]:
     return out
 
 
+def _ratios(xs: Sequence[float]) -> str:
+    """Savings as the peak's ratio to full FT's, ``0.95x to 1.01x`` (a negative saving reads
+    right)."""
+    lo, hi = 1 - max(xs), 1 - min(xs)
+    return f"{lo:.2f}x" if round(lo, 2) == round(hi, 2) else f"{lo:.2f}x to {hi:.2f}x"
+
+
 def _default_run_lines() -> list[str]:
-    """The reference run's memory and FLOP figures (exact, the same on every machine)."""
-    from benchmarks.common import primary_rows, variant_of
+    """The reference run's memory and FLOP figures at its deployment size (predicted from
+    shapes: the same on every machine), from its own rows."""
+    from benchmarks.common import cost_where, primary_rows, uses_costs, variant_of
     from benchmarks.sweep.findings import flop_reductions, memory_savings, net_kind
 
     rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
+    ok = [r for r in rows if r.get("status") == "ok"]
     mem = _by_model(memory_savings(rows), "saving")
     fl = flop_reductions(rows)
     ours, theirs = _by_model(fl, "ours_reduction"), _by_model(fl, "torch_reduction")
     over = _by_model(fl, "torch_overcount_full")
-    setup = sorted({(r.get("batch_size"), r.get("resolution")) for r in rows
-                    if r.get("status") == "ok"}, key=str)
-    where = "; ".join(f"batch {b}, {s}x{s} inputs" for b, s in setup)
-    lines = [f"From the committed reference run ([plots/findings.md](plots/findings.md); {where},"
-             " BN in train mode, AdamW):", ""]
-    lines.append("- **Memory:** LoRA/DoRA's peak is " + ", ".join(
-        f"{_range(v)} below full FT's on {m} ({net_kind(rows, m)})" for m, v in mem.items())
-        + ".")
-    torch_txt = [f"{_range(theirs[m])} on {m}" + (
+    setup = sorted({(r.get("batch_size"), r.get("resolution")) for r in ok}, key=str)
+    trained = "; ".join(f"batch {b}, {s}x{s} inputs" for b, s in setup)
+    where = cost_where(ok) if uses_costs(ok) else "the training size"
+    lines = [f"From the committed reference run ([plots/findings.md](plots/findings.md); "
+             f"trained at {trained}, BN in train mode, AdamW); every cost at the deployment "
+             f"size, {where}:", ""]
+    lines.append("- **Memory:** LoRA/DoRA's device peak is " + ", ".join(
+        f"{_ratios(v)} full FT's on {m} ({net_kind(rows, m)})" for m, v in mem.items())
+        + ": at this size the activations set the peak, and adapters keep them (lean "
+        "activations, checkpointing and sparse updates remove them).")
+    train = _by_model(fl, "train_ours_reduction")
+    torch_txt = [f"{_range(theirs[m])} on {m} where ours says {_range(train[m])}" + (
         f" (it counts full FT at {statistics.mean(over[m]):.2f}x the true figure)"
         if round(statistics.mean(over[m]), 2) != 1 else "")
-        for m in ours if m in theirs and m in over]
+        for m in ours if m in theirs and m in over and m in train]
     lines.append("- **FLOPs:** counted correctly, LoRA/DoRA cut an update's FLOPs by "
                  + ", ".join(f"{_range(v)} on {m}" for m, v in ours.items())
-                 + "; torch's `FlopCounterMode` says " + ", ".join(torch_txt) + ".")
+                 + ("; at the training size, where torch's `FlopCounterMode` counts the same "
+                    "updates, it says " + ", ".join(torch_txt) if torch_txt else "") + ".")
     return lines
 
 
@@ -362,25 +375,28 @@ def _budget_cell(acc: dict, refs: Sequence[dict | None]) -> str:
 
 
 def budget_block() -> str:
-    """README's "Fine-tuning under a memory budget": per model and configuration, the device
-    peak at batch 64 x 224x224 over full FT's (:data:`SPARSE_MEMORY_JSON`, where measured) and
-    the target accuracy of the committed budget run (:data:`BUDGET_CSV`) per task, with the
-    paired differences to LoRA on every layer and to head only."""
+    """README's "Fine-tuning under a memory budget", all from the committed budget run's own
+    rows (:data:`BUDGET_CSV`): per model and configuration, its device peak at the run's
+    deployment size over full FT's (``cost_memory_peak``: each configuration as the run
+    trains it) and the target accuracy per task, with the paired differences to LoRA on every
+    layer and to head only."""
     import csv
-    import json
     from collections import defaultdict
 
-    from benchmarks.common import blocks_label, blocks_of
+    from benchmarks.common import blocks_label, blocks_of, cost_where, num
     from convpeft.methods import get_method
 
     with (ROOT / BUDGET_CSV).open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("status", "ok") == "ok"]
-    mem = json.loads((ROOT / SPARSE_MEMORY_JSON).read_text())["rows"]
-    ratio, ckpt_ratio = {}, {}  # checkpointed sparse rows: exact, so the same accuracy
-    for r in mem:
-        if r["prefix_chunks"] in (None, 8) or r["update_blocks"] is None:
-            key = (r["model"], r["method"], r["update_blocks"])
-            (ckpt_ratio if r.get("checkpoint") and r["update_blocks"] else ratio)[key] = r["ratio"]
+    peaks: dict = defaultdict(list)  # (model, method, K) -> device peaks (one per row)
+    for r in rows:
+        if num(r.get("cost_memory_peak")) is not None:
+            peaks[(r["model"], r["method"], blocks_of(r))].append(num(r["cost_memory_peak"]))
+    ratio = {}
+    for (model, m, k), v in peaks.items():
+        full = peaks.get((model, "full", None))
+        if full:
+            ratio[(model, m, k)] = statistics.mean(v) / statistics.mean(full)
     acc: dict = defaultdict(dict)  # (model, task, method, K) -> {seed: acc}
     for r in rows:
         acc[(r["model"], r["task"], r["method"], blocks_of(r))][int(r["seed"])] = float(
@@ -398,24 +414,21 @@ def budget_block() -> str:
         for m, k in keys:
             label = get_method(m).label + (" every layer" if k is None and m != "head"
                                            else blocks_label(k))
-            x = ratio.get((model, m, k if m != "head" else 0))
-            if m == "full" and k is None:
-                x = 1.0
+            x = ratio.get((model, m, k))
             cells = [_budget_cell(acc[(model, t, m, k)], [acc.get((model, t, "lora", None)),
                                                           acc.get((model, t, "head", None))])
                      if (model, t, m, k) in acc else "" for t in tasks]
             lines.append(f"| {names.get(model, model) if first else ''} | {label} | "
                          f"{'' if x is None else f'{x:.3f}'} | " + " | ".join(cells) + " |")
             first = False
-            if (model, m, k) in ckpt_ratio:  # same trained weights: checkpointing is exact
-                lines.append(f"|  | {label}, checkpointed | {ckpt_ratio[(model, m, k)]:.3f} | "
-                             + " | ".join("same as above" if c else "" for c in cells) + " |")
     seeds = sorted({int(r["seed"]) for r in rows})
+    costed = [r for r in rows if num(r.get("cost_memory_peak")) is not None]
     lines.append("")
     lines.append(f"{len(seeds)} seeds; `=`: the paired 95% interval of the difference contains "
-                 "0, `+`/`-`: above/below it; device peak: CPU allocator, LoRA r=8 lean, "
-                 "prefix in 8 chunks (`benchmarks.sparse_memory`), blank where not "
-                 "measured; accuracy: LoRA r=4, the default tasks (`--preset budget`), "
+                 "0, `+`/`-`: above/below it; device peak: "
+                 + (cost_where(costed) if costed else "not in the rows")
+                 + ", each configuration as the run trains it (LoRA r=4, BN train, frozen "
+                 "prefix in 8 chunks); accuracy: the default tasks (`--preset budget`), "
                  f"{rows[0]['env_cpu']}.")
     return "\n".join(lines) + "\n"
 

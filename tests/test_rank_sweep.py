@@ -42,6 +42,7 @@ def tiny(models: str = "mobilenet_v2,squeezenet1_0", methods: str = "full,lora",
         "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "1", "--few-shot", "5",
         "--test-per-class", "10", "--batch-size", "16", "--profile-repeat", "1", "--device", "cpu",
         "--formats", "png,svg", "--seeds", "1",  # one seed: seed 0
+        "--cost-at", "2x64",  # deployment costs at a small size: seconds, not minutes
     ]
 
 
@@ -58,6 +59,8 @@ EXPECTED_COLUMNS = PROFILE_COLUMNS | {
     "zero_shot_acc", "target_acc", "source_acc", "trainable_params", "total_params",
     "adapter_bytes", "wall_time_s", "env_convpeft_version", "env_torch_version",
     "env_git_commit", "env_cpu", "env_gpu", "env_threads", "corruption", "severity", "bn",
+    "cost_batch", "cost_resolution", "cost_device", "cost_source", "cost_memory_peak",
+    "cost_flops_total", "cost_trainable_params", "cost_memory_vs_full",
 }
 
 
@@ -260,8 +263,10 @@ def test_findings_are_computed_from_the_rows(sweep):
     assert md.strip() == findings_markdown(rows, str(sweep["out"])).strip()
     full = next(r for r in rows if r["method"] == "full" and r["status"] == "ok")
     lora1 = next(r for r in rows if r["method"] == "lora" and r["rank"] == 1)
-    saving = 1 - lora1["memory_peak"] / full["memory_peak"]
+    # the memory claim is at the deployment size (--cost-at 2x64), the device peak predicted
+    saving = 1 - lora1["cost_memory_peak"] / full["cost_memory_peak"]
     assert f"{100 * saving:.1f}%" in md
+    assert "batch 2 x 64x64, cpu, predicted" in md
     assert "mobilenet_v2** (depthwise-separable)" in md
 
 

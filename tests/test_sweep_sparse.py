@@ -7,8 +7,7 @@ import csv
 import pytest
 
 from benchmarks import rank_sweep
-from benchmarks.sweep.config import method_config
-from benchmarks.sweep.grid import Config, SweepSettings, expand_grid
+from benchmarks.sweep.grid import Config, SweepSettings, expand_grid, method_config
 from benchmarks.sweep.results import load_results
 
 

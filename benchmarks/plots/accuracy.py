@@ -27,8 +27,11 @@ from benchmarks.plots.common import (
     _rank_figure,
     _style,
     _title,
+    cost_field,
+    cost_where,
     legend,
     reference_interval,
+    uses_costs,
 )
 from benchmarks.sweep.stats import metric_interval
 
@@ -118,10 +121,12 @@ plotted full fine-tuning's peak (from their papers, not measured here)."""
 
 
 def exact_floor(rows: Sequence[dict], model: str) -> float | None:
-    """Bytes below which no exact update of LoRA on every layer can go, at the rows' batch,
-    resolution, rank and BN policy (:func:`benchmarks.lean_memory.update_floor`: resident state
-    plus the worst layer's input and output gradients; a tensor-level lower bound, like the
-    sweep's ``memory_peak``). None without an every-layer LoRA row."""
+    """Bytes below which no exact update of LoRA on every layer can go, at the size the rows'
+    costs are drawn at (the deployment size with the ImageNet stem where they carry
+    ``cost_*`` columns, else the training batch and resolution), rank and BN policy
+    (:func:`benchmarks.lean_memory.update_floor`: resident state plus the worst layer's input
+    and output gradients; a tensor-level lower bound). None without an every-layer LoRA
+    row."""
     from benchmarks.lean_memory import update_floor
     from convpeft.methods import MethodConfig, prepare
     from convpeft.models import build_model
@@ -131,11 +136,13 @@ def exact_floor(rows: Sequence[dict], model: str) -> float | None:
     if not lora:
         return None
     r0 = lora[0]
-    net = build_model(model, 10, small_input=flag_of(r0, "small_input", default=True))
+    deploy = uses_costs(rows) and num(r0.get("cost_batch")) is not None
+    small = False if deploy else flag_of(r0, "small_input", default=True)
+    net = build_model(model, 10, small_input=small)
     prepared = prepare(net, MethodConfig("lora", rank=rank_of(r0), bn=r0.get("bn") or "train"))
-    res = int(num(r0["resolution"]))
-    return float(update_floor(net, prepared.optimizer,
-                              (int(num(r0["batch_size"])), 3, res, res))["floor"])
+    batch = int(num(r0["cost_batch" if deploy else "batch_size"]))
+    res = int(num(r0["cost_resolution" if deploy else "resolution"]))
+    return float(update_floor(net, prepared.optimizer, (batch, 3, res, res))["floor"])
 
 
 def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
@@ -150,9 +157,10 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
 
     acc: dict[Key, object] = {}
     mem: dict[Key, float] = {}
+    peak_f = cost_field(rows, "memory_peak")  # the deployment size's device peak where present
     for k, sub in _split_by_blocks(rows).items():  # sparse updates are configurations too
         acc.update({(m, r, k): iv for (m, r), iv in _interval_by(sub, "target_acc").items()})
-        mem.update({(m, r, k): v for (m, r), v in _mean_by(sub, "memory_peak").items()})
+        mem.update({(m, r, k): v for (m, r), v in _mean_by(sub, peak_f).items()})
     keys = [k for k in acc if k in mem]
     if not keys:
         return None
@@ -201,13 +209,14 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
         floor = exact_floor(rows, model)
         if floor is not None:  # what sparse updates go below: no exact every-layer update can
             ax.axvline(floor / MIB, color="black", ls="--", lw=1, zorder=1,
-                       label=f"exact floor, LoRA every layer: {floor / full:.3f}x full FT")
+                       label=f"exact floor, LoRA every layer (tensor-level): {floor / full:.3f}x "
+                       "full FT")
     for i in front:
         ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(7, 0),
                     va="center", fontsize=7, color="red", zorder=5,
                     bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
     ax.margins(x=0.12)  # room for the labels of the outermost points
-    ax.set_xlabel("peak memory of one update [MiB]")
+    ax.set_xlabel(f"peak memory of one update [MiB]\n({cost_where(rows)})", fontsize=9)
     ax.set_ylabel(f"target test accuracy [%]\n({_seed_counts(acc)})")
     _clamp_percent(ax)
     ax.set_title(f"Accuracy vs memory (up-left is better)\n{_title(model, dataset, task)}",

@@ -22,7 +22,10 @@ matplotlib.use("Agg")  # files only, never a window (CI, headless servers)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
+from benchmarks.common import cost_field as cost_field  # noqa: E402
+from benchmarks.common import cost_where as cost_where  # noqa: E402
 from benchmarks.common import method_label, num, rank_of  # noqa: E402
+from benchmarks.common import uses_costs as uses_costs  # noqa: E402
 from benchmarks.sweep.stats import Interval, metric_interval  # noqa: E402
 from convpeft.methods import list_methods  # noqa: E402
 
@@ -182,3 +185,70 @@ def legend(ax, title: str | None = None, **kw) -> None:
 
 def _title(model: str, dataset: str, task: str) -> str:
     return f"{model} — {dataset}, task: {task}"
+
+
+# ------------------------------------------------------------------ configurations and costs
+KEY_COLUMNS: tuple[str, ...] = (
+    "update_blocks", "target", "batch_size", "resolution", "lean", "checkpoint", "amp", "bn",
+    "small_input", "prefix_chunks", "prefix_stats", "settings_signature", "cost_batch",
+    "cost_resolution", "cost_device", "cost_source",
+)
+"""What tells two configurations of one (model, dataset, task) apart besides method, rank and
+seed: rows that differ in one of these are never averaged into one point. A figure splits its
+rows by them (:func:`split_configurations`) except the ones it draws apart itself (the memory
+figure: lean/checkpointed variants as markers; the Pareto figure: each ``update_blocks`` a
+point)."""
+
+
+def _cell(row: dict, column: str):
+    """A key column's value, the same whether the row came from JSONL or CSV (``None``, empty
+    cells and ``"all"`` blocks alike; numbers as numbers; booleans as bools)."""
+    v = row.get(column)
+    if v in (None, "", "all"):
+        return None
+    if column in ("lean", "checkpoint", "small_input"):
+        return v if isinstance(v, bool) else str(v).lower() in ("true", "1")
+    n = num(v)
+    return int(n) if n is not None and float(n).is_integer() else (n if n is not None else v)
+
+
+SPARSE_ONLY = ("prefix_chunks", "prefix_stats")
+"""Key columns that only sparse rows (``update_blocks`` set) have: an every-layer row has none."""
+
+
+def split_configurations(rows: Sequence[dict], drawn_apart: Sequence[str] = ()
+                         ) -> list[tuple[dict, list[dict]]]:
+    """The rows split by every :data:`KEY_COLUMNS` value except ``drawn_apart``: a list of
+    ``(what differs, rows)`` in first-seen order, ``what differs`` mapping each key column
+    whose value varies between the parts to this part's value (empty for a single part).
+
+    Where ``update_blocks`` is drawn apart (sparse rows beside every-layer ones in one
+    figure), the every-layer rows, which have no prefix settings (:data:`SPARSE_ONLY`), join
+    each part of sparse rows that agrees with them on every other column."""
+    cols = [c for c in KEY_COLUMNS if c not in drawn_apart]
+    sparse_apart = "update_blocks" in drawn_apart
+    parts: dict[tuple, list[dict]] = {}
+    every: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = tuple(_cell(r, c) for c in cols)
+        if sparse_apart and _cell(r, "update_blocks") is None:
+            every.setdefault(key, []).append(r)
+        else:
+            parts.setdefault(key, []).append(r)
+    shared = [i for i, c in enumerate(cols) if c not in SPARSE_ONLY]
+    for key, grp in every.items():
+        homes = [k for k in parts if all(k[i] == key[i] for i in shared)]
+        for k in homes:
+            parts[k] = grp + parts[k]
+        if not homes:
+            parts[key] = grp
+    varying = [i for i, c in enumerate(cols) if len({k[i] for k in parts}) > 1]
+    return [({cols[i]: k[i] for i in varying}, grp) for k, grp in parts.items()]
+
+
+def part_suffix(differs: dict) -> str:
+    """A file-name suffix naming what sets a part apart, e.g. ``__batch_size-16`` (empty for
+    the only part)."""
+    return "".join(f"__{c}-{'all' if v is None else v}" for c, v in differs.items()
+                   if c != "settings_signature" and not (c in SPARSE_ONLY and v is None)) + (
+        f"__settings-{differs['settings_signature']}" if "settings_signature" in differs else "")

@@ -20,18 +20,32 @@ from benchmarks.plots.common import (
     _rank_figure,
     _style,
     _title,
+    cost_field,
     legend,
+    uses_costs,
 )
+
+
+def _size(rows) -> str:
+    """The batch and image size the FLOPs are counted at (the deployment size where the rows
+    carry costs there)."""
+    r = rows[0]
+    if uses_costs(rows):
+        r = next(x for x in rows if num(x.get("cost_flops_total")) is not None)
+        res = r.get("cost_resolution")
+        return f"batch {r.get('cost_batch')} x {res}x{res}"
+    return (f"batch {r.get('batch_size')} x {r.get('resolution')}x{r.get('resolution')}, the "
+            "training size")
 
 
 def plot_flops(rows, model, dataset, task) -> plt.Figure | None:
     """Rank vs FLOPs of one update (fwd + bwd + optimizer, our count)."""
-    means = _mean_by(rows, "flops_total")
+    means = _mean_by(rows, cost_field(rows, "flops_total"))
     if not means:
         return None
     div, unit = _flops_scale(list(means.values()))
     fig, ax = _rank_figure(rows, means, lambda v: v / div, ref_suffix=" (no rank)")
-    ax.set_ylabel(f"FLOPs per update [{unit}]")
+    ax.set_ylabel(f"FLOPs per update [{unit}]\n(analytic, {_size(rows)})", fontsize=9)
     ax.set_ylim(bottom=0)
     ax.set_title(f"FLOPs per training update\n{_title(model, dataset, task)}", fontsize=10)
     ax.grid(alpha=0.3)

@@ -10,6 +10,12 @@ reference in ``plots/`` (figures, ``findings.md`` and ``rank_sweep_default_summa
 ``plots/rank_sweep_default.csv``. To make a new run the reference, copy its ``results.csv`` over
 that file first.
 
+Costs are drawn at the rows' deployment size (``cost_*`` columns: ``--cost-at``, the device
+peak predicted or measured), the axis labels naming size, device and source; rows from before
+those columns existed are drawn at their training size, labelled tensor-level. Rows that differ
+in a key column (batch size, ``update_blocks``, lean, ...: :data:`FIGURE_KINDS`) get figures of
+their own, the file name suffixed with what sets them apart (``__batch_size-16``).
+
 Per (model, dataset, task):
   ``flops_<model>_<task>``     rank vs FLOPs per update (one line per ranked method; full FT,
                                head and BitFit as horizontal reference lines)
@@ -63,6 +69,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.plots.accuracy import pareto_front as pareto_front  # noqa: E402
 from benchmarks.plots.accuracy import plot_accuracy, plot_pareto  # noqa: E402
+from benchmarks.plots.common import part_suffix, split_configurations  # noqa: E402
 from benchmarks.plots.flops import plot_flop_counters, plot_flops  # noqa: E402
 from benchmarks.plots.memory import plot_memory  # noqa: E402
 
@@ -96,31 +103,52 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Path]:
     return out
 
 
+FIGURE_KINDS = (("flops", "plot_flops", ()),
+                ("memory", "plot_memory", ("lean", "checkpoint", "settings_signature")),
+                ("accuracy", "plot_accuracy", ()),
+                ("pareto", "plot_pareto", ("update_blocks",)))
+"""Each per-(model, dataset, task) figure: its name, the function of this module that draws
+it (looked up when drawing), and the key columns it
+draws apart itself (the memory figure marks the lean / checkpointed variants of a
+configuration on its bar; the Pareto figure makes each ``update_blocks`` a point); by every
+other key column (:data:`benchmarks.plots.common.KEY_COLUMNS`) the rows are split into
+figures of their own, named with what sets them apart, so no point averages two
+configurations."""
+
+
+def iter_figures(rows: Sequence[dict]):
+    """``(file stem, figure)`` for every figure the rows support (see :func:`make_plots`)."""
+    ok = _ok(primary_rows(rows))
+    # looked up now, not at import: a caller (a test) may have replaced one
+    draw = {"plot_flops": plot_flops, "plot_memory": plot_memory,
+            "plot_accuracy": plot_accuracy, "plot_pareto": plot_pareto}
+    for (model, dataset, task), grp in sorted(_group(ok).items()):
+        stem = f"{_slug(model)}_{_slug(dataset)}_{_slug(task)}"
+        for kind, name, apart in FIGURE_KINDS:
+            fn = draw[name]
+            for differs, part in split_configurations(grp, apart):
+                fig = fn(part, model, dataset, task)
+                if fig is not None:
+                    yield f"{kind}_{stem}{_slug(part_suffix(differs))}", fig
+    fig = plot_flop_counters(ok)
+    if fig is not None:
+        yield "flop_counters", fig
+
+
 def make_plots(
     rows: Sequence[dict], plots_dir: str | os.PathLike, formats: Sequence[str] = ("png", "svg")
 ) -> list[Path]:
     """Draw every plot the rows support into ``plots_dir``; returns the files written. Rows of
     one adapter target are drawn (:func:`~benchmarks.common.primary_rows`: every conv where such
     rows exist), so a folder that also holds the study's standard-conv rows is not averaged
-    over targets; findings.md compares the targets."""
+    over targets; findings.md compares the targets. Rows that differ in another key column
+    (batch size, ``update_blocks``, lean, ... :data:`FIGURE_KINDS`) get figures of their
+    own."""
     out_dir = Path(plots_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ok = _ok(primary_rows(rows))
     written: list[Path] = []
-    for (model, dataset, task), grp in sorted(_group(ok).items()):
-        stem = f"{_slug(model)}_{_slug(dataset)}_{_slug(task)}"
-        for kind, fn in (
-            ("flops", plot_flops),
-            ("memory", plot_memory),
-            ("accuracy", plot_accuracy),
-            ("pareto", plot_pareto),
-        ):
-            fig = fn(grp, model, dataset, task)
-            if fig is not None:
-                written += _save(fig, out_dir, f"{kind}_{stem}", formats)
-    fig = plot_flop_counters(ok)
-    if fig is not None:
-        written += _save(fig, out_dir, "flop_counters", formats)
+    for stem, fig in iter_figures(rows):
+        written += _save(fig, out_dir, stem, formats)
     return written
 
 

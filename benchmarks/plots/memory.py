@@ -13,10 +13,11 @@ from collections import defaultdict
 
 import matplotlib.pyplot as plt
 
-from benchmarks.common import MIB, VARIANTS, method_label, variant_of
-from benchmarks.plots.common import _mean_by, _methods_in, _ranks, _title
+from benchmarks.common import MIB, VARIANTS, method_label, num, variant_of
+from benchmarks.plots.common import _mean_by, _methods_in, _ranks, _title, cost_field, cost_where
 
-MEMORY_CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
+MEMORY_CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries",
+                     "scratch")
 CATEGORY_COLORS = {
     "params": "#4c72b0",
     "buffers": "#8c8c8c",
@@ -24,6 +25,7 @@ CATEGORY_COLORS = {
     "optimizer": "#c44e52",
     "activations": "#55a868",
     "temporaries": "#b3de69",
+    "scratch": "#e5ae38",  # kernel scratch beyond the live tensors (the device's, not a tensor)
 }
 VARIANT_MARKERS = {"lean": dict(marker="D", color="#c44e52"),
                    "ckpt": dict(marker="^", color="#8172b2"),
@@ -38,12 +40,17 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
     for r in rows:
         by_variant[variant_of(r)].append(r)
     base = "plain" if "plain" in by_variant else next(v for v in VARIANTS if v in by_variant)
-    others = {v: _mean_by(by_variant[v], "memory_peak") for v in VARIANTS
+    # the deployment-size device peak where the rows carry it (else older rows' training-size
+    # tensor-level peak); where, how and on what: in the axis label
+    where = cost_where(rows)
+    peak_f, cat_f = cost_field(rows, "memory_peak"), cost_field(rows, "memory_by_category")
+    others = {v: _mean_by(by_variant[v], peak_f) for v in VARIANTS
               if v != base and v in by_variant}
     rows = by_variant[base]
-    cats = [c for c in MEMORY_CATEGORIES if any(f"memory_by_category_{c}" in r for r in rows)]
-    means = {c: _mean_by(rows, f"memory_by_category_{c}") for c in cats}
-    peak = _mean_by(rows, "memory_peak")
+    cats = [c for c in MEMORY_CATEGORIES
+            if any(num(r.get(f"{cat_f}_{c}")) is not None for r in rows)]
+    means = {c: _mean_by(rows, f"{cat_f}_{c}") for c in cats}
+    peak = _mean_by(rows, peak_f)
     for v in others.values():  # a (method, rank) only a variant has gets an empty bar
         for k in v:
             peak.setdefault(k, 0.0)
@@ -84,12 +91,13 @@ def plot_memory(rows, model, dataset, task) -> plt.Figure | None:
         ax.set_title(method_label(title) if title != "baselines" else "no-rank methods", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("memory live at the peak [MiB]")
+    fig.supxlabel(f"peak of one update: {where}", fontsize=8)
     legend: dict[str, object] = {}  # every panel's entries (variant markers may be in any)
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(lab, h)
     fig.legend(list(legend.values()), list(legend), loc="upper center",
-               ncol=min(len(legend), 7), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+               ncol=min(len(legend), 8), fontsize=8, bbox_to_anchor=(0.5, 1.0))
     what = "" if base == "plain" else f" ({base})"
     fig.suptitle(f"Peak memory of one update{what}, by category\n{_title(model, dataset, task)}",
                  fontsize=10, y=1.1)

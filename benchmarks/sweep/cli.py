@@ -170,6 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "the preset's, source except 'budget': target)")
     t.add_argument("--device", default=None,
                    help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    c = p.add_argument_group(
+        "cost at the deployment size",
+        "every cost a row, a figure and findings.md report is taken at this size on --device, "
+        "not at the proxy's training size (--batch-size x --resolution, accuracy only): the "
+        "torchvision model with its ImageNet stem, prepared as the row trains it")
+    c.add_argument("--cost-at", default=None, metavar="BxR",
+                   help="deployment size as BATCHxRESOLUTION, e.g. 64x224 (default: "
+                   "--cost-batch x --cost-resolution)")
+    c.add_argument("--cost-batch", type=int, default=None,
+                   help="batch of the deployment size (default 64)")
+    c.add_argument("--cost-resolution", type=int, default=None,
+                   help="image side of the deployment size in pixels (default 224)")
+    c.add_argument("--measure-cost", action="store_true",
+                   help="measure each configuration's device peak (CPU allocator trace, or "
+                   "CUDA max_memory_reserved with max_memory_allocated beside it) and update "
+                   "time (median of 3 updates, CUDA events on a GPU; also as a ratio to full "
+                   "FT measured in the same run) in a fresh process, instead of predicting the "
+                   "peak from shapes (seconds per configuration); at 64x224 a configuration "
+                   "takes up to a few GiB and a minute or more on a 2-core CPU")
+    c.add_argument("--budget", default=None,
+                   help="memory budget, e.g. 512MiB or 2GB: each row also records the largest "
+                   "batch at the deployment resolution whose predicted device peak fits "
+                   "(cost_max_batch, convpeft.planner)")
     x = p.add_argument_group("execution")
     x.add_argument("--executor", choices=EXECUTORS, default="sequential",
                    help="sequential = one configuration after another in this process; ray = "
@@ -275,6 +298,12 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         raise ValueError(f"--severity must be in 1..5, got {a.severity}")
     dataset = parse_dataset(a.dataset, tasks) if a.dataset else {t: pre.dataset[t] for t in tasks}
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cost_batch, cost_resolution = _cost_size(a)
+    budget = None
+    if a.budget is not None:
+        from convpeft.planner import parse_budget
+
+        budget = parse_budget(a.budget)  # ValueError naming the units
     settings = SweepSettings(
         dataset=dataset,
         corruption=a.corruption if a.corruption is not None else pre.extra.get("corruption"),
@@ -306,6 +335,10 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         prefix_stats=(a.prefix_stats if a.prefix_stats is not None
                       else pre.extra.get("prefix_stats", "source")),
         target=a.target if a.target is not None else pre.target,
+        cost_batch=cost_batch,
+        cost_resolution=cost_resolution,
+        measure_cost=a.measure_cost,
+        budget=budget,
     )
     if settings.prefix_chunks < 1:
         raise ValueError("--prefix-chunks must be >= 1")
@@ -366,6 +399,21 @@ def _check_sparse_axes(a: argparse.Namespace, grid: list, methods: list[str],
                          "--update-blocks K; add e.g. --update-blocks all,4 or drop "
                          f"{' and '.join(given)}")
     return replace(settings, prefix_chunks=1, prefix_stats="source")
+
+
+def _cost_size(a: argparse.Namespace) -> tuple[int, int]:
+    """(batch, resolution) of the deployment size from --cost-at / --cost-batch /
+    --cost-resolution (benchmarks.sweep.cost's defaults where unset)."""
+    from benchmarks.sweep.cost import DEFAULT_COST_BATCH, DEFAULT_COST_RESOLUTION, parse_cost_at
+
+    if a.cost_at is not None:
+        if a.cost_batch is not None or a.cost_resolution is not None:
+            raise ValueError("--cost-at BxR sets both --cost-batch and --cost-resolution: give "
+                             "either --cost-at or those two")
+        return parse_cost_at(a.cost_at)
+    b = a.cost_batch if a.cost_batch is not None else DEFAULT_COST_BATCH
+    r = a.cost_resolution if a.cost_resolution is not None else DEFAULT_COST_RESOLUTION
+    return parse_cost_at(f"{b}x{r}")
 
 
 def _check_executor(a: argparse.Namespace) -> None:

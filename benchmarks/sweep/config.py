@@ -14,13 +14,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.sweep.grid import (
-    Config,
-    SweepSettings,
-)
-from benchmarks.sweep.results import (
-    flatten,
-)
+from benchmarks.sweep.cost import CostCache
+from benchmarks.sweep.grid import Config, SweepSettings, method_config
+from benchmarks.sweep.results import flatten
 
 
 def _cap_per_class(ds, n: int, seed: int):
@@ -51,6 +47,8 @@ class SourceCache:
         # (model, dataset, task, method, rank) -> the profile columns of that configuration,
         # measured at one seed and copied into the rows of the others (see profile_columns)
         self.profiles: dict[tuple, dict] = {}
+        # the cost_* columns at the deployment size, once per configuration and head size
+        self.costs = CostCache(settings)
 
     def profile_key(self, cfg: Config) -> tuple:
         """What one update's cost depends on within a sweep: everything but the seed."""
@@ -97,6 +95,11 @@ class SourceCache:
         if isinstance(t, Exception):
             raise t
         return t
+
+    def cost(self, cfg: Config) -> dict:
+        """The ``cost_*`` columns of ``cfg`` at the deployment size (:mod:`benchmarks.sweep.cost`;
+        the head as large as the task's after adaptation)."""
+        return self.costs.columns(cfg, self.task(cfg).num_classes)
 
     def group_key(self, cfg: Config) -> tuple:
         """What the source model depends on: (model, dataset, task, seed)."""
@@ -227,22 +230,6 @@ def _trainable_bytes(model: torch.nn.Module, bn_policy: str | None) -> tuple[int
     return sizes[0], sizes[1]
 
 
-def method_config(cfg: Config, settings: SweepSettings):
-    """The :class:`convpeft.methods.MethodConfig` of ``cfg`` (method defaults where unset)."""
-    from convpeft.methods import MethodConfig
-
-    kw: dict = {"rank": cfg.rank} if cfg.rank is not None else {}
-    if settings.bn is not None:
-        kw["bn"] = settings.bn
-    if settings.lr is not None:
-        kw["lr"] = settings.lr
-    if cfg.update_blocks is not None:
-        kw.update(update_blocks=cfg.update_blocks, prefix_chunks=settings.prefix_chunks,
-                  prefix_stats=settings.prefix_stats)
-    return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint,
-                        target=settings.target, **kw)
-
-
 def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> dict:
     """Run one configuration; returns its result fields (raises on failure).
 
@@ -265,6 +252,9 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     # --- cost of one update at the training batch size, on real target images: once per
     # configuration (the first seed that gets here), copied into the rows of the other seeds
     row.update(sources.profile(cfg))
+    # --- cost of one update at the deployment size (--cost-at), on the device: what the
+    # figures and findings report (the proxy-size profile above stays for comparisons)
+    row.update(sources.cost(cfg))
 
     # --- accuracy: fine-tune a fresh copy of the source model (finetune copies it)
     if not settings.profile_only:

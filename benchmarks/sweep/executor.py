@@ -64,7 +64,8 @@ EXECUTORS = ("sequential", "ray")
 TIMING_COLUMNS = frozenset({
     "wall_time_s", "cpu_time_s", "finished_at", "source_time_s", "source_cpu_time_s",
     "train_time_s", "profile_time_s", "step_time_s", "step_time_iqr_s", "step_cpu_time_s",
-    "instrumented_time_s", "instrumented_cpu_time_s",
+    "instrumented_time_s", "instrumented_cpu_time_s", "cost_time_s", "cost_step_time_s",
+    "cost_step_time_vs_full",
 })
 """The columns that are wall-clock or CPU times (or a timestamp): they differ between any two
 runs, so an executor's rows are compared with a sequential run's on every other column."""

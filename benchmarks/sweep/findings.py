@@ -45,6 +45,8 @@ from benchmarks.common import (
     VARIANTS,
     blocks_label,
     blocks_of,
+    cost_field,
+    cost_where,
     flag_of,
     method_label,
     num,
@@ -53,6 +55,7 @@ from benchmarks.common import (
     read_results,
     results_parser,
     target_of,
+    uses_costs,
     variant_of,
 )
 from benchmarks.sweep.stats import (
@@ -143,11 +146,19 @@ def _fwd_bwd(r: dict) -> float | None:
     return None if f is None or b is None else f + b
 
 
+def _fwd_bwd_cost(r: dict) -> float | None:
+    f, b = num(r.get("cost_flops_forward")), num(r.get("cost_flops_backward"))
+    return None if f is None or b is None else f + b
+
+
 def memory_savings(rows: Sequence[dict]) -> list[dict]:
     """One record per (model, dataset, task, adapter method, rank): peak vs full FT's peak."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    peak = _means(ok, lambda r: num(r.get("memory_peak")))
-    act = _means(ok, lambda r: num(r.get("memory_by_category_activations")))
+    # at the deployment size on the device where the rows carry it (cost_*), else older rows'
+    # tensor-level peak at the training size
+    pf, cf = cost_field(ok, "memory_peak"), cost_field(ok, "memory_by_category")
+    peak = _means(ok, lambda r: num(r.get(pf)))
+    act = _means(ok, lambda r: num(r.get(f"{cf}_activations")))
     act_max = _means(ok, lambda r: num(r.get("memory_category_max_activations")))
     out = []
     for (model, ds, task, method, rank), p in sorted(peak.items(), key=_sort_key):
@@ -158,7 +169,9 @@ def memory_savings(rows: Sequence[dict]) -> list[dict]:
             model=model, dataset=ds, task=task, method=method, rank=rank,
             full_peak=full, peak=p, saving=1 - p / full,
             full_activation_share=(act.get((model, ds, task, "full", None)) or 0) / full,
-            full_activation_max=act_max.get((model, ds, task, "full", None)),
+            full_activation_max=(None if uses_costs(ok)
+                                 else act_max.get((model, ds, task, "full", None))),
+            activation_share=(act.get((model, ds, task, method, rank)) or 0) / p,
         ))
     return out
 
@@ -167,8 +180,12 @@ def flop_reductions(rows: Sequence[dict]) -> list[dict]:
     """One record per (model, dataset, task, adapter method, rank): FLOP reduction vs full FT,
     by our count and by torch's counter."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    ours = _means(ok, _fwd_bwd)
+    ours = _means(ok, _fwd_bwd_cost if uses_costs(ok) else _fwd_bwd)
+    # torch's counter runs at the training size only; its reduction is a ratio of two counts
+    # there (the deployment size changes batch and pixels, hence both counts, alike up to the
+    # stem), so it is compared as a ratio
     torch_ = _means(ok, lambda r: num(r.get("flops_torch")))
+    train_ours = _means(ok, _fwd_bwd)
     out = []
     for (model, ds, task, method, rank), o in sorted(ours.items(), key=_sort_key):
         full_o = ours.get((model, ds, task, "full", None))
@@ -176,12 +193,16 @@ def flop_reductions(rows: Sequence[dict]) -> list[dict]:
             continue
         t = torch_.get((model, ds, task, method, rank))
         full_t = torch_.get((model, ds, task, "full", None))
+        full_train = train_ours.get((model, ds, task, "full", None))
+        tr = train_ours.get((model, ds, task, method, rank))
         out.append(dict(
+            train_ours_reduction=(1 - tr / full_train) if tr is not None and full_train
+            else None,
             model=model, dataset=ds, task=task, method=method, rank=rank,
             ours_full=full_o, ours=o, ours_reduction=1 - o / full_o,
             torch_full=full_t, torch=t,
             torch_reduction=(1 - t / full_t) if (t is not None and full_t) else None,
-            torch_overcount_full=(full_t / full_o) if full_t else None,
+            torch_overcount_full=(full_t / full_train) if full_t and full_train else None,
         ))
     return out
 
@@ -203,16 +224,29 @@ def findings_markdown(rows: Sequence[dict], out: str = "OUT") -> str:
     n_fail = sum(r.get("status") == "failed" for r in rows)
     lines.append(f"{n_ok} configurations measured, {n_fail} failed. Means over seeds; "
                  "peak = true simultaneous peak of one update (params + buffers + grads + "
-                 "optimizer state + activations + temporaries).")
+                 "optimizer state + activations + temporaries, and kernel scratch where the "
+                 "device's).")
     lines.append("")
     setup = sorted({(r.get("batch_size"), r.get("resolution"), r.get("env_device"),
                      r.get("bn"), _machine(r), _precise(r))
                     for r in rows if r.get("status") == "ok"}, key=str)
+    ok_rows = [r for r in rows if r.get("status") == "ok"]
+    deploy = uses_costs(ok_rows)
     for bs, res, dev, bn, machine, precise in setup:
-        lines.append(f"Measured at batch {bs}, {res}x{res} inputs, on {dev} ({machine}), BN "
+        lines.append(f"Trained at batch {bs}, {res}x{res} inputs, on {dev} ({machine}), BN "
                      f"policy {bn!r}{precise}. Accuracies are this machine's: another CPU or GPU "
                      "rounds differently and lands elsewhere within the intervals (check with "
-                     "`python -m benchmarks.compare_runs`); costs follow from shapes.")
+                     "`python -m benchmarks.compare_runs`).")
+    if deploy:
+        wheres = sorted({cost_where([r]) for r in ok_rows if uses_costs([r])})
+        lines.append("Every cost below (peak memory, FLOPs) is taken at the deployment size, "
+                     "not the training size: " + "; ".join(wheres) + " (the torchvision "
+                     "model with its ImageNet stem, prepared as the row trains it; "
+                     "`--cost-at`, `--measure-cost`: docs/rank-sweep.md). The peak is the "
+                     "device's: tensors plus kernel scratch.")
+    elif ok_rows:
+        lines.append("Costs below are tensor-level at the training size (rows written before "
+                     "deployment costs; rerun the sweep into the same folder to add them).")
     targets = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
     study_rows, rows = rows, primary_rows(rows)
     main = sorted({target_of(r) for r in rows if r.get("status") == "ok"})
@@ -255,9 +289,10 @@ def lean_savings(rows: Sequence[dict]) -> list[dict]:
     checkpointed rows: its peak, and its saving vs full FT's *plain* peak with BN train and with
     BN frozen (None where the rows hold no such reference)."""
     ok = [r for r in rows if r.get("status") == "ok"]
+    pf = cost_field(ok, "memory_peak")
     acc: dict[tuple, list[float]] = defaultdict(list)
     for r in ok:
-        p = num(r.get("memory_peak"))
+        p = num(r.get(pf))
         if p is not None:
             acc[(r["model"], r.get("dataset"), r["task"], r["method"], rank_of(r),
                  r.get("bn"), variant_of(r))].append(p)
@@ -446,17 +481,39 @@ def activation_reason(mem: Sequence[dict], model: str) -> str:
             "gradients and the optimizer's state are what is live then)")
 
 
+def _ratio_range(lo: float, hi: float) -> str:
+    """A saving range as the peak's ratio to full FT's (a negative saving reads right)."""
+    return f"{1 - hi:.2f}x" if abs(hi - lo) < 5e-3 else f"{1 - hi:.2f}x to {1 - lo:.2f}x"
+
+
 def _memory_lines(rows: Sequence[dict], mem: list[dict]) -> list[str]:
-    lines = []
+    ok = [r for r in rows if r.get("status") == "ok"]
+    where = cost_where(ok)
+    lines = [f"Peaks at {where}.", ""]
     summ = _per_model_summary(mem, "saving")
     for m in dict.fromkeys(r["model"] for r in mem):
         lo, mean, hi = summ[m]
         share = _mean([r["full_activation_share"] for r in mem if r["model"] == m])
+        ad_share = _mean([r["activation_share"] for r in mem if r["model"] == m])
         lines.append(
-            f"- **{m}** ({net_kind(rows, m)}): LoRA/DoRA peak is {_pct(lo)} to {_pct(hi)} "
-            f"below full FT (mean {_pct(mean)}); activations are {_pct(share)} of "
-            f"full FT's peak{activation_reason(mem, m)}."
+            f"- **{m}** ({net_kind(rows, m)}): a LoRA/DoRA peak is {_ratio_range(lo, hi)} full "
+            f"FT's (saving {_pct(lo)} to {_pct(hi)}, mean {_pct(mean)}); activations are "
+            f"{_pct(share)} of full FT's peak and {_pct(ad_share)} of the adapters'"
+            f"{activation_reason(mem, m)}."
         )
+    if uses_costs(ok):
+        lines += ["", "What sets the peak at this size: the activations every exact update of "
+                  "every layer saves for backward. Adapters remove gradients and optimizer "
+                  "state of the frozen weights (full FT's parameters + gradients + AdamW state, "
+                  "4x the weights), which is small beside the activations of a 224x224 batch, "
+                  "and they add their own branch's activations, so an adapter saves little or "
+                  "nothing on its own. What removes activations: lean activations (`--lean`: "
+                  "frozen convs, BN and ReLUs save only what backward needs), checkpointing "
+                  "(`--checkpoint`: each block's activations recomputed in backward, one extra "
+                  "forward), and sparse updates (`--update-blocks K`: the frozen prefix runs "
+                  "without a graph, nothing saved before the last K blocks). Section 3 (where "
+                  "the results hold lean / checkpointed rows) and the budget run "
+                  "(`--preset budget`) measure them at this size."]
     lines += ["", "Full-FT peak per model and task:", ""]
     lines += ["| model | task | full FT peak [MiB] |", "|---|---|---:|"]
     lines += [f"| {m} | {t} | {v / MIB:.1f} |"
@@ -482,6 +539,33 @@ def _flop_lines(rows: Sequence[dict], fl: list[dict]) -> list[str]:
             f"- **{m}** ({net_kind(rows, m)}): counted correctly, the adapters cut an "
             f"update's FLOPs by {_pct(lo)} to {_pct(hi)} (mean {_pct(mean)}); {tt}{oo}."
         )
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if uses_costs(ok):
+        r0 = next(r for r in ok if uses_costs([r]))
+        t0 = next((r for r in ok if r.get("batch_size") not in (None, "")), r0)
+        train = _per_model_summary(fl, "train_ours_reduction")
+        size = f"batch {r0['cost_batch']} x {r0['cost_resolution']}x{r0['cost_resolution']}"
+        tsize = f"batch {t0.get('batch_size')} x {t0.get('resolution')}x{t0.get('resolution')}"
+        lines = []
+        for m in dict.fromkeys(r["model"] for r in fl):
+            lo, mean, hi = ours[m]
+            lines.append(f"- **{m}** ({net_kind(rows, m)}): at {size}, counted correctly "
+                         f"(analytic), the adapters cut an update's FLOPs by {_pct(lo)} to "
+                         f"{_pct(hi)} (mean {_pct(mean)}).")
+        lines += ["", f"Counting check (torch's `FlopCounterMode` runs on real updates, at the "
+                  f"training size, {tsize}; both counters on the same updates there):", ""]
+        for m in dict.fromkeys(r["model"] for r in fl):
+            t, o, tr = theirs.get(m), over.get(m), train.get(m)
+            if t and tr:
+                lines.append(f"- **{m}**: ours {_pct(tr[0])} to {_pct(tr[2])}, torch's "
+                             f"{_pct(t[0])} to {_pct(t[2])}"
+                             + (f"; torch counts full FT at {o[1]:.2f}x our figure" if o else "")
+                             + ".")
+        return lines + ["", f"FLOP reduction vs full FT at {size} (ours):", "",
+                        *_pivot(fl, lambda r: _pct(r["ours_reduction"])),
+                        "", f"At {tsize}: ours / torch's counter:", "",
+                        *_pivot(fl, lambda r: f"{_pct(r['train_ours_reduction'])} / "
+                                f"{_pct(r['torch_reduction'])}")]
     lines += ["", "Full FT, forward + backward [MFLOP], ours vs torch's counter:", ""]
     lines += ["| model | task | ours | torch | torch / ours |", "|---|---|---:|---:|---:|"]
     for (m, t), (o, tt) in _full_reference(fl, "ours_full", "torch_full").items():

@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from convpeft.data.tasks import TASKS as ALL_TASKS
-from convpeft.methods import BN_POLICIES, get_method, list_methods
+from convpeft.methods import BN_POLICIES, MethodConfig, get_method, list_methods
 from convpeft.models import TESTED_MODELS
 
 __all__ = ["ALL_TASKS", "BN_POLICIES", "DEFAULT_METHODS", "PRESETS", "Config", "Preset",
@@ -71,14 +71,24 @@ class SweepSettings:
     # BN statistics recomputed for the final weights before evaluating (convpeft.train's
     # precise_bn); off: evaluate with the running averages collected while training
     precise_bn: bool = True
+    # where costs are taken (benchmarks.sweep.cost): the deployment size, not the proxy's
+    # training size above; predicted from shapes, or measured on the device (--measure-cost);
+    # with a budget (bytes) the largest batch that fits. They change no training number, so
+    # they are not in the signature: a resumed sweep recosts its rows instead of retraining
+    cost_batch: int = 64
+    cost_resolution: int = 224
+    measure_cost: bool = False
+    budget: int | None = None
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
 
     def signature(self) -> str:
-        """Short hash of the settings that change a row's numbers (not data_root/device)."""
+        """Short hash of the settings that change a row's training numbers (not data_root,
+        device, nor where costs are taken)."""
         d = asdict(self)
-        for k in ("data_root", "device"):
+        for k in ("data_root", "device", "cost_batch", "cost_resolution", "measure_cost",
+                  "budget"):
             d.pop(k)
         # off: keys of earlier results stay valid
         for k in ("replay_per_class", "lean", "checkpoint"):
@@ -291,3 +301,17 @@ def parse_dataset(spec: str, tasks: list[str]) -> dict[str, str]:
     if missing:
         raise ValueError(f"--dataset {spec!r} names no dataset for task(s) {missing}")
     return mapping
+
+
+def method_config(cfg: Config, settings: SweepSettings):
+    """The :class:`convpeft.methods.MethodConfig` of ``cfg`` (method defaults where unset)."""
+    kw: dict = {"rank": cfg.rank} if cfg.rank is not None else {}
+    if settings.bn is not None:
+        kw["bn"] = settings.bn
+    if settings.lr is not None:
+        kw["lr"] = settings.lr
+    if cfg.update_blocks is not None:
+        kw.update(update_blocks=cfg.update_blocks, prefix_chunks=settings.prefix_chunks,
+                  prefix_stats=settings.prefix_stats)
+    return MethodConfig(cfg.method, lean=settings.lean, checkpoint=settings.checkpoint,
+                        target=settings.target, **kw)

@@ -17,7 +17,12 @@ For every configuration (model, task, method, rank, seed) the sweep
    once per configuration, not per seed: what an update costs depends on shapes only, so the
    other seeds' rows copy the profile columns (``profile_seed`` says which seed measured them;
    a resumed sweep reuses a profile already on disk);
-4. saves the trainable tensors with safetensors to measure the adapter's size on disk;
+4. takes the cost of one update at the deployment size, ``--cost-at`` (default batch 64 x
+   224x224; :mod:`benchmarks.sweep.cost`): the device peak predicted from shapes (or measured
+   with ``--measure-cost`` in a fresh process), FLOPs, parameters, with ``--budget`` the largest
+   batch that fits — the ``cost_*`` columns the figures and findings report; a rerun with
+   another ``--cost-at`` recosts the finished rows without training;
+5. saves the trainable tensors with safetensors to measure the adapter's size on disk;
 
 and appends one row per (configuration, seed) to ``--out``/results.{jsonl,csv}. The
 configurations run one after another in this process, or as Ray tasks with ``--executor ray
@@ -152,6 +157,7 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
     env = environment_metadata(s.device)
     sources = SourceCache(s)
     sources.reuse_profiles(store.rows, {c.key(s) for c in plan.configs})
+    recost(plan, store, sources, log)
     errlog = plan.out / "errors.log"
     interrupted = False
     arrived: dict[int, tuple[dict, str | None]] = {}
@@ -191,6 +197,28 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
         log(f"interrupted: {len(rows)} of {len(plan.configs)} configurations are in "
             f"{store.csv_path} (valid); rerun the same command to resume")
     return rows, interrupted
+
+
+def recost(plan: SweepPlan, store: ResultsStore, sources: SourceCache, log=print) -> int:
+    """Give the finished rows of this grid that lack the costs asked for (another
+    ``--cost-at``, ``--device``, ``--measure-cost`` or ``--budget``, or rows written before
+    costs were taken at a deployment size) those costs, without training again: each such row
+    is written anew with its ``cost_*`` columns replaced. Returns how many rows were."""
+    from benchmarks.sweep.cost import COST_COLUMNS, is_costed
+
+    s = plan.settings
+    by_key = {c.key(s): c for c in plan.configs}
+    stale = [r for r in store.rows if r.get("status") == "ok" and r.get("key") in by_key
+             and not is_costed(r, s)]
+    if stale:
+        log(f"{len(stale)} finished rows lack costs at {s.cost_batch}x{s.cost_resolution} "
+            f"as asked: costing them (no training)")
+    for r in stale:
+        row = {k: v for k, v in r.items()
+               if not (k in COST_COLUMNS or k.startswith("cost_memory_by_category_"))}
+        row.update(sources.cost(by_key[r["key"]]))
+        store.add(row)
+    return len(stale)
 
 
 def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:

@@ -93,6 +93,14 @@ COST_COLUMNS: tuple[str, ...] = (
     "step_time_s",
 )
 """Seed-independent cost columns copied into the summary (mean over the group's rows)."""
+DEPLOYMENT_COST_COLUMNS: tuple[str, ...] = (
+    "cost_batch", "cost_resolution", "cost_device", "cost_source", "cost_memory_peak",
+    "cost_memory_vs_full", "cost_flops_total", "cost_trainable_params", "cost_max_batch",
+    "cost_step_time_s", "cost_step_time_vs_full",
+)
+"""The costs at the deployment size (:mod:`benchmarks.sweep.cost`), copied into the summary
+like :data:`COST_COLUMNS` (a run's rows share one size; compare_runs leaves them out, so runs
+from before they existed still compare)."""
 
 
 def num(v: object) -> float | None:
@@ -285,6 +293,12 @@ def summarize(rows: Iterable[dict], confidence: float = CONFIDENCE) -> list[dict
             vals = [r.get(c) for r in ok if num(r.get(c)) is not None]
             rec[c] = (None if not vals else vals[0] if len(set(vals)) == 1
                       else sum(map(float, vals)) / len(vals))
+        for c in DEPLOYMENT_COST_COLUMNS:  # one value per group (costed once); text kept as is
+            vals = [r.get(c) for r in ok if r.get(c) not in (None, "")]
+            rec[c] = (None if not vals else vals[0] if len(set(vals)) == 1
+                      else sum(map(float, vals)) / len(vals) if all(num(v) is not None
+                                                                     for v in vals)
+                      else " / ".join(sorted(set(map(str, vals)))))
         out.append(rec)
     return out
 
@@ -294,7 +308,7 @@ def summary_columns() -> list[str]:
     cols = [*GROUP_COLUMNS, "n_seeds", "seeds", "n_failed"]
     for m in INTERVAL_METRICS:
         cols += [f"{m}_mean", f"{m}_sd", f"{m}_ci_low", f"{m}_ci_high"]
-    return cols + list(COST_COLUMNS)
+    return cols + list(COST_COLUMNS) + list(DEPLOYMENT_COST_COLUMNS)
 
 
 def interval_of(rec: dict, metric: str) -> Interval | None:
