@@ -225,12 +225,14 @@ def forward_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     try:
         with autocast(inputs.device, amp):
             out = model(inputs)
-    except (RuntimeError, ValueError, IndexError) as e:
+    # AssertionError: models check their input with assert / torch._assert (ViT's image size)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as e:
         raise ValueError(f"the model failed on a batch of shape {tuple(inputs.shape)}: {e}") from e
     try:
         with autocast(inputs.device, amp):
             loss = loss_fn(out, targets)
-    except (RuntimeError, ValueError, IndexError) as e:
+    # TypeError: the output is no tensor (a model returning a tuple of logits and aux logits)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model output {shape} does not fit the loss "
                          f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} with targets "
