@@ -15,7 +15,8 @@ fix, a new default, a new reference run) fails the tests until this command is r
 ``--write``. Every generator is deterministic and cheap: the plan and the memory tables are
 analytic profiles (shapes on the meta device; device peaks predicted with the *shipped* CPU
 scratch model, whatever this machine has calibrated), the device-truth table is read from the
-committed ``plots/device_truth_cpu.json`` (``benchmarks.device_truth``), the default run's
+committed ``plots/device_truth_cpu.json`` (``benchmarks.device_truth``; its generality matrix
+from ``plots/device_truth_generality_cpu.json``), the default run's
 figures are read from the committed ``plots/rank_sweep_default.csv``, and the ONNX op counts
 come from one export. Measured times (the ONNX latency table, sweep durations) are not
 generated: they say where and how they were measured instead.
@@ -299,6 +300,38 @@ def device_truth_block() -> str:
     return "\n".join(lines) + "\n"
 
 
+DEVICE_TRUTH_GENERALITY_JSON = "plots/device_truth_generality_cpu.json"
+"""The committed generality matrix (``benchmarks.device_truth --generality --json``)."""
+
+
+def device_truth_generality_block() -> str:
+    """docs/memory.md's generality table: per (model, configuration) of the matrix the predicted
+    and measured device peak and the error, with the op kinds the scratch model never measured,
+    from the committed :data:`DEVICE_TRUTH_GENERALITY_JSON`."""
+    import json
+
+    data = json.loads((ROOT / DEVICE_TRUTH_GENERALITY_JSON).read_text())
+    rows = data["rows"]
+    lines = ["| model | configuration | tensors | predicted | measured | error | vs full FT "
+             "(measured) | op kinds never measured (planned with the margin) |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} {r['variant']} "
+                     f"| {r['tensors'] / 2**20:.1f} | {r['predicted'] / 2**20:.1f} "
+                     f"| {r['measured'] / 2**20:.1f} | {r['error']:+.1%} | {r['vs_full']:.3f} "
+                     f"| {', '.join(r['unmeasured_ops']) or '-'} |")
+    s = data["summary"]
+    lines.append("")
+    lines.append(f"MiB, batch {rows[0]['batch']} x {rows[0]['resolution']}x"
+                 f"{rows[0]['resolution']}; {s['within_3pct']} of {s['rows']} predictions within "
+                 f"3% of the measured peak (largest error {s['max_abs_error']:.2%}, median "
+                 f"{s['median_abs_error']:.2%}); {rows[0]['memory_model']}.")
+    for k in data.get("skipped", []):
+        lines.append("")
+        lines.append(f"Not run: {k['model']} {k['method']} {k['variant']} ({k['reason']}).")
+    return "\n".join(lines) + "\n"
+
+
 SPARSE_MEMORY_JSON = "plots/sparse_memory_cpu.json"
 """The committed sparse-update memory run docs/sparse.md quotes (``benchmarks.sparse_memory
 --json``)."""
@@ -490,6 +523,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "onnx-ops": onnx_ops_block,
     "lean-memory": lean_memory_block,
     "device-truth": device_truth_block,
+    "device-truth-generality": device_truth_generality_block,
     "sparse-memory": sparse_memory_block,
     "budget": budget_block,
     "lora-fa": lora_fa_block,

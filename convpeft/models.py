@@ -2,7 +2,9 @@
 
 :func:`build_model` builds any torchvision classification model by name (``list_models()``);
 ``mobilenet_v2``, ``mobilenet_v3_small``, ``mobilenet_v3_large``, ``resnet18``, ``resnet34`` and
-``resnet50`` are the ones the project tests.
+``resnet50`` are the ones the project tests. GoogLeNet and Inception-v3 come without their
+auxiliary classifiers (in training mode those return a tuple of logits, which no loss takes;
+torchvision drops them the same way when it loads their ImageNet weights).
 
 ``small_input=True`` is the usual CIFAR change, so that a 32x32 image is not reduced to 1x1 by
 the ImageNet stem (total stride 32):
@@ -59,6 +61,23 @@ TESTED_MODELS = (
 def list_models() -> list[str]:
     """Names of every torchvision classification model :func:`build_model` accepts."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+# Auxiliary classifiers (GoogLeNet's aux1/aux2, Inception-v3's AuxLogits) and their weights.
+_AUX_HEADS = ("aux1", "aux2", "AuxLogits")
+
+
+def _get_model(name: str, num_classes: int) -> nn.Module:
+    """``torchvision.models.get_model`` without auxiliary classifiers: with them GoogLeNet and
+    Inception-v3 return a tuple of logits in training mode, which no loss takes; torchvision
+    drops them the same way when it loads ImageNet weights without ``aux_logits=True``."""
+    model = torchvision.models.get_model(name, num_classes=num_classes)
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for attr in _AUX_HEADS:
+            if hasattr(model, attr):
+                setattr(model, attr, None)
+    return model
 
 
 def _check_name(name: str) -> None:
@@ -137,7 +156,7 @@ def build_model(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (got {num_classes})")
     if weights is None:
-        model = torchvision.models.get_model(name, num_classes=num_classes)
+        model = _get_model(name, num_classes)
         if small_input:
             _adapt_small_input(model)
         return model
@@ -158,11 +177,14 @@ def build_model(
                 "network access (or copy the file there), or pass weights=None"
             )
     state = _read_state_dict(path)
+    # the auxiliary classifiers' weights (GoogLeNet/Inception ImageNet files) have no place in
+    # the model _get_model builds
+    state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in _AUX_HEADS}
 
     # 1) the file is the plain architecture (ImageNet or any head size): load, then adapt.
     head_rows = _head_rows_in_state(name, state)
     if head_rows is not None:
-        base = torchvision.models.get_model(name, num_classes=head_rows)
+        base = _get_model(name, head_rows)
         if _fits(base, state):
             base.load_state_dict(state)
             if small_input:
@@ -171,7 +193,7 @@ def build_model(
                 replace_head(base, num_classes)
             return base
     # 2) the file is exactly the final model (e.g. saved by pretrain()).
-    model = torchvision.models.get_model(name, num_classes=num_classes)
+    model = _get_model(name, num_classes)
     if small_input:
         _adapt_small_input(model)
     if not _fits(model, state):
@@ -184,7 +206,7 @@ def build_model(
 
 
 def _head_rows_in_state(name: str, state: dict[str, torch.Tensor]) -> int | None:
-    probe = torchvision.models.get_model(name, num_classes=7)
+    probe = _get_model(name, 7)
     head_name, _ = get_head(probe)
     t = state.get(f"{head_name}.weight")
     return int(t.shape[0]) if t is not None and t.ndim == 2 else None

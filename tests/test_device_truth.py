@@ -23,7 +23,7 @@ import torch
 
 from convpeft.planner.verify import measure_peak
 from convpeft.profiler import analytic_profile, profile_update
-from convpeft.profiler.calibrate import calibrate, prepared_update
+from convpeft.profiler.calibrate import CALIBRATION, calibrate, prepared_update
 from convpeft.profiler.scratch import (
     OpShape,
     ScratchModel,
@@ -94,6 +94,10 @@ def calibrated() -> ScratchModel:
     ("mobilenet_v2", "lora-fa", "freeze", True, False),
     ("resnet18", "lora", "freeze", True, False),
     ("resnet18", "full", "train", False, False),
+    # channels-last 7x7 depthwise convs (257x their weight in backward scratch), LayerNorm, GELU
+    ("convnext_tiny", "lora", "freeze", True, False),
+    # grouped convs; LoRA-FA lean's strided shape stubs, which the conv backward copies dense
+    ("regnet_x_400mf", "lora-fa", "freeze", True, False),
 ], ids=lambda c: "-".join(str(v) for v in c))
 def test_analytic_device_peak_within_3pct_of_the_allocator(calibrated, cfg):
     torch.manual_seed(0)
@@ -103,6 +107,7 @@ def test_analytic_device_peak_within_3pct_of_the_allocator(calibrated, cfg):
                          scratch=calibrated)
     measured, _ = measure_peak(p.model, p.optimizer, batch, res, 10, "cpu")
     assert abs(a.memory_peak / measured - 1) < 0.03, (a.memory_peak, measured)
+    assert a.memory_unmeasured_ops == []  # the calibration ran every op kind of these nets
     assert a.memory_by_category["scratch"] == a.memory_peak - sum(
         v for k, v in a.memory_by_category.items() if k != "scratch")
 
@@ -206,3 +211,29 @@ def test_device_truth_quick_runs_and_writes_json(tmp_path, capsys):
     full = [r for r in rows if r["method"] == "full" and r["variant"] == "plain"]
     assert all(r["vs_full"] == 1 for r in full)
     assert "predicted within 3% of the measured device peak" in capsys.readouterr().out
+
+
+def test_device_truth_generality_quick_covers_every_config(tmp_path, capsys):
+    # families the scratch model was never calibrated on, every method and a sparse update
+    from benchmarks import device_truth
+
+    out = tmp_path / "rows.json"
+    assert device_truth.main(["--generality", "--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    models = device_truth.GENERALITY_QUICK["models"]
+    configs = device_truth.GENERALITY["configs"]
+    assert [(r["model"], r["method"], r["variant"]) for r in rows] == \
+        [(m, c, v) for m in models for c, v in configs]
+    calibrated = {c[0] for c in CALIBRATION}
+    assert not calibrated & {m.removeprefix("timm:") for m in device_truth.GENERALITY["models"]}
+    for r in rows:
+        assert r["measured"] > 0 and r["predicted"] >= r["tensors"] > 0
+        assert isinstance(r["unmeasured_ops"], list)
+        # toy sizes (a few MiB, where fixed bytes weigh most); the committed matrix holds 3%
+        assert abs(r["error"]) < 0.05, r
+    for m in models:
+        sparse = next(r for r in rows if r["model"] == m and r["variant"] == "lean+K2")
+        assert sparse["vs_full"] < 0.6  # the last two blocks train: well below full FT
+    assert data["summary"]["median_abs_error"] is not None and data["skipped"] == []
+    assert "median" in capsys.readouterr().out

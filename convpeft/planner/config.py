@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .meta_build import on_meta
+
 DEFAULT_RANKS: tuple[int, ...] = (1, 4, 16)
 """The rank sweep's default ranks."""
 OPTIMIZERS: dict[str, str] = {
@@ -135,7 +137,8 @@ def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *
 
     ``model`` is a torchvision name (:func:`convpeft.models.build_model`, random init) or a
     zero-argument callable returning a fresh ``nn.Module``; either is built under
-    ``torch.device(device)`` (``"meta"``: no memory, for :func:`plan`; ``"cpu"`` to run it).
+    ``torch.device(device)`` (``"meta"``: parameters and buffers on the meta device, no memory,
+    for :func:`plan` (:func:`~convpeft.planner.meta_build.on_meta`); ``"cpu"`` to run it).
     The method comes from :func:`convpeft.methods.prepare`; ``optimizer`` other than
     ``"adamw"`` replaces the AdamW it builds by the same parameters and learning rate.
     """
@@ -149,9 +152,17 @@ def build_configured(model: str | Callable[[], nn.Module], config: PlanConfig, *
     kw: dict[str, Any] = {"rank": config.rank} if config.rank is not None else {}
     cfg = MethodConfig(config.method, bn=bn, lean=config.lean, checkpoint=config.checkpoint,
                        update_blocks=config.blocks, prefix_chunks=config.prefix_chunks, **kw)
-    with torch.device(device):
-        net = (build_model(model, num_classes, small_input=small_input) if isinstance(model, str)
-               else model())
+    def factory() -> nn.Module:
+        return (build_model(model, num_classes, small_input=small_input)
+                if isinstance(model, str) else model())
+
+    if torch.device(device).type == "meta":
+        # not ``with torch.device("meta")``: that also puts the constructor's own arithmetic
+        # on meta (RegNet reads its widths back with .tolist()); see convpeft.planner.meta_build
+        net = on_meta(factory)
+    else:
+        with torch.device(device):
+            net = factory()
     if not isinstance(net, nn.Module):
         raise ValueError(f"the model factory must return an nn.Module (got {type(net).__name__})")
     prep = prepare(net, cfg)

@@ -53,7 +53,10 @@ class PlanRow:
     ``blocks``: only the last ``blocks`` blocks train (None: every layer); ``prefix_chunks``:
     the frozen prefix's micro-batches.
     ``device``: the device kind the peak is predicted for; ``memory_model``: the scratch model
-    used (:mod:`convpeft.profiler.scratch`); ``memory_peak_tensors``: the tensor-level part.
+    used (:mod:`convpeft.profiler.scratch`); ``memory_peak_tensors``: the tensor-level part;
+    ``unmeasured_ops``: op kinds of this update the scratch model never measured, each planned
+    with a margin of :data:`~convpeft.profiler.scratch.UNMEASURED_MARGIN` times its largest
+    operand instead of a fitted scratch (empty: every op kind was calibrated).
     ``verification``: with ``verify=True``, what real updates on the device measured
     (:class:`~convpeft.planner.verify.Verification`; its ``batch`` replaces nothing: the row's
     ``max_batch`` is what the verification settled on).
@@ -89,6 +92,7 @@ class PlanRow:
     verification: Verification | None = None
     blocks: int | None = None
     prefix_chunks: int = 1
+    unmeasured_ops: list[str] = field(default_factory=list)
 
     @property
     def config(self) -> PlanConfig:
@@ -122,7 +126,7 @@ def _row(config: PlanConfig, prof: UpdateProfile, *, model: str, resolution: int
         total_params=prof.total_params, evaluations=len(peaks), peaks=dict(peaks),
         checkpoint=config.checkpoint, device=device, memory_model=prof.memory_model,
         memory_peak_tensors=prof.memory_peak_tensors, blocks=config.blocks,
-        prefix_chunks=config.prefix_chunks)
+        prefix_chunks=config.prefix_chunks, unmeasured_ops=list(prof.memory_unmeasured_ops))
 
 
 class _AnalyticPeak:

@@ -68,6 +68,13 @@ def format_plan(rows: Sequence[PlanRow]) -> str:
         if capped:
             lines.append(f"larger batches may fit too (search capped at max batch): "
                          f"{', '.join(capped)}")
+    unmeasured = list(dict.fromkeys(k for r in rows for k in r.unmeasured_ops))
+    if unmeasured:
+        from convpeft.profiler.scratch import UNMEASURED_MARGIN
+
+        lines.append(f"op kinds the device model never measured, planned with a margin of "
+                     f"{UNMEASURED_MARGIN:g}x their largest operand instead of a fitted scratch: "
+                     f"{', '.join(unmeasured)} (--verify measures the planned batch on the device)")
     if verified:
         stepped = [r.label for r in rows if r.verification is not None and r.verification.steps]
         lines.append(f"measured: one real update per batch on {r0.device} "

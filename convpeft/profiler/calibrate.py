@@ -1,8 +1,9 @@
 """Calibrate the scratch model on the device at hand: a few small real updates, every op traced.
 
 :func:`calibrate` runs one instrumented update of each configuration in ``CALIBRATION`` (plain
-and memory-lean adapters on MobileNetV2 and ResNet18, full fine-tuning with BN in train mode: the
-conv kinds, passes and output masks the planner meets) on ``device``, with the allocator read
+and memory-lean adapters and full fine-tuning with BN in train mode on MobileNetV2, ResNet18,
+ConvNeXt-tiny and RegNetX-400MF: the conv kinds, layouts, passes and output masks the planner
+meets, and the other ops of those nets) on ``device``, with the allocator read
 per op (:mod:`.cpu_trace` on the CPU, the CUDA probe on a GPU), fits the per-op scratch model of
 :mod:`.scratch` to every op's measured excess, and caches the fit per (device name, torch
 version), where :func:`~convpeft.profiler.scratch.scratch_model` (hence ``analytic_profile`` and
@@ -33,6 +34,11 @@ CALIBRATION = (
     ("resnet18", "full", "train", False, False),
     ("resnet18", "lora", "freeze", True, False),
     ("resnet18", "dora", "freeze", False, False),
+    # channels-last convs (ConvNeXt's depthwise 7x7 after its permuted LayerNorm blocks),
+    # LayerNorm, GELU and Linear; grouped convs and LoRA-FA's strided shape stubs (RegNet)
+    ("convnext_tiny", "lora", "freeze", True, False),
+    ("regnet_x_400mf", "lora-fa", "freeze", True, False),
+    ("regnet_x_400mf", "full", "train", False, False),
 )
 
 

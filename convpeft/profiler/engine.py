@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -122,6 +122,8 @@ class InstrumentedRun:
     # with collect_scratch: each op's shapes and measured excess (bytes held beyond its
     # outputs), from the CPU trace or the allocator probe: what :func:`convpeft.calibrate` fits
     op_scratch: list[tuple[OpShape | None, int]] | None = None
+    # analytic: the op kinds the scratch model never measured (predicted with its margin)
+    unmeasured_ops: list[str] = field(default_factory=list)
 
 
 class Instrument(TorchDispatchMode):
@@ -143,6 +145,7 @@ class Instrument(TorchDispatchMode):
         self.op_features: list[OpShape | None] = []  # per traced op (CPU trace)
         self.probe_samples: list[tuple[OpShape | None, int]] = []  # per probed op: excess
         self.device_peak: DevicePeak | None = None
+        self.unmeasured: dict[str, None] = {}  # op kinds the scratch model never measured
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -170,6 +173,8 @@ class Instrument(TorchDispatchMode):
         if self.scratch is not None and not alias:
             # the op peaks with its inputs and outputs live plus its scratch (predicted)
             raw = tracker.current + self.scratch.predict(shape)
+            if self.scratch.unmeasured(shape):
+                self.unmeasured[shape.key] = None
             if self.device_peak is None or raw > self.device_peak.raw:
                 self.device_peak = DevicePeak(raw=raw, peak=raw, tick=tracker.tick,
                                               op=str(func))
@@ -364,7 +369,10 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
         dpeak = DevicePeak(raw=resident + res.peak, peak=resident + res.peak, tick=tick,
                            op=cpu_trace.names[at] if 0 <= at < len(cpu_trace.names) else "")
         if collect_scratch:
-            op_scratch = [(instrument.op_features[o.index], o.excess) for o in res.ops]
+            # every traced op, also those that allocated nothing (the trace has no event for
+            # them): measured at zero scratch, which the device model must know it measured
+            excess = {o.index: o.excess for o in res.ops}
+            op_scratch = [(s, excess.get(i, 0)) for i, s in enumerate(instrument.op_features)]
     elif instrument.probe_samples:
         op_scratch = instrument.probe_samples
     if dpeak is None:
@@ -379,4 +387,5 @@ def run_instrumented(model: nn.Module, optimizer: torch.optim.Optimizer, inputs:
         counter.tally.layer_kinds = layers.kinds
     return InstrumentedRun(tally=counter.tally, memory=memory, wall_s=wall, cpu_s=cpu,
                            flops_torch=counter.tally.torch if compare_torch else None,
-                           device_peak=dpeak, tensor_peak=tracker.peak, op_scratch=op_scratch)
+                           device_peak=dpeak, tensor_peak=tracker.peak, op_scratch=op_scratch,
+                           unmeasured_ops=list(instrument.unmeasured))

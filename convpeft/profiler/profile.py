@@ -76,7 +76,10 @@ class UpdateProfile:
       ``memory_peak_allocator``: the allocator's raw reading (other tensors on the device
       included), None when no allocator was read. ``memory_model``: what ``memory_peak`` is;
       ``memory_peak_op``: the aten op running at the device's peak ("" when the tensor-level
-      peak, between ops, is the higher one).
+      peak, between ops, is the higher one). ``memory_unmeasured_ops`` (analytic): the op kinds
+      (scratch-model keys) the device model never measured; each is predicted with a margin
+      (:data:`~convpeft.profiler.scratch.UNMEASURED_MARGIN`), so ``memory_peak`` is an estimate
+      there: ``calibrate`` on a model that has them, or verify on the device.
     * ``step_time_s``: median wall time of the ``repeat`` timed updates; ``step_time_iqr_s``
       their inter-quartile range; ``instrumented_time_s``: the instrumented update. The
       ``*_cpu_time_s`` twins are this process's CPU time (all threads), steadier than wall time
@@ -122,6 +125,7 @@ class UpdateProfile:
     memory_peak_tensors: int = 0
     memory_model: str = "tensor-level"
     memory_peak_op: str = ""
+    memory_unmeasured_ops: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (category dicts and per-layer rows stay nested)."""
@@ -169,6 +173,9 @@ def format_profile(p: UpdateProfile) -> str:
     lines.append(f"  {'PEAK':<12} {_fmt_bytes(p.memory_peak):>14}")
     lines.append(f"  {'tensors':<12} {_fmt_bytes(p.memory_peak_tensors):>14}"
                  "   (tensor-level peak: what ops return)")
+    if p.memory_unmeasured_ops:
+        lines.append(f"  op kinds the device model never measured (predicted with a margin): "
+                     f"{', '.join(p.memory_unmeasured_ops)}")
     if p.step_time_s is not None:
         lines += ["", f"time per update: {p.step_time_s * 1e3:.2f} ms "
                       f"(IQR {p.step_time_iqr_s * 1e3:.2f} ms)"]
@@ -300,6 +307,7 @@ def analytic_profile(
         prof.memory_peak_op = run.device_peak.op
     prof.memory_model = ("tensor-level" if model_for is None else
                          f"predicted for {torch.device(device).type}: {model_for.source}")
+    prof.memory_unmeasured_ops = list(run.unmeasured_ops)
     return prof
 
 

@@ -11,8 +11,10 @@ On CUDA the same role is played by cuDNN/cuBLAS workspaces.
 The model gives each op an *excess* (bytes held at its own peak beyond what it returns), so the
 device peak is ``max over ops of (tensors live after the op + its excess)``. Ops are described
 from shapes only (:func:`op_features`, also on meta tensors); a conv is keyed by pass, layer kind
-(:mod:`convpeft.core.layer_kinds`) and whether it is strided, and its features are the byte sizes of
-its operands with channels padded to the layout's block ``B``:
+(:mod:`convpeft.core.layer_kinds`), whether it is strided and its input's layout
+(:func:`_layout`: NCHW, channels-last, or another stride pattern such as a lean backward's shape
+stub), and its features are the byte sizes of its operands with channels padded to the layout's
+block ``B``:
 
 ============  ==============================================================================
 pass          features (bytes; ``~`` = channel-padded to ``B``)
@@ -23,9 +25,12 @@ other ops     bytes of the inputs, bytes of the outputs
 ============  ==============================================================================
 
 Each key's coefficients are non-negative least squares over measured excesses
-(:func:`fit_scratch`); ``B`` is the one among 1, 8, 16 that fits best. The measurements come from
-:mod:`.cpu_trace` (every op of a few real updates); :func:`convpeft.calibrate` runs them on the
-device at hand and caches the model per (device name, torch version). A model ships for the CPU
+(:func:`fit_scratch`); ``B`` is the one among 1, 8, 16 that fits best. The model also lists every
+key it measured; an op of any other kind is predicted from the nearest measured key plus a stated
+margin (:data:`UNMEASURED_MARGIN`) and reported as unmeasured, never given zero scratch. The
+measurements come from :mod:`.cpu_trace` (every op of a few real updates);
+:func:`convpeft.calibrate` runs them on the device at hand and caches the model per (device name,
+torch version). A model ships for the CPU
 (fitted on the machine named in it); for CUDA no GPU measurement exists yet, so the default
 CUDA model predicts no workspace and says so (``source``) until ``calibrate(device="cuda")``.
 """
@@ -82,6 +87,21 @@ def _conv_kind(c_in: int, groups: int, kernel: tuple[int, ...]) -> str:
     return "depthwise" if groups == c_in else "grouped"
 
 
+def _layout(x: torch.Tensor, kind: str, kernel: tuple[int, ...]) -> str:
+    """The key's layout suffix: "" for a contiguous (NCHW) input, ``/cl`` for a channels-last
+    one (ConvNeXt's convs after its permuted LayerNorm blocks), ``/cl-k5+`` for a channels-last
+    depthwise conv wider than 3x3 and ``/strided`` for any other strides (the zero-stride shape
+    stub a memory-lean backward passes, which the kernel first copies to a dense tensor).
+    Why: the kernels differ (measured on the AVX-512 CPU: a channels-last 7x7 depthwise
+    backward with a weight gradient holds 257x its weight in scratch, whatever the batch;
+    the 3x3 one 2x; the NCHW ones about 2x their output gradient), so one fit cannot serve all."""
+    if x.is_contiguous():
+        return ""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return "/cl-k5+" if kind == "depthwise" and max(kernel, default=1) > 3 else "/cl"
+    return "/strided"
+
+
 def op_features(func: object, args: tuple, kwargs: dict, out: object) -> OpShape | None:
     """The :class:`OpShape` of aten op ``func`` called with ``args`` and returning ``out``, or
     None for an op that returns nothing new."""
@@ -100,7 +120,8 @@ def op_features(func: object, args: tuple, kwargs: dict, out: object) -> OpShape
             return OpShape(key=name, io=(sum(_nbytes(a) for a in args), _nbytes(out)))
         kind = _conv_kind(x.shape[1], groups, tuple(weight.shape[2:]))
         strided = "s2" if any(s > 1 for s in stride) else "s1"
-        return OpShape(key=f"{'conv_bwd' if bwd else 'conv_fwd'}/{kind}/{strided}",
+        layout = _layout(x, kind, tuple(weight.shape[2:]))
+        return OpShape(key=f"{'conv_bwd' if bwd else 'conv_fwd'}/{kind}/{strided}{layout}",
                        elem=x.element_size(), n=x.shape[0], c_in=x.shape[1],
                        hw_in=x.shape[2] * x.shape[3], c_out=gout.shape[1],
                        hw_out=gout.shape[2] * gout.shape[3],
@@ -128,16 +149,64 @@ def features(s: OpShape, block: int) -> list[float]:
     return [float(yb), float(xb if s.mask[0] else 0), float(xb if s.mask[1] else 0), float(wb)]
 
 
+UNMEASURED_MARGIN = 1.0
+"""Scratch added, in units of an op's largest operand (conv: output gradient, input or weight,
+channel-padded; other ops: all inputs or all outputs), for an op kind the device model never
+measured. Why 1x: what the unmeasured kinds met so far hold (LayerNorm's backward: 1x its
+output; a stride-2 grouped conv's backward: 2x its input, of which the conv family's fit covers
+about 1.3x); a kernel far outside that (a workspace per weight) needs a calibration."""
+
+
+def _fallbacks(key: str) -> list[str]:
+    """``key``, then it without its layout suffix, then its family (conv keys)."""
+    parts = key.split("/")
+    out = [key]
+    if len(parts) > 3:
+        out.append("/".join(parts[:3]))
+    if len(parts) > 1:
+        out.append(parts[0])
+    return out
+
+
+def largest_operand(s: OpShape, block: int) -> int:
+    """Bytes of ``s``'s largest operand (see :data:`UNMEASURED_MARGIN`)."""
+    if s.family not in _FAMILY:
+        return max(s.io)
+    f = features(s, block)
+    if s.family == "conv_fwd":  # [max(..), weight, input, output]
+        return int(max(f[1:]))
+    per = s.n * s.elem
+    xb = per * (-(-s.c_in // block) * block) * s.hw_in
+    return int(max(f[0], xb, f[3]))
+
+
 @dataclass
 class ScratchModel:
     """Predicted excess bytes per op (see the module docstring). ``coef`` maps a key (or a
     family, the fallback) to its feature coefficients; ``source`` says where the fit comes from
-    (device name, torch version, or that it is an uncalibrated default)."""
+    (device name, torch version, or that it is an uncalibrated default). ``measured``: every
+    key the calibration saw, whatever its excess (None: not recorded, as in calibrations from
+    before it was; then no op counts as unmeasured). An op whose key is not in it is predicted
+    from the nearest measured key (without the layout suffix, then the conv family) plus
+    :data:`UNMEASURED_MARGIN` of its largest operand, and :meth:`unmeasured` says so."""
 
     device: str
     block: int = 1
     coef: dict[str, list[float]] = field(default_factory=dict)
     source: str = "uncalibrated: no kernel scratch modelled"
+    measured: list[str] | None = None
+
+    def unmeasured(self, s: OpShape | None) -> bool:
+        """Whether ``s``'s op kind is one the calibration never measured. An aten op and its
+        in-place twin (``relu.default``, ``relu_.default``) count as one kind: the same kernel,
+        writing into a fresh output or into its input."""
+        if s is None or self.measured is None or s.key in self.measured:
+            return False
+        name, dot, overload = s.key.partition(".")
+        if "/" in s.key or not dot:
+            return True
+        twin = (name[:-1] if name.endswith("_") else name + "_") + dot + overload
+        return twin not in self.measured
 
     def __post_init__(self) -> None:
         # a model that cannot predict a finite, non-negative byte count is refused here, so a
@@ -160,13 +229,16 @@ class ScratchModel:
                                      f"numbers in [0, {MAX_COEF:g}]")
 
     def predict(self, s: OpShape | None) -> int:
-        """Predicted excess of one op in bytes (0 for an op the model does not know)."""
+        """Predicted excess of one op in bytes: its key's fit (else the nearest measured key's;
+        0 for an op measured without scratch), plus the margin when :meth:`unmeasured`."""
         if s is None:
             return 0
-        c = self.coef.get(s.key) or self.coef.get(s.family)
-        if not c:
-            return 0
-        return int(sum(a * f for a, f in zip(c, features(s, self.block), strict=False)))
+        c = next((self.coef[k] for k in _fallbacks(s.key) if self.coef.get(k)), None)
+        base = int(sum(a * f for a, f in zip(c, features(s, self.block), strict=False))) if c \
+            else 0
+        if self.unmeasured(s):
+            base += int(UNMEASURED_MARGIN * largest_operand(s, self.block))
+        return base
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -179,9 +251,11 @@ class ScratchModel:
         block = d["block"]
         if isinstance(block, float) and block.is_integer():
             block = int(block)
+        measured = d.get("measured")
         return cls(device=str(d["device"]), block=block,
                    coef={str(k): [float(x) for x in v] for k, v in d["coef"].items()},
-                   source=str(d["source"]))
+                   source=str(d["source"]),
+                   measured=None if measured is None else sorted(str(k) for k in measured))
 
 
 def _nnls(rows: list[list[float]], ys: list[float]) -> list[float]:
@@ -217,7 +291,8 @@ def fit_scratch(samples: list[tuple[OpShape, int]], *, device: str, source: str,
             if "/" in key or key not in _FAMILY:
                 err += sum(abs(sum(a * f for a, f in zip(coef[key], x, strict=False)) - y)
                            for x, y in zip(xs, ys, strict=False))
-        model = ScratchModel(device=device, block=block, coef=coef, source=source)
+        model = ScratchModel(device=device, block=block, coef=coef, source=source,
+                             measured=sorted({s.key for s, _ in samples}))
         if best is None or err < best[0] - 1e-9 * max(1.0, best[0]):
             best = (err, model)
     assert best is not None
