@@ -165,6 +165,20 @@ def format_rows(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def _set_inductor(settings: Sequence[str]) -> None:
+    """Apply ``KEY=VALUE`` settings to ``torch._inductor.config`` (an unknown key is refused
+    by the config itself, naming it)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for kv in settings:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor takes KEY=VALUE (got {kv!r})")
+        setattr(inductor_config, key, ast.literal_eval(value))
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.compile_speed",
@@ -187,18 +201,23 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--mode", default=None,
                    help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (a Python literal), e.g. "
+                        "layout_optimization=False; repeatable")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: --device cuda, but no CUDA device is available here")
         return []
+    _set_inductor(a.inductor)
     torch.set_num_threads(a.threads)
     steps, warmup = (3, 1) if a.quick else (a.steps, a.warmup)
     rows = run(a.models, a.configs, device=a.device, batch=a.batch, size=a.size, steps=steps,
                warmup=warmup, backend=a.backend, mode=a.mode)
     print(f"torch {torch.__version__}, {a.device}, batch {a.batch} x {a.size}x{a.size}, "
-          f"backend {a.backend}, mode {a.mode or 'default'}; ratio = compiled / eager "
+          f"backend {a.backend}, mode {a.mode or 'default'}"
+          + "".join(f", {kv}" for kv in a.inductor) + "; ratio = compiled / eager "
           f"(median of {steps} steps each, interleaved)")
     print(format_rows(rows))
     write_json(a.json, [asdict(r) for r in rows])
