@@ -520,12 +520,22 @@ def test_plan_for_cuda_without_a_gpu_does_not_blame_the_resolution(capsys):
 
 
 def test_profiler_cli_on_a_model_whose_output_is_not_logits(capsys):
-    """GoogLeNet returns auxiliary logits in train mode (was: TypeError traceback)."""
+    """GoogLeNet returned auxiliary logits in train mode (was: TypeError traceback); it is now
+    built without its auxiliary classifiers (issue 36) and profiles, and a model whose output
+    is still not a tensor of logits is refused in one line naming what it returned."""
     from convpeft.profiler.cli import main
+    from convpeft.profiler.engine import forward_loss
 
     assert main(["--model", "googlenet", "--method", "head", "--analytic", "--batch", "2",
-                 "--resolution", "64", "--no-torch"]) == 2
-    assert_one_line_error(capsys, "GoogLeNetOutputs", "--model googlenet")
+                 "--resolution", "64", "--no-torch"]) == 0
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)), x.amax((2, 3))
+
+    with pytest.raises(ValueError, match=r"returned tuple, not a tensor of logits"):
+        forward_loss(Pair(), torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long),
+                     nn.CrossEntropyLoss())
 
 
 def test_any_exception_from_a_model_is_a_clean_error():
