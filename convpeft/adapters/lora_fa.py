@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.atomic import model_transaction
-from ..core.batchnorm import bn_pass, snapshot_bn
+from ..core.batchnorm import bn_pass, input_batches, snapshot_bn
 from .layer import AdapterLayer
 
 FROZEN_A_ROW_NORM = 3 ** -0.5
@@ -93,19 +93,13 @@ def _patches(layer: AdapterLayer, x: torch.Tensor) -> Iterable[torch.Tensor]:
 
 
 def _batches(data, batch_size: int, device: torch.device, max_images: int) -> list[torch.Tensor]:
-    if hasattr(data, "batches"):  # convpeft.data.ImageDataset
+    if hasattr(data, "batches") and len(data) > max_images:  # convpeft.data.ImageDataset
+        # evenly spread over the dataset: a class-sorted one stays covered
         n = len(data)
-        if n > max_images:  # evenly spread over the dataset: a class-sorted one stays covered
-            data = data.subset([i * n // max_images for i in range(max_images)])
-        it = (x for x, _ in data.batches(batch_size, device=device))
-    else:  # an iterable of input tensors or of (input, target, ...) tuples, e.g. a DataLoader
-        it = (b[0] if isinstance(b, (tuple, list)) else b for b in data)
+        data = data.subset([i * n // max_images for i in range(max_images)])
     out, seen = [], 0
-    for x in it:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"calibrate_frozen_a: data yielded {type(x).__name__}, expected "
-                            "input tensors or (input, target) tuples")
-        x = x[: max_images - seen].to(device)
+    for x in input_batches(data, batch_size, device, "calibrate_frozen_a"):
+        x = x[: max_images - seen]
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             # one NaN pixel spreads through X^T X and eigh fails to converge much later
             raise ValueError(f"calibrate_frozen_a: batch {len(out)} of data contains NaN or "

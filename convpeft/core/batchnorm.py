@@ -1,6 +1,6 @@
 """BatchNorm utilities every layer above may use: which modules are BNs, running a no-grad
 pass with the modes an evaluation sees (:func:`bn_pass`), and putting BN buffers back
-(:class:`snapshot_bn`).
+(:class:`snapshot_bn`), and the input batches such a pass reads (:func:`input_batches`).
 
 LoRA-FA's data-set ``A`` (:mod:`convpeft.adapters.lora_fa`) and precise BN
 (:mod:`convpeft.train.batchnorm`) both read BN-normalised inputs in a no-grad pass and must leave
@@ -11,16 +11,42 @@ here, below both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BN", "bn_pass", "snapshot_bn"]
+__all__ = ["BN", "bn_pass", "input_batches", "snapshot_bn"]
 
 BN = nn.modules.batchnorm._BatchNorm
 """Every BatchNorm class (1-d, 2-d, 3-d, SyncBatchNorm, lazy ones) derives from it."""
+
+
+def input_batches(data: Iterable, batch_size: int, device: torch.device | str,
+                  who: str) -> Iterator[torch.Tensor]:
+    """The input batches ``(N, C, H, W)`` of ``data``, on ``device``: an
+    :class:`~convpeft.data.ImageDataset` in batches of ``batch_size``, or an iterable of input
+    tensors or of ``(input, target, ...)`` tuples (a ``DataLoader``), as they come. ``who`` names
+    the calling function in the errors."""
+    # checked now, not at the first batch: the caller has touched nothing yet
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{who}: batch_size must be an int >= 1 (got {batch_size!r})")
+    if hasattr(data, "batches"):
+        return (x for x, _ in data.batches(batch_size, device=device))
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{who}: data must be an ImageDataset or an iterable of input batches "
+                        f"(a DataLoader), got {type(data).__name__}")
+
+    def each() -> Iterator[torch.Tensor]:
+        for b in data:
+            x = b[0] if isinstance(b, (tuple, list)) and b else b
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{who}: data yielded {type(x).__name__}, expected input "
+                                "tensors or (input, target) tuples")
+            yield x.to(device)
+
+    return each()
 
 
 @contextlib.contextmanager

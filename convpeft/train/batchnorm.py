@@ -21,7 +21,7 @@ prefix forces into eval mode, or that the forward never reaches keeps its statis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,38 +31,12 @@ from convpeft.memory.sparse import prefix_bn_follows_mode
 
 from ..core.atomic import model_transaction
 from ..core.batchnorm import BN as _BN
-from ..core.batchnorm import bn_pass
+from ..core.batchnorm import bn_pass, input_batches
 from ..core.batchnorm import snapshot_bn as snapshot_bn  # re-exported: convpeft.train's API
 from ..data import ImageDataset
 
 if TYPE_CHECKING:
     from convpeft.memory.sparse import SparseSplit
-
-def input_batches(data: ImageDataset | Iterable, batch_size: int, device: torch.device | str,
-                  who: str) -> Iterator[torch.Tensor]:
-    """The input batches ``(N, C, H, W)`` of ``data``, on ``device``: an
-    :class:`~convpeft.data.ImageDataset` in batches of ``batch_size``, or an iterable of input
-    tensors or of ``(input, target, ...)`` tuples (a ``DataLoader``), as they come. ``who`` names
-    the calling function in the errors."""
-    # checked now, not at the first batch: the caller has touched nothing yet
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{who}: batch_size must be an int >= 1 (got {batch_size!r})")
-    if hasattr(data, "batches"):
-        return (x for x, _ in data.batches(batch_size, device=device))
-    if not isinstance(data, Iterable):
-        raise TypeError(f"{who}: data must be an ImageDataset or an iterable of input batches "
-                        f"(a DataLoader), got {type(data).__name__}")
-
-    def each() -> Iterator[torch.Tensor]:
-        for b in data:
-            x = b[0] if isinstance(b, (tuple, list)) and b else b
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{who}: data yielded {type(x).__name__}, expected input "
-                                "tensors or (input, target) tuples")
-            yield x.to(device)
-
-    return each()
-
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: ImageDataset | Iterable, *, batch_size: int,
