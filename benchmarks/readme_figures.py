@@ -168,7 +168,8 @@ def default_run_details_block() -> str:
     """docs/rank-sweep.md's figures of the reference run: memory with the activations' share,
     FLOPs, and how wide the accuracy intervals are."""
     from benchmarks.common import primary_rows, variant_of
-    from benchmarks.sweep.findings import accuracy_intervals, activation_reason, memory_savings
+    from benchmarks.sweep.accuracy_findings import accuracy_intervals
+    from benchmarks.sweep.findings import activation_reason, memory_savings
 
     rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
     mem = memory_savings(rows)

@@ -43,6 +43,9 @@ def tiny(models: str = "mobilenet_v2,squeezenet1_0", methods: str = "full,lora",
         "--test-per-class", "10", "--batch-size", "16", "--profile-repeat", "1", "--device", "cpu",
         "--formats", "png,svg", "--seeds", "1",  # one seed: seed 0
         "--cost-at", "2x64",  # deployment costs at a small size: seconds, not minutes
+        # in this process, each method at its default rate (the protocol's own tests:
+        # tests/test_protocol.py)
+        "--executor", "sequential", "--lr-grid", "off",
     ]
 
 

@@ -36,7 +36,7 @@ GRID = [
     "--models", "mobilenet_v2,squeezenet1_0", "--tasks", "shift", "--methods", "head,bitfit",
     "--seeds", "2", "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "0",
     "--few-shot", "5", "--test-per-class", "10", "--batch-size", "16",
-    "--profile-repeat", "1", "--device", "cpu", "--no-plots",
+    "--profile-repeat", "1", "--device", "cpu", "--no-plots", "--executor", "sequential",
 ]
 NOT_COMPARED = TIMING_COLUMNS | {"source_cached"}
 

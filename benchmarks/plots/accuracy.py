@@ -153,7 +153,7 @@ def plot_pareto(rows, model, dataset, task) -> plt.Figure | None:
     are any and full fine-tuning is plotted, :data:`REFERENCE_RATIOS` are drawn as vertical
     lines at those fractions of full fine-tuning's peak, and the exact floor of LoRA on every
     layer (:func:`exact_floor`) as a dashed one."""
-    from benchmarks.sweep.findings import separation
+    from benchmarks.sweep.accuracy_findings import separation
 
     acc: dict[Key, object] = {}
     mem: dict[Key, float] = {}

@@ -31,6 +31,7 @@ from convpeft.core.amp import AMP_MODES, check_amp
 from convpeft.core.layer_kinds import TARGETS
 from convpeft.methods import list_methods
 from convpeft.models import TESTED_MODELS, list_models
+from convpeft.train.schedule import SCHEDULES
 
 
 def _seeds(s: str) -> list[int]:
@@ -50,6 +51,28 @@ def _seeds(s: str) -> list[int]:
     if not seeds or any(x < 0 for x in seeds):
         raise argparse.ArgumentTypeError(f"--seeds {s!r}: seeds must be integers >= 0")
     return seeds
+
+
+def _lr_grid(s: str) -> tuple[float, ...]:
+    if s.strip().lower() == "off":
+        return ()
+    try:
+        out = tuple(float(x) for x in csv_list(s))
+    except ValueError:
+        out = ()
+    if not out or any(m <= 0 for m in out):
+        raise argparse.ArgumentTypeError(f"expected positive multipliers like '1,3,10' or "
+                                         f"'off', got {s!r}")
+    return out
+
+
+def _source_seed(s: str) -> int | str:
+    if s.strip().lower() == "each":
+        return "each"
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed (int) or 'each', got {s!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
                    "adaptation data, so the old classes are not simply forgotten (default: 0)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per configuration")
+    t.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per fine-tuning, whatever the task's size (the fewest "
+                   "whole epochs that take at least that many; overrides --epochs; default: "
+                   "the preset's, 48 for 'default' and 'budget')")
+    t.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="learning-rate schedule: cosine = linear warm-up over the first 10%% of "
+                   "the steps, then a half cosine to zero (convpeft.train.schedule); default: "
+                   "the preset's (cosine, except 'paper': constant)")
+    t.add_argument("--lr-grid", type=_lr_grid, default=None,
+                   help="multipliers of each method's default rate tried on the validation "
+                   "split at the first seed and the middle rank, e.g. '1,3,10'; the best one "
+                   "trains every seed and rank of that method (benchmarks.sweep.lr_choice); "
+                   "'off' = each method's default rate; ignored with --lr (default: the "
+                   "preset's, 1,3,10 for 'default' and 'budget')")
+    t.add_argument("--val-per-class", type=int, default=None,
+                   help="validation images per class for --lr-grid, taken from the target "
+                   "training images the few-shot sample left out (never test images; "
+                   "default: the preset's, 20)")
+    t.add_argument("--source-seed", type=_source_seed, default=None,
+                   help="N = one source model and data split (seed N) shared by every seed, "
+                   "the seeds drawing the few-shot sample, init and order, so the interval is "
+                   "that of fine-tuning a given model; 'each' = every seed pretrains its own "
+                   "(default: the preset's, 0 for 'default' and 'budget')")
+    t.add_argument("--check-convergence", action="store_true",
+                   help="after the sweep, rerun its grid with twice the steps (same seeds, "
+                   "each method at its chosen rate) into OUT/steps_x2 and write "
+                   "OUT/convergence.csv; findings.md then says which configurations' means "
+                   "left their 95%% interval (benchmarks.sweep.convergence; doubles the time)")
     t.add_argument("--pretrain-epochs", type=int, default=None,
                    help="epochs of source pretraining (cached; default: convpeft.train's)")
     t.add_argument("--pretrain-batch-size", type=int, default=None,
@@ -194,12 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch at the deployment resolution whose predicted device peak fits "
                    "(cost_max_batch, convpeft.planner)")
     x = p.add_argument_group("execution")
-    x.add_argument("--executor", choices=EXECUTORS, default="sequential",
-                   help="sequential = one configuration after another in this process; ray = "
+    x.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="sequential = one configuration after another in this process; "
+                   "processes = a pool of --workers processes on this machine (one thread "
+                   "each by default: the offline grid's small models leave a second core idle "
+                   "otherwise; the 'default' and 'budget' presets' choice on a CPU, sequential "
+                   "with --measure-cost or a GPU); ray = "
                    "each configuration as a Ray task, the source model pretrained once per "
                    "(model, dataset, task, seed) by one task and shared through Ray's object "
                    "store; this process alone writes the rows, identical to a sequential "
                    "run's but for the timing columns (needs pip install -e \".[ray]\")")
+    x.add_argument("--workers", type=int, default=None,
+                   help="with --executor processes: worker processes (default: the torch "
+                   "thread count, at most 4), each with threads / workers intra-op threads")
     x.add_argument("--address", default=None,
                    help="with --executor ray: the Ray cluster to connect to (e.g. 'auto' on a "
                    "node of a running cluster, or HEAD_IP:6379); default: start a local "
@@ -240,6 +298,7 @@ class SweepPlan:
     address: str | None = None  # Ray cluster (None: a local Ray)
     cpus_per_task: float = 1
     gpus_per_task: float = 1
+    workers: int = 1  # --executor processes
 
 
 def _figure_formats() -> set[str]:
@@ -339,6 +398,7 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
         cost_resolution=cost_resolution,
         measure_cost=a.measure_cost,
         budget=budget,
+        **_protocol(a, pre, ranks, seeds),
     )
     if settings.prefix_chunks < 1:
         raise ValueError("--prefix-chunks must be >= 1")
@@ -370,12 +430,46 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
 
         _check_writable_dir(resolve_cache_dir(), "pretrain cache",
                             "set $CONVPEFT_CACHE to a folder you can write")
+    # a pool only where it pays: training on the CPU (a profile-only run is seconds per row,
+    # and its step times are better measured alone)
+    executor = a.executor or (pre.executor if settings.device == "cpu" and not
+                              settings.measure_cost and not settings.profile_only
+                              else "sequential")
+    workers = a.workers if a.workers is not None else min(4, torch.get_num_threads())
+    if executor == "processes" and settings.measure_cost:
+        raise ValueError("--measure-cost times one update per configuration: run it with "
+                         "--executor sequential (a second worker would disturb the timing)")
+    if workers < 1:
+        raise ValueError("--workers must be >= 1")
     _check_executor(a)
     grid = expand_grid(models, tasks, methods, ranks, seeds,
                        a.update_blocks if a.update_blocks is not None else pre.update_blocks)
     settings = _check_sparse_axes(a, grid, methods, settings)
     return SweepPlan(grid, settings, Path(a.out),
-                     plots, formats, a.executor, a.address, a.cpus_per_task, a.gpus_per_task)
+                     plots, formats, executor, a.address, a.cpus_per_task, a.gpus_per_task,
+                     workers)
+
+
+def _protocol(a: argparse.Namespace, pre, ranks: list[int], seeds: list[int]) -> dict:
+    """The fine-tuning protocol's settings: flags over the preset's (``Preset.protocol``)."""
+    p = pre.protocol
+    steps = a.steps if a.steps is not None else (None if a.epochs is not None else p.get("steps"))
+    grid = a.lr_grid if a.lr_grid is not None else tuple(p.get("lr_grid", ()))
+    val = a.val_per_class if a.val_per_class is not None else p.get("val_per_class", 0)
+    src = a.source_seed if a.source_seed is not None else p.get("source_seed", "each")
+    if steps is not None and steps < 1:
+        raise ValueError("--steps must be >= 1")
+    if val < 0:
+        raise ValueError("--val-per-class must be >= 0")
+    if grid and a.lr is None and not val:
+        raise ValueError("--lr-grid chooses on a validation split: give --val-per-class N "
+                         "(or --lr-grid off)")
+    ranked = sorted(ranks)
+    return dict(steps=steps, schedule=a.schedule or p.get("schedule", "constant"),
+                lr_grid=grid if a.lr is None else (), lr_tune_seed=seeds[0],
+                lr_tune_rank=ranked[(len(ranked) - 1) // 2] if ranked else None,
+                val_per_class=val, test_unused=bool(p.get("test_unused", False)),
+                source_seed=None if src == "each" else int(src))
 
 
 def _check_sparse_axes(a: argparse.Namespace, grid: list, methods: list[str],

@@ -49,6 +49,8 @@ class SourceCache:
         self.profiles: dict[tuple, dict] = {}
         # the cost_* columns at the deployment size, once per configuration and head size
         self.costs = CostCache(settings)
+        # (model, dataset, task, method, update_blocks) -> its tuned learning rate (LrChoice)
+        self.lr_choices: dict[tuple, object] = {}
 
     def profile_key(self, cfg: Config) -> tuple:
         """What one update's cost depends on within a sweep: everything but the seed."""
@@ -73,16 +75,21 @@ class SourceCache:
         key = (self.s.dataset_for(cfg.task), cfg.task, cfg.seed)
         if key not in self._tasks:
             try:
+                shared = self.s.source_seed is not None
                 self._tasks[key] = build_task(
                     cfg.task,
                     self.s.dataset_for(cfg.task),
                     corruption=self.s.corruption if cfg.task == "shift" else None,
                     severity=self.s.severity if cfg.task == "shift" else None,
                     data_root=self.s.data_root,
-                    seed=cfg.seed,
+                    # one source model and split for every seed, or each seed its own
+                    seed=self.s.source_seed if shared else cfg.seed,
+                    few_shot_seed=cfg.seed if shared else None,
                     resolution=self.s.resolution,
                     few_shot=self.s.few_shot,
-                    **({"replay_per_class": self.s.replay_per_class}
+                    val_per_class=self.s.val_per_class,
+                    **({"replay_per_class": self.s.replay_per_class,
+                        "test_unused": self.s.test_unused}
                        if cfg.task == "new_classes" else {}),
                 )
                 if self.s.test_per_class is not None:
@@ -102,8 +109,49 @@ class SourceCache:
         return self.costs.columns(cfg, self.task(cfg).num_classes)
 
     def group_key(self, cfg: Config) -> tuple:
-        """What the source model depends on: (model, dataset, task, seed)."""
-        return (cfg.model, self.s.dataset_for(cfg.task), cfg.task, cfg.seed)
+        """What the source model depends on: (model, dataset, task, seed), the seed being
+        ``source_seed`` when every seed shares one source model."""
+        seed = cfg.seed if self.s.source_seed is None else self.s.source_seed
+        return (cfg.model, self.s.dataset_for(cfg.task), cfg.task, seed)
+
+    def lr_choice(self, cfg: Config):
+        """The tuned learning rate of ``cfg``'s method (:mod:`benchmarks.sweep.lr_choice`):
+        searched by the first configuration that asks, then shared."""
+        from benchmarks.sweep.lr_choice import choose_lr, lr_key, tuning_config
+
+        key = lr_key(cfg, self.s)
+        if key not in self.lr_choices:
+            tuned = tuning_config(cfg, self.s)
+            try:
+                source, _ = self.source(tuned)
+                zs = self.zero_shot.get((self.group_key(tuned), tuned.seed))
+                self.lr_choices[key] = choose_lr(cfg, self.s, source, self.task(tuned), zs)
+                res = self.lr_choices[key].result
+                self.zero_shot[(self.group_key(tuned), tuned.seed)] = (
+                    res.zero_shot_acc, res.zero_shot_source_acc)
+            except Exception as e:  # remembered: the method's other rows fail with it
+                self.lr_choices[key] = e
+        choice = self.lr_choices[key]
+        if isinstance(choice, Exception):
+            raise choice
+        return choice
+
+    def reuse_lr_choices(self, rows: Sequence[dict], keys: set[str] | None) -> int:
+        """Remember the tuned rates of the ``ok`` rows whose key is in ``keys`` (a resumed
+        sweep tunes no method twice; None: every row, another run's whose rates are to be
+        reused). Returns how many methods that covers."""
+        from benchmarks.sweep.lr_choice import LrChoice, lr_key, tuning_config
+
+        for r in rows:
+            if (r.get("status") == "ok" and (keys is None or r.get("key") in keys)
+                    and r.get("lr_source") == "tuned"):
+                k = r.get("update_blocks")
+                cfg = Config(r["model"], r["task"], r["method"],
+                             None if r.get("rank") in (None, "") else int(r["rank"]),
+                             int(r["seed"]), None if k in (None, "") else int(k))
+                self.lr_choices.setdefault(lr_key(cfg, self.s), LrChoice(
+                    float(r["lr"]), r.get("lr_grid_val") or "", tuning_config(cfg, self.s)))
+        return len(self.lr_choices)
 
     def has_source(self, cfg: Config) -> bool:
         return self.group_key(cfg) in self._sources
@@ -118,6 +166,7 @@ class SourceCache:
         self._sources.clear()
         self._tasks.clear()
         self.zero_shot.clear()
+        self.lr_choices.clear()
 
     def source(self, cfg: Config):
         """(source model on the CPU, extra row fields) for ``cfg``'s group."""
@@ -137,9 +186,10 @@ class SourceCache:
         from convpeft.models import build_model
 
         task = self.task(cfg)
+        seed = self.group_key(cfg)[-1]  # the source seed: every seed's group builds the same
         t0, c0 = time.perf_counter(), time.process_time()
         if self.s.profile_only:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(seed)
             model = build_model(cfg.model, task.source_num_classes, small_input=self.s.small_input)
         else:
             from convpeft.train import pretrain
@@ -149,7 +199,7 @@ class SourceCache:
                 kw["epochs"] = self.s.pretrain_epochs
             if self.s.pretrain_batch_size is not None:
                 kw["batch_size"] = self.s.pretrain_batch_size
-            model = pretrain(cfg.model, task.dataset, task=task, seed=cfg.seed,
+            model = pretrain(cfg.model, task.dataset, task=task, seed=seed,
                              small_input=self.s.small_input, resolution=self.s.resolution,
                              data_root=self.s.data_root, device=self.s.device, progress=False,
                              **kw)
@@ -244,10 +294,22 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
     source, info = sources.source(cfg)
     row: dict = dict(info)
     row.update(n_target_train=len(task.target_train), n_target_test=len(task.target_test),
-               n_source_test=len(task.source_test), corruption=task.corruption,
+               n_source_test=len(task.source_test),
+               n_target_val=0 if task.target_val is None else len(task.target_val),
+               corruption=task.corruption,
                severity=task.severity)
     mcfg = method_config(cfg, settings)
+    choice = None
+    if settings.lr_grid and settings.lr is None and not settings.profile_only:
+        choice = sources.lr_choice(cfg)
+        mcfg.lr = choice.lr
+        t = choice.tuned
+        row.update(lr_grid_val=choice.grid_text, lr_tuned_on=f"seed {t.seed}" + (
+            "" if t.rank is None else f", rank {t.rank}"))
     row["bn"], row["lr"] = mcfg.bn, mcfg.resolved_lr
+    row["lr_source"] = ("tuned" if choice is not None else "flag" if settings.lr is not None
+                        else "default")
+    row["schedule"] = settings.schedule
 
     # --- cost of one update at the training batch size, on real target images: once per
     # configuration (the first seed that gets here), copied into the rows of the other seeds
@@ -265,15 +327,20 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
         torch.manual_seed(cfg.seed)
         # The zero-shot baseline depends on (source model, task, seed) only: evaluate it once
         # per group and hand it to the group's other methods.
-        zs_key = sources.group_key(cfg)
-        res = finetune(source, mcfg, task, epochs=settings.epochs,
-                       batch_size=settings.batch_size, seed=cfg.seed, device=dev,
-                       progress=False, copy_model=True, eval_every_epoch=False,
-                       keep_model=True, zero_shot=sources.zero_shot.get(zs_key),
-                       amp=settings.amp, precise_bn=settings.precise_bn)
+        # (with one shared source model the test split may still differ per seed)
+        zs_key = (sources.group_key(cfg), cfg.seed)
+        if choice is not None and choice.result is not None and choice.tuned == cfg:
+            res = choice.result  # the tuning run with the chosen rate is this very run
+        else:
+            res = finetune(source, mcfg, task, epochs=settings.epochs, steps=settings.steps,
+                           batch_size=settings.batch_size, seed=cfg.seed, device=dev,
+                           progress=False, copy_model=True, eval_every_epoch=False,
+                           keep_model=True, zero_shot=sources.zero_shot.get(zs_key),
+                           amp=settings.amp, precise_bn=settings.precise_bn,
+                           schedule=settings.schedule, warmup=settings.warmup)
         sources.zero_shot[zs_key] = (res.zero_shot_acc, res.zero_shot_source_acc)
         for k in ("zero_shot_acc", "zero_shot_source_acc", "target_acc", "source_acc",
-                  "forgetting", "recovered_fraction", "train_time_s"):
+                  "forgetting", "recovered_fraction", "train_time_s", "val_acc", "steps"):
             row[k] = getattr(res, k, None)
         if res.history:
             row["final_train_loss"] = res.history[-1].get("loss")

@@ -59,7 +59,7 @@ import torch
 from benchmarks.sweep.config import SourceCache, run_config
 from benchmarks.sweep.grid import Config, SweepSettings
 
-EXECUTORS = ("sequential", "ray")
+EXECUTORS = ("sequential", "processes", "ray")
 
 TIMING_COLUMNS = frozenset({
     "wall_time_s", "cpu_time_s", "finished_at", "source_time_s", "source_cpu_time_s",
@@ -122,6 +122,134 @@ class SequentialExecutor:
                 note(f"{cfg.model} {cfg.task}: source model (pretrain or cache)")
             fields, tb = attempt(cfg, sources.s, sources)
             yield i, fields, tb
+
+
+# ----------------------------------------------------------------------------- processes
+
+_PROC: SourceCache | None = None  # one per worker process of a ProcessExecutor
+
+
+def _proc_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    gc.freeze()  # as SequentialExecutor: keep the imports out of every collection
+
+
+def _proc_sources(s: SweepSettings) -> SourceCache:
+    global _PROC
+    if _PROC is None or _PROC.s != s:
+        _PROC = SourceCache(s)
+    return _PROC
+
+
+def _proc_source(cfg: Config, s: SweepSettings):
+    """Worker: make sure ``cfg``'s source model exists (pretrained into the disk cache, or
+    loaded); its exception, if building it failed (the configurations then fail with it)."""
+    try:
+        _proc_sources(s).source(cfg)
+    except Exception as e:
+        return _Failed(e, traceback.format_exc())
+    return None
+
+
+def _proc_lr(cfg: Config, s: SweepSettings):
+    """Worker: the tuned rate of ``cfg``'s method (an LrChoice, or _Failed)."""
+    return _catch(_proc_sources(s).lr_choice, cfg)
+
+
+def _proc_profile(cfg: Config, s: SweepSettings):
+    """Worker: the profile columns of ``cfg``'s configuration (or _Failed)."""
+    sources = _proc_sources(s)
+    sources.profiles.pop(sources.profile_key(cfg), None)
+    return _catch(sources.profile, cfg)
+
+
+def _proc_config(cfg: Config, s: SweepSettings, choice, profile) -> tuple[dict, str | None]:
+    """Worker: :func:`attempt` of ``cfg`` with the rate and profile measured elsewhere."""
+    from benchmarks.sweep.lr_choice import lr_key
+
+    sources = _proc_sources(s)
+    if choice is not None:
+        sources.lr_choices[lr_key(cfg, s)] = _unwrap(choice)
+    if profile is not None:
+        sources.profiles[sources.profile_key(cfg)] = _unwrap(profile)
+    return attempt(cfg, s, sources)
+
+
+class ProcessExecutor:
+    """Configurations on a pool of worker processes on this machine (``--executor processes
+    --workers N``): the small CPU models of the offline grid leave a core idle at two threads,
+    so N one-thread workers finish the grid sooner. In four waves, each waiting for the last:
+    every source model once (pretrained into the disk cache, so no two workers pretrain the
+    same), every method's learning-rate search once (:mod:`benchmarks.sweep.lr_choice`) and
+    every configuration's profile once, then the (configuration, seed) runs with those handed
+    in. The rows equal a sequential run's at the workers' thread count, except the timing
+    columns. ``--measure-cost`` is refused: a second worker would disturb the timed update."""
+
+    def __init__(self, workers: int = 2, threads: int = 1):
+        if workers < 1 or threads < 1:
+            raise ValueError("--workers must be >= 1")
+        self.workers, self.threads = workers, threads
+        self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+            self._pool = None
+
+    def _map(self, fn, cfgs: dict, s: SweepSettings, note: Note, what: str) -> dict:
+        from concurrent.futures import as_completed
+
+        futs = {self._pool.submit(fn, cfg, s): key for key, cfg in cfgs.items()}
+        out = {}
+        for n, fut in enumerate(as_completed(futs), 1):
+            note(f"{what}: {n}/{len(futs)}")
+            out[futs[fut]] = fut.result()
+        return out
+
+    def run(self, todo: Sequence[Config], sources: SourceCache, note: Note) -> Iterator[Result]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        from benchmarks.sweep.lr_choice import lr_key
+
+        if not todo:
+            return
+        s = sources.s
+        # spawn, not fork: a forked child inherits torch's thread pools in an unknown state
+        self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
+                                         initializer=_proc_init, initargs=(self.threads,))
+        groups = {sources.group_key(c): c for c in reversed(todo)}
+        if not s.profile_only:
+            self._map(_proc_source, groups, s, note, "source models")
+        tune = bool(s.lr_grid) and s.lr is None and not s.profile_only
+        need_lr = {lr_key(c, s): c for c in reversed(todo)} if tune else {}
+        need_lr = {k: c for k, c in need_lr.items() if k not in sources.lr_choices}
+        need_prof = {sources.profile_key(c): c for c in reversed(todo)
+                     if sources.profile_key(c) not in sources.profiles}
+        both = {("lr", k): c for k, c in need_lr.items()}
+        both.update({("profile", k): c for k, c in need_prof.items()})
+        done: dict = {}
+        futs = {}
+        for (kind, k), cfg in both.items():
+            futs[self._pool.submit(_proc_lr if kind == "lr" else _proc_profile, cfg, s)] = (
+                kind, k)
+        for n, fut in enumerate(as_completed(futs), 1):
+            note(f"learning-rate searches and profiles: {n}/{len(futs)}")
+            done[futs[fut]] = fut.result()
+        choices = {k: v for (kind, k), v in done.items() if kind == "lr"}
+        choices.update({k: v for k, v in sources.lr_choices.items() if k not in choices})
+        profiles = {k: v for (kind, k), v in done.items() if kind == "profile"}
+        profiles.update({k: v for k, v in sources.profiles.items() if k not in profiles})
+        futs = {self._pool.submit(_proc_config, cfg, s,
+                                  choices.get(lr_key(cfg, s)) if tune else None,
+                                  profiles.get(sources.profile_key(cfg))): i
+                for i, cfg in enumerate(todo)}
+        for fut in as_completed(futs):
+            note(f"{self.workers} workers")
+            yield (futs[fut], *fut.result())
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -310,10 +438,12 @@ class RayExecutor:
 
 
 def make_executor(name: str, *, address: str | None = None, cpus_per_task: float = 1,
-                  gpus_per_task: float = 1):
+                  gpus_per_task: float = 1, workers: int = 2):
     """The executor called ``name`` (one of :data:`EXECUTORS`)."""
     if name == "sequential":
         return SequentialExecutor()
+    if name == "processes":
+        return ProcessExecutor(workers, max(1, torch.get_num_threads() // workers))
     if name == "ray":
         return RayExecutor(address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task)
     raise ValueError(f"unknown executor {name!r}; choose from {', '.join(EXECUTORS)}")

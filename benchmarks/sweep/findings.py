@@ -43,8 +43,6 @@ from pathlib import Path
 from benchmarks.common import (
     MIB,
     VARIANTS,
-    blocks_label,
-    blocks_of,
     cost_field,
     cost_where,
     flag_of,
@@ -58,12 +56,13 @@ from benchmarks.common import (
     uses_costs,
     variant_of,
 )
+from benchmarks.sweep.accuracy_findings import (
+    accuracy_intervals,
+    accuracy_lines,
+    protocol_lines,
+)
 from benchmarks.sweep.stats import (
     CONFIDENCE,
-    compare,
-    compare_paired,
-    metric_interval,
-    paired_interval,
 )
 from benchmarks.sweep.study_findings import study_lines
 
@@ -216,9 +215,12 @@ def _per_model_summary(recs: list[dict], field: str) -> dict[str, tuple[float, f
     return {m: (min(v), sum(v) / len(v), max(v)) for m, v in by.items() if v}
 
 
-def findings_markdown(rows: Sequence[dict], out: str = "OUT") -> str:
+def findings_markdown(rows: Sequence[dict], out: str = "OUT",
+                      convergence: str | Path | None = None) -> str:
     """The markdown summary (both claims, the study's claims corrected), or notes saying what
-    the rows lack; ``out`` is the results folder the suggested commands write into."""
+    the rows lack; ``out`` is the results folder the suggested commands write into;
+    ``convergence`` the ``convergence.csv`` of these rows' check, if there is one
+    (:mod:`benchmarks.sweep.convergence`)."""
     lines = ["# Rank sweep findings", ""]
     n_ok = sum(r.get("status") == "ok" for r in rows)
     n_fail = sum(r.get("status") == "failed" for r in rows)
@@ -278,8 +280,13 @@ def findings_markdown(rows: Sequence[dict], out: str = "OUT") -> str:
     if acc:
         n = 4 if lean else 3  # sections are numbered as they appear
         lines += [f"## {n}. Accuracy after adaptation: mean over seeds, "
-                  f"{100 * CONFIDENCE:.0f}% t-interval", "", *_accuracy_lines(acc), ""]
-    n_sections = 2 + bool(lean) + bool(acc)
+                  f"{100 * CONFIDENCE:.0f}% t-interval", "", *accuracy_lines(acc), ""]
+    proto = protocol_lines(rows, acc, convergence)
+    if proto:
+        n = 3 + bool(lean) + bool(acc)
+        lines += [f"## {n}. The fine-tuning protocol, and what its seeds tell apart", "",
+                  *proto, ""]
+    n_sections = 2 + bool(lean) + bool(acc) + bool(proto)
     lines += study_lines(study_rows, out, number=n_sections + 1)
     return "\n".join(lines)
 
@@ -322,138 +329,6 @@ def _lean_lines(recs: list[dict]) -> list[str]:
                      f"{'' if r['rank'] is None else r['rank']} | {r['bn']} | {r['variant']} | "
                      f"{r['peak'] / MIB:.1f} | {_pct(r['saving_bn_train'])} | "
                      f"{_pct(r['saving_bn_frozen'])} |")
-    return lines
-
-
-def accuracy_intervals(rows: Sequence[dict]) -> list[dict]:
-    """One record per (model, dataset, task, settings, method, rank, update_blocks) with a
-    target accuracy:
-    ``target``/``source``/``zero_shot`` :class:`~benchmarks.sweep.stats.Interval` over the seeds of
-    its ``ok`` rows (``source``/``zero_shot`` None when absent), ``seeds`` and ``by_seed``
-    (seed -> target accuracy, for paired comparisons)."""
-    vals: dict[tuple, dict[str, list]] = {}
-    for r in rows:
-        if r.get("status") != "ok" or num(r.get("target_acc")) is None:
-            continue
-        k = (r["model"], r.get("dataset"), r["task"], r.get("settings_signature"), r["method"],
-             rank_of(r), blocks_of(r))
-        d = vals.setdefault(k, {"target_acc": [], "source_acc": [], "zero_shot_acc": [],
-                                "seed": [], "by_seed": {}})
-        for f in ("target_acc", "source_acc", "zero_shot_acc"):
-            if num(r.get(f)) is not None:
-                d[f].append(num(r.get(f)))
-        d["seed"].append(r.get("seed"))
-        if r.get("seed") not in (None, ""):
-            d["by_seed"][int(r["seed"])] = num(r["target_acc"])
-    out = []
-    for (model, ds, task, sig, method, rank, blocks), d in sorted(
-            vals.items(), key=lambda kv: tuple(str(x) for x in kv[0][:5]) + (
-                -1 if kv[0][5] is None else kv[0][5],
-                -1 if kv[0][6] is None else -kv[0][6])):
-        out.append(dict(
-            model=model, dataset=ds, task=task, signature=sig, method=method, rank=rank,
-            update_blocks=blocks,
-            seeds=sorted(s for s in d["seed"] if s is not None),
-            target=metric_interval(d["target_acc"], "target_acc"), by_seed=d["by_seed"],
-            source=(metric_interval(d["source_acc"], "source_acc") if d["source_acc"]
-                    else None),
-            zero_shot=(metric_interval(d["zero_shot_acc"], "zero_shot_acc")
-                       if d["zero_shot_acc"] else None),
-        ))
-    return out
-
-
-def _config_label(rec: dict) -> str:
-    rank = "" if rec["rank"] is None else f" r={rec['rank']}"
-    return method_label(rec["method"]) + rank + blocks_label(rec.get("update_blocks"))
-
-
-def separation(a: dict, b: dict) -> int | None:
-    """Do the seeds separate record ``a``'s target accuracy from ``b``'s? ``1`` above, ``-1``
-    below, ``0`` indistinguishable, None without intervals. Paired over the seeds both ran
-    (same split, source model and sample per seed) when they share two or more; else by
-    disjoint intervals (see :mod:`benchmarks.sweep.stats`)."""
-    diff = paired_interval(a.get("by_seed", {}), b.get("by_seed", {}))
-    if diff is not None:
-        return compare_paired(diff)
-    return compare(a["target"], b["target"])
-
-
-def _verdict(a: dict, b: dict) -> str:
-    """How record ``a`` compares with ``b``: "above", "below", "indistinguishable", or
-    "no interval" (one seed)."""
-    return {1: "above", -1: "below", 0: "indistinguishable",
-            None: "no interval"}[separation(a, b)]
-
-
-def _accuracy_lines(acc: list[dict]) -> list[str]:
-    """Per (model, task): the best configuration, which ones its interval cannot separate from
-    it, which lie below; each ranked method vs full FT per rank; then the table."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in acc:
-        groups.setdefault((r["model"], r["dataset"], r["task"], r["signature"]), []).append(r)
-    several = len({(m, t) for m, _, t, _ in groups}) < len(groups)
-    ns = sorted({r["target"].n for r in acc})
-    n_txt = str(ns[0]) if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
-    lines = [f"Target test accuracy, mean over {n_txt} seed(s) with its {100 * CONFIDENCE:.0f}% "
-             "Student-t interval, cut to 0..100% (an accuracy's true mean lies there, so "
-             "the cut loses no coverage). A configuration is ranked above another only where "
-             "the seeds separate them: configurations run on the same seeds share, seed by "
-             "seed, the data split, source model and few-shot sample, so they are compared "
-             f"paired (the {100 * CONFIDENCE:.0f}% interval of the per-seed difference must "
-             "exclude zero), others by disjoint intervals. Otherwise the two are "
-             "*indistinguishable* at this "
-             "number of seeds.", ""]
-    if ns[0] < 2:
-        lines += ["Some configurations have one seed only: they get no interval and are not "
-                  "ranked (run the sweep with `--seeds 3` or more).", ""]
-    for (model, ds, task, sig), recs in groups.items():
-        name = f"{model}, {task}" + (f" ({ds}, settings {sig})" if several else "")
-        best = max(recs, key=lambda r: r["target"].mean)
-        zs = [r["zero_shot"] for r in recs if r["zero_shot"] is not None]
-        zs_txt = ("" if not zs else f" (zero-shot {100 * zs[0].mean:.1f}%, one seed)"
-                  if zs[0].low is None else f" (zero-shot {zs[0].format()})")
-        if best["target"].low is None:
-            lines.append(f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
-                         f"{best['target'].format()}; no intervals, no ranking.")
-            continue
-        others = sorted((r for r in recs if r is not best), key=lambda r: -r["target"].mean)
-        sep = [separation(r, best) for r in others]  # one paired comparison per record
-        same = [r for r, v in zip(others, sep, strict=True) if v in (0, None)]
-        below = [r for r, v in zip(others, sep, strict=True) if v == -1]
-        text = (f"- **{name}**{zs_txt}: highest mean {_config_label(best)} "
-                f"{best['target'].format()}")
-        text += ("; indistinguishable from it: " + ", ".join(_config_label(r) for r in same)
-                 if same else "; every other configuration is below it")
-        if below and same:
-            text += "; below it (the seeds separate them): " + ", ".join(
-                _config_label(r) for r in below)
-        lines.append(text + ".")
-        full = next((r for r in recs if r["method"] == "full" and r["rank"] is None
-                     and r.get("update_blocks") is None), None)
-        if full is None:
-            continue
-        ranked = [r for r in recs if r["rank"] is not None]
-        for method in dict.fromkeys(r["method"] for r in ranked):
-            parts = [f"r={r['rank']}" + blocks_label(r.get("update_blocks"))
-                     + f" {_verdict(r, full)}" for r in ranked if r["method"] == method]
-            lines.append(f"  - {method_label(method)} vs full FT: " + ", ".join(parts) + ".")
-    lines += ["", "Target accuracy [%], mean [95% interval] over seeds:", ""]
-    ranks = sorted({r["rank"] for r in acc if r["rank"] is not None})
-    cols = (["no rank"] if any(r["rank"] is None for r in acc) else []) + [f"r={k}"
-                                                                           for k in ranks]
-    lines += ["| model | task | method | " + " | ".join(cols) + " |",
-              "|---|---|---|" + "---:|" * len(cols)]
-    rows_: dict[tuple, dict] = {}
-    for r in acc:
-        rows_.setdefault((r["model"], r["task"], r["signature"], r["method"],
-                          r.get("update_blocks")), {})[r["rank"]] = r
-    for (model, task, _, method, blocks), by_rank in rows_.items():
-        keys = ([None] if "no rank" in cols else []) + ranks
-        cells = [by_rank[k]["target"].format(unit="") if k in by_rank else "" for k in keys]
-        label = method_label(method) + ("," + blocks_label(blocks) if blocks is not None
-                                        else "")
-        lines.append(f"| {model} | {task} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -42,6 +42,7 @@ and findings in ``plots/`` are redrawn from ``plots/rank_sweep_default.csv`` onl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -141,7 +142,8 @@ def summary_line(row: dict) -> str:
     return " | ".join(parts)
 
 
-def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
+def run_sweep(plan: SweepPlan, *, log=print, lr_rows: Sequence[dict] = ()
+              ) -> tuple[list[dict], bool]:
     """Run (or resume) the planned sweep. Returns (the rows of this grid, interrupted?).
 
     ``plan.executor`` runs the configurations (:mod:`benchmarks.sweep.executor`); this process
@@ -157,6 +159,9 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
     env = environment_metadata(s.device)
     sources = SourceCache(s)
     sources.reuse_profiles(store.rows, {c.key(s) for c in plan.configs})
+    sources.reuse_lr_choices(store.rows, {c.key(s) for c in plan.configs})
+    if lr_rows:  # the convergence check: the first run's chosen rates, not a new search
+        sources.reuse_lr_choices(lr_rows, None)
     recost(plan, store, sources, log)
     errlog = plan.out / "errors.log"
     interrupted = False
@@ -177,7 +182,8 @@ def run_sweep(plan: SweepPlan, *, log=print) -> tuple[list[dict], bool]:
     try:
         with make_executor(plan.executor, address=plan.address,
                            cpus_per_task=plan.cpus_per_task,
-                           gpus_per_task=plan.gpus_per_task) as executor:
+                           gpus_per_task=plan.gpus_per_task,
+                           workers=plan.workers) as executor:
             nxt = 0
             for i, fields, tb in executor.run(todo, sources, bar.set_postfix_str):
                 arrived[i] = (fields, tb)
@@ -221,6 +227,28 @@ def recost(plan: SweepPlan, store: ResultsStore, sources: SourceCache, log=print
     return len(stale)
 
 
+def check_convergence(plan: SweepPlan, rows: list[dict], *, log=print) -> bool:
+    """Rerun ``plan`` with twice the steps into ``<out>/steps_x2`` (each method at the rate
+    ``rows`` chose) and write ``<out>/convergence.csv`` (:mod:`benchmarks.sweep.convergence`).
+    Returns True when interrupted."""
+    from benchmarks.sweep.convergence import (
+        CONVERGENCE_CSV,
+        DOUBLED_DIR,
+        compare_steps,
+        doubled_settings,
+        write_convergence,
+    )
+
+    twice = dataclasses.replace(plan, settings=doubled_settings(plan.settings),
+                                out=plan.out / DOUBLED_DIR, plots=None)
+    twice.out.mkdir(parents=True, exist_ok=True)
+    log(f"convergence check: the grid again with twice the steps -> {twice.out}")
+    rows2, interrupted = run_sweep(twice, log=log, lr_rows=rows)
+    if not interrupted:
+        write_convergence(plan.out / CONVERGENCE_CSV, compare_steps(rows, rows2))
+    return interrupted
+
+
 def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
     """Plots + findings for the rows; returns the findings markdown. ``main`` passes every row
     of ``plan.out``'s JSONL (rows another sweep wrote there included), so findings.md always
@@ -233,7 +261,9 @@ def finish(plan: SweepPlan, rows: list[dict], *, log=print) -> str:
         # make_plots draws one adapter target (the study's standard-conv rows: findings.md)
         files = make_plots(rows, plan.plots, plan.formats)
         log(f"{len(files)} plot files -> {plan.plots}")
-    md = findings_markdown(rows, str(plan.out))
+    from benchmarks.sweep.convergence import CONVERGENCE_CSV
+
+    md = findings_markdown(rows, str(plan.out), plan.out / CONVERGENCE_CSV)
     _write_atomic(plan.out / "findings.md", md + "\n")
     if plan.plots is not None:
         _write_atomic(plan.plots / "findings.md", md + "\n")
@@ -280,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
     if interrupted:
         return 130
+    if a.check_convergence:
+        interrupted = check_convergence(plan, rows)
+        if interrupted:
+            return 130
     # under the folder's lock: a sweep finishing beside this one cannot interleave a staler
     # findings.md, and the last one to finish writes every row of the JSONL
     with locked(plan.out):

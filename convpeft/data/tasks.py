@@ -61,6 +61,9 @@ class Task:
     seed: int = 0
     resolution: int = 32
     extra: dict = field(default_factory=dict)
+    target_val: ImageDataset | None = None
+    few_shot_seed: int | None = None
+    test_unused: bool = False
 
     @property
     def num_new_classes(self) -> int:
@@ -81,16 +84,31 @@ class Task:
             "source_num_classes": self.source_num_classes, "num_classes": self.num_classes,
             "n_target_train": len(self.target_train), "n_target_test": len(self.target_test),
             "n_source_train": len(self.source_train), "n_source_test": len(self.source_test),
+            **({"few_shot_seed": self.few_shot_seed} if self.few_shot_seed is not None else {}),
+            **({"n_target_val": len(self.target_val)} if self.target_val is not None else {}),
+            **({"test_unused": True} if self.test_unused else {}),
         }
 
 
-def _few_shot(ds: ImageDataset, n: int | None, seed: int) -> ImageDataset:
+def _few_shot(ds: ImageDataset, n: int | None, seed: int, val_per_class: int = 0
+              ) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
+    """(the ``n`` per class sample, ``val_per_class`` per class of what it left out or None,
+    the rest or None): three disjoint parts of ``ds``."""
     if n is None:
-        return ds
+        return ds, None, None
     if n < 1:
         raise ValueError(f"few_shot must be >= 1 samples per class (got {n})")
-    idx, _ = stratified_indices(ds.labels, per_class=n, seed=seed)
-    return ds.subset(idx)
+    idx, rest = stratified_indices(ds.labels, per_class=n, seed=seed)
+    val = None
+    if val_per_class:
+        left = min(int((ds.labels[rest] == c).sum()) for c in ds.labels.unique().tolist())
+        if val_per_class > left:
+            raise ValueError(f"val_per_class={val_per_class} but the few-shot sample leaves only "
+                             f"{left} target training images in some class; lower val_per_class "
+                             "or few_shot")
+        v, r = stratified_indices(ds.labels[rest], per_class=val_per_class, seed=seed + 7919)
+        val, rest = ds.subset(rest[v]), rest[r]
+    return ds.subset(idx), val, (ds.subset(rest) if len(rest) else None)
 
 
 def _corrupted(ds: ImageDataset, corruption, severity: int, seed: int) -> ImageDataset:
@@ -136,6 +154,9 @@ def build_task(
     target_classes: Sequence[int] | None = None,
     replay_per_class: int = 0,
     download: bool = False,
+    few_shot_seed: int | None = None,
+    val_per_class: int = 0,
+    test_unused: bool = False,
 ) -> Task:
     """Build a :class:`Task` (see the module docstring).
 
@@ -147,10 +168,28 @@ def build_task(
     ``target_classes`` to the rest; they must be non-empty and disjoint.
     ``replay_per_class`` adds that many source-class training images per old class to the target
     training split (rehearsal; 0 = none). ``few_shot``: keep only n images per class of the
-    target training split (sampled with ``seed``).
+    target training split (sampled with ``few_shot_seed``, default ``seed``: another few-shot
+    seed draws another sample from the same split and source data, so the source model stays
+    the same). ``val_per_class`` (needs ``few_shot``): that many images per class of what the
+    sample left out become ``task.target_val``, a validation split for choosing
+    hyper-parameters (never the test images). ``test_unused`` (new_classes only): the target
+    classes' training images that neither the sample nor the validation split took join
+    ``target_test``: the source model never saw those classes, so they are as held out as
+    the test split (for shift they are corrupted copies of the source training images, and
+    it is refused).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if val_per_class < 0:
+        raise ValueError(f"val_per_class must be >= 0 (got {val_per_class})")
+    if (val_per_class or test_unused) and few_shot is None:
+        raise ValueError("val_per_class and test_unused take images the few-shot sample left "
+                         "out; give few_shot as well")
+    if test_unused and task != "new_classes":
+        raise ValueError("test_unused is for task='new_classes': the shift task's unused target "
+                         "training images are corrupted copies of the source model's training "
+                         "images, not held out")
+    fs_seed = seed if few_shot_seed is None else few_shot_seed
     kw = dict(data_root=data_root, resolution=resolution, seed=seed, download=download)
     train = load_dataset(dataset, split="train", **kw)
     test = load_dataset(dataset, split="test", **kw)
@@ -168,7 +207,8 @@ def build_task(
         for nm in names:
             get_corruption(nm)
         corr = names[0] if len(names) == 1 else names
-        target_train = _few_shot(_corrupted(train, corr, severity, seed + 1), few_shot, seed)
+        target_train, val, _ = _few_shot(_corrupted(train, corr, severity, seed + 1), few_shot,
+                                         fs_seed, val_per_class)
         if dataset == "cifar10" and isinstance(corr, str):
             target_test = load_dataset("cifar10c", split="test", corruption=corr,
                                        severity=severity, **kw)
@@ -176,7 +216,8 @@ def build_task(
             target_test = _corrupted(test, corr, severity, seed + 2)
         all_cls = list(range(n_cls))
         return Task("shift", dataset, train, test, target_train, target_test, n_cls, n_cls,
-                    all_cls, all_cls, corr, severity, few_shot, 0, seed, resolution)
+                    all_cls, all_cls, corr, severity, few_shot, 0, seed, resolution,
+                    target_val=val, few_shot_seed=few_shot_seed)
 
     if corruption is not None or severity is not None:
         raise ValueError("corruption/severity are for task='shift'")
@@ -191,9 +232,10 @@ def build_task(
                          "disjoint")
     k = len(src)
     source_train, source_test = _select(train, src, 0), _select(test, src, 0)
-    target_train = _few_shot(_select(train, tgt, k), few_shot, seed)
+    target_train, val, unused = _few_shot(_select(train, tgt, k), few_shot, fs_seed,
+                                          val_per_class)
     if replay_per_class:
-        idx, _ = stratified_indices(source_train.labels, per_class=replay_per_class, seed=seed)
+        idx, _ = stratified_indices(source_train.labels, per_class=replay_per_class, seed=fs_seed)
         rep = source_train.subset(idx)
         target_train = ImageDataset(torch.cat([target_train.images, rep.images]),
                                     torch.cat([target_train.labels, rep.labels]),
@@ -202,6 +244,13 @@ def build_task(
     for ds in (source_train, source_test, target_train):
         ds.classes = names[:k]
     target_test = _select(test, tgt, k)
-    target_train.classes = target_test.classes = names
+    if test_unused and unused is not None:
+        target_test = ImageDataset(torch.cat([target_test.images, unused.images]),
+                                   torch.cat([target_test.labels, unused.labels]),
+                                   target_test.classes, target_test.name, dict(target_test.info))
+    for ds in (target_train, target_test, val):
+        if ds is not None:
+            ds.classes = names
     return Task("new_classes", dataset, source_train, source_test, target_train, target_test,
-                k, k + len(tgt), src, tgt, None, None, few_shot, replay_per_class, seed, resolution)
+                k, k + len(tgt), src, tgt, None, None, few_shot, replay_per_class, seed, resolution,
+                target_val=val, few_shot_seed=few_shot_seed, test_unused=test_unused)

@@ -29,7 +29,9 @@ One concept per module, all re-exported here: :mod:`~convpeft.train.determinism`
 (:func:`deterministic_torch`, :func:`state_dict_sha256`), :mod:`~convpeft.train.cache` (where
 source weights are cached and what their key hashes), :mod:`~convpeft.train.loop` (one epoch of
 steps, shared by both), :mod:`~convpeft.train.evaluation`, :mod:`~convpeft.train.pretraining`
-and :mod:`~convpeft.train.finetuning`.
+:mod:`~convpeft.train.finetuning`, :mod:`~convpeft.train.schedule` (warm-up + cosine) and
+:mod:`~convpeft.train.lr_search` (:func:`select_lr`: a method's rate chosen on a validation
+split).
 """
 
 from .batchnorm import adapt_prefix_bn, recalibrate_bn, snapshot_bn
@@ -38,12 +40,14 @@ from .determinism import deterministic_torch, state_dict_sha256
 from .evaluation import evaluate
 from .finetuning import FinetuneResult, finetune
 from .loop import default_device
+from .lr_search import LrSearch, select_lr
 from .pretraining import PRETRAIN_DEFAULTS, pretrain
 
 __all__ = [
     "PRETRAIN_DEFAULTS",
     "adapt_prefix_bn",
     "FinetuneResult",
+    "LrSearch",
     "resolve_cache_dir",
     "default_device",
     "deterministic_torch",
@@ -52,5 +56,6 @@ __all__ = [
     "snapshot_bn",
     "finetune",
     "pretrain",
+    "select_lr",
     "state_dict_sha256",
 ]

@@ -3,7 +3,7 @@
 :func:`finetune` copies the model (the caller's stays untouched), expands the head for new
 classes, measures the zero-shot accuracies (or takes them from the caller: a sweep runs many
 methods from one source model), prepares the method (:func:`convpeft.methods.prepare`) and
-trains at a constant learning rate, so methods are compared at their own rate only. The
+trains it (at a constant learning rate, or warm-up + cosine: :mod:`convpeft.train.schedule`). The
 outcome is a :class:`FinetuneResult`: accuracies, forgetting, the share of a shift's drop won
 back, parameter counts and timings, JSON-able without the model.
 """
@@ -28,6 +28,7 @@ from ..models import expand_head, get_head
 from .batchnorm import adapt_prefix_bn, recalibrate_bn, snapshot_bn
 from .evaluation import evaluate
 from .loop import _batches_per_epoch, _progress, _train_epoch, default_device
+from .schedule import lr_multiplier, make_scheduler
 
 
 @dataclass
@@ -40,7 +41,9 @@ class FinetuneResult:
     shift's drop (clean minus zero-shot) won back. ``train_time_s``: the optimisation steps only;
     ``wall_time_s``: the whole call incl. evaluations. ``amp``: the training compute dtype
     ("off" = fp32). ``precise_bn``: BN statistics recomputed for the final weights before
-    evaluating (see :func:`finetune`).
+    evaluating (see :func:`finetune`). ``schedule``: the learning-rate schedule; ``steps``: the
+    optimizer steps taken. ``val_acc``: accuracy on ``task.target_val`` after training (None
+    without a validation split), what :func:`~convpeft.train.select_lr` chooses a rate by.
     """
 
     method: str
@@ -67,6 +70,9 @@ class FinetuneResult:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     amp: str = "off"
     precise_bn: bool = True
+    schedule: str = "constant"
+    steps: int = 0
+    val_acc: float | None = None
 
     def to_dict(self) -> dict:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
@@ -99,31 +105,40 @@ def finetune(
     zero_shot: tuple[float, float] | None = None,
     amp: str = "off",
     precise_bn: bool = True,
+    schedule: str = "constant",
+    warmup: float = 0.1,
+    steps: int | None = None,
 ) -> FinetuneResult:
     """Adapt ``model`` to ``task.target_train`` with ``method``; see :class:`FinetuneResult`.
 
-    ``method``: a name from :func:`convpeft.methods.list_methods` or a ``MethodConfig``;
-    ``lr`` overrides its learning rate. For new_classes the head is expanded first (old rows
-    kept exactly) when it still has ``task.source_num_classes`` outputs. ``copy_model`` (default)
-    leaves the caller's model untouched. Constant LR (no schedule) so that methods are compared at
-    their own learning rate only. ``zero_shot``: the ``(target, source)`` test accuracies of this
-    same model and seed before any update, when the caller already has them (a sweep runs many
-    methods from one source model): the two baseline evaluations are then skipped. ``amp``
-    ("off", "bf16", "fp16"; see the module docstring) is checked against ``device`` before
-    anything runs: fp16 on the CPU is refused. ``precise_bn`` (default): before each evaluation
-    the running statistics of the BNs the method runs in train mode are recomputed exactly on
-    ``task.target_train`` for the current weights (:func:`~convpeft.train.recalibrate_bn`; one
-    forward pass, no gradients); an evaluation before the last epoch puts the running averages
-    back afterwards, so training does not depend on how often it evaluates. ``False``: evaluate
-    with the running averages BN collected while training (they lag the weights; see
-    :mod:`convpeft.train.batchnorm`).
+    ``method``: a name from :func:`convpeft.methods.list_methods` or a ``MethodConfig``; ``lr``
+    overrides its learning rate. For new_classes the head is expanded first (old rows kept
+    exactly) when it still has ``task.source_num_classes`` outputs. ``copy_model`` (default)
+    leaves the caller's model untouched. ``schedule`` (:mod:`convpeft.train.schedule`):
+    "constant" (default) or "cosine" (linear warm-up over the first ``warmup`` share of the
+    steps, then a half cosine to zero), stepped once per optimizer step. ``zero_shot``: the
+    ``(target, source)`` test accuracies of this same model and seed before any update, when the
+    caller already has them (a sweep runs many methods from one source model): the two baseline
+    evaluations are then skipped. ``amp`` ("off", "bf16", "fp16"; see the module docstring) is
+    checked against ``device`` before anything runs: fp16 on the CPU is refused. ``precise_bn``
+    (default): before each evaluation the running statistics of the BNs the method runs in train
+    mode are recomputed exactly on ``task.target_train`` for the current weights
+    (:func:`~convpeft.train.recalibrate_bn`; one forward pass, no gradients); an evaluation
+    before the last epoch puts the running averages back afterwards, so training does not depend
+    on how often it evaluates. ``False``: evaluate with the running averages BN collected while
+    training (they lag the weights; see :mod:`convpeft.train.batchnorm`). ``steps``: train
+    exactly that many optimizer steps whatever the data's size (overrides ``epochs``; the last
+    epoch stops early), so tasks of different sizes get the same schedule.
     """
     t_call = time.perf_counter()
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {steps}); or give epochs instead")
     cfg = MethodConfig(method) if isinstance(method, str) else copy.copy(method)
     if lr is not None:
         cfg.lr = lr
     device = torch.device(device) if device is not None else default_device()
     check_amp(amp, device)
+    lr_multiplier(0, 2, schedule, warmup)  # a bad schedule fails before any copy or training
     if copy_model:
         model = copy.deepcopy(model)
     model.to(device)
@@ -151,7 +166,12 @@ def finetune(
     scaler = grad_scaler(device, amp)
     g = torch.Generator().manual_seed(seed)
     history = []
-    steps = epochs * _batches_per_epoch(len(task.target_train), batch_size)
+    per_epoch = _batches_per_epoch(len(task.target_train), batch_size)
+    if steps is not None:  # whole epochs, the last one cut at the step count
+        epochs = -(-steps // max(per_epoch, 1))
+    else:
+        steps = epochs * per_epoch
+    scheduler = make_scheduler(prepared.optimizer, steps, schedule, warmup)
     train_time = 0.0
     with _progress(steps, f"finetune {cfg.name}", progress) as bar:
         for ep in range(epochs):
@@ -159,7 +179,8 @@ def finetune(
             loss, acc = _train_epoch(model, prepared.optimizer, task.target_train,
                                      batch_size=batch_size, generator=g, device=device,
                                      train_mode=prepared.train_mode, bar=bar, amp=amp,
-                                     scaler=scaler)
+                                     scaler=scaler, scheduler=scheduler,
+                                     max_steps=steps - ep * per_epoch)
             dt = time.perf_counter() - start
             train_time += dt
             row = {"epoch": ep + 1, "loss": loss, "train_acc": acc, "time_s": dt}
@@ -176,6 +197,8 @@ def finetune(
     model.eval()
     target_acc = history[-1]["target_acc"] if history else zero_shot
     source_acc = evaluate(model, task.source_test, device=device)
+    val_acc = (evaluate(model, task.target_val, device=device)
+               if task.target_val is not None and len(task.target_val) else None)
     recovered = None
     if task.kind == "shift" and zero_shot_src - zero_shot > 1e-9:
         recovered = (target_acc - zero_shot) / (zero_shot_src - zero_shot)
@@ -188,4 +211,5 @@ def finetune(
         total_params=prepared.total_params, train_time_s=train_time,
         wall_time_s=time.perf_counter() - t_call, report=_report_dict(prepared.report),
         model=model if keep_model else None, amp=amp, precise_bn=precise_bn,
+        schedule=schedule, steps=steps, val_acc=val_acc,
     )

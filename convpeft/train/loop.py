@@ -57,16 +57,20 @@ def _train_epoch(
     bar: Any = None,
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
+    max_steps: int | None = None,
 ) -> tuple[float, float]:
     """One epoch; returns (mean loss, train accuracy). ``train_mode()`` sets module modes.
     ``amp``: forward and loss under autocast; ``scaler``: fp16 loss scaling (skips a step whose
-    gradients overflowed and lowers the scale)."""
+    gradients overflowed and lowers the scale). ``max_steps``: stop after that many steps (a
+    run counted in steps ends inside its last epoch)."""
     (train_mode or model.train)()
     # drop a last batch smaller than half a batch: BN statistics of 1-3 images are noise
     drop_last = len(data) % batch_size < batch_size // 2 and len(data) >= batch_size
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in data.batches(batch_size, shuffle=True, generator=generator, device=device,
-                             drop_last=drop_last):
+    for step, (x, y) in enumerate(data.batches(batch_size, shuffle=True, generator=generator,
+                                               device=device, drop_last=drop_last)):
+        if max_steps is not None and step >= max_steps:
+            break
         if augment_shift:
             x = _random_shift(x, augment_shift, generator)
         with autocast(device, amp):
