@@ -130,6 +130,8 @@ REFERENCE_CSV = f"{REFERENCE_DIR}/rank_sweep_default.csv"
 """The committed reference run's rows."""
 REFERENCE_SUMMARY_CSV = f"{REFERENCE_DIR}/rank_sweep_default_summary.csv"
 """Their summary over seeds (:func:`benchmarks.sweep.stats.write_summary_csv`)."""
+REFERENCE_CONVERGENCE_CSV = f"{REFERENCE_DIR}/rank_sweep_default_convergence.csv"
+"""Their convergence check (``--check-convergence``'s ``convergence.csv``)."""
 REFERENCE_REDRAWN = "results/reference/plots"
 """Where ``python -m benchmarks.plot plots/rank_sweep_default.csv`` draws without ``--plots``
 (ignored by git, like everything under ``results/``)."""

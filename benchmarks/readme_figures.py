@@ -156,7 +156,36 @@ def _default_run_lines() -> list[str]:
                  + ", ".join(f"{_range(v)} on {m}" for m, v in ours.items())
                  + ("; at the training size, where torch's `FlopCounterMode` counts the same "
                     "updates, it says " + ", ".join(torch_txt) if torch_txt else "") + ".")
-    return lines
+    return lines + _accuracy_lines(rows)
+
+
+def _accuracy_lines(rows: Sequence[dict]) -> list[str]:
+    """How precise the reference run's accuracies are (half-width of the 95% interval per
+    backbone) and what its convergence check found, from its rows and its convergence.csv."""
+    from benchmarks.common import REFERENCE_CONVERGENCE_CSV
+    from benchmarks.sweep.accuracy_findings import accuracy_intervals
+    from benchmarks.sweep.convergence import read_records
+
+    acc = [r for r in accuracy_intervals(rows) if r["target"].low is not None]
+    if not acc:
+        return []
+    seeds = "/".join(map(str, sorted({r["target"].n for r in acc})))
+    steps = "/".join(sorted({str(r.get("steps")) for r in rows if r.get("steps")}))
+    parts = []
+    for m in dict.fromkeys(r["model"] for r in acc):
+        hw = [100 * r["target"].half_width for r in acc if r["model"] == m]
+        parts.append(f"median {statistics.median(hw):.1f} points on {m} (largest {max(hw):.1f})")
+    text = (f"- **Accuracy:** {seeds} seeds, every configuration trained by "
+            f"[the protocol](docs/rank-sweep.md#the-protocol) ({steps} steps, warm-up + cosine, "
+            "each method at the rate its validation accuracy chose, every held-out image "
+            "tested): the 95% intervals' half-width is " + ", ".join(parts))
+    conv = ROOT / REFERENCE_CONVERGENCE_CSV
+    if conv.is_file():
+        recs = [r for r in read_records(conv) if r["converged"] is not None]
+        text += (f"; with twice the steps, {sum(r['converged'] for r in recs)} of {len(recs)} "
+                 "means stay inside their interval")
+    return [text + "; [plots/findings.md](plots/findings.md) ranks two configurations only "
+            "where the seeds separate them."]
 
 
 def default_run_block() -> str:
@@ -168,26 +197,17 @@ def default_run_details_block() -> str:
     """docs/rank-sweep.md's figures of the reference run: memory with the activations' share,
     FLOPs, and how wide the accuracy intervals are."""
     from benchmarks.common import primary_rows, variant_of
-    from benchmarks.sweep.accuracy_findings import accuracy_intervals
     from benchmarks.sweep.findings import activation_reason, memory_savings
 
     rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
     mem = memory_savings(rows)
-    lines = _default_run_lines()
+    acc_lines = _accuracy_lines(rows)
+    lines = _default_run_lines()[:-len(acc_lines) or None]
     for m in dict.fromkeys(r["model"] for r in mem):
         share = statistics.mean(r["full_activation_share"] for r in mem if r["model"] == m)
         lines.append(f"- **{m}:** activations saved for backward are {_pct(share)} of full "
                      f"FT's peak{activation_reason(mem, m)}.")
-    acc = [r for r in accuracy_intervals(rows) if r["target"].low is not None]
-    if acc:
-        widths = [100 * (r["target"].high - r["target"].low) for r in acc]
-        seeds = sorted({r["target"].n for r in acc})
-        lines.append(f"- **Accuracy:** over {'/'.join(map(str, seeds))} seeds the 95% "
-                     f"intervals of the target accuracies span {min(widths):.1f} to "
-                     f"{max(widths):.1f} points (median {statistics.median(widths):.1f}); "
-                     "[plots/findings.md](plots/findings.md) ranks two configurations only "
-                     "where the seeds separate them.")
-    return _wrap(lines)
+    return _wrap([*lines, *acc_lines])
 
 
 def study_flops_block() -> str:

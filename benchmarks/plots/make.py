@@ -59,6 +59,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     DEFAULT_OUT,
+    REFERENCE_CONVERGENCE_CSV,
     REFERENCE_CSV,
     REFERENCE_DIR,
     REFERENCE_SUMMARY_CSV,
@@ -163,7 +164,7 @@ def write_reference(formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     rows = load_results(REFERENCE_CSV)
     files = make_plots(rows, REFERENCE_DIR, formats)
     findings = Path(REFERENCE_DIR) / "findings.md"
-    findings.write_text(findings_markdown(rows, DEFAULT_OUT) + "\n")
+    findings.write_text(findings_markdown(rows, DEFAULT_OUT, REFERENCE_CONVERGENCE_CSV) + "\n")
     write_summary_csv(Path(REFERENCE_SUMMARY_CSV), rows)
     return [*files, findings, Path(REFERENCE_SUMMARY_CSV)]
 

@@ -203,6 +203,35 @@ def _pairs(acc: list[dict]) -> list[tuple[dict, dict]]:
     return out
 
 
+def _read_convergence(path: Path) -> list[dict]:
+    from benchmarks.sweep.convergence import read_records
+
+    return [{**c, "rank": None if c.get("rank") in (None, "") else int(c["rank"])}
+            for c in read_records(path) if c.get("update_blocks") in (None, "")]
+
+
+def _why_below(r: dict, head: dict, rows: Sequence[dict], conv: dict) -> str:
+    """What the protocol's own evidence says about a configuration below head only: not
+    converged (twice the steps closes the gap), its rate at the edge of the grid, or
+    neither."""
+    c = conv.get((r["model"], r["task"], r["method"], r["rank"]))
+    h = conv.get((head["model"], head["task"], "head", None))
+    if c is not None and c["mean_x2"] is not None and c["mean_x2"] >= (
+            h["mean_x2"] if h is not None and h["mean_x2"] is not None else head["target"].mean):
+        return (f"not converged: with twice the steps it reaches {100 * c['mean_x2']:.1f}, "
+                "head only's level")
+    grid = next((str(x.get("lr_grid_val", "")).split() for x in rows
+                 if x.get("lr_source") == "tuned" and x["model"] == r["model"]
+                 and x["task"] == r["task"] and x["method"] == r["method"]), [])
+    if len(grid) > 1 and (grid[0].endswith("*") or grid[-1].endswith("*")):
+        return ("its chosen rate is at the edge of the grid, so a better rate may lie "
+                "beyond it")
+    tail = (f" (twice the steps: {100 * c['mean_x2']:.1f})" if c is not None
+            and c["mean_x2"] is not None else " (convergence not checked)")
+    return ("neither its tuned rate nor more steps close the gap" + tail + ": on this "
+            "task, training more than the head loses to a new head on the source features")
+
+
 def protocol_lines(rows: Sequence[dict], acc: list[dict],
                    convergence: str | Path | None = None) -> list[str]:
     """The protocol section (see the module docstring); [] for rows without accuracies.
@@ -248,15 +277,20 @@ def protocol_lines(rows: Sequence[dict], acc: list[dict],
                               f"{m} {t} {label}" for m, t, label in edge) + "."]
     lines += ["", f"Precision of target accuracy ({100 * CONFIDENCE:.0f}% t-interval "
               "half-width):", "", *_half_width_lines(acc)]
+    conv = {} if convergence is None or not Path(convergence).is_file() else {
+        (c["model"], c["task"], c["method"], c["rank"] or None): c
+        for c in _read_convergence(Path(convergence))}
     below = []
     for r in acc:
         head = next((h for h in acc if h["method"] == "head" and h["model"] == r["model"]
                      and h["task"] == r["task"] and h["signature"] == r["signature"]
                      and h.get("update_blocks") is None), None)
         if head is not None and r is not head and separation(r, head) == -1:
-            below.append(f"{r['model']} {r['task']} {_config_label(r)}")
+            below.append(f"{r['model']} {r['task']} {_config_label(r)} "
+                         f"({100 * r['target'].mean:.1f} vs {100 * head['target'].mean:.1f}: "
+                         f"{_why_below(r, head, ok, conv)})")
     lines += ["", "Below head only (the seeds separate them): " + (
-        ", ".join(below) + "." if below else "none: every configuration is at least as "
+        "; ".join(below) + "." if below else "none: every configuration is at least as "
         "accurate as head only on its task, or indistinguishable from it.")]
     pairs = _pairs(acc)
     if pairs:

@@ -141,16 +141,6 @@ def _proc_sources(s: SweepSettings) -> SourceCache:
     return _PROC
 
 
-def _proc_source(cfg: Config, s: SweepSettings):
-    """Worker: make sure ``cfg``'s source model exists (pretrained into the disk cache, or
-    loaded); its exception, if building it failed (the configurations then fail with it)."""
-    try:
-        _proc_sources(s).source(cfg)
-    except Exception as e:
-        return _Failed(e, traceback.format_exc())
-    return None
-
-
 def _proc_lr(cfg: Config, s: SweepSettings):
     """Worker: the tuned rate of ``cfg``'s method (an LrChoice, or _Failed)."""
     return _catch(_proc_sources(s).lr_choice, cfg)
@@ -178,11 +168,13 @@ def _proc_config(cfg: Config, s: SweepSettings, choice, profile) -> tuple[dict, 
 class ProcessExecutor:
     """Configurations on a pool of worker processes on this machine (``--executor processes
     --workers N``): the small CPU models of the offline grid leave a core idle at two threads,
-    so N one-thread workers finish the grid sooner. In four waves, each waiting for the last:
+    so N one-thread workers finish the grid sooner. In three waves, each waiting for the last:
     every source model once (pretrained into the disk cache, so no two workers pretrain the
     same), every method's learning-rate search once (:mod:`benchmarks.sweep.lr_choice`) and
     every configuration's profile once, then the (configuration, seed) runs with those handed
-    in. The rows equal a sequential run's at the workers' thread count, except the timing
+    in. Source models are made here, one after another, before the pool starts (pretraining
+    has its own fixed thread count; two side by side on the same cores are slower than in
+    turn). The rows equal a sequential run's at the workers' thread count, except the timing
     columns. ``--measure-cost`` is refused: a second worker would disturb the timed update."""
 
     def __init__(self, workers: int = 2, threads: int = 1):
@@ -196,18 +188,11 @@ class ProcessExecutor:
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
+            if exc[0] is not None:  # Ctrl-C, SIGTERM, an error: no worker outlives the run
+                for proc in list(getattr(self._pool, "_processes", {}).values()):
+                    proc.terminate()
             self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
             self._pool = None
-
-    def _map(self, fn, cfgs: dict, s: SweepSettings, note: Note, what: str) -> dict:
-        from concurrent.futures import as_completed
-
-        futs = {self._pool.submit(fn, cfg, s): key for key, cfg in cfgs.items()}
-        out = {}
-        for n, fut in enumerate(as_completed(futs), 1):
-            note(f"{what}: {n}/{len(futs)}")
-            out[futs[fut]] = fut.result()
-        return out
 
     def run(self, todo: Sequence[Config], sources: SourceCache, note: Note) -> Iterator[Result]:
         import multiprocessing
@@ -218,12 +203,20 @@ class ProcessExecutor:
         if not todo:
             return
         s = sources.s
+        groups = {sources.group_key(c): c for c in reversed(todo)}
+        if not s.profile_only:
+            # here, one after another, before the pool starts: pretraining runs at its own
+            # fixed thread count (PRETRAIN_DEFAULTS), and two of them side by side on the same
+            # cores run slower than in turn; the workers then load them from the disk cache
+            for n, cfg in enumerate(groups.values(), 1):
+                note(f"source models: {n}/{len(groups)}")
+                try:
+                    sources.source(cfg)
+                except Exception:  # remembered; its configurations fail with it in the workers
+                    pass
         # spawn, not fork: a forked child inherits torch's thread pools in an unknown state
         self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
                                          initializer=_proc_init, initargs=(self.threads,))
-        groups = {sources.group_key(c): c for c in reversed(todo)}
-        if not s.profile_only:
-            self._map(_proc_source, groups, s, note, "source models")
         tune = bool(s.lr_grid) and s.lr is None and not s.profile_only
         need_lr = {lr_key(c, s): c for c in reversed(todo)} if tune else {}
         need_lr = {k: c for k, c in need_lr.items() if k not in sources.lr_choices}
