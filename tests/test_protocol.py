@@ -253,3 +253,20 @@ def test_process_executor_refuses_measured_costs(tmp_path, capsys):
                      "--out", str(tmp_path / "o"), "--dry-run"])
     assert e.value.code == 2
     assert "--executor sequential" in capsys.readouterr().err
+
+
+def test_update_time_measures_ratios_to_full_ft_in_one_run(tmp_path):
+    import json
+
+    from benchmarks import update_time
+
+    out = tmp_path / "t.json"
+    assert update_time.main(["--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["config"] for r in rows] == list(update_time.QUICK)
+    assert rows[0]["time_vs_full"] == 1.0 and rows[0]["peak_vs_full"] == 1.0
+    lean = rows[1]
+    assert lean["time_vs_full"] == pytest.approx(lean["time_s"] / rows[0]["time_s"])
+    assert lean["peak"] < rows[0]["peak"]  # LoRA lean holds less than full FT, measured
+    assert data["machine"] and data["batch"] == 2 and data["resolution"] == 64

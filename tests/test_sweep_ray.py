@@ -37,6 +37,7 @@ GRID = [
     "--seeds", "2", "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "0",
     "--few-shot", "5", "--test-per-class", "10", "--batch-size", "16",
     "--profile-repeat", "1", "--device", "cpu", "--no-plots", "--executor", "sequential",
+    "--lr-grid", "off",  # each method at its default rate (the rate search: test_protocol)
 ]
 NOT_COMPARED = TIMING_COLUMNS | {"source_cached"}
 

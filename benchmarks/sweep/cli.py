@@ -81,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rank sweep: fine-tune and profile every (model, task, method, rank, seed) "
         "of a grid; write results (CSV + JSONL), plots and a findings summary. Flags override "
         "the chosen --preset. Everything goes under --out (results/, ignored by git). The "
-        "default grid takes 6-15 min on a 2-core CPU, depending on its cores and load; "
-        "--seeds 1 pretrains and fine-tunes a third as much, --profile-only trains nothing. "
+        "default grid took 21 min on an idle 2-core CPU from an empty cache (its time depends "
+        "on the cores and their load); --seeds 1 fine-tunes a fifth as much, --profile-only "
+        "trains nothing. "
         "Source models "
-        "are cached in $CONVPEFT_CACHE (default ~/.cache/convpeft; about 0.33 GB for the "
+        "are cached in $CONVPEFT_CACHE (default ~/.cache/convpeft; about 0.11 GB for the "
         "default grid).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -121,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "corrupted images; new_classes = learn held-out classes")
     g.add_argument("--seeds", type=_seeds, default=None,
                    help="N (the first N seeds, 0..N-1) or a comma-separated list of seeds, e.g. "
-                   "'0,1,2' ('7,' = seed 7 alone). A seed draws the data split, the source "
-                   "model's pretraining, init and training order; accuracies are reported as "
-                   "means with 95%% t-intervals over the seeds, which needs at least 2 "
-                   "(preset's seeds if omitted)")
+                   "'0,1,2' ('7,' = seed 7 alone). A seed draws the few-shot sample, the "
+                   "adapters' init and the training order (with --source-seed each also the "
+                   "data split and the source model); accuracies are reported as means with "
+                   "95%% t-intervals over the seeds, which needs at least 2 (preset's seeds "
+                   "if omitted)")
     g.add_argument("--target", choices=TARGETS, default=None,
                    help="layers the adapters (and GaLore) take, recorded in the target column "
                    "and the row key: conv = every conv (the 'default' and 'paper' presets); "

@@ -1,6 +1,6 @@
 """What one update of a sweep configuration costs at the *deployment* size, on the device.
 
-The sweep trains at a proxy size (batch 32 x 12x12 digits for the default grid) to measure
+The sweep trains at a proxy size (batch 16 x 12x12 digits for the default grid) to measure
 accuracy; what a user must know before training is the cost at the size they train at
 (``--cost-at BxR``, default 64 x 224x224: the size docs/memory.md and docs/sparse.md use). Per
 configuration this module gives, at that size and for the sweep's device:
