@@ -219,7 +219,7 @@ def test_worker_processes_give_the_sequential_rows(protocol_sweeps):
     from benchmarks.sweep.executor import TIMING_COLUMNS
 
     _, seq, proc = protocol_sweeps
-    skip = TIMING_COLUMNS | {"source_cached", "env_threads"}
+    skip = TIMING_COLUMNS | {"source_cached"}
     a = {r["key"]: r for r in seq}
     b = {r["key"]: r for r in proc}
     assert a.keys() == b.keys()

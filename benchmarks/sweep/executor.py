@@ -162,7 +162,9 @@ def _proc_config(cfg: Config, s: SweepSettings, choice, profile) -> tuple[dict, 
         sources.lr_choices[lr_key(cfg, s)] = _unwrap(choice)
     if profile is not None:
         sources.profiles[sources.profile_key(cfg)] = _unwrap(profile)
-    return attempt(cfg, s, sources)
+    fields, tb = attempt(cfg, s, sources)
+    fields["env_threads"] = torch.get_num_threads()  # this worker's, not the driver's
+    return fields, tb
 
 
 class ProcessExecutor:
