@@ -159,7 +159,8 @@ def _default_run_lines() -> list[str]:
     return lines + _accuracy_lines(rows)
 
 
-def _accuracy_lines(rows: Sequence[dict]) -> list[str]:
+def _accuracy_lines(rows: Sequence[dict], protocol: str = "docs/rank-sweep.md#the-protocol",
+                    findings: str = "plots/findings.md") -> list[str]:
     """How precise the reference run's accuracies are (half-width of the 95% interval per
     backbone) and what its convergence check found, from its rows and its convergence.csv."""
     from benchmarks.common import REFERENCE_CONVERGENCE_CSV
@@ -176,7 +177,7 @@ def _accuracy_lines(rows: Sequence[dict]) -> list[str]:
         hw = [100 * r["target"].half_width for r in acc if r["model"] == m]
         parts.append(f"median {statistics.median(hw):.1f} points on {m} (largest {max(hw):.1f})")
     text = (f"- **Accuracy:** {seeds} seeds, every configuration trained by "
-            f"[the protocol](docs/rank-sweep.md#the-protocol) ({steps} steps, warm-up + cosine, "
+            f"[the protocol]({protocol}) ({steps} steps, warm-up + cosine, "
             "each method at the rate its validation accuracy chose, every held-out image "
             "tested): the 95% intervals' half-width is " + ", ".join(parts))
     conv = ROOT / REFERENCE_CONVERGENCE_CSV
@@ -184,7 +185,7 @@ def _accuracy_lines(rows: Sequence[dict]) -> list[str]:
         recs = [r for r in read_records(conv) if r["converged"] is not None]
         text += (f"; with twice the steps, {sum(r['converged'] for r in recs)} of {len(recs)} "
                  "means stay inside their interval")
-    return [text + "; [plots/findings.md](plots/findings.md) ranks two configurations only "
+    return [text + f"; [plots/findings.md]({findings}) ranks two configurations only "
             "where the seeds separate them."]
 
 
@@ -201,7 +202,7 @@ def default_run_details_block() -> str:
 
     rows = [r for r in primary_rows(_reference_rows()) if variant_of(r) == "plain"]
     mem = memory_savings(rows)
-    acc_lines = _accuracy_lines(rows)
+    acc_lines = _accuracy_lines(rows, "#the-protocol")
     lines = _default_run_lines()[:-len(acc_lines) or None]
     for m in dict.fromkeys(r["model"] for r in mem):
         share = statistics.mean(r["full_activation_share"] for r in mem if r["model"] == m)

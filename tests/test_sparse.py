@@ -171,8 +171,9 @@ def test_prefix_builds_no_graph_and_chunking_lowers_the_peak() -> None:
     # the prefix's tensors shrink with the chunk; on the device, at this toy size the peak is
     # the trainable block's oneDNN weight copy, which chunking cannot lower (nor raise)
     assert peaks[4][0] < peaks[1][0]
-    # (up to allocator rounding: a CI run measured 64 bytes more in 29.6 MB with 4 chunks)
-    assert peaks[4][1] <= peaks[1][1] * 1.001
+    # (up to the allocator's and oneDNN's scratch noise: CI runs measured 64 bytes, and once in
+    # a full suite 32 KiB (0.11%), more in 29.6 MB with 4 chunks; alone it is never above)
+    assert peaks[4][1] <= peaks[1][1] * 1.005
 
 
 def test_undo_composes_with_lean_and_leaves_state_dict() -> None:
