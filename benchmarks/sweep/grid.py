@@ -231,36 +231,37 @@ class Preset:
 
 
 _PROTOCOL = {"steps": 48, "schedule": "cosine", "lr_grid": (0.3, 1.0, 3.0, 10.0),
-             "val_per_class": 20,
-             "test_unused": True, "source_seed": 0}
+             "val_per_class": 20, "test_unused": True, "source_seed": 0}
 """The offline presets' fine-tuning protocol (SweepSettings' fields of the same names)."""
 
-PRESETS: dict[str, Preset] = {
-    # The offline default (README "The protocol"): one source model per (model, task), pretrained
-    # once (seed 0, cached) and adapted by 5 seeds, each drawing its own 20-shot target sample,
-    # init and order. Every fine-tuning takes 48 optimizer steps at batch 16 with warm-up +
-    # cosine (each method at its plateau: doubling the steps moves no mean outside its
-    # interval, benchmarks.convergence), at the rate chosen on a validation split (20 images
-    # per class the sample left out) from 0.3x/1x/3x/10x the method's default. Tests use every held-
-    # out image: the whole test split, and for new_classes also the target classes' training
-    # images no split took. Digits at 12x12 (the 8x8 originals lose nothing); MobileNetV2
-    # needs 6 pretraining epochs there (83% clean accuracy; 2 gave 31-49%), ResNet18 is at 99%
-    # after them. Contrast at severity 3 is a real shift for both nets.
-    "default": Preset(
-        models=["mobilenet_v2", "resnet18"],
-        tasks=["shift", "new_classes"],
-        methods=list(DEFAULT_METHODS),
-        ranks=[1, 4, 16],
-        seeds=[0, 1, 2, 3, 4],
-        dataset={"shift": "digits", "new_classes": "digits"},
-        epochs=2,
-        batch_size=16,
+
+def _offline(*, methods: list[str], ranks: list[int], extra: dict | None = None,
+             update_blocks: list | None = None) -> Preset:
+    """A preset on the offline digits tasks with the protocol (the default and budget grids
+    share all of it but their methods, ranks and sparse axis)."""
+    return Preset(
+        models=["mobilenet_v2", "resnet18"], tasks=["shift", "new_classes"], methods=methods,
+        ranks=ranks, seeds=[0, 1, 2, 3, 4],
+        dataset={"shift": "digits", "new_classes": "digits"}, epochs=2, batch_size=16,
         resolution=12,
         extra={"few_shot": 20, "corruption": "contrast", "severity": 3,
-               "pretrain_batch_size": 32, "pretrain_epochs": 6},
-        protocol=dict(_PROTOCOL),
-        executor="processes",
-    ),
+               "pretrain_batch_size": 32, "pretrain_epochs": 6, **(extra or {})},
+        update_blocks=update_blocks or [None], protocol=dict(_PROTOCOL), executor="processes")
+
+
+PRESETS: dict[str, Preset] = {
+    # The offline default (docs/rank-sweep.md, "The protocol"): one source model per (model,
+    # task), pretrained once (seed 0, cached) and adapted by 5 seeds, each drawing its own
+    # 20-shot target sample, init and order. Every fine-tuning takes 48 optimizer steps at
+    # batch 16 with warm-up + cosine, at the rate chosen on a validation split (20 images per
+    # class the sample left out) from 0.3x/1x/3x/10x the method's default. Tests use every
+    # held-out image: the whole test split, and for new_classes also the target classes'
+    # training images no split took. --check-convergence measures whether 48 steps is enough:
+    # for shift it is, for new_classes not yet (plots/rank_sweep_default_convergence.csv).
+    # Digits at 12x12 (the 8x8 originals lose nothing); MobileNetV2 needs 6 pretraining epochs
+    # there (83% clean accuracy; 2 gave 31-49%), ResNet18 is at 99% after them. Contrast at
+    # severity 3 is a real shift for both nets.
+    "default": _offline(methods=list(DEFAULT_METHODS), ranks=[1, 4, 16]),
     # The study's grid (needs CIFAR-10, CIFAR-10-C and CIFAR-100 under --data-root).
     "paper": Preset(
         models=list(TESTED_MODELS),
@@ -300,23 +301,9 @@ PRESETS: dict[str, Preset] = {
     # fine-tuning and head only, on the default tasks and data, 5 seeds for paired intervals.
     # Full FT of the last K blocks is the classic "fine-tune the top layers" baseline. The
     # memory these configurations need at a realistic size is benchmarks.sparse_memory's.
-    "budget": Preset(
-        models=["mobilenet_v2", "resnet18"],
-        tasks=["shift", "new_classes"],
-        methods=["head", "full", "lora"],
-        ranks=[4],
-        seeds=[0, 1, 2, 3, 4],
-        dataset={"shift": "digits", "new_classes": "digits"},
-        epochs=2,
-        batch_size=16,
-        resolution=12,
-        extra={"few_shot": 20, "corruption": "contrast", "severity": 3,
-               "pretrain_batch_size": 32, "pretrain_epochs": 6, "prefix_chunks": 8,
-               "prefix_stats": "target"},
-        update_blocks=[None, 1, 2, 4, 8],
-        protocol=dict(_PROTOCOL),
-        executor="processes",
-    ),
+    "budget": _offline(methods=["head", "full", "lora"], ranks=[4],
+                       extra={"prefix_chunks": 8, "prefix_stats": "target"},
+                       update_blocks=[None, 1, 2, 4, 8]),
 }
 
 
