@@ -537,6 +537,39 @@ def lora_fa_block() -> str:
     return "\n".join(lines) + "\n"
 
 
+UPDATE_TIME_JSON = "plots/update_time_cpu.json"
+
+
+def update_time_block() -> str:
+    """README's time per update: each configuration's median update time and device peak as
+    ratios to full FT of the same backbone, all measured in one run of
+    ``python -m benchmarks.update_time`` (:data:`UPDATE_TIME_JSON`)."""
+    import json
+
+    data = json.loads((ROOT / UPDATE_TIME_JSON).read_text())
+    names = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet18"}
+    models = list(dict.fromkeys(r["model"] for r in data["rows"]))
+    by = {(r["model"], r["config"]): r for r in data["rows"]}
+    lines = ["| configuration | " + " | ".join(f"{names.get(m, m)}: time x full FT (peak x)"
+                                                for m in models) + " |",
+             "|---|" + "---:|" * len(models)]
+    for label in dict.fromkeys(r["config"] for r in data["rows"]):
+        cells = [f"{by[(m, label)]['time_vs_full']:.2f} ({by[(m, label)]['peak_vs_full']:.2f})"
+                 if (m, label) in by else "" for m in models]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    full = {m: by[(m, "full FT")] for m in models if (m, "full FT") in by}
+    lines += ["", "One update at batch " + f"{data['batch']} x {data['resolution']}x"
+              f"{data['resolution']} on {data['machine']} ({data['threads']} threads, torch "
+              f"{data['torch']}), each configuration in a fresh process, all in one run of "
+              "`python -m benchmarks.update_time`: median of 3 updates, device peak from the "
+              "CPU allocator; every configuration as the sweep trains it (BN in train mode, so "
+              "lean cannot make BN lean; `--bn freeze` would), sparse ones with the prefix in 8 "
+              "chunks; full FT took " + ", ".join(
+                  f"{r['time_s']:.1f} s and {r['peak'] / 2**20:,.0f} MiB on {names.get(m, m)}"
+                  for m, r in full.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "plan": plan_block,
     "default-run": default_run_block,
@@ -549,6 +582,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "sparse-memory": sparse_memory_block,
     "budget": budget_block,
     "lora-fa": lora_fa_block,
+    "update-time": update_time_block,
 }
 """Block name -> the function that writes its markdown."""
 

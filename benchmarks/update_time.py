@@ -12,7 +12,8 @@ checkpointed blocks, LoRA-FA lean, and the memory-budget configurations of ``--p
 (full FT and LoRA of the last 2 blocks, the frozen prefix in 8 chunks with its statistics
 from the target data).
 
-``--json FILE`` writes the rows; ``--quick`` measures two configurations of MobileNetV2 at
+``--json FILE`` writes the rows (README's "Time per update" block reads
+``plots/update_time_cpu.json``); ``--quick`` measures two configurations of MobileNetV2 at
 batch 2 x 64x64 (seconds; for tests). One configuration at a time, nothing else running: a
 time measured beside other work is that work's too.
 """
