@@ -126,19 +126,15 @@ class SequentialExecutor:
 
 # ----------------------------------------------------------------------------- processes
 
-_PROC: SourceCache | None = None  # one per worker process of a ProcessExecutor
-
-
 def _proc_init(threads: int) -> None:
     torch.set_num_threads(threads)
     gc.freeze()  # as SequentialExecutor: keep the imports out of every collection
 
 
 def _proc_sources(s: SweepSettings) -> SourceCache:
-    global _PROC
-    if _PROC is None or _PROC.s != s:
-        _PROC = SourceCache(s)
-    return _PROC
+    """This worker's SourceCache: the one Ray workers keep too (:func:`_worker_sources`), at
+    the thread count the pool's initializer set."""
+    return _worker_sources(s, torch.get_num_threads(), on_ray=False)
 
 
 def _proc_lr(cfg: Config, s: SweepSettings):
@@ -280,16 +276,16 @@ def _unwrap(value):
     return value
 
 
-_WORKER: SourceCache | None = None  # one per Ray worker process, reused by its tasks
+_WORKER: SourceCache | None = None  # one per worker process (Ray's or the pool's), reused
 _WORKER_GROUPS = 4  # source models a worker keeps before it forgets them
 
 
-def _worker_sources(s: SweepSettings, threads: int) -> SourceCache:
+def _worker_sources(s: SweepSettings, threads: int, *, on_ray: bool = True) -> SourceCache:
     """This worker process's SourceCache for ``s`` (task data and zero-shot accuracies cached
     like in a sequential run), with the driver's thread count set."""
     global _WORKER
     torch.set_num_threads(threads)
-    if s.device.startswith("cuda"):  # Ray exposes the task's GPU(s) only: cuda:N -> cuda
+    if on_ray and s.device.startswith("cuda"):  # Ray exposes the task's GPUs only: -> cuda
         s = replace(s, device="cuda")
     if _WORKER is None or _WORKER.s != s:
         _WORKER = SourceCache(s)
