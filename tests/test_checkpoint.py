@@ -102,6 +102,37 @@ def test_detected_blocks_of_torchvision_models() -> None:
     assert how == "children of layer1, layer2, layer3, layer4"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # GoogLeNet's init notice
+def test_inception_nets_split_at_their_top_level_chain() -> None:
+    """GoogLeNet's largest Sequential of blocks is one branch of inception5b (its branches run
+    side by side), so the blocks were that branch's two convs and a sparse update fed the
+    prefix's output (branch1's 384 channels) into branch2 ("Invalid channel dimensions");
+    Inception-v3 had no blocks at all. Both now split at the model's own chain of children,
+    and a sparse update of the last 2 is exact in eval and trains."""
+    from torchvision.models import googlenet, inception_v3
+
+    from convpeft.methods import MethodConfig, prepare
+
+    for build, first, last, size in [
+            (lambda: googlenet(num_classes=5, aux_logits=False, init_weights=False), "conv1",
+             "inception5b", 96),
+            (lambda: inception_v3(num_classes=5, aux_logits=False, init_weights=False),
+             "Conv2d_1a_3x3", "Mixed_7c", 80)]:
+        torch.manual_seed(0)
+        model = build().eval()
+        names, how = detect_blocks(model)
+        assert (names[0], names[-1], how) == (first, last, "children of the model")
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            ref = model(x)
+        p = prepare(model, MethodConfig("lora", rank=2, update_blocks=2, lean=True))
+        with torch.no_grad():
+            assert torch.equal(p.model.eval()(x), ref)
+        p.train_mode()
+        p.model(x).sum().backward()
+        assert all(q.grad is not None for q in p.model.parameters() if q.requires_grad)
+
+
 def test_resnet_exact_with_lora_and_lean() -> None:
     torch.manual_seed(0)
     plain = _prepared(_resnet, "lora", True, True)

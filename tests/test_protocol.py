@@ -149,6 +149,42 @@ def test_finetune_takes_exactly_the_asked_steps_whatever_the_data_size(val_task)
         finetune(model, "head", val_task, steps=0, **kw)
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "galore"])
+def test_channels_last_training_matches_contiguous_and_auto_picks_it_for_depthwise_nets(
+        val_task, method):
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 5, small_input=True)
+    kw = dict(steps=4, batch_size=8, seed=0, device="cpu", progress=False, lr=1e-3)
+    mcfg = MethodConfig(method, **({"rank": 2} if method != "full" else {}))
+    plain = finetune(model, mcfg, val_task, **kw)
+    cl = finetune(model, mcfg, val_task, memory_format="auto", **kw)
+    assert (plain.memory_format, cl.memory_format) == ("contiguous", "channels_last")
+    conv = next(m for m in cl.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # the same training up to float rounding, which AdamW's first steps (about lr * sign(g)
+    # per step) turn into at most ~2 lr per step apart where a gradient is near zero (the two
+    # runs stepping opposite ways); and it trained (the optimizer holds the converted weights)
+    src = {k: v for k, v in model.state_dict().items()}
+    a, b = plain.model.state_dict(), cl.model.state_dict()
+    trained = [k for k, p in cl.model.named_parameters() if p.requires_grad and k in src
+               and src[k].shape == b[k].shape]
+    assert trained and any(not torch.equal(src[k], b[k]) for k in trained)
+    assert max((a[k] - b[k]).abs().max().item() for k in trained) <= 2 * 4 * 1e-3 * 1.01
+    assert abs(plain.target_acc - cl.target_acc) <= 0.05
+
+
+def test_memory_format_auto_keeps_nets_without_depthwise_contiguous_and_refuses_typos():
+    from convpeft.train import resolve_memory_format
+
+    r18 = build_model("resnet18", 5, small_input=True)
+    assert resolve_memory_format(r18, "auto", "cpu") == "contiguous"
+    mnv2 = build_model("mobilenet_v2", 5, small_input=True)
+    assert resolve_memory_format(mnv2, "auto", "cuda") == "contiguous"
+    assert resolve_memory_format(r18, "channels_last", "cpu") == "channels_last"
+    with pytest.raises(ValueError, match="contiguous, channels_last, auto"):
+        resolve_memory_format(r18, "nhwc", "cpu")
+
+
 def test_protocol_off_keeps_the_old_row_keys():
     # rows written before the protocol existed keep their keys (resume, compare_runs)
     s = SweepSettings(dataset={"shift": "digits"})

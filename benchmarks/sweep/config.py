@@ -337,10 +337,12 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
                            progress=False, copy_model=True, eval_every_epoch=False,
                            keep_model=True, zero_shot=sources.zero_shot.get(zs_key),
                            amp=settings.amp, precise_bn=settings.precise_bn,
-                           schedule=settings.schedule, warmup=settings.warmup)
+                           schedule=settings.schedule, warmup=settings.warmup,
+                           memory_format=settings.memory_format)
         sources.zero_shot[zs_key] = (res.zero_shot_acc, res.zero_shot_source_acc)
         for k in ("zero_shot_acc", "zero_shot_source_acc", "target_acc", "source_acc",
-                  "forgetting", "recovered_fraction", "train_time_s", "val_acc", "steps"):
+                  "forgetting", "recovered_fraction", "train_time_s", "val_acc", "steps",
+                  "memory_format"):
             row[k] = getattr(res, k, None)
         if res.history:
             row["final_train_loss"] = res.history[-1].get("loss")

@@ -95,6 +95,10 @@ class SweepSettings:
     val_per_class: int = 0
     test_unused: bool = False
     source_seed: int | None = None
+    # the layout fine-tuning trains in (convpeft.train.resolve_memory_format): "auto" =
+    # channels-last on the CPU for nets with depthwise convs (a speed choice, same results up to
+    # float rounding)
+    memory_format: str = "contiguous"
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
@@ -131,6 +135,8 @@ class SweepSettings:
         for k in ("val_per_class", "test_unused"):
             if not d[k]:
                 d.pop(k)
+        if d["memory_format"] == "contiguous":
+            d.pop("memory_format")
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -231,7 +237,8 @@ class Preset:
 
 
 _PROTOCOL = {"steps": 48, "schedule": "cosine", "lr_grid": (0.3, 1.0, 3.0, 10.0),
-             "val_per_class": 20, "test_unused": True, "source_seed": 0}
+             "val_per_class": 20, "test_unused": True, "source_seed": 0,
+             "memory_format": "auto"}
 """The offline presets' fine-tuning protocol (SweepSettings' fields of the same names)."""
 
 

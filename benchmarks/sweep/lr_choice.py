@@ -1,6 +1,6 @@
 """The sweep's learning rates: each method's rate chosen once on a validation split.
 
-With ``--lr-grid M1,M2,..`` (the presets' default: 1,3,10) every (model, task, method,
+With ``--lr-grid M1,M2,..`` (the presets' default: 0.3,1,3,10) every (model, task, method,
 update_blocks) of the grid gets its rate from :func:`convpeft.train.select_lr`: the method's
 default rate times each multiplier, fine-tuned on the *tuning seed* (the grid's first seed) at
 the *tuning rank* (the middle of the grid's ranks, for ranked methods), chosen by accuracy on
@@ -61,5 +61,6 @@ def choose_lr(cfg: Config, s: SweepSettings, source, task, zero_shot) -> LrChoic
                        epochs=s.epochs, steps=s.steps, batch_size=s.batch_size,
                        seed=tuned.seed, device=torch.device(s.device), progress=False,
                        eval_every_epoch=False, zero_shot=zero_shot, amp=s.amp,
-                       precise_bn=s.precise_bn, schedule=s.schedule, warmup=s.warmup)
+                       precise_bn=s.precise_bn, schedule=s.schedule, warmup=s.warmup,
+                       memory_format=s.memory_format)
     return LrChoice(search.lr, search.grid_text(), tuned, search.chosen)

@@ -23,6 +23,10 @@ Blocks (``blocks=None``, auto-detected):
   (containers with parameters; an adapter wrapping one layer is not one): MobileNetV2/V3,
   EfficientNet, MNASNet, RegNet ``features[i]`` / stages. (A Sequential of bare layers, e.g.
   VGG's, has no block to pick: name the blocks.)
+* where there is none, or it lies inside a module that is not a Sequential (GoogLeNet: one
+  branch of an inception module, whose branches run side by side), the model's own children
+  that are blocks (GoogLeNet ``conv1`` ... ``inception5b``, Inception-v3): their forward runs
+  those as a chain.
 
 Or ``blocks=[names]``: any submodules, not nested in one another, that are not bare layers of
 a kind :func:`convpeft.lean_activations` swaps (a single conv/BN/activation gains nothing: its
@@ -199,6 +203,13 @@ def _is_block(m: nn.Module) -> bool:
     return _has_params(m) and _is_container(m) and not hasattr(m, "base_layer")
 
 
+def _inside_custom(model: nn.Module, name: str) -> bool:
+    """Is the module ``name`` nested in a module (below the model) that is not a Sequential?"""
+    parts = name.split(".")
+    return any(not isinstance(model.get_submodule(".".join(parts[:i])), nn.Sequential)
+               for i in range(1, len(parts)))
+
+
 def detect_blocks(model: nn.Module) -> tuple[list[str], str]:
     """``(names, how)``: the blocks :func:`checkpoint_blocks` picks by default (see the module
     docstring). ``ValueError`` if there is none."""
@@ -220,6 +231,16 @@ def detect_blocks(model: nn.Module) -> tuple[list[str], str]:
         n = sum(p.numel() for p in m.parameters())
         if n > best_params:
             best, best_params = name, n
+    # GoogLeNet / Inception-v3: the largest Sequential of blocks is one branch of an inception
+    # module (a custom module that runs its branches side by side, not as a chain), or there is
+    # none; their forward runs the model's own children as a chain, so those are the blocks
+    # (not a ModuleList, not a Sequential of bare layers such as VGG's)
+    if best is None or _inside_custom(model, best):
+        top = [c for c, m in model.named_children() if _is_block(m)
+               and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
+               and not (isinstance(m, nn.Sequential) and not any(map(_is_block, m.children())))]
+        if len(top) >= 2:
+            return top, "children of the model"
     if best is None:
         raise ValueError(
             f"{type(model).__name__}: no nn.Sequential of blocks found (ResNet layer1..N or a "

@@ -38,7 +38,7 @@ from .batchnorm import adapt_prefix_bn, recalibrate_bn, snapshot_bn
 from .cache import resolve_cache_dir
 from .determinism import deterministic_torch, state_dict_sha256
 from .evaluation import evaluate
-from .finetuning import FinetuneResult, finetune
+from .finetuning import MEMORY_FORMATS, FinetuneResult, finetune, resolve_memory_format
 from .loop import default_device
 from .lr_search import LrSearch, select_lr
 from .pretraining import PRETRAIN_DEFAULTS, pretrain
@@ -55,6 +55,8 @@ __all__ = [
     "recalibrate_bn",
     "snapshot_bn",
     "finetune",
+    "resolve_memory_format",
+    "MEMORY_FORMATS",
     "pretrain",
     "select_lr",
     "state_dict_sha256",
