@@ -193,6 +193,25 @@ def test_protocol_off_keeps_the_old_row_keys():
     assert blob != SweepSettings(dataset={"shift": "digits"}, steps=48).signature()
 
 
+def test_steps_per_task_parse_double_and_key_the_rows():
+    import argparse
+
+    from benchmarks.sweep.cli import _steps
+
+    assert _steps("48") == (48, {}) and _steps("48,new_classes=96") == (48, {"new_classes": 96})
+    assert _steps("new_classes=96") == (None, {"new_classes": 96})
+    for bad in ("48,60", "new_class=96", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="48,new_classes=96|like '48'"):
+            _steps(bad)
+    s = SweepSettings(dataset={"shift": "digits", "new_classes": "digits"}, steps=48,
+                      task_steps={"new_classes": 96})
+    assert (s.steps_for("shift"), s.steps_for("new_classes")) == (48, 96)
+    d = doubled_settings(s)
+    assert (d.steps_for("shift"), d.steps_for("new_classes")) == (96, 192)
+    assert s.signature() != SweepSettings(dataset=s.dataset, steps=48).signature()
+    assert PRESETS["default"].protocol["task_steps"] == {"new_classes": 96}
+
+
 def test_presets_share_one_protocol_with_a_validation_split():
     for name in ("default", "budget"):
         p = PRESETS[name].protocol
@@ -203,7 +222,7 @@ def test_presets_share_one_protocol_with_a_validation_split():
 
 
 SWEEP = ["--models", "resnet18", "--tasks", "new_classes", "--methods", "head,lora",
-         "--ranks", "2,4", "--seeds", "2", "--resolution", "8", "--steps", "4",
+         "--ranks", "2,4", "--seeds", "2", "--resolution", "8", "--steps", "3,new_classes=4",
          "--pretrain-epochs", "0", "--few-shot", "4", "--val-per-class", "4",
          "--lr-grid", "1,3", "--batch-size", "8", "--profile-repeat", "1", "--device", "cpu",
          "--cost-at", "2x64", "--no-plots"]

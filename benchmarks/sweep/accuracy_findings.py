@@ -163,6 +163,15 @@ def _vals(rows: Sequence[dict], col: str) -> str:
     return "/".join(vs) if vs else "?"
 
 
+def _per_task(rows: Sequence[dict], col: str) -> str:
+    """``col``'s value, or per task where the tasks differ: "48 (shift), 96 (new_classes)"."""
+    tasks = list(dict.fromkeys(r.get("task") for r in rows))
+    each = {t: _vals([r for r in rows if r.get("task") == t], col) for t in tasks}
+    if len(set(each.values())) <= 1:
+        return _vals(rows, col)
+    return ", ".join(f"{v} ({t})" for t, v in each.items())
+
+
 def _numkey(v: str) -> tuple:
     x = num(v)
     return (0, x, "") if x is not None else (1, 0.0, v)
@@ -246,7 +255,7 @@ def protocol_lines(rows: Sequence[dict], acc: list[dict],
            "seeds draw the few-shot sample, the adapters' init and the order)"
            if len(shared) <= n_models else "a source model per seed")
     lines.append(
-        f"Every configuration: {_vals(ok, 'steps')} optimizer steps at batch "
+        f"Every configuration: {_per_task(ok, 'steps')} optimizer steps at batch "
         f"{_vals(ok, 'batch_size')}, schedule {_vals(ok, 'schedule')} (cosine: warm-up over "
         f"the first 10% of the steps, then a half cosine to zero); {src}; "
         f"{_vals(ok, 'n_target_train')} target training images, {_vals(ok, 'n_target_val')} "

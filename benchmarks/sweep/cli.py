@@ -67,6 +67,29 @@ def _lr_grid(s: str) -> tuple[float, ...]:
     return out
 
 
+def _steps(s: str) -> tuple[int | None, dict[str, int]]:
+    """``"48"`` -> (48, {}); ``"48,new_classes=96"`` -> (48, {"new_classes": 96})."""
+    default, per_task = None, {}
+    try:
+        for part in csv_list(s):
+            if "=" in part:
+                task, n = (x.strip() for x in part.split("=", 1))
+                if task not in ALL_TASKS:
+                    raise ValueError
+                per_task[task] = int(n)
+            elif default is None:
+                default = int(part)
+            else:
+                raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected steps like '48' or '48,new_classes=96' (TASK=N for {', '.join(ALL_TASKS)}),"
+            f" got {s!r}") from None
+    if default is None and not per_task:
+        raise argparse.ArgumentTypeError(f"expected steps like '48', got {s!r}")
+    return default, per_task
+
+
 def _source_seed(s: str) -> int | str:
     if s.strip().lower() == "each":
         return "each"
@@ -156,10 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "adaptation data, so the old classes are not simply forgotten (default: 0)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs per configuration")
-    t.add_argument("--steps", type=int, default=None,
+    t.add_argument("--steps", type=_steps, default=None,
                    help="optimizer steps per fine-tuning, whatever the task's size (the fewest "
-                   "whole epochs that take at least that many; overrides --epochs; default: "
-                   "the preset's, 48 for 'default' and 'budget')")
+                   "whole epochs that take at least that many; overrides --epochs), with "
+                   "TASK=N for another count on some tasks, e.g. '48,new_classes=96' (a task "
+                   "without one trains --epochs epochs when no plain N is given; default: the "
+                   "preset's, 48,new_classes=96 for 'default' and 'budget')")
     t.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="learning-rate schedule: cosine = linear warm-up over the first 10%% of "
                    "the steps, then a half cosine to zero (convpeft.train.schedule); default: "
@@ -462,11 +487,16 @@ def plan_from_args(a: argparse.Namespace) -> SweepPlan:
 def _protocol(a: argparse.Namespace, pre, ranks: list[int], seeds: list[int]) -> dict:
     """The fine-tuning protocol's settings: flags over the preset's (``Preset.protocol``)."""
     p = pre.protocol
-    steps = a.steps if a.steps is not None else (None if a.epochs is not None else p.get("steps"))
+    if a.steps is not None:
+        steps, task_steps = a.steps
+    elif a.epochs is not None:
+        steps, task_steps = None, {}
+    else:
+        steps, task_steps = p.get("steps"), dict(p.get("task_steps", {}))
     grid = a.lr_grid if a.lr_grid is not None else tuple(p.get("lr_grid", ()))
     val = a.val_per_class if a.val_per_class is not None else p.get("val_per_class", 0)
     src = a.source_seed if a.source_seed is not None else p.get("source_seed", "each")
-    if steps is not None and steps < 1:
+    if any(n is not None and n < 1 for n in (steps, *task_steps.values())):
         raise ValueError("--steps must be >= 1")
     if val < 0:
         raise ValueError("--val-per-class must be >= 0")
@@ -474,7 +504,8 @@ def _protocol(a: argparse.Namespace, pre, ranks: list[int], seeds: list[int]) ->
         raise ValueError("--lr-grid chooses on a validation split: give --val-per-class N "
                          "(or --lr-grid off)")
     ranked = sorted(ranks)
-    return dict(steps=steps, schedule=a.schedule or p.get("schedule", "constant"),
+    return dict(steps=steps, task_steps=task_steps,
+                schedule=a.schedule or p.get("schedule", "constant"),
                 lr_grid=grid if a.lr is None else (), lr_tune_seed=seeds[0],
                 lr_tune_rank=ranked[(len(ranked) - 1) // 2] if ranked else None,
                 val_per_class=val, test_unused=bool(p.get("test_unused", False)),

@@ -332,7 +332,8 @@ def run_config(cfg: Config, settings: SweepSettings, sources: SourceCache) -> di
         if choice is not None and choice.result is not None and choice.tuned == cfg:
             res = choice.result  # the tuning run with the chosen rate is this very run
         else:
-            res = finetune(source, mcfg, task, epochs=settings.epochs, steps=settings.steps,
+            res = finetune(source, mcfg, task, epochs=settings.epochs,
+                           steps=settings.steps_for(cfg.task),
                            batch_size=settings.batch_size, seed=cfg.seed, device=dev,
                            progress=False, copy_model=True, eval_every_epoch=False,
                            keep_model=True, zero_shot=sources.zero_shot.get(zs_key),

@@ -29,8 +29,9 @@ COLUMNS = [*_MATCH, "n_seeds", "steps", "steps_x2", "mean", "ci_low", "ci_high",
 
 def doubled_settings(s):
     """``s`` with twice the fine-tuning steps (or epochs, when the run counts epochs)."""
-    if s.steps is not None:
-        return dataclasses.replace(s, steps=2 * s.steps)
+    if s.steps is not None or s.task_steps:
+        return dataclasses.replace(s, steps=None if s.steps is None else 2 * s.steps,
+                                   task_steps={t: 2 * n for t, n in s.task_steps.items()})
     return dataclasses.replace(s, epochs=2 * s.epochs)
 
 

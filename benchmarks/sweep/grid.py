@@ -80,13 +80,15 @@ class SweepSettings:
     measure_cost: bool = False
     budget: int | None = None
     # the fine-tuning protocol (benchmarks.sweep.lr_choice, docs in README "The protocol"):
-    # steps: optimizer steps per fine-tuning whatever the task's size (None: `epochs` epochs);
+    # steps: optimizer steps per fine-tuning whatever the task's size (None: `epochs` epochs),
+    # task_steps: another count for some tasks (new_classes learns new features: more steps);
     # schedule/warmup: convpeft.train.schedule; lr_grid: multipliers of each method's default
     # rate tried on the validation split (() = no tuning), at lr_tune_seed and, for ranked
     # methods, lr_tune_rank; val_per_class: that split's size; test_unused: new_classes tests
     # on every target-class image no split took; source_seed: one source model and data split
     # for every seed (None: each seed pretrains its own)
     steps: int | None = None
+    task_steps: dict[str, int] = field(default_factory=dict)  # per task, instead of `steps`
     schedule: str = "constant"
     warmup: float = 0.1
     lr_grid: tuple[float, ...] = ()
@@ -102,6 +104,10 @@ class SweepSettings:
 
     def dataset_for(self, task: str) -> str:
         return self.dataset[task]
+
+    def steps_for(self, task: str) -> int | None:
+        """Fine-tuning steps of ``task``'s configurations (None: ``epochs`` epochs)."""
+        return self.task_steps.get(task, self.steps)
 
     def signature(self) -> str:
         """Short hash of the settings that change a row's training numbers (not data_root,
@@ -132,6 +138,8 @@ class SweepSettings:
         for k in ("steps", "source_seed"):
             if d[k] is None:
                 d.pop(k)
+        if not d["task_steps"]:
+            d.pop("task_steps")
         for k in ("val_per_class", "test_unused"):
             if not d[k]:
                 d.pop(k)
@@ -236,8 +244,9 @@ class Preset:
     executor: str = "sequential"
 
 
-_PROTOCOL = {"steps": 48, "schedule": "cosine", "lr_grid": (0.3, 1.0, 3.0, 10.0),
-             "val_per_class": 20, "test_unused": True, "source_seed": 0,
+_PROTOCOL = {"steps": 48, "task_steps": {"new_classes": 96}, "schedule": "cosine",
+             "lr_grid": (0.3, 1.0, 3.0, 10.0), "val_per_class": 20,
+             "test_unused": True, "source_seed": 0,
              "memory_format": "auto"}
 """The offline presets' fine-tuning protocol (SweepSettings' fields of the same names)."""
 

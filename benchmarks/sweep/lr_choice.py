@@ -58,7 +58,7 @@ def choose_lr(cfg: Config, s: SweepSettings, source, task, zero_shot) -> LrChoic
     base = mcfg.resolved_lr
     torch.manual_seed(tuned.seed)  # as run_config seeds every fine-tuning
     search = select_lr(source, mcfg, task, lrs=[base * m for m in s.lr_grid],
-                       epochs=s.epochs, steps=s.steps, batch_size=s.batch_size,
+                       epochs=s.epochs, steps=s.steps_for(cfg.task), batch_size=s.batch_size,
                        seed=tuned.seed, device=torch.device(s.device), progress=False,
                        eval_every_epoch=False, zero_shot=zero_shot, amp=s.amp,
                        precise_bn=s.precise_bn, schedule=s.schedule, warmup=s.warmup,
