@@ -71,6 +71,17 @@ def _build(model_name: str, device: str) -> torch.nn.Module:
     return build_model(model_name, 10).to(device)
 
 
+def buildable(model_name: str, log) -> bool:
+    """False (and a line to ``log`` saying why) for a ``timm:`` model without timm installed."""
+    if model_name.startswith("timm:"):
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            log(f"skipped {model_name}: timm is not installed (pip install timm)")
+            return False
+    return True
+
+
 def prepared(model_name: str, method: str, variant: str, device: str = "cpu", rank: int = 8):
     """``model_name`` prepared for ``method`` (BN train for full FT, frozen otherwise) with the
     ``variant``'s memory options, in train mode, on ``device``."""
@@ -124,12 +135,8 @@ def run(models: Sequence[str], methods: Sequence[str], variants: Sequence[str],
             print(line, flush=True)
     rows = []
     for model_name in models:
-        if model_name.startswith("timm:"):
-            try:
-                import timm  # noqa: F401
-            except ImportError:
-                log(f"skipped {model_name}: timm is not installed (pip install timm)")
-                continue
+        if not buildable(model_name, log):
+            continue
         for batch, res in sizes:
             full = None
             pairs = configs or [(m, v) for m in methods for v in variants]

@@ -171,7 +171,9 @@ def _accuracy_lines(rows: Sequence[dict], protocol: str = "docs/rank-sweep.md#th
     if not acc:
         return []
     seeds = "/".join(map(str, sorted({r["target"].n for r in acc})))
-    steps = "/".join(sorted({str(r.get("steps")) for r in rows if r.get("steps")}))
+    from benchmarks.sweep.accuracy_findings import per_task
+
+    steps = per_task(rows, "steps")
     parts = []
     for m in dict.fromkeys(r["model"] for r in acc):
         hw = [100 * r["target"].half_width for r in acc if r["model"] == m]
@@ -351,6 +353,33 @@ def device_truth_generality_block() -> str:
     for k in data.get("skipped", []):
         lines.append("")
         lines.append(f"Not run: {k['model']} {k['method']} {k['variant']} ({k['reason']}).")
+    return "\n".join(lines) + "\n"
+
+
+PLANNER_TRUTH_JSON = "plots/planner_truth_cpu.json"
+"""The committed planner check (``benchmarks.planner_truth --json``)."""
+
+
+def planner_truth_block() -> str:
+    """docs/planner.md's check of plans against the device: per (model, configuration) the
+    budget, the planned batch and its measured peak, and the largest batch measured to fit,
+    from the committed :data:`PLANNER_TRUTH_JSON`."""
+    import json
+
+    data = json.loads((ROOT / PLANNER_TRUTH_JSON).read_text())
+    rows, s = data["rows"], data["summary"]
+    lines = ["| model | configuration | budget | planned batch | its measured peak | largest "
+             "batch that fits | reach |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['config']} | {r['budget'] / 2**20:.1f} "
+                     f"| {r['planned']} | {r['measured'] / 2**20:.1f} "
+                     f"{'(fits)' if r['fits'] else '(over)'} | {r['largest']} "
+                     f"| {r['reach']:.3f} |")
+    lines += ["", f"MiB, {rows[0]['resolution']}x{rows[0]['resolution']} on the CPU; the budget "
+              "sits half an image's predicted step above the predicted peak at batch "
+              f"{data['target']}; {s['fit']} of {s['rows']} planned batches fit when measured "
+              f"(CPU allocator), {s['reach_ge_95pct']} reach at least 95% of the largest batch "
+              f"that fits (lowest {s['min_reach']:.3f}); {rows[0]['memory_model']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -579,6 +608,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "lean-memory": lean_memory_block,
     "device-truth": device_truth_block,
     "device-truth-generality": device_truth_generality_block,
+    "planner-truth": planner_truth_block,
     "sparse-memory": sparse_memory_block,
     "budget": budget_block,
     "lora-fa": lora_fa_block,

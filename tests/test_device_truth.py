@@ -237,3 +237,26 @@ def test_device_truth_generality_quick_covers_every_config(tmp_path, capsys):
         assert sparse["vs_full"] < 0.6  # the last two blocks train: well below full FT
     assert data["summary"]["median_abs_error"] is not None and data["skipped"] == []
     assert "median" in capsys.readouterr().out
+
+
+def test_planner_truth_quick_plans_fit_and_reach_the_largest_batch(tmp_path, capsys):
+    """The planner against the device (issue 36): a budget set half an image above the
+    predicted peak at the target batch, the plan measured for real, then one image more at a
+    time until an update no longer fits."""
+    from benchmarks import planner_truth
+
+    out = tmp_path / "plans.json"
+    assert planner_truth.main(["--quick", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [(r["model"], r["config"]) for r in rows] == [
+        (m, c) for m in planner_truth.QUICK["models"] for c in ("full", "lora r8 lean")]
+    for r in rows:
+        assert r["planned"] >= 1 and r["measured"] > 0
+        peaks = {int(k): v for k, v in r["measured_by_batch"].items()}
+        # the largest fitting batch is measured to fit, and the next one up measured not to
+        assert peaks[r["largest"]] <= r["budget"] < peaks[r["largest"] + 1]
+        assert r["fits"] == (peaks[r["planned"]] <= r["budget"])
+        assert r["fits"] and r["reach"] == r["planned"] / r["largest"]
+    assert data["summary"]["fit"] == len(rows)
+    assert "planned batches fit on the device" in capsys.readouterr().out

@@ -37,7 +37,9 @@ GRID = [
     "--seeds", "2", "--resolution", "8", "--epochs", "1", "--pretrain-epochs", "0",
     "--few-shot", "5", "--test-per-class", "10", "--batch-size", "16",
     "--profile-repeat", "1", "--device", "cpu", "--no-plots", "--executor", "sequential",
-    "--lr-grid", "off",  # each method at its default rate (the rate search: test_protocol)
+    # each method's rate chosen on a validation split: one rate task per method on Ray, its
+    # rate and grid equal to the sequential run's (and reused when the Ray run resumes)
+    "--lr-grid", "1,3", "--val-per-class", "3",
 ]
 NOT_COMPARED = TIMING_COLUMNS | {"source_cached"}
 
@@ -83,6 +85,12 @@ def test_ray_rows_equal_sequential_rows_but_for_times(sweeps):
     ok = [r for r in on_ray if r["status"] == "ok"]
     assert {r["profile_seed"] for r in ok} == {0}  # seed 1 copied seed 0's profile
     assert all(0 <= r["target_acc"] <= 1 for r in ok)
+    # one rate per method, chosen on seed 0 and trained by both seeds (the comparison above:
+    # the same rate and grid as the sequential run's)
+    assert {r["lr_source"] for r in ok} == {"tuned"}
+    for method in ("head", "bitfit"):
+        mine = [r for r in ok if r["method"] == method]
+        assert len({(r["lr"], r["lr_grid_val"], r["lr_tuned_on"]) for r in mine}) == 1
 
 
 @needs_ray

@@ -163,7 +163,7 @@ def _vals(rows: Sequence[dict], col: str) -> str:
     return "/".join(vs) if vs else "?"
 
 
-def _per_task(rows: Sequence[dict], col: str) -> str:
+def per_task(rows: Sequence[dict], col: str) -> str:
     """``col``'s value, or per task where the tasks differ: "48 (shift), 96 (new_classes)"."""
     tasks = list(dict.fromkeys(r.get("task") for r in rows))
     each = {t: _vals([r for r in rows if r.get("task") == t], col) for t in tasks}
@@ -255,7 +255,7 @@ def protocol_lines(rows: Sequence[dict], acc: list[dict],
            "seeds draw the few-shot sample, the adapters' init and the order)"
            if len(shared) <= n_models else "a source model per seed")
     lines.append(
-        f"Every configuration: {_per_task(ok, 'steps')} optimizer steps at batch "
+        f"Every configuration: {per_task(ok, 'steps')} optimizer steps at batch "
         f"{_vals(ok, 'batch_size')}, schedule {_vals(ok, 'schedule')} (cosine: warm-up over "
         f"the first 10% of the steps, then a half cosine to zero); {src}; "
         f"{_vals(ok, 'n_target_train')} target training images, {_vals(ok, 'n_target_val')} "

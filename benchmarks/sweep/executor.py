@@ -20,10 +20,13 @@ are, whichever executor ran them.
      first seed's source model — what a sequential run measures once and copies into the
      other seeds' rows (``profile_seed``); a resumed sweep reuses the profiles on disk, like
      sequential;
-  3. one *configuration* task per (configuration, seed), started once its group's source model
-     and its profile exist: fine-tuning and evaluation, exactly :func:`attempt` over a
+  3. with ``--lr-grid``, one *rate* task per (model, task, method, K): the method's
+     learning-rate search on its tuning seed's source model (:mod:`benchmarks.sweep.lr_choice`),
+     once for every seed and rank that shares it; a resumed sweep reuses the rates on disk;
+  4. one *configuration* task per (configuration, seed), started once its group's source model,
+     its profile and its rate exist: fine-tuning and evaluation, exactly :func:`attempt` over a
      per-worker :class:`~benchmarks.sweep.config.SourceCache` into which the group's source
-     model and the profile are adopted.
+     model, the profile and the rate are adopted.
 
   Every task reserves ``--cpus-per-task`` CPUs (default 1) and, with a CUDA ``--device``,
   ``--gpus-per-task`` GPUs (default 1; Ray picks the GPU, so ``cuda:N`` becomes ``cuda``
@@ -313,12 +316,27 @@ def _profile_task(cfg: Config, s: SweepSettings, threads: int, group):
     return _catch(sources.profile, cfg)
 
 
-def _config_task(cfg: Config, s: SweepSettings, threads: int, group, profile, profiler: bool):
-    """Ray task: :func:`attempt` of ``cfg`` with its group's source model and its profile.
-    A failed profile fails ``cfg`` only if ``cfg`` measured it (``profiler``, as in a
-    sequential run); another seed then profiles on its own."""
+def _lr_task(cfg: Config, s: SweepSettings, threads: int, group):
+    """Ray task: the tuned rate of ``cfg``'s method (an LrChoice, or _Failed), searched once
+    for every seed and rank that shares it; ``group``: the tuning configuration's source."""
+    from benchmarks.sweep.lr_choice import tuning_config
+
+    sources = _with_group(tuning_config(cfg, s), s, threads, group)
+    return _catch(sources.lr_choice, cfg)
+
+
+def _config_task(cfg: Config, s: SweepSettings, threads: int, group, profile, profiler: bool,
+                 choice=None):
+    """Ray task: :func:`attempt` of ``cfg`` with its group's source model, its profile and its
+    method's tuned rate (``choice``; None without tuning). A failed profile fails ``cfg`` only
+    if ``cfg`` measured it (``profiler``, as in a sequential run); another seed then profiles
+    on its own. A failed rate search fails every row of that method, as in a sequential run."""
+    from benchmarks.sweep.lr_choice import lr_key
+
     sources = _with_group(cfg, s, threads, group)
     sources.profiles.clear()
+    if choice is not None:
+        sources.lr_choices[lr_key(cfg, s)] = _unwrap(choice)
     profile = _unwrap(profile)
     if profiler or not isinstance(profile, BaseException):
         sources.profiles[sources.profile_key(cfg)] = profile
@@ -375,14 +393,20 @@ class RayExecutor:
             self._started = False
 
     def run(self, todo: Sequence[Config], sources: SourceCache, note: Note) -> Iterator[Result]:
+        from benchmarks.sweep.lr_choice import lr_key, tuning_config
+
         if not todo:
             return
         ray = self._connect()
         s = sources.s
         opts = {"num_cpus": self.cpus_per_task, "max_retries": 0,
                 "num_gpus": self.gpus_per_task if s.device.startswith("cuda") else 0}
-        group_fn, profile_fn, config_fn = (ray.remote(f).options(**opts) for f in (
-            _group_task, _profile_task, _config_task))
+        group_fn, profile_fn, config_fn, lr_fn = (ray.remote(f).options(**opts) for f in (
+            _group_task, _profile_task, _config_task, _lr_task))
+        # each method's rate searched once (a task every seed and rank of it waits for), not
+        # by every worker that runs one of them
+        tune = bool(s.lr_grid) and s.lr is None and not s.profile_only
+        choices: dict = dict(sources.lr_choices) if tune else {}  # a resumed sweep's rates
         groups: dict = {}  # group key -> its source model's ref, while configurations need it
         left: Counter = Counter(sources.group_key(c) for c in todo)
         profiles: dict = dict(sources.profiles)  # reused from disk (a resumed sweep)
@@ -396,7 +420,18 @@ class RayExecutor:
             if pk not in profiles:
                 profiles[pk] = profile_fn.remote(cfg, s, self.threads, groups[gk])
                 profiler = True
-            ref = config_fn.remote(cfg, s, self.threads, groups[gk], profiles[pk], profiler)
+            choice = None
+            if tune:
+                lk = lr_key(cfg, s)
+                if lk not in choices:
+                    tuned = tuning_config(cfg, s)
+                    tk = sources.group_key(tuned)
+                    if tk not in groups:
+                        groups[tk] = group_fn.remote(tuned, s, self.threads)
+                    choices[lk] = lr_fn.remote(cfg, s, self.threads, groups[tk])
+                choice = choices[lk]
+            ref = config_fn.remote(cfg, s, self.threads, groups[gk], profiles[pk], profiler,
+                                   choice)
             index[ref] = i
         pending = list(index)
         try:
@@ -411,8 +446,8 @@ class RayExecutor:
                         del groups[gk]
                     yield (i, *self._get(ref))
         finally:  # Ctrl-C (or an error in the runner): nothing left behind on the cluster
-            for ref in [*pending, *(r for r in profiles.values() if isinstance(r, ray.ObjectRef)),
-                        *groups.values()]:
+            for ref in [*pending, *(r for r in (*profiles.values(), *choices.values())
+                                    if isinstance(r, ray.ObjectRef)), *groups.values()]:
                 try:
                     ray.cancel(ref)
                 except Exception:  # already finished, or Ray is going away
