@@ -109,11 +109,12 @@ def test_select_lr_chooses_by_validation_accuracy_and_leaves_the_model_alone(val
                                             few_shot=4), lrs=[1e-3])
 
 
-def _rows(means: dict, sd: float = 0.01, n: int = 5, steps: int = 48) -> list[dict]:
+def _rows(means: dict, sd: float = 0.01, n: int = 5, steps: int = 48,
+          task: str = "shift") -> list[dict]:
     out = []
     for (method, rank), mean in means.items():
         for seed in range(n):
-            out.append(dict(model="m", dataset="digits", task="shift", method=method,
+            out.append(dict(model="m", dataset="digits", task=task, method=method,
                             rank=rank, seed=seed, status="ok", steps=steps,
                             settings_signature=f"s{steps}",
                             target_acc=mean + sd * (seed - (n - 1) / 2)))
@@ -129,6 +130,15 @@ def test_convergence_check_flags_a_mean_that_leaves_its_interval():
     assert recs["lora"]["steps"] == "48" and recs["lora"]["steps_x2"] == "96"
     md = convergence_markdown(list(recs.values()))
     assert "**1 of 2**" in md and "m shift lora r=4" in md and "+8.0" in md
+
+
+def test_convergence_findings_name_each_tasks_step_counts():
+    base = [*_rows({("full", None): 0.8}), *_rows({("full", None): 0.7}, steps=96,
+                                                     task="new_classes")]
+    twice = [*_rows({("full", None): 0.8}, steps=96),
+             *_rows({("full", None): 0.7}, steps=192, task="new_classes")]
+    md = convergence_markdown(compare_steps(base, twice))
+    assert "96 instead of 48 for shift, 192 instead of 96 for new_classes" in md
 
 
 def test_doubled_settings_double_steps_or_epochs_and_change_the_row_keys():

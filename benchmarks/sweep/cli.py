@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rank sweep: fine-tune and profile every (model, task, method, rank, seed) "
         "of a grid; write results (CSV + JSONL), plots and a findings summary. Flags override "
         "the chosen --preset. Everything goes under --out (results/, ignored by git). The "
-        "default grid took 21 min on an idle 2-core CPU from an empty cache (its time depends "
+        "default grid took 23 min on an idle 2-core CPU from an empty cache (its time depends "
         "on the cores and their load); --seeds 1 fine-tunes a fifth as much, --profile-only "
         "trains nothing. "
         "Source models "

@@ -76,9 +76,12 @@ def convergence_markdown(records: list[dict]) -> str:
     left = [r for r in checked if not r["converged"]]
     shifts = sorted(checked, key=lambda r: -abs(r["shift"]))
     med = sorted(abs(r["shift"]) for r in checked)[len(checked) // 2]
+    pairs = {r["task"]: f"{r['steps_x2']} instead of {r['steps']}" for r in checked}
+    steps = (next(iter(pairs.values())) if len(set(pairs.values())) == 1
+             else ", ".join(f"{v} for {t}" for t, v in pairs.items()))
     lines = [
-        f"Every configuration was rerun with twice the steps ({checked[0]['steps_x2']} instead "
-        f"of {checked[0]['steps']}; same seeds, same chosen rates): "
+        f"Every configuration was rerun with twice the steps ({steps}; same seeds, same chosen "
+        "rates): "
         f"**{len(checked) - len(left)} of {len(checked)}** means stay inside the 95% interval "
         f"of the first run (median move {100 * med:.1f} points, largest "
         f"{100 * abs(shifts[0]['shift']):.1f}: {_label(shifts[0])}).",
