@@ -61,14 +61,27 @@ GENERALITY = {
 GENERALITY_QUICK = {"models": ("shufflenet_v2_x0_5", "mnasnet0_5"), "sizes": ((2, 64),)}
 
 
-def _build(model_name: str, device: str) -> torch.nn.Module:
-    if model_name.startswith("timm:"):
+def model_factory(model_name: str):
+    """What :func:`convpeft.plan` takes for ``model_name``: the torchvision name itself, or for
+    ``timm:NAME`` a zero-argument factory of that timm model (random init, 10 classes)."""
+    if not model_name.startswith("timm:"):
+        return model_name
+
+    def make() -> torch.nn.Module:
         import timm
 
-        return timm.create_model(model_name[5:], pretrained=False, num_classes=10).to(device)
+        return timm.create_model(model_name[5:], pretrained=False, num_classes=10)
+
+    return make
+
+
+def _build(model_name: str, device: str) -> torch.nn.Module:
+    made = model_factory(model_name)
+    if callable(made):
+        return made().to(device)
     from convpeft.models import build_model
 
-    return build_model(model_name, 10).to(device)
+    return build_model(made, 10).to(device)
 
 
 def buildable(model_name: str, log) -> bool:

@@ -25,11 +25,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 MiB = 2**20
 CONFIGS = (("full", False, "train"), ("lora", True, "freeze"))  # method, lean, bn
@@ -38,27 +37,15 @@ QUICK = {"models": ("shufflenet_v2_x0_5", "mnasnet0_5"), "resolution": 64, "targ
 MAX_UP = 12  # measurements above the plan before giving up on finding the largest fit
 
 
-def factory(model_name: str) -> str | Callable[[], nn.Module]:
-    """What :func:`convpeft.plan` takes for ``model_name`` (``timm:NAME``: a timm factory)."""
-    if not model_name.startswith("timm:"):
-        return model_name
-
-    def make() -> nn.Module:
-        import timm
-
-        return timm.create_model(model_name[5:], pretrained=False, num_classes=10)
-
-    return make
-
-
 def check(model_name: str, method: str, lean: bool, bn: str, *, resolution: int,
           target: int) -> dict:
     """One row (see the module docstring); figures in bytes."""
+    from benchmarks.device_truth import model_factory
     from convpeft.planner import plan
     from convpeft.planner.config import PlanConfig, build_configured
     from convpeft.planner.verify import measure_peak
 
-    model = factory(model_name)
+    model = model_factory(model_name)
     kw = dict(resolution=resolution, methods=[method], ranks=[8], lean=lean, bn=bn)
     at = {b: plan(model, "1TiB", batch=b, **kw)[0].memory_peak for b in (target, target + 1)}
     budget = at[target] + (at[target + 1] - at[target]) // 2
@@ -75,9 +62,9 @@ def check(model_name: str, method: str, lean: bool, bn: str, *, resolution: int,
             del net, opt
 
     peaks = {planned: measured(planned)} if planned else {}
-    largest = planned if planned and peaks[planned] <= budget else 0
-    n = planned
-    if largest:  # one image more at a time until an update no longer fits
+    fits = bool(planned) and peaks[planned] <= budget
+    largest = planned if fits else 0
+    if fits:  # one image more at a time until an update no longer fits
         for n in range(planned + 1, planned + 1 + MAX_UP):
             peaks[n] = measured(n)
             if peaks[n] > budget:
@@ -91,7 +78,7 @@ def check(model_name: str, method: str, lean: bool, bn: str, *, resolution: int,
                 break
     return {"model": model_name, "config": config.label, "bn": bn, "resolution": resolution,
             "budget": budget, "planned": planned, "predicted": row.memory_peak,
-            "measured": peaks.get(planned), "fits": bool(planned) and peaks[planned] <= budget,
+            "measured": peaks.get(planned), "fits": fits,
             "largest": largest, "reach": planned / largest if largest else None,
             "measured_by_batch": {str(k): v for k, v in sorted(peaks.items())},
             "memory_model": row.memory_model}
